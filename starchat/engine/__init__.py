@@ -1,0 +1,1 @@
+"""Requests, KV-cache blocks, scheduling, sampling and the step loop over the model."""

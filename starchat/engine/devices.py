@@ -1,0 +1,63 @@
+"""Picking the device, the dtype and the KV-cache budget for this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("starchat.engine")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {name!r} is not supported; use auto, cpu or cuda")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 beats float32 on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    cpu = getattr(torch._C, "_cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu else False
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype: {name!r} is not supported; use auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+def default_kv_cache_bytes(device: torch.device, bytes_per_token: int, context_len: int, max_num_seqs: int) -> int:
+    """Enough for every sequence at full context if that is small; else a share of free memory."""
+    wanted = bytes_per_token * context_len * max_num_seqs
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        available = int(free * 0.85) - (1 << 30)  # headroom for activations and logits
+    else:
+        available = min(_available_host_memory() // 5, 2 << 30)
+    return max(bytes_per_token * context_len, min(wanted, max(available, 0)))
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2

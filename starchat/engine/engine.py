@@ -1,0 +1,242 @@
+"""The synchronous engine: add requests, call `step()` until done, read the deltas.
+
+One step is three calls: `scheduler.schedule()` -> `runner.run()` -> `_process_outputs()`.
+Both the offline `LLM` and the server's `AsyncLLM` drive this class; neither touches the
+model or the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from starchat.chat_template import END_TOKEN, ChatTemplate, resolve_system_prompt
+from starchat.config import EngineConfig, ModelConfig
+from starchat.engine.devices import resolve_device, resolve_dtype, default_kv_cache_bytes
+from starchat.engine.kv_cache import BlockAllocator, kv_bytes_per_token
+from starchat.engine.request import Request, RequestStatus
+from starchat.engine.runner import ModelRunner
+from starchat.engine.scheduler import Scheduler
+from starchat.model.loader import load_model, resolve_model_dir
+from starchat.outputs import FinishReason, StreamDelta, TokenLogprob
+from starchat.sampling_params import SamplingParams, SamplingParamsError
+from starchat.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+logger = logging.getLogger("starchat.engine")
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take; `field` names the input at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_used_blocks: int
+    kv_cache_total_blocks: int
+    num_preemptions: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache_used_blocks / max(1, self.kv_cache_total_blocks)
+
+
+@dataclass(eq=False)
+class _Tracked:
+    """Engine-side state of a request's text: detokenizer and stop-string matcher."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, progress: bool = True):
+        config = config or EngineConfig()
+        self.config = config
+        self.model_dir = resolve_model_dir(config.model, config.revision)
+        self.model_name = config.model or self.model_dir.name
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_config = ModelConfig.from_file(self.model_dir / "config.json")
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.chat_template = ChatTemplate.from_model_dir(self.model_dir)
+        self.end_token_id = self.tokenizer.token_id(END_TOKEN)
+        model = load_model(self.model_dir, self.dtype, self.device, progress=progress)
+
+        per_token = kv_bytes_per_token(self.model_config, self.dtype)
+        budget = config.kv_cache_memory_bytes or default_kv_cache_bytes(self.device, per_token, self.model_config.n_positions, config.max_num_seqs)
+        num_blocks = max(1, budget // (per_token * config.kv_block_size))
+        capacity_tokens = num_blocks * config.kv_block_size
+        self.max_model_len = min(config.max_model_len or self.model_config.n_positions, self.model_config.n_positions)
+        if capacity_tokens < self.max_model_len:
+            logger.warning("KV-cache budget holds %d tokens, less than the context (%d): the context is cut to fit",
+                           capacity_tokens, self.max_model_len)
+            self.max_model_len = capacity_tokens
+        self.kv_cache_memory_bytes = num_blocks * config.kv_block_size * per_token
+        self.runner = ModelRunner(model, num_blocks, config.kv_block_size, self.dtype, self.device, self.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs, config.max_num_batched_tokens)
+        self._tracked: dict[str, _Tracked] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def chat_request(self, messages: list[dict], params: SamplingParams | None = None,
+                     system: str | None = None) -> tuple[str, SamplingParams]:
+        """The StarChat prompt for `messages` and params that stop at the end of the assistant turn."""
+        prompt = self.chat_template.render(messages, system=resolve_system_prompt(system))
+        params = (params or SamplingParams()).copy()
+        if self.end_token_id is not None and self.end_token_id not in params.stop_token_ids:
+            params.stop_token_ids.append(self.end_token_id)
+        return prompt, params
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.model_config.vocab_size
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError("prompt", f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+            token_ids = list(prompt)
+        else:
+            raise RequestError("prompt", "must be a string or a list of token ids")
+        if not token_ids:
+            raise RequestError("prompt", "is empty; give at least one token of text")
+        return token_ids
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError/SamplingParamsError naming the field when the request cannot run."""
+        params.validate()
+        prompt_len = len(prompt_token_ids)
+        if prompt_len >= self.max_model_len:
+            raise RequestError("prompt", f"{prompt_len} tokens do not fit the context of {self.max_model_len} tokens "
+                                         "(leave room for at least one new token); shorten the prompt")
+        room = self.max_model_len - prompt_len
+        if params.max_new_tokens > room:
+            raise SamplingParamsError("max_new_tokens", f"{params.max_new_tokens} new tokens do not fit: the prompt has "
+                                                        f"{prompt_len} tokens and the context holds {self.max_model_len}, "
+                                                        f"so at most {room}")
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        prompt_token_ids = self.tokenize_prompt(prompt)
+        self.check_request(prompt_token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._tracked:
+            raise RequestError("request_id", f"{request_id} is already running")
+        seed = generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.add(self.tokenizer.eos_token_id)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            stop_token_ids=frozenset(stop_ids),
+            max_total_tokens=self.max_model_len,
+            generator=generator,
+            seed=seed,
+        )
+        self._tracked[request_id] = _Tracked(
+            request,
+            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens),
+            StopStringMatcher(params.stop),
+        )
+        self.scheduler.add(request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> StreamDelta | None:
+        """Cancel a request and free its cache blocks now; its last delta says `abort`."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None
+        request = tracked.request
+        self.scheduler.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = FinishReason.ABORT.value
+        return self._delta(request, "", [], None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        allocator = self.scheduler.allocator
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           allocator.num_used_blocks, allocator.num_blocks, self.scheduler.num_preemptions)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[StreamDelta]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        sampling, sampler_output = self.runner.run(batch)
+        for request, length in batch.prefills:
+            request.num_computed_tokens += length
+        for request in batch.decodes:
+            request.num_computed_tokens += 1
+        if sampler_output is None:
+            return []
+        return self._process_outputs(sampling, sampler_output)
+
+    def _process_outputs(self, sampling: list[Request], sampler_output) -> list[StreamDelta]:
+        deltas = []
+        for request, token_id, logprob in zip(sampling, sampler_output.token_ids, sampler_output.logprobs):
+            tracked = self._tracked[request.request_id]
+            request.output_token_ids.append(token_id)
+            token_logprobs = None
+            if logprob is not None:
+                token_logprobs = [self._token_logprob(token_id, *logprob)]
+                request.output_logprobs.extend(token_logprobs)
+            text = ""
+            if token_id in request.stop_token_ids:
+                self._finish(request, FinishReason.STOP, token_id)
+            else:
+                text, matched = tracked.stop_matcher.feed(tracked.detokenizer.add([token_id]))
+                if matched is not None:
+                    self._finish(request, FinishReason.STOP, matched)
+                elif len(request.output_token_ids) >= request.params.max_new_tokens or request.num_tokens >= request.max_total_tokens:
+                    self._finish(request, FinishReason.LENGTH, None)
+            if request.finished and not isinstance(request.stop_reason, str):
+                text += tracked.stop_matcher.flush()  # text held back as a possible stop-string start
+            deltas.append(self._delta(request, text, [token_id], token_logprobs))
+            if request.finished:
+                self.scheduler.remove(request)
+                del self._tracked[request.request_id]
+        return deltas
+
+    def _finish(self, request: Request, reason: FinishReason, stop_reason) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason.value
+        request.stop_reason = stop_reason
+
+    def _token_logprob(self, token_id: int, logprob: float, alternatives: list[tuple[int, float]]) -> TokenLogprob:
+        text = self.tokenizer.token_text
+        return TokenLogprob(token_id, text(token_id), logprob, [(t, text(t), lp) for t, lp in alternatives])
+
+    def _delta(self, request: Request, text: str, token_ids: list[int], logprobs) -> StreamDelta:
+        return StreamDelta(
+            request_id=request.request_id,
+            text=text,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finished=request.finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_generated_tokens=len(request.output_token_ids),
+            stop_reason=request.stop_reason,
+            seed=request.seed,
+        )

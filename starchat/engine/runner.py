@@ -1,0 +1,104 @@
+"""Turns a scheduled batch into model inputs, runs the one forward path, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from starchat.engine.kv_cache import allocate_kv_cache
+from starchat.engine.request import Request
+from starchat.engine.sampler import Sampler, SamplerOutput
+from starchat.engine.scheduler import ScheduledBatch
+from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk
+
+
+@dataclass
+class StepInputs:
+    token_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    metadata: AttentionMetadata
+    sampling: list[Request]  # requests that get a next token this step, in logits-row order
+    logits_rows: torch.Tensor  # (N,) rows of the hidden states whose logits are sampled
+
+
+class ModelRunner:
+    def __init__(self, model: GPTBigCodeForCausalLM, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device, eos_token_id: int):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.kv_cache = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device)
+        self.sampler = Sampler(eos_token_id)
+
+    def _slots(self, request: Request, start: int, end: int) -> list[int]:
+        size, blocks = self.block_size, request.block_ids
+        return [blocks[t // size] * size + t % size for t in range(start, end)]
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        sampling: list[Request] = []  # requests that get a next token this step, in logits-row order
+        logits_rows: list[int] = []
+
+        decodes = batch.decodes
+        for request in decodes:
+            position = request.num_computed_tokens
+            token_ids.append(request.token_at(position))
+            positions.append(position)
+            logits_rows.append(len(slot_mapping))
+            slot_mapping.extend(self._slots(request, position, position + 1))
+            sampling.append(request)
+        decode_gather_slots = decode_mask = None
+        if decodes:
+            lengths = [r.num_computed_tokens + 1 for r in decodes]
+            max_len = max(lengths)
+            size = self.block_size
+            block_table = torch.tensor([r.block_ids + [0] * (-(-max_len // size) - len(r.block_ids)) for r in decodes],
+                                       dtype=torch.long)  # (Bd, max_blocks)
+            offsets = torch.arange(max_len)
+            decode_gather_slots = (block_table[:, offsets // size] * size + offsets % size).to(self.device)  # (Bd, L)
+            valid = offsets[None, :] < torch.tensor(lengths)[:, None]
+            decode_mask = torch.zeros(valid.shape, dtype=torch.float32).masked_fill_(~valid, float("-inf"))
+            decode_mask = decode_mask[:, None, None, :].to(self.device)  # (Bd, 1, 1, L)
+
+        chunks: list[PrefillChunk] = []
+        for request, length in batch.prefills:
+            start = request.num_computed_tokens
+            all_ids = request.all_token_ids
+            chunk_start = len(token_ids)
+            token_ids.extend(all_ids[start:start + length])
+            positions.extend(range(start, start + length))
+            slot_mapping.extend(self._slots(request, start, start + length))
+            gather = None
+            if start > 0:
+                gather = torch.tensor(self._slots(request, 0, start + length), dtype=torch.long, device=self.device)
+            chunks.append(PrefillChunk(chunk_start, length, start, gather))
+            if start + length == request.num_tokens:  # prompt done: its last token gives the next one
+                logits_rows.append(chunk_start + length - 1)
+                sampling.append(request)
+
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+            num_decode_tokens=len(decodes),
+            decode_gather_slots=decode_gather_slots,
+            decode_mask=decode_mask,
+            prefill_chunks=chunks,
+        )
+        return StepInputs(
+            token_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            metadata=metadata,
+            sampling=sampling,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
+        inputs = self.prepare(batch)
+        hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
+        if not inputs.sampling:
+            return inputs.sampling, None
+        logits = self.model.compute_logits(hidden[inputs.logits_rows])  # (N, V)
+        return inputs.sampling, self.sampler(logits, inputs.sampling)

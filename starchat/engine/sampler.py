@@ -1,0 +1,109 @@
+"""Next-token choice for a whole batch at once: penalties, temperature, top-k, top-p, seeds.
+
+Everything is a tensor operation over the batch except drawing the random numbers, which uses
+each request's own generator so that a seed gives the same tokens whatever else is batched.
+Sampling draws `argmax(p / E)` with E ~ Exponential(1) (the Gumbel-max trick), which needs no
+normalised cumulative sum and no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from starchat.engine.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: None, or (chosen token's logprob, [(token_id, logprob)] top alternatives)
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class Sampler:
+    def __init__(self, eos_token_id: int):
+        self.eos_token_id = eos_token_id
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:  # logits (N, V) float32
+        device = logits.device
+        want_logprobs = [r.params.logprobs is not None for r in requests]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        logits = self._apply_repetition_penalty(logits, requests)
+        logits = self._apply_min_new_tokens(logits, requests)
+
+        greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
+        sample_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        chosen = torch.empty(len(requests), dtype=torch.long, device=device)
+        if greedy_rows:
+            rows = torch.tensor(greedy_rows, device=device)
+            chosen[rows] = logits[rows].argmax(dim=-1)
+        if sample_rows:
+            rows = torch.tensor(sample_rows, device=device)
+            chosen[rows] = self._sample(logits[rows], [requests[i] for i in sample_rows])
+        token_ids = chosen.tolist()
+
+        logprobs_out: list = [None] * len(requests)
+        if raw_logprobs is not None:
+            top_n = max(r.params.logprobs or 0 for r in requests)
+            chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+            top_values, top_ids = (raw_logprobs.topk(top_n, dim=-1) if top_n else (None, None))
+            top_values = top_values.tolist() if top_n else None
+            top_ids = top_ids.tolist() if top_n else None
+            for i, request in enumerate(requests):
+                n = request.params.logprobs
+                if n is None:
+                    continue
+                alternatives = list(zip(top_ids[i][:n], top_values[i][:n])) if n else []
+                logprobs_out[i] = (chosen_lp[i], alternatives)
+        return SamplerOutput(token_ids, logprobs_out)
+
+    def _apply_repetition_penalty(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
+        if not rows:
+            return logits
+        # As transformers does: every token of prompt and output so far is penalised once.
+        histories = [requests[i].all_token_ids for i in rows]
+        width = max(len(h) for h in histories)
+        padded = torch.tensor([h + [h[-1]] * (width - len(h)) for h in histories], device=logits.device)  # (R, W)
+        penalty = torch.tensor([requests[i].params.repetition_penalty for i in rows], device=logits.device)[:, None]
+        row_index = torch.tensor(rows, device=logits.device)
+        selected = logits[row_index].gather(1, padded)
+        penalised = torch.where(selected < 0, selected * penalty, selected / penalty)
+        logits = logits.clone()
+        logits[row_index] = logits[row_index].scatter(1, padded, penalised)
+        return logits
+
+    def _apply_min_new_tokens(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        blocked = [(i, r.stop_token_ids | {self.eos_token_id}) for i, r in enumerate(requests)
+                   if len(r.output_token_ids) < r.params.min_new_tokens]
+        if not blocked:
+            return logits
+        logits = logits.clone()
+        for i, ids in blocked:
+            logits[i, list(ids)] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:  # (S, V) -> (S,)
+        device = logits.device
+        vocab = logits.shape[-1]
+        temperature = torch.tensor([r.params.temperature for r in requests], device=device)[:, None]
+        logits = logits / temperature
+        per_row_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in requests]
+        # One sorted top-K over the batch; K is the largest k asked (the whole vocabulary only if some row has no top-k).
+        candidates, candidate_ids = logits.topk(max(per_row_k), dim=-1)  # (S, K), descending
+        rank = torch.arange(candidates.shape[1], device=device)[None, :]
+        candidates = candidates.masked_fill(rank >= torch.tensor(per_row_k, device=device)[:, None], float("-inf"))
+        probs = torch.softmax(candidates, dim=-1)
+        top_p = torch.tensor([r.params.top_p for r in requests], device=device)[:, None]
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+        noise = torch.empty_like(probs)
+        for row, request in enumerate(requests):
+            noise[row].exponential_(generator=request.generator)
+        picked = (probs / noise).argmax(dim=-1, keepdim=True)  # (S, 1)
+        return candidate_ids.gather(1, picked).squeeze(1)

@@ -1,0 +1,111 @@
+"""Iteration-level scheduling: which requests compute how many tokens in the next step.
+
+Each step has a token budget. Running decodes come first (one token each, so no stream stalls),
+then prompt chunks of running requests, then newly admitted requests, each chunk cut to what
+the budget has left: a long prompt is prefilled over several steps while the others keep
+decoding. Admission takes cache blocks only for the chunk it computes; when a decode cannot
+get a block, the newest running request is preempted (its blocks freed, to be recomputed).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from starchat.engine.kv_cache import BlockAllocator
+from starchat.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    decodes: list[Request] = field(default_factory=list)  # one new token each
+    prefills: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request) -> None:
+        """Take a finished or cancelled request out and free its cache blocks at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.allocator.release(request.block_ids)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+
+        # 1. Decodes of running requests, oldest first; preempt the newest when blocks run out.
+        index = 0
+        while index < len(self.running):
+            request = self.running[index]
+            if request.num_pending_tokens != 1:
+                index += 1
+                continue
+            while not self.allocator.grow(request.block_ids, request.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is request:
+                    break
+            else:
+                batch.decodes.append(request)
+                budget -= 1
+                index += 1
+                continue
+            # `request` itself was preempted: the list shrank, index now points past the end.
+
+        # 2. Unfinished prompt chunks of running requests.
+        for request in self.running:
+            if budget <= 0:
+                break
+            if request.num_pending_tokens > 1:
+                chunk = min(request.num_pending_tokens, budget)
+                if not self.allocator.grow(request.block_ids, request.num_computed_tokens + chunk):
+                    break
+                batch.prefills.append((request, chunk))
+                budget -= chunk
+
+        # 3. Admit waiting requests while budget, batch slots and cache blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            chunk = min(request.num_pending_tokens, budget)
+            if not self.allocator.grow(request.block_ids, request.num_computed_tokens + chunk):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.prefills.append((request, chunk))
+            budget -= chunk
+        return batch
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.allocator.release(request.block_ids)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1

@@ -1,0 +1,100 @@
+"""Attention over a slot-addressed KV cache, for a step that mixes decodes and prefill chunks.
+
+The cache of one layer is a tensor (2, num_slots, kv_dim): keys then values, one row per cached
+token, all KV heads of that token side by side (one head for multi-query checkpoints: the cache
+never expands it to the query heads). Which slot holds which token is the engine's business;
+the model only sees, per step, where to write the new tokens and which slots to read.
+
+Token order in a step: all decode tokens first (one per sequence), then the prefill chunks one
+after another. Decodes are attended in one batched matmul; each prefill chunk in one SDPA call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """`length` new tokens of one sequence at offset `start` in the step, after `context_len` cached ones."""
+
+    start: int
+    length: int
+    context_len: int
+    # Slots of all context_len + length tokens, to read keys/values back; None when context_len == 0
+    # (the chunk then attends only to itself and uses its freshly computed keys directly).
+    gather_slots: torch.Tensor | None
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step addressing, computed once by the engine and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # (T,) cache slot written by each new token
+    num_decode_tokens: int  # the first num_decode_tokens tokens are decodes
+    decode_gather_slots: torch.Tensor | None  # (Bd, Lmax) slots to read for each decoding sequence
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, Lmax) additive float mask: 0 keep, -inf padding
+    prefill_chunks: list[PrefillChunk]
+
+
+def write_kv_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    layer_cache[0].index_copy_(0, slot_mapping, key)  # (num_slots, kv_dim)
+    layer_cache[1].index_copy_(0, slot_mapping, value)
+
+
+def paged_attention(
+    query: torch.Tensor,  # (T, H*D)
+    key: torch.Tensor,  # (T, KVH*D), the new tokens' keys
+    value: torch.Tensor,  # (T, KVH*D)
+    layer_cache: torch.Tensor,  # (2, num_slots, KVH*D)
+    metadata: AttentionMetadata,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+) -> torch.Tensor:  # (T, H*D)
+    num_tokens = query.shape[0]
+    head_dim = query.shape[1] // num_heads
+    group = num_heads // num_kv_heads
+    write_kv_cache(layer_cache, key, value, metadata.slot_mapping)
+    output = torch.empty_like(query)
+
+    num_decode = metadata.num_decode_tokens
+    if num_decode:
+        q = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)  # (Bd, KVH, G, D)
+        slots = metadata.decode_gather_slots  # (Bd, L)
+        k = layer_cache[0][slots].view(num_decode, -1, num_kv_heads, head_dim)  # (Bd, L, KVH, D)
+        v = layer_cache[1][slots].view(num_decode, -1, num_kv_heads, head_dim)
+        scores = torch.matmul(q, k.permute(0, 2, 3, 1))  # (Bd, KVH, G, L)
+        # Softmax in float32 whatever the model dtype: fp16 decoding degenerates otherwise.
+        probs = torch.softmax(scores.float() * scale + metadata.decode_mask, dim=-1).to(v.dtype)
+        attended = torch.matmul(probs, v.transpose(1, 2))  # (Bd, KVH, G, D)
+        output[:num_decode] = attended.reshape(num_decode, num_heads * head_dim)
+
+    for chunk in metadata.prefill_chunks:
+        rows = slice(chunk.start, chunk.start + chunk.length)
+        q = query[rows].view(1, chunk.length, num_heads, head_dim).transpose(1, 2)  # (1, H, n, D)
+        if chunk.gather_slots is None:
+            k_rows, v_rows = key[rows], value[rows]  # (n, KVH*D)
+            mask, causal = None, True
+        else:
+            k_rows, v_rows = layer_cache[0][chunk.gather_slots], layer_cache[1][chunk.gather_slots]  # (L, KVH*D)
+            mask, causal = _chunk_causal_mask(chunk, query.device), False
+        k = k_rows.view(1, -1, num_kv_heads, head_dim).transpose(1, 2)  # (1, KVH, L, D)
+        v = v_rows.view(1, -1, num_kv_heads, head_dim).transpose(1, 2)
+        if group > 1:
+            # A view, not a copy: the cache stays one KV head.
+            k = k.expand(1, num_kv_heads * group, k.shape[2], head_dim) if num_kv_heads == 1 else k.repeat_interleave(group, dim=1)
+            v = v.expand(1, num_kv_heads * group, v.shape[2], head_dim) if num_kv_heads == 1 else v.repeat_interleave(group, dim=1)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)  # (1, H, n, D)
+        output[rows] = attended.transpose(1, 2).reshape(chunk.length, num_heads * head_dim)
+    return output
+
+
+def _chunk_causal_mask(chunk: PrefillChunk, device) -> torch.Tensor:
+    """Token i of the chunk sees cached positions [0, context_len + i]."""
+    query_positions = torch.arange(chunk.context_len, chunk.context_len + chunk.length, device=device)
+    key_positions = torch.arange(chunk.context_len + chunk.length, device=device)
+    return key_positions[None, :] <= query_positions[:, None]  # (n, L) bool

@@ -1,0 +1,107 @@
+"""GPTBigCode (StarCoder / StarChat) for inference: learned positions, pre-LayerNorm, fused QKV.
+
+One forward path for prefill and decode: `forward(token_ids, positions, metadata, kv_cache)`
+over a flat batch of new tokens, then `compute_logits` on the rows that need a next token.
+Parameter names match Hugging Face checkpoints (`transformer.h.0.attn.c_attn.weight`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from starchat.config import ModelConfig
+from starchat.model.attention import AttentionMetadata, paged_attention
+
+
+def activation(name: str):
+    if name == "gelu":
+        return lambda x: F.gelu(x)
+    # gelu_pytorch_tanh, gelu_new and gelu_fast are all the tanh approximation.
+    return lambda x: F.gelu(x, approximate="tanh")
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.n_head
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.n_embd
+        self.kv_size = config.kv_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        # Fused projection laid out [query (H*D) | key (KVH*D) | value (KVH*D)]; multi-head
+        # checkpoints interleave per head and are reordered to this layout by the loader.
+        self.c_attn = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata, layer_cache: torch.Tensor) -> torch.Tensor:
+        qkv = self.c_attn(hidden)  # (T, H*D + 2*KVH*D)
+        query, key, value = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        attended = paged_attention(
+            query, key, value, layer_cache, metadata, self.num_heads, self.num_kv_heads, self.scale
+        )  # (T, H*D)
+        return self.c_proj(attended)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.act = activation(config.activation_function)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(hidden)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata, layer_cache: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.attn(self.ln_1(hidden), metadata, layer_cache)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+
+class GPTBigCodeForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,  # (T,)
+        positions: torch.Tensor,  # (T,)
+        metadata: AttentionMetadata,
+        kv_cache: torch.Tensor,  # (n_layer, 2, num_slots, kv_dim)
+    ) -> torch.Tensor:  # (T, C)
+        hidden = self.transformer.wte(token_ids) + self.transformer.wpe(positions)
+        for layer_index, block in enumerate(self.transformer.h):
+            hidden = block(hidden, metadata, kv_cache[layer_index])
+        return self.transformer.ln_f(hidden)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N, V) float32
+        return self.lm_head(hidden).float()

@@ -1,0 +1,210 @@
+"""Checkpoint folders -> a ready model, streaming one tensor at a time.
+
+The model is built on the `meta` device (no memory), then each checkpoint tensor is read
+(safetensors are memory-mapped; `.bin` files use `torch.load(mmap=True, weights_only=True)`),
+converted to the target dtype and device, and assigned. Peak memory is the final weights plus
+one tensor, never a float32 copy of the whole model. Loading is strict: every parameter must
+come from the checkpoint with the right shape, and no unknown tensor is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from starchat.config import ModelConfig
+from starchat.model.gpt_bigcode import GPTBigCodeForCausalLM
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "starchat-nano"
+
+# Buffers some older GPTBigCode checkpoints carry; they are recomputed, never loaded.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem, told in one line that names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    path: Path
+    kind: str  # "safetensors" | "bin"
+
+
+def resolve_model_dir(model: str | os.PathLike | None, revision: str | None = None) -> Path:
+    """A local folder, the folder Azure ML mounted (AZUREML_MODEL_DIR), a Hub id, or the embedded default."""
+    if model is None:
+        azure_dir = os.environ.get("AZUREML_MODEL_DIR")
+        if azure_dir:
+            return _find_config_dir(Path(azure_dir))
+        return EMBEDDED_MODEL_DIR
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: is a file; pass the model folder that holds config.json")
+        return _find_config_dir(path)
+    if str(model).startswith((".", "/", "~")) or os.sep in str(model) and str(model).count("/") > 1:
+        raise CheckpointError(f"{model}: no such folder; pass an existing model folder or a Hub id like HuggingFaceH4/starchat-beta")
+    return _download_from_hub(str(model), revision)
+
+
+def _find_config_dir(root: Path) -> Path:
+    """Azure ML mounts a registered model one or two folders below AZUREML_MODEL_DIR."""
+    if (root / "config.json").is_file():
+        return root
+    candidates = sorted(p.parent for p in root.glob("*/config.json")) + sorted(p.parent for p in root.glob("*/*/config.json"))
+    if not candidates:
+        raise CheckpointError(f"{root}: no config.json here or two folders below; point --model at a Hugging Face model folder")
+    return candidates[0]
+
+
+def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception:
+        pass
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        if not any(folder.glob("*.safetensors")):  # older repos ship only pytorch_model*.bin
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns + ["*.bin"]))
+        return folder
+    except Exception as error:  # offline, gated, misspelt: say which and what to do
+        raise CheckpointError(
+            f"{repo_id}: not a local folder and not downloadable from the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "check the name, log in with `hf auth login` for gated models, or pass a local folder"
+        ) from None
+
+
+def find_weight_files(model_dir: Path) -> list[WeightFile]:
+    """Safetensors first (single or sharded by index), then pytorch_model*.bin (single or sharded)."""
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index_file = model_dir / index_name
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise CheckpointError(f"{index_file}: not a valid shard index ({error}); re-download it") from None
+            files = []
+            for name in sorted(set(weight_map.values())):
+                shard = model_dir / name
+                if not shard.is_file():
+                    raise CheckpointError(f"{shard}: shard listed in {index_name} is missing; re-download the checkpoint")
+                files.append(WeightFile(shard, kind))
+            return files
+    if (model_dir / "model.safetensors").is_file():
+        return [WeightFile(model_dir / "model.safetensors", "safetensors")]
+    if (model_dir / "pytorch_model.bin").is_file():
+        return [WeightFile(model_dir / "pytorch_model.bin", "bin")]
+    raise CheckpointError(
+        f"{model_dir}: no weights (model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index); "
+        "download the checkpoint's weight files into this folder"
+    )
+
+
+def iterate_checkpoint(files: list[WeightFile]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for weight_file in files:
+        if weight_file.kind == "safetensors":
+            yield from _iterate_safetensors(weight_file.path)
+        else:
+            yield from _iterate_bin(weight_file.path)
+
+
+def _iterate_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({error}); it is probably truncated: re-download it") from None
+    with handle:
+        for name in handle.keys():
+            try:
+                tensor = handle.get_tensor(name)
+            except Exception as error:
+                raise CheckpointError(f"{path}: tensor {name} cannot be read ({error}); re-download the file") from None
+            yield name, tensor, path
+
+
+def _iterate_bin(path: Path):
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: cannot be loaded ({str(error).splitlines()[0]}); it is probably truncated or not a weights file: re-download it") from None
+    for name in list(state.keys()):
+        yield name, state.pop(name), path
+
+
+def load_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool = True,
+) -> GPTBigCodeForCausalLM:
+    config = ModelConfig.from_file(model_dir / "config.json")
+    files = find_weight_files(model_dir)
+    with torch.device("meta"):
+        model = GPTBigCodeForCausalLM(config)
+    expected = {name: param for name, param in model.named_parameters()}  # tied lm_head appears once, as wte
+    tied_names = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    loaded: set[str] = set()
+
+    bar = _progress_bar(sum(1 for _ in expected), f"loading {model_dir.name}", progress)
+    for raw_name, tensor, source in iterate_checkpoint(files):
+        name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+        if name.endswith(_IGNORED_SUFFIXES) or name in tied_names:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {raw_name}; is this a GPTBigCode checkpoint matching its config.json?")
+        target = expected[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{source}: tensor {raw_name} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}; "
+                "the weights and config.json do not belong together"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {raw_name} has dtype {tensor.dtype}, expected floating point weights")
+        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+            tensor = _fused_qkv_layout(tensor, config)
+        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        loaded.add(name)
+        bar.update(1)
+    bar.close()
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"{model_dir}: checkpoint lacks {shown}; the weight files are incomplete: re-download them")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.eval()
+    return model
+
+
+def _fused_qkv_layout(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Multi-head checkpoints store c_attn per head as (q, k, v); reorder to [all q | all k | all v]."""
+    if config.multi_query:
+        return tensor
+    per_head = tensor.reshape(config.n_head, 3, config.head_dim, *tensor.shape[1:])
+    return per_head.transpose(0, 1).reshape(tensor.shape)
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_path, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, attribute, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="tensor", disable=not enabled, leave=False)

@@ -1,0 +1,57 @@
+"""What the engine hands back: whole completions and streaming deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # end-of-sequence token, stop token id or stop string
+    LENGTH = "length"  # max_new_tokens or the context length reached
+    ABORT = "abort"  # cancelled by the caller (client disconnect, timeout, Stop button)
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one generated token under the model, with the top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, token text, logprob)
+
+
+@dataclass
+class Completion:
+    """One finished generation. `text` holds the generated text only (no prompt)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    # The stop string or token id that ended generation, when one did.
+    stop_reason: str | int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class StreamDelta:
+    """What one request gained in one engine step.
+
+    `text` is the new, safe-to-show text (never a partial UTF-8 character, never a piece of a
+    stop string); `token_ids` the new token ids. The last delta has `finished=True` and a
+    `finish_reason`; its text may be empty.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    stop_reason: str | int | None = None
+    seed: int | None = None

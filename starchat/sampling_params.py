@@ -1,0 +1,105 @@
+"""Generation controls shared by every entry point (Python API, HTTP APIs, batch jobs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+class SamplingParamsError(ValueError):
+    """A generation parameter is out of range; `field` names the offending parameter."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class SamplingParams:
+    """How to generate one completion.
+
+    Greedy decoding is used when `do_sample` is False or `temperature` is 0.
+    `top_k=0` and `top_p=1.0` switch those filters off. `logprobs=None` returns no
+    log-probabilities; `logprobs=n` returns the chosen token's plus the top-n alternatives.
+    """
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+    # Benchmarks force a fixed output length; users normally leave this off.
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    MAX_LOGPROBS = 20
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+    def copy(self, **changes) -> "SamplingParams":
+        return replace(self, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), **changes)
+
+    def validate(self, max_new_tokens_limit: int | None = None) -> "SamplingParams":
+        """Raise SamplingParamsError naming the first bad field; return self when all are valid."""
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_int("min_new_tokens", self.min_new_tokens, minimum=0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SamplingParamsError("min_new_tokens", f"{self.min_new_tokens} is larger than max_new_tokens ({self.max_new_tokens})")
+        if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
+            raise SamplingParamsError(
+                "max_new_tokens",
+                f"{self.max_new_tokens} does not fit: at most {max_new_tokens_limit} new tokens fit in the context after this prompt",
+            )
+        _check_number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise SamplingParamsError("temperature", f"must be >= 0, got {self.temperature}")
+        _check_int("top_k", self.top_k, minimum=0)
+        _check_number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p}")
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise SamplingParamsError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.do_sample, bool):
+            raise SamplingParamsError("do_sample", f"must be true or false, got {self.do_sample!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+            if self.seed >= 2**63:
+                raise SamplingParamsError("seed", "must be below 2**63")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise SamplingParamsError("stop", "must be a list of strings")
+        if any(s == "" for s in self.stop):
+            raise SamplingParamsError("stop", "stop strings must not be empty")
+        if not isinstance(self.stop_token_ids, list):
+            raise SamplingParamsError("stop_token_ids", "must be a list of token ids")
+        for token_id in self.stop_token_ids:
+            _check_int("stop_token_ids", token_id, minimum=0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > self.MAX_LOGPROBS:
+                raise SamplingParamsError("logprobs", f"at most {self.MAX_LOGPROBS} alternatives, got {self.logprobs}")
+        return self
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingParamsError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise SamplingParamsError(name, f"must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingParamsError(name, f"must be a number, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SamplingParamsError(name, f"must be finite, got {value}")
