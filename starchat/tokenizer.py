@@ -79,7 +79,9 @@ class Tokenizer:
         path = Path(path)
         file = path if path.is_file() else path / TOKENIZER_FILE_NAME
         if not file.is_file():
-            raise FileNotFoundError(f"{file} not found: the model folder needs a {TOKENIZER_FILE_NAME}; {_CONVERT_HINT}")
+            raise FileNotFoundError(
+                f"{file} not found: the model folder needs a {TOKENIZER_FILE_NAME}; {_CONVERT_HINT}"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as error:  # tokenizers raises a bare Exception for unreadable JSON

@@ -95,7 +95,7 @@ def build_tokenizer(tokens: list[str], merges: list[tuple[str, str]]) -> Tokeniz
     )
     tokenizer.decoder = decoders.ByteLevel()
     # As in StarCoder's own tokenizer.json: only fixes offsets, never adds BOS/EOS.
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False)
 
     # normalized=False: the specials must match the raw text, never a byte-level rewrite of it.
     specials = [AddedToken(token, special=True, normalized=False) for token in tokens[:NUM_STARCODER_SPECIALS]]
@@ -104,7 +104,9 @@ def build_tokenizer(tokens: list[str], merges: list[tuple[str, str]]) -> Tokeniz
 
     for offset, token in enumerate(STARCHAT_TOKENS):
         if tokenizer.token_to_id(token) != BASE_VOCAB_SIZE + offset:
-            raise VocabConversionError(f"{token} got id {tokenizer.token_to_id(token)}, expected {BASE_VOCAB_SIZE + offset}")
+            raise VocabConversionError(
+                f"{token} got id {tokenizer.token_to_id(token)}, expected {BASE_VOCAB_SIZE + offset}"
+            )
     return tokenizer
 
 

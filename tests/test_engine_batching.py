@@ -1,0 +1,99 @@
+"""Continuous batching gives each request exactly what it would get alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from starchat import LLM, SamplingParams
+from starchat.config import EngineConfig
+from starchat.engine.engine import LLMEngine
+
+PROMPTS = [
+    "def quicksort(items):",
+    "class Stack:\n    def push(self, item):",
+    "# " + "a long comment that makes a long prompt " * 30,
+    "SELECT name FROM users WHERE",
+    "<|user|>\nWrite hello world in Rust<|end|>\n<|assistant|>",
+    "x = [",
+]
+GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), dtype="float32", progress=False)
+    return {prompt: llm.generate([prompt], GREEDY)[0].token_ids for prompt in PROMPTS}
+
+
+def run_until_done(engine: LLMEngine, on_step=None) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, str] = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+            if delta.finished:
+                finish[delta.request_id] = delta.finish_reason
+        step += 1
+        if on_step:
+            on_step(step)
+    return tokens
+
+
+def test_batched_equals_alone_with_small_chunks(tiny_model_dir, alone):
+    # A 16-token budget forces the long prompt through several chunks while others decode.
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", max_num_batched_tokens=16,
+                                    max_num_seqs=8), progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(prompt, GREEDY, request_id=str(i))
+    tokens = run_until_done(engine)
+    for i, prompt in enumerate(PROMPTS):
+        assert tokens[str(i)] == alone[prompt], prompt
+
+
+def test_requests_joining_mid_way_and_cancelled(tiny_model_dir, alone):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", max_num_batched_tokens=64), progress=False)
+    engine.add_request(PROMPTS[0], GREEDY, request_id="first")
+    engine.add_request(PROMPTS[1], GREEDY, request_id="cancelled")
+    blocks_before_cancel = []
+
+    def on_step(step):
+        if step == 3:
+            engine.add_request(PROMPTS[2], GREEDY, request_id="joins-at-3")
+        if step == 5:
+            blocks_before_cancel.append(engine.stats().kv_cache_used_blocks)
+            final = engine.abort_request("cancelled")
+            assert final.finished and final.finish_reason == "abort"
+            # Its blocks are back in the pool at once.
+            assert engine.stats().kv_cache_used_blocks < blocks_before_cancel[0]
+        if step == 9:
+            engine.add_request(PROMPTS[3], GREEDY, request_id="joins-at-9")
+
+    tokens = run_until_done(engine, on_step)
+    assert tokens["first"] == alone[PROMPTS[0]]
+    assert tokens["joins-at-3"] == alone[PROMPTS[2]]
+    assert tokens["joins-at-9"] == alone[PROMPTS[3]]
+    assert tokens["cancelled"] == alone[PROMPTS[1]][: len(tokens["cancelled"])]
+    assert engine.stats().kv_cache_used_blocks == 0
+
+
+def test_full_cache_preempts_and_recomputes_without_changing_tokens(tiny_model_dir, alone):
+    # 26 blocks of 16 tokens: not enough for all six requests at once, enough for each alone.
+    per_token = 2 * 2 * 16 * 4  # layers * (k, v) * kv_dim (one head of 16) * float32
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", kv_cache_memory_bytes=per_token * 16 * 26,
+                                    max_num_batched_tokens=64), progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(prompt, GREEDY, request_id=str(i))
+    tokens = run_until_done(engine)
+    assert engine.stats().num_preemptions > 0
+    for i, prompt in enumerate(PROMPTS):
+        assert tokens[str(i)] == alone[prompt], prompt
+
+
+def test_request_larger_than_the_cache_is_refused_not_crashed(tiny_model_dir):
+    per_token = 2 * 2 * 16 * 4
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", kv_cache_memory_bytes=per_token * 64),
+                       progress=False)
+    assert engine.max_model_len == 64
+    with pytest.raises(ValueError, match="prompt"):
+        engine.add_request("word " * 100, GREEDY)

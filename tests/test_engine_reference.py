@@ -1,0 +1,123 @@
+"""Our engine against HF transformers' GPTBigCodeForCausalLM (the reference), float32 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPTBigCodeForCausalLM as HFModel
+
+from conftest import write_hf_checkpoint
+from starchat import LLM, SamplingParams
+from starchat.model import AttentionMetadata, PrefillChunk
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import numpy as np\n\nclass Matrix:\n    def __init__(self, rows, cols):\n        self.rows = rows\n",
+    "x",
+    "# Sort a list of dictionaries by the value of one key, in place, with a stable sort " * 4,
+]
+
+CONFIGS = {
+    "mqa-tanh": dict(multi_query=True, activation_function="gelu_pytorch_tanh"),
+    "mha-erf": dict(multi_query=False, activation_function="gelu"),
+    "mqa-erf-untied": dict(multi_query=True, activation_function="gelu", tie_word_embeddings=False, n_layer=3),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    path = write_hf_checkpoint(tmp_path_factory.mktemp(request.param), seed=7, **CONFIGS[request.param])
+    reference = HFModel.from_pretrained(path, dtype=torch.float32).eval()
+    ours = LLM(str(path), dtype="float32", device="cpu", progress=False)
+    return reference, ours
+
+
+def hf_greedy(reference, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    input_ids = torch.tensor([prompt_ids])
+    output = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return output[0, len(prompt_ids):].tolist()
+
+
+def our_prompt_logits(llm: LLM, prompt_ids: list[int]) -> torch.Tensor:
+    """Logits at every prompt position through our one forward path (a single prefill chunk)."""
+    runner = llm.engine.runner
+    n = len(prompt_ids)
+    metadata = AttentionMetadata(slot_mapping=torch.arange(n), num_decode_tokens=0, decode_gather_slots=None,
+                                 decode_mask=None, prefill_chunks=[PrefillChunk(0, n, 0, None)])
+    hidden = runner.model(torch.tensor(prompt_ids), torch.arange(n), metadata, runner.kv_cache)
+    return runner.model.compute_logits(hidden)
+
+
+def test_prompt_logits_match_hf(checkpoint):
+    reference, ours = checkpoint
+    for prompt in PROMPTS:
+        ids = ours.tokenizer.encode(prompt)
+        with torch.no_grad():
+            expected = reference(torch.tensor([ids])).logits[0].float()
+        actual = our_prompt_logits(ours, ids)
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_greedy_tokens_and_logprobs_match_hf(checkpoint):
+    reference, ours = checkpoint
+    new_tokens = 40
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, logprobs=0)
+    completions = ours.generate(PROMPTS, params)
+    for prompt, completion in zip(PROMPTS, completions):
+        ids = ours.tokenizer.encode(prompt)
+        expected = hf_greedy(reference, ids, new_tokens)
+        assert completion.token_ids == expected, prompt
+        assert completion.finish_reason == "length"
+        # The chosen token's log-probability equals HF's log-softmax at each step.
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids + expected])).logits[0, len(ids) - 1:-1].float()
+        hf_logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(expected)[:, None]).squeeze(1)
+        ours_logprobs = torch.tensor([lp.logprob for lp in completion.logprobs])
+        torch.testing.assert_close(ours_logprobs, hf_logprobs, rtol=1e-4, atol=1e-4)
+
+
+def _reshard(source_dir, target_dir, kind: str) -> None:
+    """Rewrite a checkpoint as two shards plus an index: `.bin` (torch.save) or `.safetensors`."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target_dir.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(source_dir / name, target_dir / name)
+    state = load_file(source_dir / "model.safetensors")
+    names = sorted(state)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, half in enumerate(halves):
+        file_name = f"{'pytorch_model' if kind == 'bin' else 'model'}-0000{i + 1}-of-00002.{kind}"
+        shard = {n: state[n].contiguous() for n in half}
+        torch.save(shard, target_dir / file_name) if kind == "bin" else save_file(shard, target_dir / file_name)
+        weight_map.update({n: file_name for n in half})
+    index_name = "pytorch_model.bin.index.json" if kind == "bin" else "model.safetensors.index.json"
+    (target_dir / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("kind", ["bin", "safetensors"])
+def test_sharded_checkpoints_load_like_a_single_file(tmp_path, kind):
+    single = write_hf_checkpoint(tmp_path / "single", seed=3)
+    _reshard(single, tmp_path / "sharded", kind)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    a = LLM(str(single), dtype="float32", progress=False).generate(PROMPTS[:2], params)
+    b = LLM(str(tmp_path / "sharded"), dtype="float32", progress=False).generate(PROMPTS[:2], params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_bfloat16_stays_close_to_float32(tiny_model_dir):
+    """Measured: bf16 logits within 3% of the largest fp32 logit and the same argmax at the prompt end."""
+    fp32 = LLM(str(tiny_model_dir), dtype="float32", progress=False)
+    bf16 = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False)
+    for prompt in PROMPTS:
+        ids = fp32.tokenizer.encode(prompt)
+        a, b = our_prompt_logits(fp32, ids), our_prompt_logits(bf16, ids)
+        assert (a - b).abs().max().item() <= 0.03 * a.abs().max().item()
+    first = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    agree = sum(x.token_ids[0] == y.token_ids[0] for x, y in zip(fp32.generate(PROMPTS, first), bf16.generate(PROMPTS, first)))
+    assert agree >= len(PROMPTS) - 1

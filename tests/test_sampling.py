@@ -1,0 +1,125 @@
+"""Sampling controls, stop conditions, seeds and validation through the public API."""
+
+from __future__ import annotations
+
+import pytest
+
+from starchat import LLM, SamplingParams, SamplingParamsError
+from starchat.chat_template import fim_prompt
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir), dtype="float32", progress=False)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(min_new_tokens=10, max_new_tokens=5), "min_new_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(logprobs=100), "logprobs"),
+    (dict(stop=[""]), "stop"),
+    (dict(seed=-1), "seed"),
+])
+def test_invalid_parameters_name_the_field(llm, bad, field):
+    with pytest.raises(SamplingParamsError) as error:
+        llm.generate(["def f():"], SamplingParams(**bad))
+    assert error.value.field == field
+
+
+def test_max_new_tokens_beyond_the_context_is_a_clear_error(llm):
+    with pytest.raises(SamplingParamsError, match="max_new_tokens.*context"):
+        llm.generate(["def f():"], SamplingParams(max_new_tokens=10_000))
+
+
+def test_same_seed_same_text_any_batch(llm):
+    params = SamplingParams(max_new_tokens=20, do_sample=True, temperature=0.9, top_k=50, top_p=0.95, seed=1234,
+                            ignore_eos=True)
+    alone = llm.generate(["def f():"], params)[0]
+    together = llm.generate(["import os", "def f():", "class A:"], [params.copy(seed=5), params, params.copy(seed=6)])
+    assert together[1].token_ids == alone.token_ids
+    assert together[0].token_ids != alone.token_ids or together[2].token_ids != alone.token_ids
+    other_seed = llm.generate(["def f():"], params.copy(seed=99))[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_temperature_zero_and_do_sample_false_are_greedy(llm):
+    greedy = llm.generate(["def f():"], SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    zero = llm.generate(["def f():"], SamplingParams(max_new_tokens=10, do_sample=True, temperature=0.0, ignore_eos=True))[0]
+    assert greedy.token_ids == zero.token_ids
+
+
+def test_top_k_one_is_greedy(llm):
+    greedy = llm.generate(["def f():"], SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    top1 = llm.generate(["def f():"], SamplingParams(max_new_tokens=10, do_sample=True, top_k=1, seed=3, ignore_eos=True))[0]
+    assert greedy.token_ids == top1.token_ids
+
+
+def test_stop_string_across_token_boundaries_is_cut_and_not_included(llm):
+    full = llm.generate(["def f():"], SamplingParams(max_new_tokens=30, ignore_eos=True))[0]
+    text = full.text
+    # A stop string made of the end of one token and the start of the next.
+    boundary = len(llm.tokenizer.decode(full.token_ids[:5]))
+    stop = text[boundary - 2: boundary + 2]
+    assert len(stop) == 4
+    stopped = llm.generate(["def f():"], SamplingParams(max_new_tokens=30, ignore_eos=True, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.stop_reason == stop
+    assert stopped.text == text[: text.index(stop)]
+    assert stop not in stopped.text
+
+
+def test_stop_token_ids_and_min_new_tokens(llm):
+    full = llm.generate(["def f():"], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    stop_id = full.token_ids[3]
+    first = full.token_ids.index(stop_id)
+    stopped = llm.generate(["def f():"], SamplingParams(max_new_tokens=20, stop_token_ids=[stop_id]))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == full.token_ids[: first + 1]
+    assert stopped.text == llm.tokenizer.decode(full.token_ids[:first])
+    # min_new_tokens forbids the stop token until enough tokens exist.
+    held = llm.generate(["def f():"], SamplingParams(max_new_tokens=20, min_new_tokens=first + 2, stop_token_ids=[stop_id]))[0]
+    assert stop_id not in held.token_ids[: first + 2]
+
+
+def test_repetition_penalty_changes_greedy_choice_away_from_repeats(llm):
+    plain = llm.generate(["def f():"], SamplingParams(max_new_tokens=16, ignore_eos=True))[0]
+    penalised = llm.generate(["def f():"], SamplingParams(max_new_tokens=16, ignore_eos=True, repetition_penalty=5.0))[0]
+    repeats = lambda ids: len(ids) - len(set(ids))
+    assert repeats(penalised.token_ids) < repeats(plain.token_ids)
+
+
+def test_logprobs_top_n_sorted_and_include_greedy_choice(llm):
+    completion = llm.generate(["def f():"], SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=3))[0]
+    assert len(completion.logprobs) == 5
+    for token_id, entry in zip(completion.token_ids, completion.logprobs):
+        assert entry.token_id == token_id
+        assert [t for t, _, _ in entry.top][0] == token_id  # greedy picks the most likely
+        values = [lp for _, _, lp in entry.top]
+        assert values == sorted(values, reverse=True) and len(values) == 3
+
+
+def test_fill_in_the_middle_prompt_uses_fim_tokens(llm):
+    prompt = fim_prompt("def add(a, b):\n    ", "\n    return result\n")
+    ids = llm.tokenizer.encode(prompt)
+    assert ids[0] == 1 and 3 in ids and ids[-1] == 2  # <fim_prefix> ... <fim_suffix> ... <fim_middle>
+    assert llm.generate([prompt], SamplingParams(max_new_tokens=4))[0].prompt_token_ids == ids
+
+
+def test_chat_stops_on_end_token_and_strips(llm):
+    completion = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=8), system="default")
+    assert completion.prompt_token_ids[-1] == llm.tokenizer.token_id("<|assistant|>")
+    assert completion.text == completion.text.lstrip()
+    assert 49155 in llm.engine.chat_request([{"role": "user", "content": "x"}])[1].stop_token_ids
+
+
+def test_stream_deltas_concatenate_to_the_completion(llm):
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    completion = llm.generate(["def f():"], params)[0]
+    deltas = list(llm.stream("def f():", params))
+    assert "".join(d.text for d in deltas) == completion.text
+    assert [t for d in deltas for t in d.token_ids] == completion.token_ids
+    assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
