@@ -1,0 +1,120 @@
+"""`starchat generate` (one completion) and `starchat chat` (an interactive terminal chat)."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+from starchat.cli.common import MODEL_HELP, one_line_errors, print_notice, stderr_is_terminal
+from starchat.sampling_params import SamplingParams
+
+
+def generate_command(
+    prompt: str = typer.Argument(..., help="Prompt text (use '-' to read it from standard input)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
+    min_new_tokens: int = typer.Option(0, help="Fewest tokens to generate before a stop may end it."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; above 0 samples at this temperature."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass in (0, 1]."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = all)."),
+    repetition_penalty: float = typer.Option(1.0, help="Above 1 discourages repeating tokens."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling: the same seed gives the same text."),
+    stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable); not included in the output."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"text", "token_ids", "finish_reason"} as JSON.'),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Complete PROMPT and print the generated text."""
+    import sys
+
+    from starchat.llm import LLM
+
+    print_notice(model)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                            do_sample=temperature > 0, stop=list(stop))
+    with one_line_errors():
+        params.validate()
+        llm = LLM(model, dtype=dtype, device=device, progress=stderr_is_terminal())
+        if as_json:
+            completion = llm.generate([prompt], params)[0]
+            typer.echo(json.dumps({"text": completion.text, "token_ids": completion.token_ids,
+                                   "finish_reason": completion.finish_reason}))
+            return
+        for delta in llm.stream(prompt, params):
+            typer.echo(delta.text, nl=False)
+        typer.echo()
+
+
+CHAT_HELP = "Commands: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits. Ctrl-C stops a reply."
+
+
+def chat_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt, or a named one: default, no_system, coding."),
+    max_new_tokens: int = typer.Option(512, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.2, help="StarChat's default 0.2; 0 = greedy."),
+    top_p: float = typer.Option(0.95),
+    top_k: int = typer.Option(50),
+    repetition_penalty: float = typer.Option(1.2),
+    seed: Optional[int] = typer.Option(None),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("auto"),
+):
+    """Chat in the terminal; replies stream as they are generated."""
+    from starchat.llm import LLM
+
+    print_notice(model)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed, do_sample=temperature > 0)
+    with one_line_errors():
+        params.validate()
+        llm = LLM(model, dtype=dtype, device=device, progress=stderr_is_terminal())
+    typer.echo(CHAT_HELP, err=True)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history.clear()
+            typer.echo("(conversation cleared)", err=True)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            typer.echo(f"(system prompt: {system or 'none'})", err=True)
+            continue
+        history.append({"role": "user", "content": line})
+        with one_line_errors():
+            prompt, chat_params = llm.engine.chat_request(history, params, system)
+        reply = _stream_reply(llm, prompt, chat_params)
+        history.append({"role": "assistant", "content": reply})
+
+
+def _stream_reply(llm, prompt: str, params: SamplingParams) -> str:
+    parts: list[str] = []
+    stream = llm.stream(prompt, params)
+    try:
+        for delta in stream:
+            text = delta.text if parts else delta.text.lstrip()  # the model writes a newline after <|assistant|>
+            if text:
+                parts.append(text)
+                typer.echo(text, nl=False)
+    except KeyboardInterrupt:
+        stream.close()  # cancels the request; the conversation keeps what was said so far
+        typer.echo(" [stopped]", nl=False)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+    typer.echo()
+    return "".join(parts)

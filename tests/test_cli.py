@@ -1,0 +1,50 @@
+"""The `starchat` console script, run as a user would (a subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from starchat import LLM, SamplingParams
+
+
+def starchat(*args, stdin: str | None = None, timeout: float = 180):
+    return subprocess.run([sys.executable, "-m", "starchat.cli.main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_json_equals_python_api(tiny_model_dir):
+    result = starchat("generate", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--dtype", "float32", "--json",
+                      "def add(a, b):")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    expected = LLM(str(tiny_model_dir), dtype="float32", progress=False).generate(
+        ["def add(a, b):"], SamplingParams(max_new_tokens=12))[0]
+    assert printed == {"text": expected.text, "token_ids": expected.token_ids, "finish_reason": expected.finish_reason}
+
+
+def test_embedded_model_says_it_is_a_placeholder_first():
+    result = starchat("generate", "--max-new-tokens", "3", "hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[0].startswith("starchat: ")
+    assert "embedded starchat-nano" in result.stderr.splitlines()[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "2"], "top_p"),
+    (["--max-new-tokens", "100000"], "max_new_tokens"),
+])
+def test_bad_parameters_exit_non_zero_with_one_line(tiny_model_dir, args, message):
+    result = starchat("generate", "--model", str(tiny_model_dir), *args, "x")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+def test_chat_streams_replies_and_handles_commands(tiny_model_dir):
+    result = starchat("chat", "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--temperature", "0",
+                      stdin="hello\n/system Be terse.\n/reset\nsecond question\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(">>> ") >= 3
+    assert "(conversation cleared)" in result.stderr and "system prompt: Be terse." in result.stderr
