@@ -120,19 +120,42 @@ def iterate_checkpoint(files: list[WeightFile]) -> Iterator[tuple[str, torch.Ten
             yield from _iterate_bin(weight_file.path)
 
 
-def _iterate_safetensors(path: Path):
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as error:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({error}); it is probably truncated: re-download it") from None
-    with handle:
-        for name in handle.keys():
-            try:
-                tensor = handle.get_tensor(name)
-            except Exception as error:
-                raise CheckpointError(f"{path}: tensor {name} cannot be read ({error}); re-download the file") from None
+
+def _iterate_safetensors(path: Path):
+    """Read tensors one by one with plain reads, not a whole-file mmap.
+
+    A memory map keeps every page it touched resident until the file is closed, so converting a
+    bf16 file to float32 through one would hold the file and the converted model at once. The
+    safetensors layout is an 8-byte header length, a JSON header of byte offsets, then the data.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        try:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_len <= size - 8:
+                raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
+            header = json.loads(handle.read(header_len))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({error}); it is probably truncated: re-download it") from None
+        data_start = 8 + header_len
+        entries = sorted(((name, info) for name, info in header.items() if name != "__metadata__"),
+                         key=lambda item: item[1]["data_offsets"][0])
+        for name, info in entries:
+            begin, end = info["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            if data_start + end > size:
+                raise CheckpointError(f"{path}: tensor {name} ends past the end of the file ({size} bytes); "
+                                      "the file is truncated: re-download it")
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            handle.seek(data_start + begin)
+            handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else bytearray())
             yield name, tensor, path
 
 

@@ -1,0 +1,55 @@
+"""Peak host memory while loading a checkpoint, against the size of the loaded weights.
+
+    python bench/load_memory.py [--shape tiny_starcoder] [--dtype bfloat16 float32]
+
+Each load runs in a fresh subprocess; the figure is (peak RSS during load - RSS before load) /
+(bytes of the loaded parameters). The target is under 1.3: no whole-model float32 copy.
+Weights stored in bf16 loaded as float32 double in size on the way, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, random_checkpoint, write_json  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, torch
+from starchat.engine.devices import resolve_dtype
+from starchat.model.loader import load_model
+def rss_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+before = rss_kib()
+model = load_model(__import__("pathlib").Path(sys.argv[1]), resolve_dtype(sys.argv[2], torch.device("cpu")), torch.device("cpu"), progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, whole process lifetime
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024, "weights_mib": weights / 2**20,
+                  "peak_over_weights": (peak - before) * 1024 / weights}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="tiny_starcoder")
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model_dir = random_checkpoint(args.shape)
+    results = {"machine": machine(), "model": str(model_dir), "stored_dtype": "bfloat16", "runs": {}}
+    for dtype in args.dtype:
+        output = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), dtype], capture_output=True, text=True, check=True)
+        figures = json.loads(output.stdout.strip().splitlines()[-1])
+        results["runs"][dtype] = figures
+        print(f"{args.shape} stored bf16, loaded as {dtype:9s}: weights {figures['weights_mib']:8.1f} MiB, "
+              f"peak growth {figures['peak_over_weights']:.2f}x the weights (target < 1.3)")
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
