@@ -1,0 +1,83 @@
+"""The streaming engine API the server builds on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from starchat import LLM, SamplingParams, SamplingParamsError
+from starchat.config import EngineConfig
+from starchat.engine.async_llm import AsyncLLM
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    engine = AsyncLLM(EngineConfig(model=str(tiny_model_dir), dtype="float32"), progress=False)
+    yield engine
+    engine.shutdown()
+
+
+async def collect(engine, prompt, params, request_id=None):
+    deltas = []
+    async for delta in engine.generate(prompt, params, request_id=request_id):
+        deltas.append(delta)
+    return deltas
+
+
+def test_concurrent_streams_equal_offline_results(engine, tiny_model_dir):
+    prompts = ["def f():", "class A:", "import sys\n" * 5]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=0.8, seed=11)
+    expected = LLM(str(tiny_model_dir), dtype="float32", progress=False).generate(prompts, params)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+
+    for deltas, completion in zip(asyncio.run(main()), expected):
+        assert "".join(d.text for d in deltas) == completion.text
+        assert [t for d in deltas for t in d.token_ids] == completion.token_ids
+        assert deltas[-1].finished and deltas[-1].finish_reason == "length" and deltas[-1].seed == 11
+
+
+def test_leaving_the_loop_cancels_and_frees_the_cache(engine):
+    async def main():
+        stream = engine.generate("def f():", SamplingParams(max_new_tokens=500, ignore_eos=True))
+        async for delta in stream:
+            if delta.num_generated_tokens >= 3:
+                break
+        await stream.aclose()
+        for _ in range(200):  # the engine thread frees it before its next step
+            stats = engine.stats()
+            if stats.num_running == 0 and stats.kv_cache_used_blocks == 0:
+                return stats
+            await asyncio.sleep(0.01)
+        return engine.stats()
+
+    stats = asyncio.run(main())
+    assert stats.num_running == 0 and stats.kv_cache_used_blocks == 0
+
+
+def test_bad_request_raises_before_streaming(engine):
+    async def main():
+        await collect(engine, "x", SamplingParams(top_p=2.0))
+
+    with pytest.raises(SamplingParamsError) as error:
+        asyncio.run(main())
+    assert error.value.field == "top_p"
+    assert engine.is_alive()
+
+
+def test_streamed_text_equals_the_whole_decode(engine):
+    """No stray U+FFFD from characters split across tokens: the pieces join to the full decode.
+
+    (The detokenizer itself is tested token by token on emoji, CJK and accents in test_tokenizer.py.)
+    """
+    text = "naïve café 日本語 😀 " * 3
+
+    async def main():
+        return await collect(engine, text, SamplingParams(max_new_tokens=40, ignore_eos=True, do_sample=True, seed=5,
+                                                          temperature=1.5))
+
+    deltas = asyncio.run(main())
+    token_ids = [t for d in deltas for t in d.token_ids]
+    assert "".join(d.text for d in deltas) == engine.tokenizer.decode(token_ids)
