@@ -160,4 +160,5 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch at most
     max_num_batched_tokens: int = 512  # tokens per engine step (decode tokens + prefill chunks)
     revision: str | None = None  # Hub revision when `model` is a Hub id
+    quantize: str | None = None  # None | "int8" (weight-only, per-channel scales)
     extra: dict = field(default_factory=dict)

@@ -31,11 +31,12 @@ def cpu_has_fast_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu else False
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, quantize: str | None = None) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        # PyTorch's int8 weight kernel is fast with 16-bit activations and slow with float32 ones.
+        return torch.bfloat16 if cpu_has_fast_bf16() or quantize else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"dtype: {name!r} is not supported; use auto, float32, bfloat16 or float16")
     return _DTYPES[name]

@@ -67,12 +67,12 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(config.model, config.revision)
         self.model_name = config.model or self.model_dir.name
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, config.quantize)
         self.model_config = ModelConfig.from_file(self.model_dir / "config.json")
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.chat_template = ChatTemplate.from_model_dir(self.model_dir)
         self.end_token_id = self.tokenizer.token_id(END_TOKEN)
-        model = load_model(self.model_dir, self.dtype, self.device, progress=progress)
+        model = load_model(self.model_dir, self.dtype, self.device, progress=progress, quantize=config.quantize)
 
         per_token = kv_bytes_per_token(self.model_config, self.dtype)
         budget = config.kv_cache_memory_bytes or default_kv_cache_bytes(self.device, per_token, self.model_config.n_positions, config.max_num_seqs)

@@ -19,6 +19,7 @@ import torch
 
 from starchat.config import ModelConfig
 from starchat.model.gpt_bigcode import GPTBigCodeForCausalLM
+from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "starchat-nano"
 
@@ -173,12 +174,18 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> GPTBigCodeForCausalLM:
     config = ModelConfig.from_file(model_dir / "config.json")
     files = find_weight_files(model_dir)
     with torch.device("meta"):
         model = GPTBigCodeForCausalLM(config)
     expected = {name: param for name, param in model.named_parameters()}  # tied lm_head appears once, as wte
+    if quantize is not None:
+        if quantize not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantize: {quantize!r} is not supported; use one of {', '.join(QUANTIZATION_METHODS)}")
+        # Quantized as each weight arrives; lm_head last, from the (tied) embedding or its own weight.
+        prepare_int8(model, dtype)
     tied_names = {"lm_head.weight"} if config.tie_word_embeddings else set()
     loaded: set[str] = set()
 
@@ -209,6 +216,9 @@ def load_model(
         raise CheckpointError(f"{model_dir}: checkpoint lacks {shown}; the weight files are incomplete: re-download them")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
+    if quantize is not None:
+        # The embedding table stays in float for lookups; the lm_head product reads an int8 copy.
+        model.lm_head = Int8Linear.from_float(model.lm_head.weight, None, dtype)
     model.eval()
     return model
 
@@ -224,6 +234,9 @@ def _fused_qkv_layout(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_path, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_path)
+    if isinstance(module, Int8Linear) and attribute == "weight":
+        module.load_float_weight(tensor)
+        return
     setattr(module, attribute, torch.nn.Parameter(tensor, requires_grad=False))
 
 

@@ -1,0 +1,66 @@
+"""int8 weight-only quantization, applied to a built model (the network code never knows).
+
+Each Linear's weight becomes int8 with one float scale per output channel (symmetric,
+scale = max|w_row| / 127); activations stay in the model dtype. On CPU the product runs in
+PyTorch's own `_weight_int8pack_mm` kernel, which reads the int8 weight directly (a quarter of
+float32's bytes per decoded token); elsewhere the weight is dequantized per call (correct, not
+fast). Weights are quantized one tensor at a time while loading, so a 16B model never needs
+its float weights in memory at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATION_METHODS = ("int8",)
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight (out, in), float32 scales (out,)) with weight ~= int8 * scales[:, None]."""
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    quantized = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return quantized, scales
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def load_float_weight(self, weight: torch.Tensor) -> None:
+        quantized, scales = quantize_per_channel(weight)
+        self.weight = nn.Parameter(quantized, requires_grad=False)
+        self.scales = nn.Parameter(scales.to(self.scales.dtype), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int8Linear":
+        module = cls(weight.shape[1], weight.shape[0], bias is not None, dtype, device=weight.device)
+        module.load_float_weight(weight)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        return out + self.bias if self.bias is not None else out
+
+
+def prepare_int8(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] = ("lm_head",)) -> None:
+    """Swap every nn.Linear (but `skip`) for an empty Int8Linear, before weights are loaded."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and full not in skip:
+                replacement = Int8Linear(child.in_features, child.out_features, child.bias is not None, dtype,
+                                         device=child.weight.device)
+                setattr(module, child_name, replacement)
