@@ -25,6 +25,7 @@ def generate_command(
     as_json: bool = typer.Option(False, "--json", help='Print {"text", "token_ids", "finish_reason"} as JSON.'),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quantize: Optional[str] = typer.Option(None, help="int8: weight-only int8 (a quarter of float32's memory)."),
 ):
     """Complete PROMPT and print the generated text."""
     import sys
@@ -39,7 +40,7 @@ def generate_command(
                             do_sample=temperature > 0, stop=list(stop))
     with one_line_errors():
         params.validate()
-        llm = LLM(model, dtype=dtype, device=device, progress=stderr_is_terminal())
+        llm = LLM(model, dtype=dtype, device=device, quantize=quantize, progress=stderr_is_terminal())
         if as_json:
             completion = llm.generate([prompt], params)[0]
             typer.echo(json.dumps({"text": completion.text, "token_ids": completion.token_ids,
@@ -64,6 +65,7 @@ def chat_command(
     seed: Optional[int] = typer.Option(None),
     dtype: str = typer.Option("auto"),
     device: str = typer.Option("auto"),
+    quantize: Optional[str] = typer.Option(None, help="int8: weight-only int8."),
 ):
     """Chat in the terminal; replies stream as they are generated."""
     from starchat.llm import LLM
@@ -73,7 +75,7 @@ def chat_command(
                             repetition_penalty=repetition_penalty, seed=seed, do_sample=temperature > 0)
     with one_line_errors():
         params.validate()
-        llm = LLM(model, dtype=dtype, device=device, progress=stderr_is_terminal())
+        llm = LLM(model, dtype=dtype, device=device, quantize=quantize, progress=stderr_is_terminal())
     typer.echo(CHAT_HELP, err=True)
     history: list[dict] = []
     while True:
