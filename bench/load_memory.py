@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, random_checkpoint, write_json  # noqa: E402
+from starchat.bench.checkpoints import random_checkpoint
+from starchat.bench.machine import describe_machine
 
 CHILD = r"""
 import json, resource, sys, torch
@@ -41,14 +41,15 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     model_dir = random_checkpoint(args.shape)
-    results = {"machine": machine(), "model": str(model_dir), "stored_dtype": "bfloat16", "runs": {}}
+    results = {"machine": describe_machine(), "model": str(model_dir), "stored_dtype": "bfloat16", "runs": {}}
     for dtype in args.dtype:
         output = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), dtype], capture_output=True, text=True, check=True)
         figures = json.loads(output.stdout.strip().splitlines()[-1])
         results["runs"][dtype] = figures
         print(f"{args.shape} stored bf16, loaded as {dtype:9s}: weights {figures['weights_mib']:8.1f} MiB, "
               f"peak growth {figures['peak_over_weights']:.2f}x the weights (target < 1.3)")
-    write_json(args.json, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,122 @@
+"""Offline latency and throughput of our engine, and of HF transformers `generate` as the baseline.
+
+Latency: one request, a short prompt, a fixed number of new tokens (eos ignored): ms/token,
+tokens/s, and the achieved weight-read bandwidth (bytes of weights read per token / time).
+Throughput: N requests of fixed-length prompts together (ours through the continuous-batching
+scheduler, HF as one static batch): output tokens/s end to end, prefill included.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from starchat.bench.machine import synchronize
+from starchat.llm import LLM
+from starchat.sampling_params import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LatencyResult:
+    ms_per_token: float
+    tokens_per_s: float
+    ttft_ms: float  # time to first token of a prompt of prompt_len tokens
+    weight_bytes_per_token: int
+    achieved_gb_per_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ThroughputResult:
+    num_prompts: int
+    output_tokens_per_s: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_prompts(count: int, length: int, seed: int = 0, vocab: int = 49152) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(19, vocab, (count, length), generator=generator).tolist()  # no special tokens
+
+
+def weight_bytes_read_per_token(model: torch.nn.Module) -> int:
+    """Every parameter is read once per decoded token, except the embedding tables (one row each)."""
+    total = 0
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name.endswith(("wte.weight", "wpe.weight")):
+            continue
+        total += parameter.numel() * parameter.element_size()
+    return total
+
+
+def _median_time(fn, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ours_latency(llm: LLM, new_tokens: int, prompt_len: int, repeats: int = 3) -> LatencyResult:
+    device = llm.engine.device
+    short, long = random_prompts(1, 8)[0], random_prompts(1, prompt_len, seed=1)[0]
+    llm.generate([short], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
+    one = _median_time(lambda: llm.generate([short], SamplingParams(max_new_tokens=1, ignore_eos=True)), device, repeats)
+    many = _median_time(lambda: llm.generate([short], SamplingParams(max_new_tokens=new_tokens + 1, ignore_eos=True)), device, repeats)
+    ttft = _median_time(lambda: llm.generate([long], SamplingParams(max_new_tokens=1, ignore_eos=True)), device, repeats)
+    per_token = (many - one) / new_tokens  # decode steps only: the prefill and first token cancel out
+    weight_bytes = weight_bytes_read_per_token(llm.engine.runner.model)
+    return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
+
+
+def ours_throughput(llm: LLM, num_prompts: int, prompt_len: int, new_tokens: int) -> ThroughputResult:
+    prompts = random_prompts(num_prompts, prompt_len, seed=2)
+    llm.generate(prompts[:2], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
+    seconds = _median_time(lambda: llm.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)),
+                           llm.engine.device, 1)
+    return ThroughputResult(num_prompts, num_prompts * new_tokens / seconds, seconds)
+
+
+class HFBaseline:
+    """HF transformers' GPTBigCodeForCausalLM.generate on the same checkpoint (greedy, fixed length)."""
+
+    def __init__(self, model_dir, dtype: str, device: str):
+        from transformers import GPTBigCodeForCausalLM
+
+        self.device = torch.device(device)
+        self.model = GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval().to(self.device)
+
+    def generate(self, prompts: list[list[int]], new_tokens: int):
+        input_ids = torch.tensor(prompts, device=self.device)
+        with torch.inference_mode():
+            return self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                       pad_token_id=0)
+
+    def latency(self, new_tokens: int, prompt_len: int, repeats: int = 3) -> LatencyResult:
+        short, long = random_prompts(1, 8), random_prompts(1, prompt_len, seed=1)
+        self.generate(short, 8)
+        one = _median_time(lambda: self.generate(short, 1), self.device, repeats)
+        many = _median_time(lambda: self.generate(short, new_tokens + 1), self.device, repeats)
+        ttft = _median_time(lambda: self.generate(long, 1), self.device, repeats)
+        per_token = (many - one) / new_tokens
+        weight_bytes = weight_bytes_read_per_token(self.model)
+        return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
+
+    def throughput(self, num_prompts: int, prompt_len: int, new_tokens: int) -> ThroughputResult:
+        prompts = random_prompts(num_prompts, prompt_len, seed=2)
+        self.generate(prompts[:2], 4)
+        seconds = _median_time(lambda: self.generate(prompts, new_tokens), self.device, 1)
+        return ThroughputResult(num_prompts, num_prompts * new_tokens / seconds, seconds)

@@ -1,0 +1,92 @@
+"""`starchat bench latency|throughput`: our engine on a real or random checkpoint, HF optional, same run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+bench_app = typer.Typer(help="Benchmarks: ours against HF transformers, measured in the same run.", no_args_is_help=True)
+
+SHAPE_HELP = "Random-weight model of a named shape: starchat-beta, starcoder, tiny_starcoder (ignored with --model)."
+
+
+def _setup(model: Optional[str], shape: str, dtype: str, device: str, quantize: Optional[str], max_num_seqs: int):
+    from starchat.bench.checkpoints import random_checkpoint
+    from starchat.bench.machine import describe_machine
+    from starchat.engine.devices import resolve_device
+    from starchat.llm import LLM
+
+    model_dir = Path(model) if model else random_checkpoint(shape)
+    llm = LLM(str(model_dir), dtype=dtype, device=device, quantize=quantize, progress=False, max_num_seqs=max_num_seqs)
+    machine = describe_machine(resolve_device(device))
+    typer.echo(f"machine: {machine}")
+    typer.echo(f"model: {model_dir} dtype {llm.engine.dtype} device {llm.engine.device} quantize {quantize}")
+    return model_dir, llm, machine
+
+
+def _report(rows: dict, output: Optional[str], payload: dict) -> None:
+    for name, figures in rows.items():
+        typer.echo(f"{name:6s} " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+    if "hf" in rows:
+        for key, value in rows["ours"].items():
+            if isinstance(value, float) and rows["hf"].get(key):
+                better = rows["hf"][key] / value if key.endswith(("ms", "ms_per_token", "seconds")) else value / rows["hf"][key]
+                typer.echo(f"ours/hf {key}: x{better:.2f}")
+    if output:
+        Path(output).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@bench_app.command("latency")
+def latency_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    shape: str = typer.Option("tiny_starcoder", help=SHAPE_HELP),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("auto"),
+    quantize: Optional[str] = typer.Option(None),
+    new_tokens: int = typer.Option(128),
+    prompt_len: int = typer.Option(128, help="Prompt length for the time-to-first-token figure."),
+    hf: bool = typer.Option(False, "--hf", help="Also run HF transformers generate as the baseline."),
+    output: Optional[str] = typer.Option(None, "--json", help="Write the figures as JSON here."),
+):
+    """Batch-1 decode: ms/token, tokens/s, achieved GB/s beside the bandwidth floor."""
+    from starchat.bench.machine import measure_read_bandwidth
+    from starchat.bench.offline import HFBaseline, ours_latency
+
+    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, 8)
+    ours = ours_latency(llm, new_tokens, prompt_len)
+    bandwidth = measure_read_bandwidth(llm.engine.device)
+    floor_ms = 1e3 * ours.weight_bytes_per_token / bandwidth
+    typer.echo(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> decode floor {floor_ms:.2f} ms/token "
+               f"({1e3 / floor_ms:.0f} tokens/s); ours reaches {100 * floor_ms / ours.ms_per_token:.0f}% of it")
+    rows = {"ours": ours.as_dict()}
+    if hf:
+        rows["hf"] = HFBaseline(model_dir, str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.device)).latency(
+            new_tokens, prompt_len).as_dict()
+    _report(rows, output, {"machine": machine, "bandwidth_bytes_per_s": bandwidth, "floor_ms_per_token": floor_ms, **rows})
+
+
+@bench_app.command("throughput")
+def throughput_command(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    shape: str = typer.Option("tiny_starcoder", help=SHAPE_HELP),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("auto"),
+    quantize: Optional[str] = typer.Option(None),
+    num_prompts: int = typer.Option(32),
+    prompt_len: int = typer.Option(128),
+    new_tokens: int = typer.Option(128),
+    hf: bool = typer.Option(False, "--hf", help="Also run HF transformers generate (one static batch) as the baseline."),
+    output: Optional[str] = typer.Option(None, "--json"),
+):
+    """N concurrent requests end to end: output tokens/s."""
+    from starchat.bench.offline import HFBaseline, ours_throughput
+
+    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, max(64, num_prompts))
+    rows = {"ours": ours_throughput(llm, num_prompts, prompt_len, new_tokens).as_dict()}
+    if hf:
+        rows["hf"] = HFBaseline(model_dir, str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.device)).throughput(
+            num_prompts, prompt_len, new_tokens).as_dict()
+    _report(rows, output, {"machine": machine, **rows})
