@@ -31,6 +31,20 @@ def test_invalid_parameters_name_the_field(llm, bad, field):
     assert error.value.field == field
 
 
+def test_engine_level_checks_name_the_field(llm):
+    from starchat.engine.engine import RequestError
+
+    with pytest.raises(SamplingParamsError) as error:
+        llm.generate(["def f():"], SamplingParams(stop_token_ids=[10**6]))
+    assert error.value.field == "stop_token_ids"
+    with pytest.raises(RequestError) as error:
+        llm.generate(["\ud800 lone surrogate"], SamplingParams())
+    assert error.value.field == "prompt"
+    with pytest.raises(RequestError) as error:
+        llm.generate([""], SamplingParams())
+    assert error.value.field == "prompt"
+
+
 def test_max_new_tokens_beyond_the_context_is_a_clear_error(llm):
     with pytest.raises(SamplingParamsError, match="max_new_tokens.*context"):
         llm.generate(["def f():"], SamplingParams(max_new_tokens=10_000))

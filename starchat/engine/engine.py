@@ -101,6 +101,10 @@ class LLMEngine:
 
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text cannot hold them
+                raise RequestError("prompt", "is not valid Unicode text (it holds a lone surrogate)") from None
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             vocab = self.model_config.vocab_size
@@ -117,6 +121,10 @@ class LLMEngine:
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError/SamplingParamsError naming the field when the request cannot run."""
         params.validate()
+        vocab = self.model_config.vocab_size
+        bad_stop = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad_stop is not None:
+            raise SamplingParamsError("stop_token_ids", f"token id {bad_stop} is outside the vocabulary (0..{vocab - 1})")
         prompt_len = len(prompt_token_ids)
         if prompt_len >= self.max_model_len:
             raise RequestError("prompt", f"{prompt_len} tokens do not fit the context of {self.max_model_len} tokens "

@@ -1,0 +1,1 @@
+"""The real-time endpoint: Azure ML scoring, OpenAI and TGI APIs over the engine (`create_app`)."""

@@ -1,0 +1,104 @@
+"""OpenAI request bodies (`/v1/completions`, `/v1/chat/completions`), as the `openai` client sends them.
+
+Every OpenAI field is declared; values this server cannot honour (penalties other than 0,
+logit_bias, tools, JSON mode) are refused by name rather than silently ignored, and unknown
+fields are refused too. Extensions in vLLM's style: top_k, repetition_penalty, min_tokens,
+ignore_eos, stop_token_ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = _STRICT
+
+    model: str | None = Field(None, description="The served model's id (GET /v1/models).")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 1; 0 decodes greedily.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, description="Completions per prompt.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 16 stop sequences.")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported (must be empty).")
+    user: str | None = None
+    # Extensions (vLLM's names).
+    top_k: int | None = Field(None, ge=0, description="Extension: sample among the k most likely tokens (0 = off).")
+    repetition_penalty: float | None = Field(None, gt=0, description="Extension: above 1 discourages repeats.")
+    min_tokens: int = Field(0, ge=0, description="Extension: fewest tokens before a stop may end the text.")
+    ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-text (benchmarks).")
+    stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end the text.")
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text, texts, token ids, or lists of token ids.")
+    suffix: str | None = Field(None, description="Text after the completion: fill-in-the-middle.")
+    max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (default 16).")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of the top-n tokens.")
+    echo: bool = Field(False, description="Return the prompt before the completion.")
+    best_of: int | None = Field(None, ge=1, description="Only equal to n is supported.")
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
+        {"model": "starchat-nano", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}]})
+
+
+class TextContentPart(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["text"] = Field("text", description="Only plain text is supported.")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default: what the context leaves).")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (must be empty).")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' is supported.")
+    parallel_tool_calls: bool | None = None
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
+        {"model": "starchat-nano", "messages": [{"role": "user", "content": "Write a Python hello world"}],
+         "max_tokens": 64, "temperature": 0.2, "top_p": 0.95}]})

@@ -1,0 +1,52 @@
+"""Text Generation Inference bodies: `/generate`, `/generate_stream` and the compatibility route `POST /`.
+
+Every parameter `huggingface_hub.InferenceClient.text_generation` can send is declared; those
+this server cannot honour (grammar, watermark, typical_p, best_of > 1, adapters, prompt
+log-probabilities) are refused by name with 422, as TGI refuses what it cannot do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class TGIParameters(BaseModel):
+    model_config = _STRICT
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default 100, cut to the context).")
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    do_sample: bool | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] | None = Field(None, description="Stop sequences.")
+    truncate: int | None = Field(None, ge=1, description="Keep only the last N prompt tokens.")
+    details: bool | None = Field(None, description="Return token ids, texts, logprobs, finish reason and seed.")
+    return_full_text: bool | None = Field(None, description="Prepend the prompt (default false).")
+    top_n_tokens: int | None = Field(None, ge=0, le=20, description="Also return the n most likely tokens.")
+    decoder_input_details: bool | None = Field(None, description="Not supported: prompt log-probabilities.")
+    best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    typical_p: float | None = Field(None, description="Not supported.")
+    watermark: bool | None = Field(None, description="Not supported.")
+    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
+    grammar: dict[str, Any] | None = Field(None, description="Not supported.")
+    adapter_id: str | None = Field(None, description="Not supported.")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
+        {"inputs": "def fibonacci(n):", "parameters": {"max_new_tokens": 32, "details": True}}]})
+
+    inputs: str
+    parameters: TGIParameters = Field(default_factory=TGIParameters)
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """`POST /`: a list with one answer, or the event stream when `stream` is true."""
+
+    stream: bool | None = False

@@ -1,0 +1,270 @@
+"""OpenAI `/v1/models`, `/v1/completions` and `/v1/chat/completions`, whole or streamed (SSE)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from starchat.chat_template import ChatFormatError, fim_prompt
+from starchat.outputs import TokenLogprob
+from starchat.sampling_params import SamplingParams
+from starchat.server.errors import ApiError, bad_request, error_body
+from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
+from starchat.server.streaming import EventStreamResponse, merge_streams
+
+logger = logging.getLogger("starchat.server")
+
+MAX_STOP_SEQUENCES = 16
+_ENGINE_NAMES = {"min_new_tokens": "min_tokens", "stop_token_ids": "stop_token_ids"}
+
+
+def models(ctx: ServingContext) -> dict:
+    return {"object": "list", "data": [{
+        "id": ctx.model_name, "object": "model", "created": int(ctx.started_at), "owned_by": "starchat",
+        "root": ctx.engine.model_name if ctx.engine else ctx.model_name,
+        "max_model_len": ctx.max_total_tokens if ctx.engine else None,
+    }]}
+
+
+def timeout_error(ctx: ServingContext) -> ApiError:
+    return ApiError(408, f"the generation took longer than the request timeout of {ctx.settings.request_timeout:g} s "
+                         "and was cancelled", kind="timeout")
+
+
+def _check_common(ctx: ServingContext, body: _SamplingFields, num_prompts: int) -> None:
+    if not ctx.accepts_model(body.model):
+        raise ApiError(404, f"model: {body.model!r} is not served here; this server serves {ctx.model_name!r}",
+                       kind="not_found", field="model", code="model_not_found")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise bad_request(name, "only 0 is supported (use repetition_penalty, an extension, instead)")
+    if body.logit_bias:
+        raise bad_request("logit_bias", "is not supported")
+    if isinstance(body.stop, list) and len(body.stop) > MAX_STOP_SEQUENCES:
+        raise bad_request("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(body.stop)}")
+    limit = ctx.settings.max_inputs_per_request
+    if num_prompts * body.n > limit:
+        raise bad_request("n", f"{num_prompts} prompt(s) x n={body.n} is more than the limit of {limit} "
+                               "completions per request")
+
+
+def _params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI samples by default
+    return SamplingParams(
+        max_new_tokens=max_tokens or 16, min_new_tokens=body.min_tokens, temperature=temperature,
+        top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        do_sample=temperature > 0, seed=body.seed,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs, ignore_eos=body.ignore_eos,
+    )
+
+
+def _fan_out(job: Prepared, n: int) -> list[Prepared]:
+    """n samples of one prompt; with a seed, sample i uses seed + i so that they differ."""
+    if n == 1:
+        return [job]
+    seed = job.params.seed
+    return [Prepared(job.prompt_token_ids, job.params.copy(seed=None if seed is None else seed + i)) for i in range(n)]
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _stream_error(error: Exception, ctx: ServingContext) -> str:
+    if isinstance(error, RequestTimeout):
+        error = timeout_error(ctx)
+    elif not isinstance(error, ApiError):
+        logger.exception("generation failed mid-stream", exc_info=error)
+        error = ApiError(500, f"generation failed: {error}", kind="internal")
+    return _sse(error_body("openai", error)) + "data: [DONE]\n\n"
+
+
+# ---- /v1/completions ------------------------------------------------------------------------
+
+
+def _completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict:
+    text_offset = []
+    for token in tokens:
+        text_offset.append(offset)
+        offset += len(token.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{t.token: t.logprob, **{text: lp for _, text, lp in t.top}} for t in tokens],
+            "text_offset": text_offset}
+
+
+async def completions(ctx: ServingContext, body: CompletionRequest, request: Request):
+    arrival = time.perf_counter()
+    engine = ctx.ready_engine()
+    prompts = body.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise bad_request("prompt", "is empty; give a text, a list of texts or token ids")
+    _check_common(ctx, body, len(prompts))
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of", "only best_of equal to n is supported")
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo", "echo with logprobs needs the prompt's log-probabilities, which this server does "
+                                  "not compute; drop one of them")
+    if body.suffix is not None and not all(isinstance(p, str) for p in prompts):
+        raise bad_request("suffix", "needs text prompts (fill-in-the-middle is built from text)")
+    params = _params(body, body.max_tokens, body.logprobs)
+    names = FieldNames("prompt", {**_ENGINE_NAMES, "max_new_tokens": "max_tokens"})
+    jobs: list[Prepared] = []
+    echoes: list[str] = []
+    for index, prompt in enumerate(prompts):
+        text = fim_prompt(prompt, body.suffix) if body.suffix is not None else prompt
+        job_names = names if len(prompts) == 1 else FieldNames(f"prompt[{index}]", names.mapping)
+        job = await ctx.prepare(text, params, job_names, max_new_tokens_given=body.max_tokens is not None)
+        jobs += _fan_out(job, body.n)
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+            echoes += [echo] * body.n
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        lease = ctx.admission.acquire(len(jobs))
+        events = _completion_events(ctx, body, jobs, echoes, response_id, created, arrival)
+        return EventStreamResponse(events, on_close=lease.release)
+    try:
+        results = await ctx.run_to_completion(request.receive, jobs, arrival)
+    except RequestTimeout:
+        raise timeout_error(ctx) from None
+    choices = []
+    for index, result in enumerate(results):
+        echo = echoes[index] if body.echo else ""
+        logprobs = _completion_logprobs(result.logprobs, len(echo)) if body.logprobs is not None else None
+        choices.append({"index": index, "text": echo + result.text, "logprobs": logprobs,
+                        "finish_reason": result.finish_reason})
+    prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs[:: body.n])
+    return {"id": response_id, "object": "text_completion", "created": created, "model": ctx.model_name,
+            "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results))}
+
+
+async def _completion_events(ctx: ServingContext, body: CompletionRequest, jobs: list[Prepared], echoes: list[str],
+                             response_id: str, created: int, arrival: float) -> AsyncIterator[str]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    base = {"id": response_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    extra = {"usage": None} if include_usage else {}
+    offsets = [len(echo) for echo in echoes] if echoes else [0] * len(jobs)
+    completion_tokens = 0
+    try:
+        for index, echo in enumerate(echoes):
+            yield _sse({**base, "choices": [{"index": index, "text": echo, "logprobs": None, "finish_reason": None}],
+                        **extra})
+        deadline = ctx.deadline(arrival)
+        async for index, delta in merge_streams([ctx.stream(job, arrival, deadline) for job in jobs]):
+            logprobs = None
+            if body.logprobs is not None and delta.logprobs:
+                logprobs = _completion_logprobs(delta.logprobs, offsets[index])
+                offsets[index] += sum(len(t.token) for t in delta.logprobs)
+            if not (delta.text or delta.finished or logprobs):
+                continue
+            if delta.finished:
+                completion_tokens += delta.num_generated_tokens
+            choice = {"index": index, "text": delta.text, "logprobs": logprobs,
+                      "finish_reason": delta.finish_reason if delta.finished else None}
+            yield _sse({**base, "choices": [choice], **extra})
+        if include_usage:
+            prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs[:: body.n])
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield "data: [DONE]\n\n"
+    except Exception as error:  # headers are sent: the error travels as an event
+        yield _stream_error(error, ctx)
+
+
+# ---- /v1/chat/completions -------------------------------------------------------------------
+
+
+def _chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
+                        for t in tokens]}
+
+
+async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, request: Request):
+    arrival = time.perf_counter()
+    engine = ctx.ready_engine()
+    _check_common(ctx, body, 1)
+    if body.tools:
+        raise bad_request("tools", "tool calling is not supported")
+    if body.tool_choice not in (None, "none"):
+        raise bad_request("tool_choice", "tool calling is not supported; only 'none'")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs", "needs logprobs: true")
+    max_tokens, max_tokens_name = body.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, max_tokens_name = body.max_tokens, "max_tokens"
+    elif body.max_tokens is not None and body.max_tokens != max_tokens:
+        raise bad_request("max_tokens", "give max_tokens or max_completion_tokens, not two different values")
+    params = _params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt, chat_params = engine.chat_request(messages, params)
+    except ChatFormatError as error:
+        raise bad_request(error.field, error.message) from None
+    names = FieldNames("messages", {**_ENGINE_NAMES, "max_new_tokens": max_tokens_name, "logprobs": "top_logprobs"})
+    job = await ctx.prepare(prompt, chat_params, names, max_new_tokens_given=max_tokens is not None)
+    jobs = _fan_out(job, body.n)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        lease = ctx.admission.acquire(len(jobs))
+        return EventStreamResponse(_chat_events(ctx, body, jobs, response_id, created, arrival), on_close=lease.release)
+    try:
+        results: list[Generated] = await ctx.run_to_completion(request.receive, jobs, arrival)
+    except RequestTimeout:
+        raise timeout_error(ctx) from None
+    choices = [{"index": index, "message": {"role": "assistant", "content": result.text.lstrip()},
+                "logprobs": _chat_logprobs(result.logprobs) if body.logprobs else None,
+                "finish_reason": result.finish_reason} for index, result in enumerate(results)]
+    return {"id": response_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
+            "choices": choices, "usage": _usage(len(job.prompt_token_ids), sum(len(r.token_ids) for r in results))}
+
+
+async def _chat_events(ctx: ServingContext, body: ChatCompletionRequest, jobs: list[Prepared], response_id: str,
+                       created: int, arrival: float) -> AsyncIterator[str]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
+    extra = {"usage": None} if include_usage else {}
+    started = [False] * len(jobs)  # the reply is left-stripped: drop whitespace until the first text
+    completion_tokens = 0
+    try:
+        for index in range(len(jobs)):
+            choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}
+            yield _sse({**base, "choices": [choice], **extra})
+        deadline = ctx.deadline(arrival)
+        async for index, delta in merge_streams([ctx.stream(job, arrival, deadline) for job in jobs]):
+            text = delta.text
+            if not started[index]:
+                text = text.lstrip()
+                started[index] = bool(text)
+            logprobs = _chat_logprobs(delta.logprobs) if body.logprobs and delta.logprobs else None
+            if delta.finished:
+                completion_tokens += delta.num_generated_tokens
+            if not (text or delta.finished or logprobs):
+                continue
+            choice = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                      "finish_reason": delta.finish_reason if delta.finished else None}
+            yield _sse({**base, "choices": [choice], **extra})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(len(jobs[0].prompt_token_ids), completion_tokens)})
+        yield "data: [DONE]\n\n"
+    except Exception as error:
+        yield _stream_error(error, ctx)

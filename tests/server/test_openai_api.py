@@ -1,0 +1,144 @@
+"""The OpenAI API, driven by the official `openai` client against a real server."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from starchat.chat_template import fim_prompt
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _good_completion(client) -> None:
+    """After every bad request: the server still serves."""
+    completion = client.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=3, temperature=0)
+    assert completion.usage.completion_tokens == 3
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list()
+    assert [model.id for model in models.data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_completion_streamed_equals_whole_greedy_and_seeded(client):
+    for extra in ({"temperature": 0}, {"temperature": 0.9, "top_p": 0.9, "seed": 1234}):
+        whole = client.completions.create(model="tiny", prompt="def fibonacci(n):", max_tokens=12, **extra)
+        chunks = list(client.completions.create(model="tiny", prompt="def fibonacci(n):", max_tokens=12,
+                                                stream=True, **extra))
+        assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+        assert whole.usage.completion_tokens == 12
+
+
+def test_completion_usage_in_stream_and_n_and_several_prompts(client):
+    chunks = list(client.completions.create(model="tiny", prompt=["a", "b c"], n=2, max_tokens=4, temperature=0.8,
+                                            seed=7, stream=True, stream_options={"include_usage": True}))
+    usage_chunks = [chunk for chunk in chunks if chunk.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+    assert usage_chunks[0].usage.completion_tokens == 4 * 4
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert sorted(texts) == [0, 1, 2, 3]
+    whole = client.completions.create(model="tiny", prompt=["a", "b c"], n=2, max_tokens=4, temperature=0.8, seed=7)
+    assert [choice.text for choice in whole.choices] == [texts[i] for i in range(4)]
+    assert whole.choices[0].text != whole.choices[1].text  # n samples use different seeds
+
+
+def test_completion_echo_suffix_logprobs_stop_and_token_prompts(client, server):
+    echoed = client.completions.create(model="tiny", prompt="x = 1", max_tokens=3, temperature=0, echo=True)
+    plain = client.completions.create(model="tiny", prompt="x = 1", max_tokens=3, temperature=0)
+    assert echoed.choices[0].text == "x = 1" + plain.choices[0].text
+
+    fim = client.completions.create(model="tiny", prompt="def f(x):\n    ", suffix="\n    return y", max_tokens=4,
+                                    temperature=0)
+    reference = client.completions.create(model="tiny", prompt=fim_prompt("def f(x):\n    ", "\n    return y"),
+                                          max_tokens=4, temperature=0)
+    assert fim.choices[0].text == reference.choices[0].text
+
+    with_logprobs = client.completions.create(model="tiny", prompt="x = 1", max_tokens=3, temperature=0, logprobs=2)
+    logprobs = with_logprobs.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 3
+    assert all(value <= 0 for value in logprobs.token_logprobs)
+    assert "".join(logprobs.tokens) == with_logprobs.choices[0].text
+
+    token_ids = server.ctx.engine.tokenizer.encode("x = 1")
+    by_ids = client.completions.create(model="tiny", prompt=token_ids, max_tokens=3, temperature=0)
+    assert by_ids.choices[0].text == plain.choices[0].text
+
+    first = plain.choices[0].text[:2]
+    if first.strip():
+        stopped = client.completions.create(model="tiny", prompt="x = 1", max_tokens=3, temperature=0, stop=[first])
+        assert stopped.choices[0].text == "" and stopped.choices[0].finish_reason == "stop"
+
+
+def test_chat_streamed_equals_whole_and_logprobs(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write hello world in C"}]
+    for extra in ({"temperature": 0}, {"temperature": 0.7, "seed": 99}):
+        whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, **extra)
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, stream=True,
+                                                     stream_options={"include_usage": True}, **extra))
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        assert streamed == whole.choices[0].message.content
+        assert whole.choices[0].message.role == "assistant"
+        assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    with_logprobs = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0,
+                                                   logprobs=True, top_logprobs=2)
+    content = with_logprobs.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(entry.top_logprobs) == 2 for entry in content)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"max_tokens": "8"}, "max_tokens"),  # wrong type
+    ({"temperature": -1}, "temperature"),  # out of range
+    ({"max_tokens": 100_000}, "max_tokens"),  # does not fit the context
+    ({"prompt": "word " * 600}, "prompt"),  # longer than the context
+    ({"prompt": ""}, "prompt"),  # empty
+    ({"extra_body": {"bogus": 1}}, "bogus"),  # unknown field
+    ({"echo": True, "logprobs": 1}, "echo"),  # not computable here
+    ({"presence_penalty": 0.5}, "presence_penalty"),  # not supported
+    ({"n": 1000}, "n"),  # too many
+    ({"extra_body": {"stop_token_ids": [10**9]}}, "stop_token_ids"),  # outside the vocabulary
+    ({"min_tokens": 5, "max_tokens": 2, "extra_body": {}}, "min_tokens"),
+])
+def test_completion_bad_input_names_the_field(client, kwargs, param):
+    request = {"model": "tiny", "prompt": "hello", "max_tokens": 4, **kwargs}
+    if "min_tokens" in request:
+        request["extra_body"] = {"min_tokens": request.pop("min_tokens")}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(**request)
+    assert raised.value.status_code == 400
+    error = raised.value.body
+    assert error["param"] == param or error["param"].endswith(param), error
+    assert error["type"] == "invalid_request_error" and error["message"]
+    _good_completion(client)
+
+
+def test_chat_bad_messages_and_unknown_model(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}], max_tokens=2)
+    assert raised.value.body["param"].startswith("messages[0]")
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=2)
+    assert raised.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert raised.value.body["code"] == "model_not_found"
+    _good_completion(client)
+
+
+def test_malformed_json_gets_an_openai_error(server, client):
+    response = httpx.post(server.url + "/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+    _good_completion(client)

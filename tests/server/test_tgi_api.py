@@ -1,0 +1,81 @@
+"""The TGI API, driven by `huggingface_hub.InferenceClient(base_url=...)` against a real server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import ValidationError
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return InferenceClient(base_url=server.url, timeout=60)
+
+
+def test_text_generation_with_details(client):
+    output = client.text_generation("def f():", details=True, do_sample=False, max_new_tokens=6)
+    details = output.details
+    assert details.generated_tokens == len(details.tokens) == 6
+    assert details.finish_reason == "length"
+    assert all(token.logprob <= 0 and not token.special for token in details.tokens)
+    assert "".join(token.text for token in details.tokens) == output.generated_text
+    assert client.text_generation("def f():", do_sample=False, max_new_tokens=6) == output.generated_text
+
+
+def test_text_generation_stream_equals_whole(client):
+    for extra in ({"do_sample": False}, {"do_sample": True, "temperature": 0.8, "seed": 3}):
+        whole = client.text_generation("import os", details=True, max_new_tokens=8, **extra)
+        events = list(client.text_generation("import os", details=True, stream=True, max_new_tokens=8, **extra))
+        assert "".join(event.token.text for event in events) == whole.generated_text
+        assert events[-1].generated_text == whole.generated_text
+        assert events[-1].details.finish_reason == "length" and events[-1].details.generated_tokens == 8
+        assert [event.token.id for event in events] == [token.id for token in whole.details.tokens]
+        texts = list(client.text_generation("import os", stream=True, max_new_tokens=8, **extra))
+        assert "".join(texts) == whole.generated_text
+    assert whole.details.seed == 3
+
+
+def test_generate_routes_full_text_stop_and_top_tokens(server):
+    body = {"inputs": "x = ", "parameters": {"max_new_tokens": 4, "return_full_text": True, "details": True,
+                                              "top_n_tokens": 2}}
+    answer = httpx.post(server.url + "/generate", json=body).json()
+    assert answer["generated_text"].startswith("x = ")
+    assert all(len(top) == 2 for top in answer["details"]["top_tokens"])
+    lines = [line for line in httpx.post(server.url + "/generate_stream", json=body).text.splitlines() if line]
+    assert lines[-1].startswith("data:") and '"generated_text": "x = ' in lines[-1]
+    first_token = answer["details"]["tokens"][0]["text"]
+    if first_token.strip():
+        stopped = httpx.post(server.url + "/generate", json={
+            "inputs": "x = ", "parameters": {"max_new_tokens": 4, "stop": [first_token], "details": True}}).json()
+        assert stopped["generated_text"] == "" and stopped["details"]["finish_reason"] == "stop_sequence"
+    compat = httpx.post(server.url + "/", json={"inputs": "x = ", "parameters": {"max_new_tokens": 2}})
+    assert isinstance(compat.json(), list) and set(compat.json()[0]) == {"generated_text"}
+
+
+def test_info(server):
+    info = httpx.get(server.url + "/info").json()
+    assert info["model_id"] == "tiny"
+    assert info["max_total_tokens"] == 512 and info["max_input_tokens"] == 511
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_new_tokens": 10_000}, "max_new_tokens"),
+    ({"watermark": True}, "watermark"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"best_of": 2}, "best_of"),
+])
+def test_bad_input_is_a_validation_error(client, kwargs, field):
+    request = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValidationError, match=field):
+        client.text_generation("hello", **request)
+    assert client.text_generation("hello", max_new_tokens=2)
+
+
+def test_bad_bodies_get_422_with_error_type(server):
+    for body in ({"inputs": 5}, {"parameters": {}}, {"inputs": "x", "parameters": {"temperatur": 1.0}},
+                 {"inputs": "", "parameters": {"max_new_tokens": 2}}):
+        response = httpx.post(server.url + "/generate", json=body)
+        assert response.status_code == 422, body
+        assert response.json()["error_type"] == "validation" and response.json()["error"]
+    assert httpx.post(server.url + "/generate", json={"inputs": "ok", "parameters": {"max_new_tokens": 1}}).status_code == 200
