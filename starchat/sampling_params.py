@@ -45,7 +45,10 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0.0
 
     def copy(self, **changes) -> "SamplingParams":
-        return replace(self, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), **changes)
+        """A copy with `changes` applied; list fields are copied, never shared."""
+        changes.setdefault("stop", list(self.stop))
+        changes.setdefault("stop_token_ids", list(self.stop_token_ids))
+        return replace(self, **changes)
 
     def validate(self, max_new_tokens_limit: int | None = None) -> "SamplingParams":
         """Raise SamplingParamsError naming the first bad field; return self when all are valid."""

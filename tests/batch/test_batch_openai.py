@@ -1,0 +1,70 @@
+"""OpenAI batch files: requests in, OpenAI batch-output lines out, checked with the openai package's types."""
+
+from __future__ import annotations
+
+import json
+
+from openai.types import BatchError, Completion
+from openai.types.chat import ChatCompletion
+
+from batch_helpers import engine, greedy, one_torch_thread, read_jsonl, reference, write_jsonl  # noqa: F401
+from starchat.batch import run_batch
+from starchat.chat_template import fim_prompt
+
+MESSAGES = [{"role": "user", "content": "Write a haiku about tests."}]
+
+
+def openai_lines() -> list[dict]:
+    def line(custom_id, url, body):
+        return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+    return [
+        line("cmpl-1", "/v1/completions", {"model": "starchat", "prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0}),
+        line("chat-1", "/v1/chat/completions", {"model": "starchat", "messages": MESSAGES, "max_tokens": 6, "temperature": 0}),
+        line("bad-n", "/v1/completions", {"prompt": "x", "n": 2}),
+        line("echo-1", "/v1/completions", {"prompt": ["import os"], "max_tokens": 3, "temperature": 0, "echo": True}),
+        line("fim-1", "/v1/completions", {"prompt": "def f(x):\n    ", "suffix": "\n    return y", "max_tokens": 4,
+                                          "temperature": 0, "stop": ["\n\n"]}),
+    ]
+
+
+def test_openai_batch_round_trip(tmp_path, engine, reference):
+    write_jsonl(tmp_path / "in" / "requests.jsonl", openai_lines())
+
+    summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
+
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 4, 1)
+    output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
+    by_id = {line["custom_id"]: line for line in output}
+    assert len({line["id"] for line in output}) == 5
+
+    completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
+    assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
+    expected = reference.generate(["def add(a, b):"], greedy(5))[0]
+    assert completion.choices[0].text == expected.text
+    assert completion.usage.completion_tokens == len(expected.token_ids) and completion.model == "starchat"
+
+    chat = ChatCompletion.model_validate(by_id["chat-1"]["response"]["body"])
+    assert chat.choices[0].message.content == reference.chat(MESSAGES, greedy(6)).text
+
+    echo = Completion.model_validate(by_id["echo-1"]["response"]["body"]).choices[0].text
+    assert echo == "import os" + reference.generate(["import os"], greedy(3))[0].text
+
+    fim = Completion.model_validate(by_id["fim-1"]["response"]["body"]).choices[0].text
+    params = greedy(4)
+    params.stop = ["\n\n"]
+    assert fim == reference.generate([fim_prompt("def f(x):\n    ", "\n    return y")], params)[0].text
+
+    bad = by_id["bad-n"]
+    assert bad["response"]["status_code"] == 400 and "body.n" in bad["response"]["body"]["error"]["message"]
+    assert "body.n" in BatchError.model_validate(bad["error"]).message
+    assert [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()] == ["bad-n"]
+
+
+def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"input_string": "def f():", "parameters": {"max_new_tokens": 2}}])
+    run_batch(tmp_path / "in", tmp_path / "out", engine=engine, output_format="openai", progress="none")
+    [line] = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert line["custom_id"] == "a.jsonl:0"
+    assert Completion.model_validate(line["response"]["body"]).choices[0].text.startswith("def f():")
