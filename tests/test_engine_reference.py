@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPTBigCodeForCausalLM as HFModel
 
-from conftest import write_hf_checkpoint
+from reference_checkpoints import write_hf_checkpoint
 from starchat import LLM, SamplingParams
 from starchat.model import AttentionMetadata, PrefillChunk
 

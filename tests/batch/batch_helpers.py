@@ -1,5 +1,4 @@
-"""Fixtures and input writers shared by the batch tests (imported by name: no conftest, so the
-top-level `from conftest import ...` of other tests keeps resolving to tests/conftest.py)."""
+"""Fixtures and input writers shared by the batch tests (imported by name, as a plain module)."""
 
 from __future__ import annotations
 
