@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from starchat.cli import generate
+from starchat.cli import batch, generate
+from starchat.cli import train
+from starchat.cli import serve
+from starchat.cli import bench
 
 app = typer.Typer(
     name="starchat",
@@ -16,6 +19,10 @@ app = typer.Typer(
 
 app.command("generate")(generate.generate_command)
 app.command("chat")(generate.chat_command)
+app.command("serve")(serve.serve_command)
+app.command("batch")(batch.batch_command)
+app.add_typer(train.train_app, name="train")
+app.add_typer(bench.bench_app, name="bench")
 
 
 def main() -> None:

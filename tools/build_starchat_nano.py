@@ -1,0 +1,273 @@
+"""Build starchat-nano, the embedded default model, from CPython's standard library on this machine.
+
+    python3 tools/build_starchat_nano.py all --work-dir /tmp/nano [--device cuda --bf16]
+
+Stages (each also runs alone; `all` prints and records every command in <work>/commands.sh):
+  corpus   the stdlib's .py files (PSF licence; test folders left out), split into train and
+           held-out *by file*; dialogues from documented top-level functions: the user asks
+           "Write a Python function that <docstring summary>", the assistant answers with the
+           function in a ```python fenced block. Held-out files give the eval loss and the 50
+           eval requests, so both measure code the model never saw.
+  init     a random GPTBigCode: multi-query attention, StarCoder + StarChat tokenizer (49,156
+           tokens), 8 layers x 256 wide: ~18 M parameters, ~37 MB in float16 (the repo allows 40).
+  pretrain `starchat train pretrain` on the train files (causal LM).
+  sft      `starchat train sft` on the train dialogues, float16 weights.
+  eval     tools/eval_starchat_nano.py: held-out loss, share of replies with a parseable code block.
+  install  copy the model into --model-dir with its model card (README.md) and sources.tsv.
+
+`--smoke` shrinks everything (a 2-layer model, a few files, a few steps) to check the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO / "starchat" / "models" / "starchat-nano"
+SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+LICENSE = "PSF-2.0"
+MAX_MODEL_BYTES = 40_000_000
+SEED = 42
+EVAL_REQUESTS = 50
+MAX_FUNCTION_LINES = 40
+MAX_FUNCTION_CHARS = 1600
+
+MODEL_SHAPE = dict(vocab_size=49156, n_positions=1024, n_embd=256, n_layer=8, n_head=8, n_inner=1024)
+SMOKE_SHAPE = dict(vocab_size=49156, n_positions=256, n_embd=64, n_layer=2, n_head=4, n_inner=256)
+
+# Hyper-parameters of the two stages (the smoke run overrides the step counts and sizes).
+PRETRAIN = dict(max_seq_len=512, learning_rate=1e-3, global_batch_size=32, micro_batch_size=4, num_epochs=2,
+                warmup_ratio=0.03, eval_steps=100, save_steps=50)
+SFT = dict(max_seq_len=512, learning_rate=3e-4, global_batch_size=32, micro_batch_size=4, num_epochs=3,
+           warmup_ratio=0.03, eval_steps=20, save_steps=20)
+
+# Leading verbs of docstring summaries, put in the third person after "a function that".
+_VERBS = set("""add append apply build calculate call check clear close collect combine compare compile compute
+construct convert copy count create decode delete determine dump emit encode ensure escape evaluate execute
+expand extract fetch filter find flush format generate get guess handle initialize insert install iterate join
+list load locate look make map match merge move normalize open pack parse print process produce quote raise read
+register remove rename replace reset resolve retrieve return run save search send set sort split start stop
+strip test translate try turn unpack unquote update validate walk wrap write yield""".split())
+
+
+def stdlib_files(limit: int | None = None) -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts[:-1]) & SKIPPED_FOLDERS)
+    return root, files[:limit] if limit else files
+
+
+def third_person(summary: str) -> str:
+    first, _, rest = summary.partition(" ")
+    word = first.lower()
+    if word.rstrip("s") in _VERBS or word in _VERBS:
+        if word not in _VERBS:  # already "Returns"
+            verb = word
+        elif word.endswith(("sh", "ch", "x", "z", "ss", "o")):
+            verb = word + "es"
+        elif word.endswith("y") and word[-2:-1] not in "aeiou":
+            verb = word[:-1] + "ies"
+        else:
+            verb = word + "s"
+        return f"{verb} {rest}".strip()
+    return "does the following: " + summary
+
+
+def docstring_summary(docstring: str) -> str | None:
+    paragraph = " ".join(line.strip() for line in docstring.strip().split("\n\n")[0].splitlines())
+    sentence = paragraph.split(". ")[0].strip().rstrip(".")
+    if not 10 <= len(sentence) <= 200 or not sentence[0].isalpha() or ">>>" in sentence:
+        return None
+    return sentence
+
+
+def dialogues_from_file(path: Path, relative: str) -> list[dict]:
+    """One dialogue per documented, undecorated, short top-level function."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (UnicodeDecodeError, SyntaxError, ValueError):
+        return []
+    dialogues = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
+            continue
+        docstring = ast.get_docstring(node)
+        summary = docstring_summary(docstring) if docstring else None
+        code = ast.get_source_segment(source, node)
+        if not summary or not code or code.count("\n") >= MAX_FUNCTION_LINES or len(code) > MAX_FUNCTION_CHARS:
+            continue
+        request = f"Write a Python function that {third_person(summary)}."
+        answer = f"```python\n{code}\n```"
+        dialogues.append({"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": answer}],
+                          "source": f"{relative}:{node.lineno}"})
+    return dialogues
+
+
+def build_corpus(work: Path, smoke: bool) -> dict:
+    """Copy the stdlib into train/ and held_out/ (by file), write dialogues and sources.tsv."""
+    root, files = stdlib_files(limit=60 if smoke else None)
+    rng = random.Random(SEED)
+    order = files[:]
+    rng.shuffle(order)
+    per_file = {path: dialogues_from_file(path, str(path.relative_to(root))) for path in order}
+    held_out, held_out_dialogues = [], 0
+    minimum_files = max(1, round(0.05 * len(order)))
+    wanted_requests = 8 if smoke else EVAL_REQUESTS + 10
+    for path in order:  # held-out files until both 5% of the files and enough eval requests
+        if len(held_out) >= minimum_files and held_out_dialogues >= wanted_requests:
+            break
+        held_out.append(path)
+        held_out_dialogues += len(per_file[path])
+    held_out_set = set(held_out)
+    corpus = work / "corpus"
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    rows = []
+    split_dialogues: dict[str, list[dict]] = {"train": [], "held_out": []}
+    for path in files:
+        split = "held_out" if path in held_out_set else "train"
+        relative = path.relative_to(root)
+        target = corpus / split / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = path.read_bytes()
+        target.write_bytes(data)
+        rows.append(f"{relative}\t{split}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}\t{LICENSE}")
+        split_dialogues[split].extend(per_file[path])
+    (corpus / "sources.tsv").write_text("path\tsplit\tbytes\tsha256\tlicense\n" + "\n".join(rows) + "\n")
+    dialogues = work / "dialogues"
+    dialogues.mkdir(parents=True, exist_ok=True)
+    for split, items in split_dialogues.items():
+        with (dialogues / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(item) + "\n" for item in items)
+    requests = split_dialogues["held_out"][:]
+    rng.shuffle(requests)
+    with (dialogues / "eval_requests.jsonl").open("w", encoding="utf-8") as handle:
+        for item in requests[:8 if smoke else EVAL_REQUESTS]:
+            handle.write(json.dumps({"request": item["messages"][0]["content"], "source": item["source"]}) + "\n")
+    summary = {"python": sys.version.split()[0], "stdlib": str(root), "files": len(files), "held_out_files": len(held_out),
+               "bytes": sum(int(r.split("\t")[2]) for r in rows), "train_dialogues": len(split_dialogues["train"]),
+               "held_out_dialogues": len(split_dialogues["held_out"]), "license": LICENSE}
+    (corpus / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_init(work: Path, smoke: bool) -> Path:
+    import torch
+
+    from starchat.config import ModelConfig
+    from starchat.model.random_checkpoint import write_random_checkpoint
+
+    config = ModelConfig(**(SMOKE_SHAPE if smoke else MODEL_SHAPE), multi_query=True, bos_token_id=0, eos_token_id=0)
+    fp16_bytes = config.num_parameters() * 2
+    if fp16_bytes > MAX_MODEL_BYTES:
+        raise SystemExit(f"{config.num_parameters()} parameters = {fp16_bytes} bytes in float16, over {MAX_MODEL_BYTES}")
+    tokenizer_dir = work / "tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(DEFAULT_MODEL_DIR / name, tokenizer_dir / name)
+    output = work / "init"
+    write_random_checkpoint(output, config, dtype=torch.float32, seed=SEED, tokenizer_dir=tokenizer_dir)
+    print(f"init: {config.num_parameters():,} parameters ({fp16_bytes / 1e6:.1f} MB in float16) -> {output}")
+    return output
+
+
+def _flags(settings: dict) -> list[str]:
+    return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def training_commands(work: Path, smoke: bool, device: str, bf16: bool) -> list[list[str]]:
+    pretrain, sft = dict(PRETRAIN), dict(SFT)
+    if smoke:
+        pretrain.update(max_seq_len=128, global_batch_size=4, micro_batch_size=4, eval_steps=2, save_steps=2)
+        sft.update(max_seq_len=256, global_batch_size=4, micro_batch_size=4, eval_steps=2, save_steps=2)
+        pretrain["max_steps"] = sft["max_steps"] = 3
+    common = ["--device", device, "--no-progress"] + (["--bf16"] if bf16 else [])
+    train = [sys.executable, "-m", "starchat.cli.train"]
+    return [
+        train + ["pretrain", "--base", str(work / "init"), "--data", str(work / "corpus" / "train"),
+                 "--eval-data", str(work / "corpus" / "held_out"), "--output", str(work / "pretrain")]
+        + _flags(pretrain) + common,
+        train + ["sft", "--base", str(work / "pretrain"), "--data", str(work / "dialogues" / "train.jsonl"),
+                 "--eval-data", str(work / "dialogues" / "held_out.jsonl"), "--output", str(work / "sft"),
+                 "--save-dtype", "float16"] + _flags(sft) + common,
+    ]
+
+
+def eval_command(work: Path, smoke: bool) -> list[str]:
+    return [sys.executable, str(REPO / "tools" / "eval_starchat_nano.py"), "--model", str(work / "sft"),
+            "--held-out", str(work / "corpus" / "held_out"), "--requests", str(work / "dialogues" / "eval_requests.jsonl"),
+            "--output", str(work / "eval.json")] + (["--max-rows", "4", "--max-new-tokens", "32", "--seq-len", "128"] if smoke else [])
+
+
+def run(command: list[str], work: Path) -> None:
+    # Recorded as one would type it in the repository root: python3, repository-relative paths.
+    line = shlex.join("python3" if part == sys.executable else part.replace(f"{REPO}/", "") for part in command)
+    print(f"$ {line}", flush=True)
+    with (work / "commands.sh").open("a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+    subprocess.run(command, cwd=REPO, check=True)
+
+
+def install(work: Path, model_dir: Path) -> None:
+    """Copy the fine-tuned model into model_dir and write its model card."""
+    from model_card import write_model_card  # tools/model_card.py
+
+    source = work / "sft"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "dialogue_template.json"):
+        shutil.copyfile(source / name, model_dir / name)
+    shutil.copyfile(work / "corpus" / "sources.tsv", model_dir / "sources.tsv")
+    size = (model_dir / "model.safetensors").stat().st_size
+    if size > MAX_MODEL_BYTES:
+        raise SystemExit(f"{model_dir / 'model.safetensors'} is {size} bytes, over the {MAX_MODEL_BYTES} allowed")
+    write_model_card(work, model_dir)
+    print(f"installed {model_dir} ({size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["corpus", "init", "train", "eval", "install", "all"])
+    parser.add_argument("--work-dir", type=Path, required=True, help="where the corpus, runs and logs go")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help=f"install target [default: {DEFAULT_MODEL_DIR.relative_to(REPO)}; with --smoke: <work>/model]")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few files, 3 steps per stage")
+    options = parser.parse_args()
+    work = options.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO / "tools"))
+    model_dir = options.model_dir or (work / "model" if options.smoke else DEFAULT_MODEL_DIR)
+    if options.stage in ("corpus", "init", "all"):  # record this tool's own stages with the training commands
+        stages = ["corpus", "init"] if options.stage == "all" else [options.stage]
+        with (work / "commands.sh").open("w" if options.stage in ("corpus", "all") else "a", encoding="utf-8") as handle:
+            for stage in stages:
+                handle.write(shlex.join(["python3", "tools/build_starchat_nano.py", stage, "--work-dir", str(work)]
+                                        + (["--smoke"] if options.smoke else [])) + "\n")
+    if options.stage in ("corpus", "all"):
+        build_corpus(work, options.smoke)
+    if options.stage in ("init", "all"):
+        write_init(work, options.smoke)
+    if options.stage in ("train", "all"):
+        for command in training_commands(work, options.smoke, options.device, options.bf16):
+            run(command, work)
+    if options.stage in ("eval", "all"):
+        run(eval_command(work, options.smoke), work)
+    if options.stage in ("install", "all"):
+        install(work, model_dir.resolve())
+
+
+if __name__ == "__main__":
+    main()
