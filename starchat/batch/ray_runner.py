@@ -65,7 +65,7 @@ class EngineActor:
         self.waiters: dict[tuple[int, int], _Waiter] = {}
         self.lock = threading.Lock()
         self.failure: BaseException | None = None
-        self.thread = threading.Thread(target=self._drive, args=(max_concurrency or self.engine.scheduler.max_num_seqs,
+        self.thread = threading.Thread(target=self._drive, args=(max_concurrency or self.engine.config.max_num_seqs,
                                                                  max_retries, job_parameters), daemon=True)
         self.thread.start()
 

@@ -117,7 +117,7 @@ def run_batch(inputs: list[str | Path] | str | Path, output_dir: str | Path, *, 
                                       max_concurrency=max_concurrency, max_retries=max_retries)
             else:
                 engine = engine or _load_engine(model, dtype, device, max_concurrency, tracker.mode == "bar")
-                in_flight = max_concurrency or engine.scheduler.max_num_seqs
+                in_flight = max_concurrency or engine.config.max_num_seqs
                 records = generate_rows(engine, IteratorSource(tasks), max_in_flight=in_flight, max_retries=max_retries,
                                         job_parameters=job.parameters, on_step=tracker.add_tokens)
             generation_started = time.monotonic()

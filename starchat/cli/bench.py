@@ -90,3 +90,12 @@ def throughput_command(
         rows["hf"] = HFBaseline(model_dir, str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.device)).throughput(
             num_prompts, prompt_len, new_tokens).as_dict()
     _report(rows, output, {"machine": machine, **rows})
+
+
+@bench_app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                              "help_option_names": []})
+def serve_command(context: typer.Context):
+    """Load-test a running `starchat serve` (TTFT, TPOT, ITL percentiles); `starchat bench serve --help` lists options."""
+    from starchat.bench.serve import main as serve_main
+
+    raise typer.Exit(serve_main(list(context.args)))

@@ -143,7 +143,7 @@ class AsyncLLM:
                     outputs.extend((delta.request_id, delta) for delta in engine.step())
                 except Exception as error:  # keep serving: fail the batch, not the server
                     logger.exception("engine step failed; cancelling the running requests")
-                    for request_id in list(engine._tracked):
+                    for request_id in engine.request_ids():
                         engine.abort_request(request_id)
                         outputs.append((request_id, RuntimeError(f"generation failed: {error}")))
             self._stats = engine.stats()

@@ -177,6 +177,10 @@ class LLMEngine:
         request.finish_reason = FinishReason.ABORT.value
         return self._delta(request, "", [], None)
 
+    def request_ids(self) -> list[str]:
+        """Ids of every request not finished yet (waiting or running)."""
+        return list(self._tracked)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -55,7 +55,6 @@ def paged_attention(
     num_kv_heads: int,
     scale: float,
 ) -> torch.Tensor:  # (T, H*D)
-    num_tokens = query.shape[0]
     head_dim = query.shape[1] // num_heads
     group = num_heads // num_kv_heads
     write_kv_cache(layer_cache, key, value, metadata.slot_mapping)

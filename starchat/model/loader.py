@@ -49,7 +49,8 @@ def resolve_model_dir(model: str | os.PathLike | None, revision: str | None = No
         if not path.is_dir():
             raise CheckpointError(f"{path}: is a file; pass the model folder that holds config.json")
         return _find_config_dir(path)
-    if str(model).startswith((".", "/", "~")) or os.sep in str(model) and str(model).count("/") > 1:
+    looks_like_a_path = str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
+    if looks_like_a_path:
         raise CheckpointError(f"{model}: no such folder; pass an existing model folder or a Hub id like HuggingFaceH4/starchat-beta")
     return _download_from_hub(str(model), revision)
 
@@ -65,6 +66,7 @@ def _find_config_dir(root: Path) -> Path:
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+    """The huggingface_hub cache first (works offline), then a download when online."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -72,9 +74,9 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
     except LocalEntryNotFoundError:
-        pass
-    except Exception:
-        pass
+        pass  # not cached yet: download below
+    except Exception as error:  # an invalid repo id and the like: nothing a download would fix
+        raise CheckpointError(f"{repo_id}: {_first_line(error)}; pass a Hub id like HuggingFaceH4/starchat-beta or a local folder") from None
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
         if not any(folder.glob("*.safetensors")):  # older repos ship only pytorch_model*.bin
@@ -82,9 +84,14 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
         return folder
     except Exception as error:  # offline, gated, misspelt: say which and what to do
         raise CheckpointError(
-            f"{repo_id}: not a local folder and not downloadable from the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"{repo_id}: not a local folder and not downloadable from the Hub ({type(error).__name__}: {_first_line(error)}); "
             "check the name, log in with `hf auth login` for gated models, or pass a local folder"
         ) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def find_weight_files(model_dir: Path) -> list[WeightFile]:

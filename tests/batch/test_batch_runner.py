@@ -15,14 +15,15 @@ def test_engine_batch_stays_full_until_the_rows_run_out(tmp_path, engine, monkey
     sizes, real_step = [], engine.step
 
     def counting_step():
-        sizes.append(len(engine.scheduler.running) + len(engine.scheduler.waiting))
+        stats = engine.stats()
+        sizes.append(stats.num_running + stats.num_waiting)
         return real_step()
 
     monkeypatch.setattr(engine, "step", counting_step)
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, mini_batch_size=10, progress="none")
 
     assert summary.rows_ok == 40
-    full = engine.scheduler.max_num_seqs
+    full = engine.config.max_num_seqs
     first_short = next(i for i, size in enumerate(sizes) if size < full)
     assert first_short > 5 and all(size < full for size in sizes[first_short:])  # only the tail drains
     assert sizes[first_short:] == sorted(sizes[first_short:], reverse=True)
