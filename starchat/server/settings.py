@@ -43,6 +43,7 @@ class ServerSettings:
     log_level: str = "info"
     log_format: str = "auto"  # auto (text on a terminal, else json) | text | json
     kv_cache_memory_bytes: int | None = None
+    quantize: str | None = None  # None | "int8": weight-only int8
 
     # ---- derived ----------------------------------------------------------------------------
 
@@ -73,7 +74,7 @@ class ServerSettings:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, device=self.device,
                             max_model_len=self.max_total_tokens, max_num_seqs=self.max_concurrent_requests,
-                            kv_cache_memory_bytes=self.kv_cache_memory_bytes)
+                            kv_cache_memory_bytes=self.kv_cache_memory_bytes, quantize=self.quantize)
 
     def validate(self) -> "ServerSettings":
         def positive(name: str, value, allow_zero: bool = False) -> None:
@@ -91,6 +92,8 @@ class ServerSettings:
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
         if self.max_input_tokens and self.max_total_tokens and self.max_input_tokens >= self.max_total_tokens:
             raise SettingsError("--max-input-tokens: must be below --max-total-tokens (leave room for one new token)")
+        if self.quantize not in (None, "int8"):
+            raise SettingsError(f"--quantize: only int8 is supported, got {self.quantize!r}")
         if self.log_format not in ("auto", "text", "json"):
             raise SettingsError(f"--log-format: auto, text or json, got {self.log_format!r}")
         if self.api_key is not None and not self.api_key.strip():
