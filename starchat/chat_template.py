@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from starchat.errors import FieldError
+
 SYSTEM_PROMPTS: dict[str, str] = {
     "default": (
         "Below is a dialogue between a human user and an AI assistant. The assistant is happy to "
@@ -31,13 +33,9 @@ FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<fim_prefix>", "<fim_middle>", "<fim_suffi
 _ROLES = ("system", "user", "assistant")
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(FieldError):
     """A message list that cannot be rendered; `field` points at the bad part."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

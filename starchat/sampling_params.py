@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from starchat.errors import FieldError
 
-class SamplingParamsError(ValueError):
+
+class SamplingParamsError(FieldError):
     """A generation parameter is out of range; `field` names the offending parameter."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass

@@ -14,16 +14,14 @@ from dataclasses import dataclass
 
 from starchat.azureml_params import merge_azureml_parameters, sampling_params_from_azureml
 from starchat.chat_template import fim_prompt
+from starchat.errors import FieldError
 from starchat.sampling_params import SamplingParams, SamplingParamsError
 
 COMPLETIONS_URL, CHAT_URL = "/v1/completions", "/v1/chat/completions"
 
 
-class RowRequestError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+class RowRequestError(FieldError):
+    """A row that cannot become a request; `field` names the bad part of the row."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ from starchat.engine.devices import resolve_device, resolve_dtype, default_kv_ca
 from starchat.engine.kv_cache import BlockAllocator, kv_bytes_per_token
 from starchat.engine.request import Request, RequestStatus
 from starchat.engine.runner import ModelRunner
+from starchat.errors import FieldError
 from starchat.engine.scheduler import Scheduler
 from starchat.model.loader import load_model, resolve_model_dir
 from starchat.outputs import FinishReason, StreamDelta, TokenLogprob
@@ -29,13 +30,9 @@ from starchat.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokeni
 logger = logging.getLogger("starchat.engine")
 
 
-class RequestError(ValueError):
+class RequestError(FieldError):
     """A request the engine cannot take; `field` names the input at fault."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass
