@@ -161,4 +161,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per engine step (decode tokens + prefill chunks)
     revision: str | None = None  # Hub revision when `model` is a Hub id
     quantize: str | None = None  # None | "int8" (weight-only, per-channel scales)
+    cuda_graphs: bool = True  # on a GPU, replay decode steps as CUDA graphs (False: eager, for debugging)
+    load_format: str = "auto"  # auto: the checkpoint's weights; random: seeded random weights of its config (benchmarks)
     extra: dict = field(default_factory=dict)

@@ -33,6 +33,7 @@ import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runs from a checkout without `pip install` too (e.g. on a lent GPU machine)
 DEFAULT_MODEL_DIR = REPO / "starchat" / "models" / "starchat-nano"
 SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 LICENSE = "PSF-2.0"
@@ -45,13 +46,20 @@ MAX_FUNCTION_CHARS = 1600
 MODEL_SHAPE = dict(vocab_size=49156, n_positions=1024, n_embd=256, n_layer=8, n_head=8, n_inner=1024)
 SMOKE_SHAPE = dict(vocab_size=49156, n_positions=256, n_embd=64, n_layer=2, n_head=4, n_inner=256)
 
-# Hyper-parameters of the two stages (the smoke run overrides the step counts and sizes).
-# Sized for about 50 minutes on a 2-core CPU (~500 training tokens/s): pretraining sees ~0.9 M
-# tokens (55 steps of 32 x 512), a third of one epoch; on a GPU use --pretrain-steps 0 (= 2 epochs).
-PRETRAIN = dict(max_seq_len=512, learning_rate=1e-3, global_batch_size=32, micro_batch_size=4, num_epochs=2,
-                max_steps=55, warmup_ratio=0.03, eval_steps=25, save_steps=25)
-SFT = dict(max_seq_len=512, learning_rate=3e-4, global_batch_size=32, micro_batch_size=4, num_epochs=3,
-           warmup_ratio=0.03, eval_steps=10, save_steps=10)
+# Hyper-parameters of the two stages, per profile (the smoke run overrides the step counts and sizes).
+# cpu: sized for about 50 minutes on a 2-core CPU (~500 training tokens/s): pretraining sees ~0.9 M
+#      tokens (55 steps of 32 x 512), a third of one epoch. Not enough for a useful model.
+# gpu: whole epochs in one forward pass per step (32 x 512 tokens); minutes on one GPU.
+PROFILES = {
+    "cpu": (dict(max_seq_len=512, learning_rate=1e-3, global_batch_size=32, micro_batch_size=4, num_epochs=2,
+                 max_steps=55, warmup_ratio=0.03, eval_steps=25, save_steps=25),
+            dict(max_seq_len=512, learning_rate=3e-4, global_batch_size=32, micro_batch_size=4, num_epochs=3,
+                 warmup_ratio=0.03, eval_steps=10, save_steps=10)),
+    "gpu": (dict(max_seq_len=512, learning_rate=1e-3, global_batch_size=32, micro_batch_size=32, num_epochs=10,
+                 warmup_ratio=0.03, eval_steps=200, save_steps=0),
+            dict(max_seq_len=512, learning_rate=3e-4, global_batch_size=32, micro_batch_size=32, num_epochs=8,
+                 warmup_ratio=0.03, eval_steps=50, save_steps=0)),
+}
 
 # Leading verbs of docstring summaries, put in the third person after "a function that".
 _VERBS = set("""add append apply build calculate call check clear close collect combine compare compile compute
@@ -188,12 +196,19 @@ def _flags(settings: dict) -> list[str]:
     return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def training_commands(work: Path, smoke: bool, device: str, bf16: bool, pretrain_steps: int | None = None) -> list[list[str]]:
-    pretrain, sft = dict(PRETRAIN), dict(SFT)
+def training_commands(work: Path, smoke: bool, device: str, bf16: bool, profile: str = "cpu",
+                      pretrain_steps: int | None = None, pretrain_epochs: float | None = None,
+                      sft_epochs: float | None = None) -> list[list[str]]:
+    pretrain, sft = (dict(settings) for settings in PROFILES[profile])
+    if pretrain_epochs is not None:
+        pretrain["num_epochs"] = pretrain_epochs
+        pretrain.pop("max_steps", None)
     if pretrain_steps is not None:
-        pretrain.pop("max_steps")
+        pretrain.pop("max_steps", None)
         if pretrain_steps:
             pretrain["max_steps"] = pretrain_steps
+    if sft_epochs is not None:
+        sft["num_epochs"] = sft_epochs
     if smoke:
         pretrain.update(max_seq_len=128, global_batch_size=4, micro_batch_size=4, eval_steps=2, save_steps=2)
         sft.update(max_seq_len=256, global_batch_size=4, micro_batch_size=4, eval_steps=2, save_steps=2)
@@ -210,10 +225,11 @@ def training_commands(work: Path, smoke: bool, device: str, bf16: bool, pretrain
     ]
 
 
-def eval_command(work: Path, smoke: bool) -> list[str]:
+def eval_command(work: Path, smoke: bool, batched: bool = False) -> list[str]:
     return [sys.executable, str(REPO / "tools" / "eval_starchat_nano.py"), "--model", str(work / "sft"),
             "--held-out", str(work / "corpus" / "held_out"), "--requests", str(work / "dialogues" / "eval_requests.jsonl"),
-            "--output", str(work / "eval.json")] + (["--max-rows", "4", "--max-new-tokens", "32", "--seq-len", "128"] if smoke else [])
+            "--output", str(work / "eval.json")] + (["--max-rows", "4", "--max-new-tokens", "32", "--seq-len", "128"] if smoke else []) \
+        + (["--batched"] if batched else [])
 
 
 def run(command: list[str], work: Path) -> None:
@@ -244,15 +260,21 @@ def install(work: Path, model_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["corpus", "init", "train", "eval", "install", "all"])
+    parser.add_argument("stage", choices=["corpus", "init", "train", "pretrain", "sft", "eval", "install", "all"])
     parser.add_argument("--work-dir", type=Path, required=True, help="where the corpus, runs and logs go")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help=f"install target [default: {DEFAULT_MODEL_DIR.relative_to(REPO)}; with --smoke: <work>/model]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few files, 3 steps per stage")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                        help="hyper-parameter set: cpu (one session on 2 cores; too short for quality) or gpu")
     parser.add_argument("--pretrain-steps", type=int, default=None,
-                        help=f"pretraining steps [default: {PRETRAIN['max_steps']}, sized for a 2-core CPU]; 0 = full epochs")
+                        help="pretraining steps [default: the profile's]; 0 = whole epochs")
+    parser.add_argument("--pretrain-epochs", type=float, default=None, help="pretraining epochs [default: the profile's]")
+    parser.add_argument("--sft-epochs", type=float, default=None, help="fine-tuning epochs [default: the profile's]")
+    parser.add_argument("--batched-eval", action="store_true",
+                        help="eval: generate the replies as one batch (fast on a GPU; no per-reply timing)")
     options = parser.parse_args()
     work = options.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -268,11 +290,15 @@ def main() -> None:
         build_corpus(work, options.smoke)
     if options.stage in ("init", "all"):
         write_init(work, options.smoke)
-    if options.stage in ("train", "all"):
-        for command in training_commands(work, options.smoke, options.device, options.bf16, options.pretrain_steps):
-            run(command, work)
+    if options.stage in ("train", "pretrain", "sft", "all"):
+        pretrain, sft = training_commands(work, options.smoke, options.device, options.bf16, options.profile,
+                                          options.pretrain_steps, options.pretrain_epochs, options.sft_epochs)
+        if options.stage != "sft":
+            run(pretrain, work)
+        if options.stage != "pretrain":
+            run(sft, work)
     if options.stage in ("eval", "all"):
-        run(eval_command(work, options.smoke), work)
+        run(eval_command(work, options.smoke, options.batched_eval), work)
     if options.stage in ("install", "all"):
         install(work, model_dir.resolve())
 

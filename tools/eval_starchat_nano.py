@@ -7,7 +7,8 @@
    in pre-training or fine-tuning), concatenated and cut into rows as in pre-training.
 2. Requests: each "Write a Python function that ..." request is sent through our engine's chat
    path (`LLM.chat`, greedy); a reply counts when it holds a closed ``` code block that
-   `ast.parse` accepts. Seconds per reply are measured on the same path as `starchat chat`.
+   `ast.parse` accepts. Seconds per reply are measured on the same path as `starchat chat`;
+   `--batched` sends all requests as one batch instead (same greedy replies, no timing: for a GPU).
 """
 
 from __future__ import annotations
@@ -53,31 +54,43 @@ def held_out_loss(model_dir: Path, held_out: Path, seq_len: int, max_rows: int |
 
     texts, _ = read_texts(list_code_files([held_out], (".py",)))
     rows = rows_from_texts(texts, Tokenizer.from_dir(model_dir).backend, seq_len)[:max_rows]
-    model = LossModel(GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = LossModel(GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval().to(device)
     loss_sum, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rows), 8):
-            batch = collate(rows[start:start + 8])
+            batch = collate(rows[start:start + 8]).to(device)
             loss_sum += model(batch.input_ids, batch.labels, batch.position_ids,
                               batch.model_attention_mask("sdpa")).item()
             count += sum(row.num_loss_tokens for row in rows[start:start + 8])
     return {"held_out_loss": loss_sum / max(1, count), "held_out_tokens": count, "held_out_files": len(texts)}
 
 
-def request_success(model_dir: Path, requests: list[dict], max_new_tokens: int, repetition_penalty: float) -> dict:
+def request_success(model_dir: Path, requests: list[dict], max_new_tokens: int, repetition_penalty: float,
+                    batched: bool = False, cuda_graphs: bool = True) -> dict:
     from starchat import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), dtype="float32", progress=False)
+    llm = LLM(model=str(model_dir), dtype="float32", progress=False, cuda_graphs=cuda_graphs)
     params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
-    llm.chat([{"role": "user", "content": "warm-up"}], params.copy(max_new_tokens=4))
+    conversations = [[{"role": "user", "content": item["request"]}] for item in requests]
     results = []
-    for item in requests:
-        started = time.perf_counter()
-        reply = llm.chat([{"role": "user", "content": item["request"]}], params).text
-        seconds = time.perf_counter() - started
+    if batched:  # greedy replies do not depend on what else is batched (tested in test_engine_batching)
+        requests_and_params = [llm.engine.chat_request(messages, params) for messages in conversations]
+        chat_params = requests_and_params[0][1]  # the same for every conversation: params + the <|end|> stop
+        completions = llm.generate([prompt for prompt, _ in requests_and_params], chat_params)
+        replies = [completion.text.lstrip() for completion in completions]  # as LLM.chat
+        timings = [None] * len(requests)
+    else:
+        llm.chat([{"role": "user", "content": "warm-up"}], params.copy(max_new_tokens=4))
+        replies, timings = [], []
+        for messages in conversations:
+            started = time.perf_counter()
+            replies.append(llm.chat(messages, params).text)
+            timings.append(round(time.perf_counter() - started, 3))
+    for item, reply, seconds in zip(requests, replies, timings):
         results.append({"request": item["request"], "source": item.get("source"), "reply": reply,
-                        "parses": parses(first_code_block(reply)), "seconds": round(seconds, 3)})
-    times = [r["seconds"] for r in results]
+                        "parses": parses(first_code_block(reply)), "seconds": seconds})
+    times = [seconds for seconds in timings if seconds is not None]
     passed = sum(r["parses"] for r in results)
     return {"requests": len(results), "parseable": passed, "share_parseable": passed / max(1, len(results)),
             "seconds_per_reply": {"mean": statistics.mean(times) if times else None,
@@ -97,10 +110,13 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=None, help="cap on held-out rows (speed)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--batched", action="store_true", help="all requests in one batch (GPU); no per-reply timing")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="eager decode steps on a GPU")
     options = parser.parse_args()
     requests = [json.loads(line) for line in options.requests.read_text().splitlines() if line.strip()]
     report = held_out_loss(options.model, options.held_out, options.seq_len, options.max_rows)
-    report.update(request_success(options.model, requests, options.max_new_tokens, options.repetition_penalty))
+    report.update(request_success(options.model, requests, options.max_new_tokens, options.repetition_penalty,
+                                  options.batched, options.cuda_graphs))
     options.output.write_text(json.dumps(report, indent=2) + "\n")
     summary = {k: v for k, v in report.items() if k != "results"}
     print(json.dumps(summary, indent=2))

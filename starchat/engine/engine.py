@@ -69,7 +69,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.chat_template = ChatTemplate.from_model_dir(self.model_dir)
         self.end_token_id = self.tokenizer.token_id(END_TOKEN)
-        model = load_model(self.model_dir, self.dtype, self.device, progress=progress, quantize=config.quantize)
+        model = load_model(self.model_dir, self.dtype, self.device, progress=progress, quantize=config.quantize,
+                           load_format=config.load_format)
 
         per_token = kv_bytes_per_token(self.model_config, self.dtype)
         budget = config.kv_cache_memory_bytes or default_kv_cache_bytes(self.device, per_token, self.model_config.n_positions, config.max_num_seqs)
@@ -82,6 +83,8 @@ class LLMEngine:
             self.max_model_len = capacity_tokens
         self.kv_cache_memory_bytes = num_blocks * config.kv_block_size * per_token
         self.runner = ModelRunner(model, num_blocks, config.kv_block_size, self.dtype, self.device, self.tokenizer.eos_token_id)
+        if self.device.type == "cuda" and config.cuda_graphs:
+            self.runner.enable_static_decode(config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs, config.max_num_batched_tokens)
         self._tracked: dict[str, _Tracked] = {}
 

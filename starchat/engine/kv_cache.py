@@ -52,5 +52,5 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # One extra slot-less block is not needed: slots index straight into (num_blocks * block_size).
+    # Slots index straight into (num_blocks * block_size): no indirection beyond the block table.
     return torch.zeros(config.n_layer, 2, num_blocks * block_size, config.kv_dim, dtype=dtype, device=device)

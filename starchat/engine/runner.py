@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from starchat.engine.cuda_graphs import DecodeGraphs
 from starchat.engine.kv_cache import allocate_kv_cache
 from starchat.engine.request import Request
 from starchat.engine.sampler import Sampler, SamplerOutput
@@ -28,8 +29,17 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.kv_cache = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device)
+        # One block more than the allocator hands out: the scratch block that padding rows of a
+        # static (CUDA-graph) decode step write into.
+        self.scratch_block = num_blocks
+        self.kv_cache = allocate_kv_cache(model.config, num_blocks + 1, block_size, dtype, device)
         self.sampler = Sampler(eos_token_id)
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:
+        """Run pure-decode steps through fixed-shape buffers, replayed as CUDA graphs when `capture`."""
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, self.scratch_block,
+                                          max_batch, max_context, capture)
 
     def _slots(self, request: Request, start: int, end: int) -> list[int]:
         size, blocks = self.block_size, request.block_ids
@@ -96,6 +106,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
+        if self.decode_graphs is not None and batch.decodes and not batch.prefills:
+            decodes = list(batch.decodes)
+            positions = [request.num_computed_tokens for request in decodes]
+            if self.decode_graphs.supports(len(decodes), max(positions) + 1):
+                logits = self.decode_graphs.run([r.token_at(p) for r, p in zip(decodes, positions)], positions,
+                                                [request.block_ids for request in decodes])
+                return decodes, self.sampler(logits, decodes)
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
         if not inputs.sampling:

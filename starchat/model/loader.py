@@ -20,6 +20,7 @@ import torch
 from starchat.config import ModelConfig
 from starchat.model.gpt_bigcode import GPTBigCodeForCausalLM
 from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
+from starchat.model.random_checkpoint import random_state_dict
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "starchat-nano"
 
@@ -182,9 +183,15 @@ def load_model(
     device: torch.device,
     progress: bool = True,
     quantize: str | None = None,
+    load_format: str = "auto",
 ) -> GPTBigCodeForCausalLM:
     config = ModelConfig.from_file(model_dir / "config.json")
-    files = find_weight_files(model_dir)
+    if load_format == "auto":
+        tensors = iterate_checkpoint(find_weight_files(model_dir))
+    elif load_format == "random":  # benchmarks of a shape: no weight files needed, drawn on the target device
+        tensors = ((name, tensor, model_dir / "config.json") for name, tensor in random_state_dict(config, dtype, device=device))
+    else:
+        raise ValueError(f"load_format: {load_format!r} is not supported; use auto or random")
     with torch.device("meta"):
         model = GPTBigCodeForCausalLM(config)
     expected = {name: param for name, param in model.named_parameters()}  # tied lm_head appears once, as wte
@@ -197,7 +204,7 @@ def load_model(
     loaded: set[str] = set()
 
     bar = _progress_bar(sum(1 for _ in expected), f"loading {model_dir.name}", progress)
-    for raw_name, tensor, source in iterate_checkpoint(files):
+    for raw_name, tensor, source in tensors:
         name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
         if name.endswith(_IGNORED_SUFFIXES) or name in tied_names:
             continue

@@ -18,12 +18,15 @@ from starchat.config import ModelConfig
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def random_state_dict(config: ModelConfig, dtype: torch.dtype, seed: int = 0):
-    """Yield (name, tensor) one at a time, so huge shapes never sit whole in memory twice."""
-    generator = torch.Generator().manual_seed(seed)
+def random_state_dict(config: ModelConfig, dtype: torch.dtype, seed: int = 0, device: torch.device | str = "cpu"):
+    """Yield (name, tensor) one at a time, so huge shapes never sit whole in memory twice.
+
+    Drawn on `device` (a GPU draws a 16B model in seconds); values differ between devices.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def normal(*shape):
-        return (torch.randn(*shape, generator=generator) * 0.02).to(dtype)
+        return (torch.randn(*shape, generator=generator, device=device) * 0.02).to(dtype)
 
     qkv = config.n_embd + 2 * config.kv_dim
     yield "transformer.wte.weight", normal(config.vocab_size, config.n_embd)

@@ -1,0 +1,194 @@
+"""The GPU table of the speed issue in one run: a named shape (default StarChat-beta), random
+bf16 weights drawn on the GPU, our engine (CUDA graphs and eager) against HF transformers.
+
+    python3 bench/gpu_suite.py --json $OUT/gpu_suite.json            # on a GPU machine, ~4 minutes
+    python3 bench/gpu_suite.py --device cpu --shape tiny_starcoder --quick   # pipeline check
+
+Figures, each for HF (`generate`, SDPA, greedy) and ours, in this order so both fit one GPU:
+- the device-to-device copy bandwidth and the batch-1 floor it implies (weight bytes / bandwidth);
+- batch-1 decode: ms/token (new tokens after the first, prefill excluded) and achieved GB/s;
+- N concurrent sequences (128-token prompts, 128 new): output tokens/s end to end, prefill
+  included; ours through the continuous-batching scheduler, HF as one static batch;
+- prefill of one 2,048-token prompt: tokens/s (ours = time to first token);
+- int8 weights (ours): batch-1 decode, where the device has a fast int8 kernel.
+Every figure is printed as measured and written to --json with the machine's description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from starchat.bench.machine import describe_machine, measure_read_bandwidth, synchronize  # noqa: E402
+from starchat.bench.offline import (HFBaseline, ours_latency, random_prompts,  # noqa: E402
+                                    weight_bytes_read_per_token)
+from starchat.config import NAMED_SHAPES, ModelConfig  # noqa: E402
+from starchat.llm import LLM  # noqa: E402
+from starchat.model.loader import EMBEDDED_MODEL_DIR  # noqa: E402
+from starchat.sampling_params import SamplingParams  # noqa: E402
+
+
+def config_only_model_dir(shape: str, folder: Path) -> Path:
+    """config.json of the shape and the real tokenizer; weights come from load_format='random'."""
+    config = ModelConfig(**NAMED_SHAPES[shape], multi_query=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict() | {"torch_dtype": "bfloat16"}, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).write_bytes((EMBEDDED_MODEL_DIR / name).read_bytes())
+    return folder
+
+
+def timed(fn, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def hf_figures(model_dir: Path, device: torch.device, args) -> dict:
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    config = GPTBigCodeConfig.from_pretrained(model_dir, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            model = GPTBigCodeForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    baseline = HFBaseline.__new__(HFBaseline)
+    baseline.device, baseline.model = device, model
+    figures = {"latency": baseline.latency(args.new_tokens, args.prompt_len).as_dict(), "concurrent": {}}
+    for count in args.concurrent:
+        prompts = random_prompts(count, args.prompt_len, seed=2)
+        seconds = timed(lambda: baseline.generate(prompts, args.new_tokens), device)
+        figures["concurrent"][count] = {"output_tokens_per_s": count * args.new_tokens / seconds, "seconds": seconds}
+        print(f"HF {count} sequences: {count * args.new_tokens / seconds:.0f} output tokens/s", flush=True)
+    long_prompt = torch.tensor(random_prompts(1, args.prefill_len, seed=3), device=device)
+    with torch.inference_mode():
+        model(long_prompt)
+        seconds = min(timed(lambda: model(long_prompt), device) for _ in range(3))
+    figures["prefill_tokens_per_s"] = args.prefill_len / seconds
+    del model, baseline
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return figures
+
+
+def ours_figures(llm: LLM, device: torch.device, args) -> dict:
+    figures = {"latency": ours_latency(llm, args.new_tokens, args.prompt_len).as_dict(), "concurrent": {}}
+    for count in args.concurrent:
+        prompts = random_prompts(count, args.prompt_len, seed=2)
+        params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+        llm.generate(prompts, params)  # warm-up: CUDA graphs of every batch size this run meets get captured
+        seconds = timed(lambda: llm.generate(prompts, params), device)
+        figures["concurrent"][count] = {"output_tokens_per_s": count * args.new_tokens / seconds, "seconds": seconds}
+        print(f"ours {count} sequences: {count * args.new_tokens / seconds:.0f} output tokens/s", flush=True)
+    long_prompt = random_prompts(1, args.prefill_len, seed=3)[0]
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    llm.generate([long_prompt], one)
+    seconds = min(timed(lambda: llm.generate([long_prompt], one), device) for _ in range(3))
+    figures["prefill_tokens_per_s"] = args.prefill_len / seconds
+    return figures
+
+
+def int8_kernel_available(device: torch.device) -> bool:
+    try:
+        x = torch.randn(1, 64, dtype=torch.bfloat16, device=device)
+        weight = torch.randint(-127, 127, (64, 64), dtype=torch.int8, device=device)
+        torch.ops.aten._weight_int8pack_mm(x, weight, torch.ones(64, dtype=torch.bfloat16, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="starchat-beta", choices=sorted(NAMED_SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--concurrent", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="few tokens, small batches: checks the pipeline")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.prompt_len, args.prefill_len, args.concurrent = 8, 16, 64, [2, 4]
+    device = torch.device(args.device)
+    results: dict = {"machine": describe_machine(device), "shape": args.shape, "settings": {k: str(v) for k, v in vars(args).items()}}
+    bandwidth = measure_read_bandwidth(device, size_mib=2048 if device.type == "cuda" else 256)
+    results["copy_bandwidth_gb_per_s"] = bandwidth / 1e9
+    print(json.dumps(results, indent=2), flush=True)
+
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = config_only_model_dir(args.shape, Path(folder) / args.shape)
+        stages = [] if args.skip_hf else [("hf", lambda: hf_figures(model_dir, device, args))]
+        state: dict = {}
+
+        def load(quantize=None):
+            state.pop("llm", None)
+            gc.collect()
+            started = time.perf_counter()
+            state["llm"] = LLM(str(model_dir), dtype="bfloat16" if device.type == "cuda" else "float32", device=str(device),
+                               load_format="random", quantize=quantize, progress=False,
+                               max_num_seqs=max(args.concurrent), max_num_batched_tokens=4096)
+            results.setdefault("load_seconds", {})[quantize or "bf16"] = time.perf_counter() - started
+            weight_bytes = weight_bytes_read_per_token(state["llm"].engine.runner.model)
+            results.setdefault("weight_bytes_per_token", {})[quantize or "bf16"] = weight_bytes
+            results.setdefault("floor_ms_per_token", {})[quantize or "bf16"] = 1e3 * weight_bytes / bandwidth
+
+        def ours(graphs: bool):
+            if "llm" not in state:
+                load()
+            runner = state["llm"].engine.runner
+            if graphs and runner.decode_graphs is None and device.type == "cuda":
+                runner.enable_static_decode(max(args.concurrent), state["llm"].engine.max_model_len)
+            if not graphs:
+                runner.decode_graphs = None
+            return ours_figures(state["llm"], device, args)
+
+        stages += [("ours_cuda_graphs", lambda: ours(True)), ("ours_eager", lambda: ours(False))]
+        if not args.skip_int8:
+            def int8():
+                results["int8_kernel"] = int8_kernel_available(device)
+                if device.type == "cuda" and not results["int8_kernel"]:
+                    return {"skipped": "no int8 weight kernel for this device in this PyTorch"}
+                load("int8")
+                llm = state["llm"]
+                if device.type == "cuda":
+                    llm.engine.runner.enable_static_decode(max(args.concurrent), llm.engine.max_model_len)
+                return {"latency": ours_latency(llm, args.new_tokens, args.prompt_len).as_dict()}
+            stages.append(("ours_int8", int8))
+        for name, stage in stages:
+            print(f"--- {name}", flush=True)
+            try:
+                results[name] = stage()
+            except Exception as error:  # one failed stage must not lose the others' figures
+                traceback.print_exc()
+                results[name] = {"error": f"{type(error).__name__}: {error}"}
+            print(json.dumps({name: results[name]}, indent=2), flush=True)
+            save()
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Decode steps replayed as CUDA graphs: one graph per (batch bucket, context bucket).
+
+On a GPU a decode step is hundreds of small kernels (a dozen per layer); at small batch their
+launch cost exceeds their run time. A captured graph launches all of them at once. Graphs need
+fixed shapes and addresses, so every bucket owns its input buffer: each sequence's last token,
+its position and its block table, padded to the bucket. The attention metadata (slots to write,
+slots to read, the padding mask) is computed from that buffer inside the graph, so a step is one
+host-to-device copy, one replay and the logits. Padding rows decode token 0 at position 0 into a
+scratch block that no request owns.
+
+The same static step also runs without capture (`capture=False`): that is how the padding logic
+is tested on machines without a GPU, and the eager fallback stays the model's one forward path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+_SMALLEST_CONTEXT_BUCKET = 64
+
+
+def _bucket(value: int, buckets: list[int]) -> int:
+    for bucket in buckets:
+        if value <= bucket:
+            return bucket
+    raise ValueError(f"{value} is over the largest bucket {buckets[-1]}")
+
+
+@dataclass
+class _StaticStep:
+    batch: int
+    context: int
+    host_inputs: torch.Tensor  # (B, 2 + blocks) int64, pinned on a GPU: token, position, block table
+    inputs: torch.Tensor  # the same on the model's device; the graph reads it
+    logits: torch.Tensor | None = None  # (B, V) float32, written by the graph
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+
+class DecodeGraphs:
+    def __init__(self, model: GPTBigCodeForCausalLM, kv_cache: torch.Tensor, block_size: int, scratch_block: int,
+                 max_batch: int, max_context: int, capture: bool = True):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.device = kv_cache.device
+        self.capture = capture and self.device.type == "cuda"
+        self.batch_buckets = [b for b in _BATCH_BUCKETS if b < max_batch] + [max_batch]
+        context, buckets = max(_SMALLEST_CONTEXT_BUCKET, block_size), []
+        full = -(-max_context // block_size) * block_size
+        while context < full:
+            buckets.append(context)
+            context *= 2
+        self.context_buckets = buckets + [full]
+        self.steps: dict[tuple[int, int], _StaticStep] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def supports(self, num_seqs: int, max_context: int) -> bool:
+        return num_seqs <= self.batch_buckets[-1] and max_context <= self.context_buckets[-1]
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits (n, V) float32 of one decode step for n sequences."""
+        n = len(token_ids)
+        step = self._step(_bucket(n, self.batch_buckets), _bucket(max(positions) + 1, self.context_buckets))
+        num_blocks = step.context // self.block_size
+        pad_blocks = [self.scratch_block] * num_blocks
+        rows = [[token, position] + (blocks[:num_blocks] + pad_blocks[len(blocks):]) for token, position, blocks
+                in zip(token_ids, positions, block_tables)]
+        rows += [[0, 0] + pad_blocks] * (step.batch - n)
+        step.host_inputs.copy_(torch.tensor(rows, dtype=torch.long))
+        step.inputs.copy_(step.host_inputs, non_blocking=True)
+        if step.graph is not None:
+            step.graph.replay()
+        else:
+            step.logits = self._forward(step)
+        return step.logits[:n]
+
+    def _step(self, batch: int, context: int) -> _StaticStep:
+        step = self.steps.get((batch, context))
+        if step is None:
+            shape = (batch, 2 + context // self.block_size)
+            host = torch.zeros(shape, dtype=torch.long, pin_memory=self.capture)
+            host[:, 2:] = self.scratch_block
+            step = _StaticStep(batch, context, host, host.to(self.device))
+            if self.capture:
+                self._capture(step)
+            self.steps[(batch, context)] = step
+        return step
+
+    def _forward(self, step: _StaticStep) -> torch.Tensor:
+        size = self.block_size
+        tokens, positions, block_table = step.inputs[:, 0], step.inputs[:, 1], step.inputs[:, 2:]
+        offsets = torch.arange(step.context, device=self.device)
+        slot_mapping = block_table.gather(1, (positions // size)[:, None]).squeeze(1) * size + positions % size
+        gather_slots = block_table[:, offsets // size] * size + offsets % size  # (B, L)
+        mask = torch.zeros(step.batch, step.context, dtype=torch.float32, device=self.device)
+        mask = mask.masked_fill(offsets[None, :] > positions[:, None], float("-inf"))[:, None, None, :]
+        metadata = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=step.batch,
+                                     decode_gather_slots=gather_slots, decode_mask=mask, prefill_chunks=[])
+        hidden = self.model(tokens, positions, metadata, self.kv_cache)
+        return self.model.compute_logits(hidden)
+
+    def _capture(self, step: _StaticStep) -> None:
+        # Warm-up off the default stream (as capture requires), then capture. The inputs are all
+        # padding here, so these runs only write the scratch block.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(step)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step.logits = self._forward(step)
+        step.graph = graph

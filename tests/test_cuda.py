@@ -1,0 +1,83 @@
+"""The CUDA path against the CPU float32 path (itself checked against HF transformers).
+
+These run only where a CUDA GPU is visible (CI has none; a lent GPU machine runs them with
+`python3 -m pytest -q tests/test_cuda.py`). Elsewhere they are skipped, by design.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference_checkpoints import write_hf_checkpoint
+from starchat import LLM, SamplingParams
+from starchat.model import AttentionMetadata, PrefillChunk
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import numpy as np\n\nclass Matrix:\n    def __init__(self, rows, cols):\n        self.rows = rows\n",
+    "x",
+    "# Sort a list of dictionaries by the value of one key, in place, with a stable sort " * 4,
+]
+NEW_TOKENS = 32
+# bfloat16 keeps 8 bits of mantissa: over a few layers logits drift by about a percent of their range.
+BF16_LOGIT_TOLERANCE = 0.03  # max |bf16 - fp32| / max |fp32|
+
+
+@pytest.fixture(scope="module", params=["mqa", "mha"])
+def checkpoint(request, tmp_path_factory):
+    settings = dict(multi_query=True) if request.param == "mqa" else dict(multi_query=False, activation_function="gelu")
+    return write_hf_checkpoint(tmp_path_factory.mktemp(request.param), seed=11, **settings)
+
+
+def greedy(llm: LLM, prompts: list[str]) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    return [completion.token_ids for completion in llm.generate(prompts, params)]
+
+
+def prompt_logits(llm: LLM, prompt_ids: list[int]) -> torch.Tensor:
+    runner = llm.engine.runner
+    n, device = len(prompt_ids), runner.device
+    metadata = AttentionMetadata(slot_mapping=torch.arange(n, device=device), num_decode_tokens=0,
+                                 decode_gather_slots=None, decode_mask=None, prefill_chunks=[PrefillChunk(0, n, 0, None)])
+    hidden = runner.model(torch.tensor(prompt_ids, device=device), torch.arange(n, device=device), metadata, runner.kv_cache)
+    return runner.model.compute_logits(hidden).cpu()
+
+
+def test_float32_greedy_tokens_equal_cpu(checkpoint):
+    cpu = greedy(LLM(str(checkpoint), dtype="float32", device="cpu", progress=False), PROMPTS)
+    gpu_llm = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
+    assert greedy(gpu_llm, PROMPTS) == cpu  # batched together
+    assert [greedy(gpu_llm, [prompt])[0] for prompt in PROMPTS] == cpu  # one at a time
+
+
+def test_bfloat16_logits_within_tolerance(checkpoint):
+    reference = LLM(str(checkpoint), dtype="float32", device="cpu", progress=False)
+    bf16 = LLM(str(checkpoint), dtype="bfloat16", device="cuda", progress=False)
+    for prompt in PROMPTS:
+        ids = reference.tokenizer.encode(prompt)
+        expected = prompt_logits(reference, ids)
+        actual = prompt_logits(bf16, ids)
+        drift = ((actual - expected).abs().max() / expected.abs().max()).item()
+        print(f"bf16 logit drift {drift:.4f} on a {len(ids)}-token prompt")
+        assert drift < BF16_LOGIT_TOLERANCE
+
+
+def test_seeded_sampling_repeats_on_gpu(checkpoint):
+    llm = LLM(str(checkpoint), dtype="bfloat16", device="cuda", progress=False)
+    params = SamplingParams(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.9, top_k=50, seed=5, ignore_eos=True)
+    first = llm.generate(PROMPTS, params)
+    second = llm.generate(PROMPTS[:1], params)
+    assert first[0].token_ids == second[0].token_ids
+
+
+def test_cuda_graph_and_eager_tokens_equal(checkpoint):
+    for dtype in ("float32", "bfloat16"):
+        eager = LLM(str(checkpoint), dtype=dtype, device="cuda", progress=False, cuda_graphs=False)
+        graphs = LLM(str(checkpoint), dtype=dtype, device="cuda", progress=False)
+        assert eager.engine.runner.decode_graphs is None
+        assert greedy(graphs, PROMPTS) == greedy(eager, PROMPTS), dtype
+        captured = graphs.engine.runner.decode_graphs.steps.values()
+        assert captured and all(step.graph is not None for step in captured)

@@ -1,0 +1,44 @@
+"""The fixed-shape decode step that CUDA graphs replay, run without capture on CPU.
+
+Padding rows, padded block tables and context buckets must not change a single greedy token:
+the static path is compared with the eager path, which test_engine_reference checks against HF.
+"""
+
+from __future__ import annotations
+
+from starchat import LLM, SamplingParams
+
+PROMPTS = ["def add(a, b):", "x", "class Stack:\n    def __init__(self):\n        self.items = []\n" * 3,
+           "import os\nimport sys\n"]
+
+
+def greedy(llm: LLM, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return [completion.token_ids for completion in llm.generate(prompts, params)]
+
+
+def test_static_decode_matches_eager(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False, max_num_seqs=8)
+    expected = greedy(llm, PROMPTS, 40)  # contexts cross the 64-token bucket edge
+    llm.engine.runner.enable_static_decode(max_batch=8, max_context=llm.engine.max_model_len, capture=False)
+    assert greedy(llm, PROMPTS, 40) == expected  # 4 sequences: no padding rows
+    assert greedy(llm, PROMPTS[:3], 40) == expected[:3]  # 3 sequences padded to a batch of 4
+    assert [greedy(llm, [prompt], 40)[0] for prompt in PROMPTS] == expected
+    graphs = llm.engine.runner.decode_graphs
+    assert {(4, 64), (4, 128), (1, 64), (1, 128)} <= set(graphs.steps)
+
+
+def test_static_decode_with_mha_and_sampling(tiny_mha_model_dir):
+    llm = LLM(str(tiny_mha_model_dir), dtype="float32", device="cpu", progress=False, max_num_seqs=4)
+    params = SamplingParams(max_new_tokens=24, do_sample=True, temperature=0.8, top_k=40, seed=3, ignore_eos=True)
+    expected = [c.token_ids for c in llm.generate(PROMPTS, params)]
+    llm.engine.runner.enable_static_decode(max_batch=4, max_context=llm.engine.max_model_len, capture=False)
+    assert [c.token_ids for c in llm.generate(PROMPTS, params)] == expected
+
+
+def test_static_decode_falls_back_beyond_its_buckets(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False, max_num_seqs=8)
+    expected = greedy(llm, PROMPTS, 12)
+    llm.engine.runner.enable_static_decode(max_batch=2, max_context=64, capture=False)
+    assert greedy(llm, PROMPTS, 12) == expected  # 4 sequences > 2: the eager path runs those steps
+    assert all(batch <= 2 for batch, _ in llm.engine.runner.decode_graphs.steps)
