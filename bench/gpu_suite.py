@@ -69,7 +69,7 @@ def hf_figures(model_dir: Path, device: torch.device, args) -> dict:
         torch.set_default_dtype(torch.float32)
     baseline = HFBaseline.__new__(HFBaseline)
     baseline.device, baseline.model = device, model
-    figures = {"latency": baseline.latency(args.new_tokens, args.prompt_len).as_dict(), "concurrent": {}}
+    figures = {"latency": baseline.latency(args.latency_tokens, args.prompt_len).as_dict(), "concurrent": {}}
     for count in args.concurrent:
         prompts = random_prompts(count, args.prompt_len, seed=2)
         seconds = timed(lambda: baseline.generate(prompts, args.new_tokens), device)
@@ -87,7 +87,7 @@ def hf_figures(model_dir: Path, device: torch.device, args) -> dict:
 
 
 def ours_figures(llm: LLM, device: torch.device, args) -> dict:
-    figures = {"latency": ours_latency(llm, args.new_tokens, args.prompt_len).as_dict(), "concurrent": {}}
+    figures = {"latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(), "concurrent": {}}
     for count in args.concurrent:
         prompts = random_prompts(count, args.prompt_len, seed=2)
         params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -117,7 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="starchat-beta", choices=sorted(NAMED_SHAPES))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per sequence of the concurrent runs")
+    parser.add_argument("--latency-tokens", type=int, default=128, help="decoded tokens timed at batch 1")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--prefill-len", type=int, default=2048)
     parser.add_argument("--concurrent", type=int, nargs="+", default=[8, 32, 128])
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
-        args.new_tokens, args.prompt_len, args.prefill_len, args.concurrent = 8, 16, 64, [2, 4]
+        args.new_tokens, args.latency_tokens, args.prompt_len, args.prefill_len, args.concurrent = 8, 8, 16, 64, [2, 4]
     device = torch.device(args.device)
     results: dict = {"machine": describe_machine(device), "shape": args.shape, "settings": {k: str(v) for k, v in vars(args).items()}}
     bandwidth = measure_read_bandwidth(device, size_mib=2048 if device.type == "cuda" else 256)
@@ -147,6 +148,8 @@ def main() -> None:
         def load(quantize=None):
             state.pop("llm", None)
             gc.collect()
+            if device.type == "cuda":  # the KV cache is sized from the driver's free memory
+                torch.cuda.empty_cache()
             started = time.perf_counter()
             state["llm"] = LLM(str(model_dir), dtype="bfloat16" if device.type == "cuda" else "float32", device=str(device),
                                load_format="random", quantize=quantize, progress=False,
@@ -176,7 +179,7 @@ def main() -> None:
                 llm = state["llm"]
                 if device.type == "cuda":
                     llm.engine.runner.enable_static_decode(max(args.concurrent), llm.engine.max_model_len)
-                return {"latency": ours_latency(llm, args.new_tokens, args.prompt_len).as_dict()}
+                return {"latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict()}
             stages.append(("ours_int8", int8))
         for name, stage in stages:
             print(f"--- {name}", flush=True)

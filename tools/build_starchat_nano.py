@@ -4,7 +4,7 @@
 
 Stages (each also runs alone; `all` prints and records every command in <work>/commands.sh):
   corpus   the stdlib's .py files (PSF licence; test folders left out), split into train and
-           held-out *by file*; dialogues from documented top-level functions: the user asks
+           held-out *by file*; dialogues from documented functions and methods: the user asks
            "Write a Python function that <docstring summary>", the assistant answers with the
            function in a ```python fenced block. Held-out files give the eval loss and the 50
            eval requests, so both measure code the model never saw.
@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,27 +101,36 @@ def docstring_summary(docstring: str) -> str | None:
     return sentence
 
 
-def dialogues_from_file(path: Path, relative: str) -> list[dict]:
-    """One dialogue per documented, undecorated, short top-level function."""
+def _dialogue(source: str, node: ast.AST, relative: str) -> dict | None:
+    if node.decorator_list:
+        return None
+    docstring = ast.get_docstring(node)
+    summary = docstring_summary(docstring) if docstring else None
+    segment = ast.get_source_segment(source, node, padded=True)  # a method keeps its class indentation
+    code = textwrap.dedent(segment) if segment else None
+    if not summary or not code or code.count("\n") >= MAX_FUNCTION_LINES or len(code) > MAX_FUNCTION_CHARS:
+        return None
+    request = f"Write a Python function that {third_person(summary)}."
+    answer = f"```python\n{code}\n```"
+    return {"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": answer}],
+            "source": f"{relative}:{node.lineno}"}
+
+
+def dialogues_from_file(path: Path, relative: str) -> tuple[list[dict], list[dict]]:
+    """(top-level functions, methods): one dialogue per documented, undecorated, short one."""
     try:
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source)
     except (UnicodeDecodeError, SyntaxError, ValueError):
-        return []
-    dialogues = []
+        return [], []
+    functions, methods = [], []
     for node in tree.body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
-            continue
-        docstring = ast.get_docstring(node)
-        summary = docstring_summary(docstring) if docstring else None
-        code = ast.get_source_segment(source, node)
-        if not summary or not code or code.count("\n") >= MAX_FUNCTION_LINES or len(code) > MAX_FUNCTION_CHARS:
-            continue
-        request = f"Write a Python function that {third_person(summary)}."
-        answer = f"```python\n{code}\n```"
-        dialogues.append({"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": answer}],
-                          "source": f"{relative}:{node.lineno}"})
-    return dialogues
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            functions.append(_dialogue(source, node, relative))
+        elif isinstance(node, ast.ClassDef):
+            methods.extend(_dialogue(source, child, relative) for child in node.body
+                           if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+    return [d for d in functions if d], [d for d in methods if d]
 
 
 def build_corpus(work: Path, smoke: bool) -> dict:
@@ -129,7 +139,8 @@ def build_corpus(work: Path, smoke: bool) -> dict:
     rng = random.Random(SEED)
     order = files[:]
     rng.shuffle(order)
-    per_file = {path: dialogues_from_file(path, str(path.relative_to(root))) for path in order}
+    both = {path: dialogues_from_file(path, str(path.relative_to(root))) for path in order}
+    per_file = {path: functions for path, (functions, _) in both.items()}  # eval requests: top-level functions
     held_out, held_out_dialogues = [], 0
     minimum_files = max(1, round(0.05 * len(order)))
     wanted_requests = 8 if smoke else EVAL_REQUESTS + 10
@@ -144,6 +155,7 @@ def build_corpus(work: Path, smoke: bool) -> dict:
         shutil.rmtree(corpus)
     rows = []
     split_dialogues: dict[str, list[dict]] = {"train": [], "held_out": []}
+    held_out_functions: list[dict] = []
     for path in files:
         split = "held_out" if path in held_out_set else "train"
         relative = path.relative_to(root)
@@ -152,14 +164,16 @@ def build_corpus(work: Path, smoke: bool) -> dict:
         data = path.read_bytes()
         target.write_bytes(data)
         rows.append(f"{relative}\t{split}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}\t{LICENSE}")
-        split_dialogues[split].extend(per_file[path])
+        split_dialogues[split].extend(per_file[path] + both[path][1])  # functions, then methods
+        if split == "held_out":
+            held_out_functions.extend(per_file[path])
     (corpus / "sources.tsv").write_text("path\tsplit\tbytes\tsha256\tlicense\n" + "\n".join(rows) + "\n")
     dialogues = work / "dialogues"
     dialogues.mkdir(parents=True, exist_ok=True)
     for split, items in split_dialogues.items():
         with (dialogues / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(item) + "\n" for item in items)
-    requests = split_dialogues["held_out"][:]
+    requests = held_out_functions[:]
     rng.shuffle(requests)
     with (dialogues / "eval_requests.jsonl").open("w", encoding="utf-8") as handle:
         for item in requests[:8 if smoke else EVAL_REQUESTS]:
@@ -225,11 +239,11 @@ def training_commands(work: Path, smoke: bool, device: str, bf16: bool, profile:
     ]
 
 
-def eval_command(work: Path, smoke: bool, batched: bool = False) -> list[str]:
+def eval_command(work: Path, smoke: bool, batched: bool = False, repetition_penalty: float = 1.0) -> list[str]:
     return [sys.executable, str(REPO / "tools" / "eval_starchat_nano.py"), "--model", str(work / "sft"),
             "--held-out", str(work / "corpus" / "held_out"), "--requests", str(work / "dialogues" / "eval_requests.jsonl"),
-            "--output", str(work / "eval.json")] + (["--max-rows", "4", "--max-new-tokens", "32", "--seq-len", "128"] if smoke else []) \
-        + (["--batched"] if batched else [])
+            "--output", str(work / "eval.json"), "--repetition-penalty", str(repetition_penalty)] \
+        + (["--max-rows", "4", "--max-new-tokens", "32", "--seq-len", "128"] if smoke else []) + (["--batched"] if batched else [])
 
 
 def run(command: list[str], work: Path) -> None:
@@ -273,6 +287,7 @@ def main() -> None:
                         help="pretraining steps [default: the profile's]; 0 = whole epochs")
     parser.add_argument("--pretrain-epochs", type=float, default=None, help="pretraining epochs [default: the profile's]")
     parser.add_argument("--sft-epochs", type=float, default=None, help="fine-tuning epochs [default: the profile's]")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="eval decoding: greedy with this penalty")
     parser.add_argument("--batched-eval", action="store_true",
                         help="eval: generate the replies as one batch (fast on a GPU; no per-reply timing)")
     options = parser.parse_args()
@@ -298,7 +313,7 @@ def main() -> None:
         if options.stage != "pretrain":
             run(sft, work)
     if options.stage in ("eval", "all"):
-        run(eval_command(work, options.smoke, options.batched_eval), work)
+        run(eval_command(work, options.smoke, options.batched_eval, options.repetition_penalty), work)
     if options.stage in ("install", "all"):
         install(work, model_dir.resolve())
 

@@ -51,6 +51,7 @@ def generate_command(
         typer.echo()
 
 
+_MODEL_DEFAULT = "Default: the model's generation_config.json"
 CHAT_HELP = "Commands: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits. Ctrl-C stops a reply."
 
 
@@ -58,22 +59,26 @@ def chat_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt, or a named one: default, no_system, coding."),
     max_new_tokens: int = typer.Option(512, help="Most tokens per reply."),
-    temperature: float = typer.Option(0.2, help="StarChat's default 0.2; 0 = greedy."),
-    top_p: float = typer.Option(0.95),
-    top_k: int = typer.Option(50),
-    repetition_penalty: float = typer.Option(1.2),
+    temperature: Optional[float] = typer.Option(None, help=f"0 = greedy. {_MODEL_DEFAULT}, else 0.2 (StarChat's)."),
+    top_p: Optional[float] = typer.Option(None, help=f"{_MODEL_DEFAULT}, else 0.95."),
+    top_k: Optional[int] = typer.Option(None, help=f"{_MODEL_DEFAULT}, else 50."),
+    repetition_penalty: Optional[float] = typer.Option(None, help=f"{_MODEL_DEFAULT}, else 1.2."),
     seed: Optional[int] = typer.Option(None),
     dtype: str = typer.Option("auto"),
     device: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None, help="int8: weight-only int8."),
 ):
     """Chat in the terminal; replies stream as they are generated."""
+    from starchat.generation_defaults import chat_sampling_defaults
     from starchat.llm import LLM
+    from starchat.model.loader import resolve_model_dir
 
     print_notice(model)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            repetition_penalty=repetition_penalty, seed=seed, do_sample=temperature > 0)
     with one_line_errors():
+        defaults = chat_sampling_defaults(resolve_model_dir(model))
+        given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
+        sampling = defaults | {name: value for name, value in given.items() if value is not None}
+        params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed, do_sample=sampling["temperature"] > 0, **sampling)
         params.validate()
         llm = LLM(model, dtype=dtype, device=device, quantize=quantize, progress=stderr_is_terminal())
     typer.echo(CHAT_HELP, err=True)
