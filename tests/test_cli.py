@@ -24,7 +24,7 @@ def test_generate_json_equals_python_api(tiny_model_dir):
     assert printed == {"text": expected.text, "token_ids": expected.token_ids, "finish_reason": expected.finish_reason}
 
 
-def test_embedded_model_says_it_is_a_placeholder_first():
+def test_embedded_model_says_what_it_is_first():
     result = starchat("generate", "--max-new-tokens", "3", "hello")
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[0].startswith("starchat: ")

@@ -24,10 +24,10 @@ def test_generation_config_overrides_and_greedy(tmp_path):
 def test_chat_uses_the_models_defaults(tiny_model_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    (model / "generation_config.json").write_text(json.dumps({"do_sample": False, "repetition_penalty": 1.3}))
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": False, "repetition_penalty": 5.0}))
     llm = LLM(str(model), dtype="float32", device="cpu", progress=False)
     question = [{"role": "user", "content": "hello"}]
-    expected = llm.chat(question, SamplingParams(max_new_tokens=12, repetition_penalty=1.3)).text
+    expected = llm.chat(question, SamplingParams(max_new_tokens=12, repetition_penalty=5.0)).text
     other = llm.chat(question, SamplingParams(max_new_tokens=12)).text
     assert expected != other  # the penalty changes this reply, so the check below can fail
     assert expected.strip()

@@ -67,10 +67,10 @@ def held_out_loss(model_dir: Path, held_out: Path, seq_len: int, max_rows: int |
 
 
 def request_success(model_dir: Path, requests: list[dict], max_new_tokens: int, repetition_penalty: float,
-                    batched: bool = False, cuda_graphs: bool = True) -> dict:
+                    batched: bool = False, cuda_graphs: bool = True, dtype: str = "float32") -> dict:
     from starchat import LLM, SamplingParams
 
-    llm = LLM(model=str(model_dir), dtype="float32", progress=False, cuda_graphs=cuda_graphs)
+    llm = LLM(model=str(model_dir), dtype=dtype, progress=False, cuda_graphs=cuda_graphs)
     params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
     conversations = [[{"role": "user", "content": item["request"]}] for item in requests]
     results = []
@@ -96,7 +96,8 @@ def request_success(model_dir: Path, requests: list[dict], max_new_tokens: int, 
             "seconds_per_reply": {"mean": statistics.mean(times) if times else None,
                                   "median": statistics.median(times) if times else None,
                                   "max": max(times) if times else None},
-            "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty},
+            "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty,
+                         "dtype": str(llm.engine.dtype).removeprefix("torch."), "device": str(llm.engine.device)},
             "results": results}
 
 
@@ -111,12 +112,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--batched", action="store_true", help="all requests in one batch (GPU); no per-reply timing")
+    parser.add_argument("--dtype", default="float32", help="engine dtype for the replies (float32, float16, bfloat16, auto)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="eager decode steps on a GPU")
     options = parser.parse_args()
     requests = [json.loads(line) for line in options.requests.read_text().splitlines() if line.strip()]
     report = held_out_loss(options.model, options.held_out, options.seq_len, options.max_rows)
     report.update(request_success(options.model, requests, options.max_new_tokens, options.repetition_penalty,
-                                  options.batched, options.cuda_graphs))
+                                  options.batched, options.cuda_graphs, options.dtype))
     options.output.write_text(json.dumps(report, indent=2) + "\n")
     summary = {k: v for k, v in report.items() if k != "results"}
     print(json.dumps(summary, indent=2))

@@ -42,6 +42,20 @@ def resolve_dtype(name: str, device: torch.device, quantize: str | None = None) 
     return _DTYPES[name]
 
 
+def single_stream_dtype(name: str, device_name: str, stored_dtype: str | None) -> str:
+    """The dtype for one stream at a time (`starchat chat`, `starchat generate`).
+
+    Decoding one sequence reads every weight once per token, so bytes are the cost: on a CPU,
+    `auto` keeps a checkpoint stored in 16 bits in 16 bits, where PyTorch's 16-bit matrix-vector
+    products run about twice as fast as float32's (measured on an AVX2-only CPU, docs/PERFORMANCE.md).
+    Batched serving keeps `auto`'s rule (float32 there), because 16-bit products with many rows
+    are slow on CPUs without native 16-bit arithmetic.
+    """
+    if name != "auto" or resolve_device(device_name).type != "cpu" or stored_dtype not in ("float16", "bfloat16"):
+        return name
+    return stored_dtype
+
+
 def default_kv_cache_bytes(device: torch.device, bytes_per_token: int, context_len: int, max_num_seqs: int) -> int:
     """Enough for every sequence at full context if that is small; else a share of free memory."""
     wanted = bytes_per_token * context_len * max_num_seqs

@@ -1,0 +1,58 @@
+"""The shipped starchat-nano: small enough, trained (answers with Python that parses), self-describing."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+from conftest import EMBEDDED_MODEL_DIR
+from starchat import LLM, SamplingParams
+from starchat.engine.devices import single_stream_dtype
+
+# Requests written for this test: none is a training request (the model does not parrot them).
+REQUESTS = [
+    "Write a Python function that returns the absolute path of the given path.",
+    "Write a Python function that returns True if the given string is a valid identifier.",
+    "Write a Python function that reads a file and returns its lines.",
+    "Write a Python function that returns the sum of a list of numbers.",
+]
+CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def parses(reply: str) -> bool:
+    match = CODE_BLOCK.search(reply)
+    if not match or not match.group(1).strip():
+        return False
+    try:
+        ast.parse(match.group(1))
+    except SyntaxError:
+        return False
+    return True
+
+
+def test_size_and_files():
+    assert (EMBEDDED_MODEL_DIR / "model.safetensors").stat().st_size <= 40_000_000
+    generation = json.loads((EMBEDDED_MODEL_DIR / "generation_config.json").read_text())
+    assert generation == {"do_sample": False, "repetition_penalty": 1.1}
+    card = (EMBEDDED_MODEL_DIR / "README.md").read_text()
+    assert card.splitlines()[2].startswith("> using the embedded starchat-nano demo model")
+    assert "PSF-2.0" in card and "OpenRAIL-M" in card
+
+
+def test_answers_with_python_that_parses():
+    # A random-weight model gets none of these; the trained one most (batched greedy = one at a time).
+    llm = LLM(dtype="float32", device="cpu", progress=False)
+    params = SamplingParams(max_new_tokens=160, repetition_penalty=1.1)
+    prompts = [llm.engine.chat_request([{"role": "user", "content": request}], params) for request in REQUESTS]
+    replies = [c.text for c in llm.generate([prompt for prompt, _ in prompts], prompts[0][1])]
+    assert all(reply.lstrip().startswith("```python") for reply in replies), replies
+    assert sum(parses(reply) for reply in replies) >= len(REQUESTS) // 2, replies
+
+
+def test_one_stream_keeps_a_16_bit_checkpoint_in_16_bits_on_cpu():
+    assert single_stream_dtype("auto", "cpu", "float16") == "float16"
+    assert single_stream_dtype("auto", "cpu", "bfloat16") == "bfloat16"
+    assert single_stream_dtype("auto", "cpu", "float32") == "auto"
+    assert single_stream_dtype("auto", "cpu", None) == "auto"
+    assert single_stream_dtype("float32", "cpu", "float16") == "float32"
