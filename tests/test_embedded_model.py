@@ -6,7 +6,7 @@ import ast
 import json
 import re
 
-from conftest import EMBEDDED_MODEL_DIR
+from reference_checkpoints import EMBEDDED_MODEL_DIR
 from starchat import LLM, SamplingParams
 from starchat.engine.devices import single_stream_dtype
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 from starchat import LLM, SamplingParams
 from starchat.generation_defaults import STARCHAT_CHAT_DEFAULTS, chat_sampling_defaults
-from test_cli import starchat
+
+
+def starchat(*args, stdin: str):
+    return subprocess.run([sys.executable, "-m", "starchat.cli.main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=180)
 
 
 def test_defaults_without_a_generation_config(tmp_path):
