@@ -1,11 +1,14 @@
 """Offline engine benchmark: our engine vs HF transformers `generate` on the same random checkpoint.
 
     python bench/throughput.py [--dtype float32 bfloat16] [--no-hf] [--json bench/results/throughput.json]
+    python bench/throughput.py --dtype float32 float16 --int8 --llamacpp-converter CONVERT_HF_TO_GGUF.py
 
 For each dtype, in one run on one machine: batch-1 decode (ms/token, tokens/s, achieved GB/s),
 time to first token of a 128-token prompt, and output tokens/s of N concurrent requests
 (128-token prompts, 128 new tokens; ours through the continuous-batching scheduler, HF as one
-static batch). Prints ours/HF ratios and the absolute figures.
+static batch). Prints ours/HF ratios and the absolute figures. With --llamacpp-converter,
+llama.cpp (llama-cpp-python, see starchat/bench/llamacpp.py) decodes the same checkpoint converted
+to GGUF at the same type (f32/f16/bf16; q8_0 beside our --int8) in the same run: batch-1 only.
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from starchat.bench.checkpoints import random_checkpoint
 from starchat.bench.machine import describe_machine
 from starchat.bench.offline import HFBaseline, ours_latency, ours_throughput
 from starchat.llm import LLM
+
+
+GGUF_TYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 def main() -> None:
@@ -30,19 +38,33 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--concurrent", type=int, nargs="+", default=[32])
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    parser.add_argument("--int8", action="store_true", help="also ours with --quantize int8 (bf16 activations)")
+    parser.add_argument("--llamacpp-converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py: adds llama.cpp")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     model_dir = Path(args.model) if args.model else random_checkpoint(args.shape)
     results = {"machine": describe_machine(args.device), "model": str(model_dir), "settings": vars(args), "runs": {}}
     print(f"machine: {results['machine']}\nmodel: {model_dir}", flush=True)
-    for dtype in args.dtype:
-        llm = LLM(str(model_dir), dtype=dtype, device=args.device, progress=False, max_num_seqs=max(64, *args.concurrent))
+    runs = [(dtype, None) for dtype in args.dtype] + ([("bfloat16", "int8")] if args.int8 else [])
+    for dtype, quantize in runs:
+        llm = LLM(str(model_dir), dtype=dtype, device=args.device, progress=False, max_num_seqs=max(64, *args.concurrent),
+                  quantize=quantize)
         run = {"ours": {"latency": ours_latency(llm, args.new_tokens, args.prompt_len).as_dict()}}
         for n in args.concurrent:
             run["ours"][f"concurrent_{n}"] = ours_throughput(llm, n, args.prompt_len, args.new_tokens).as_dict()
         del llm
-        if not args.no_hf:
+        if args.llamacpp_converter:
+            from starchat.bench.llamacpp import LlamaCppBaseline, convert_to_gguf
+
+            outtype = "q8_0" if quantize else GGUF_TYPES[dtype]
+            gguf = convert_to_gguf(model_dir, outtype, args.llamacpp_converter, model_dir.parent / "gguf")
+            baseline = LlamaCppBaseline(gguf, threads=torch.get_num_threads())
+            run["llama.cpp"] = {"type": outtype, "latency": baseline.latency(args.new_tokens, args.prompt_len,
+                                                                            gguf.stat().st_size).as_dict()}
+            del baseline
+        dtype = f"{dtype}+{quantize}" if quantize else dtype
+        if not args.no_hf and not quantize:
             hf = HFBaseline(model_dir, dtype, args.device)
             run["hf"] = {"latency": hf.latency(args.new_tokens, args.prompt_len).as_dict()}
             for n in args.concurrent:
@@ -72,6 +94,11 @@ def _print(dtype: str, run: dict) -> None:
             ratio = theirs / mine if "ms" in name else mine / theirs
             text += f"   HF {theirs:9.1f}   ours vs HF x{ratio:.2f}"
         print(text, flush=True)
+    if "llama.cpp" in run:
+        theirs, mine = run["llama.cpp"]["latency"], ours["latency"]
+        print(f"{'batch-1 decode tokens/s':38s} ours {mine['tokens_per_s']:9.1f}   llama.cpp {run['llama.cpp']['type']} "
+              f"{theirs['tokens_per_s']:9.1f}   ours vs llama.cpp x{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
+        print(f"{'TTFT ms (128-token prompt)':38s} ours {mine['ttft_ms']:9.1f}   llama.cpp {theirs['ttft_ms']:9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""llama.cpp (through llama-cpp-python) as an optional CPU baseline, measured in the same run as ours.
+
+Setup, once (it is not a dependency of starchat):
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python    # built here, for this CPU
+    pip download llama-cpp-python --no-binary :all: --no-deps       # its source archive carries
+    # vendor/llama.cpp/convert_hf_to_gguf.py (with conversion/ and gguf-py/ beside it)
+
+The checkpoint is converted from its Hugging Face folder to GGUF at the asked type (f32, f16,
+bf16, q8_0), then decoded greedily with the same prompts as our engine: batch-1 ms/token over
+the new tokens after the first, and time to first token of a long prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from starchat.bench.offline import LatencyResult, random_prompts
+
+
+def convert_to_gguf(model_dir: Path, outtype: str, converter: Path, output_dir: Path) -> Path:
+    """model_dir (HF layout) -> output_dir/<name>-<outtype>.gguf with llama.cpp's own converter (cached)."""
+    output = output_dir / f"{model_dir.name}-{outtype}.gguf"
+    if not output.is_file():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(converter.parent / "gguf-py"))
+        subprocess.run([sys.executable, str(converter), str(model_dir), "--outtype", outtype, "--outfile", str(output)],
+                       check=True, env=env, capture_output=True, text=True)
+    return output
+
+
+class LlamaCppBaseline:
+    def __init__(self, gguf: Path, threads: int, context: int = 2048):
+        from llama_cpp import Llama
+
+        self.gguf = gguf
+        self.llm = Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, verbose=False)
+
+    def _greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
+        tokens = []
+        for token in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            tokens.append(token)
+            if len(tokens) >= new_tokens:
+                break
+        return tokens
+
+    def _median_time(self, fn, repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def latency(self, new_tokens: int, prompt_len: int, weight_bytes: int, repeats: int = 3) -> LatencyResult:
+        short, long = random_prompts(1, 8)[0], random_prompts(1, prompt_len, seed=1)[0]
+        self._greedy(short, 8)
+        one = self._median_time(lambda: self._greedy(short, 1), repeats)
+        many = self._median_time(lambda: self._greedy(short, new_tokens + 1), repeats)
+        ttft = self._median_time(lambda: self._greedy(long, 1), repeats)
+        per_token = (many - one) / new_tokens
+        return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
+
+    def first_tokens(self, prompt: list[int], count: int) -> list[int]:
+        return self._greedy(prompt, count)
