@@ -8,6 +8,7 @@ seeded generator, so the same call writes the same file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def random_state_dict(config: ModelConfig, dtype: torch.dtype, seed: int = 0, de
         yield "lm_head.weight", normal(config.vocab_size, config.n_embd)
 
 
+def _drop_from_page_cache(path: Path) -> None:
+    """Write a shard through to disk and drop it from the page cache: writing a 31 GB checkpoint
+    on a 24 GB machine must not fill memory with dirty pages."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def write_random_checkpoint(
     output_dir: Path,
     config: ModelConfig,
@@ -67,7 +77,7 @@ def write_random_checkpoint(
     hf_config = config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
     (output_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}  # only the shard being filled is held in memory
     shard_bytes = 0
     weight_map: dict[str, int] = {}
     written: list[str] = []
@@ -75,17 +85,17 @@ def write_random_checkpoint(
     def flush():
         index = len(written)
         name = f"model-{index + 1:05d}.safetensors.tmp"
-        save_file(shards[-1], str(output_dir / name), metadata={"format": "pt"})
+        save_file(shard, str(output_dir / name), metadata={"format": "pt"})
+        _drop_from_page_cache(output_dir / name)
         written.append(name)
 
     for name, tensor in random_state_dict(config, dtype, seed):
         size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
+        if shard and shard_bytes + size > max_shard_bytes:
             flush()
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        weight_map[name] = len(shards) - 1
+            shard, shard_bytes = {}, 0
+        shard[name] = tensor
+        weight_map[name] = len(written)
         shard_bytes += size
     flush()
     if len(written) == 1:
