@@ -44,7 +44,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = Path(args.model) if args.model else random_checkpoint(args.shape)
-    results = {"machine": describe_machine(args.device), "model": str(model_dir), "settings": vars(args), "runs": {}}
+    results = {"machine": describe_machine(args.device), "model": str(model_dir),
+               "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+               "runs": {}}
     print(f"machine: {results['machine']}\nmodel: {model_dir}", flush=True)
     runs = [(dtype, None) for dtype in args.dtype] + ([("bfloat16", "int8")] if args.int8 else [])
     for dtype, quantize in runs:
