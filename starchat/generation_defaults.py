@@ -28,7 +28,7 @@ def generation_config(model_dir: Path) -> dict:
     except (OSError, ValueError) as error:
         logger.warning("%s is unreadable (%s); using StarChat's sampling defaults", path, error)
         return {}
-    return {key: data[key] for key in _KEYS if key in data} if isinstance(data, dict) else {}
+    return {key: data[key] for key in _KEYS if data.get(key) is not None} if isinstance(data, dict) else {}
 
 
 def chat_sampling_defaults(model_dir: Path) -> dict:
