@@ -17,6 +17,16 @@ def _last_eval_loss(run_dir: Path) -> float | None:
     return losses[-1] if losses else None
 
 
+def _fast_share(evaluation: dict) -> str:
+    """How many replies took under a second, overall and among those with parseable code."""
+    results = [r for r in evaluation.get("results", []) if r.get("seconds") is not None]
+    good = [r for r in results if r["parses"]]
+    if not results:
+        return "no per-reply timing"
+    return (f"{sum(r['seconds'] < 1 for r in results)} of {len(results)} under 1 s; replies with parseable code: "
+            f"{sum(r['seconds'] < 1 for r in good)} of {len(good)} under 1 s")
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -68,7 +78,7 @@ was asked. Use a real model (e.g. `HuggingFaceH4/starchat-beta`) for anything el
 | pre-training eval loss (last) | {number(_last_eval_loss(work / "pretrain"))} |
 | fine-tuning eval loss (held-out dialogues, assistant tokens) | {number(_last_eval_loss(work / "sft"))} |
 | replies with a code block `ast.parse` accepts | {evaluation.get("parseable", "?")} of {evaluation.get("requests", "?")} held-out requests ({number(share * 100 if share is not None else None, 0)}%): greedy, repetition penalty {penalty} (this model's `generation_config.json`, what `starchat chat` uses), at most {settings.get("max_new_tokens", "?")} new tokens{f"; without the penalty {no_penalty.get('parseable')} of {no_penalty.get('requests')}" if no_penalty else ""}{f"; replayed on the CPU below {cpu_timing.get('parseable')} of {cpu_timing.get('requests')}" if cpu_timing else ""} |
-| seconds per reply (`starchat chat`'s path, {timed.get("settings", {}).get("dtype", "float32")}, {"a 2-core CPU" if timed is cpu_timing else "the build machine"}) | mean {number(seconds.get("mean"), 2)}, median {number(seconds.get("median"), 2)}, max {number(seconds.get("max"), 2)} |
+| seconds per reply (`starchat chat`'s path, {timed.get("settings", {}).get("dtype", "float32")}, {"a 2-core CPU" if timed is cpu_timing else "the build machine"}) | mean {number(seconds.get("mean"), 2)}, median {number(seconds.get("median"), 2)}, max {number(seconds.get("max"), 2)}; {_fast_share(timed)} |
 | trained on | {machine or sft_args.get("device", "?")}{", bf16 autocast" if sft_args.get("bf16") else ""} |
 | tokenizer | StarCoder's vocabulary (BigCode OpenRAIL-M) + StarChat's 4 tokens, converted from llama.cpp's MIT-licensed GGUF: see `../VOCAB_LICENSE.md` |
 
