@@ -1,6 +1,6 @@
 """Build starchat-nano, the embedded default model, from CPython's standard library on this machine.
 
-    python3 tools/build_starchat_nano.py all --work-dir /tmp/nano [--device cuda --bf16]
+    python3 tools/build_starchat_nano.py all --work-dir /tmp/nano --device cuda --bf16 --profile gpu --batched-eval
 
 Stages (each also runs alone; `all` prints and records every command in <work>/commands.sh):
   corpus   the stdlib's .py files (PSF licence; test folders left out), split into train and

@@ -7,7 +7,8 @@
    in pre-training or fine-tuning), concatenated and cut into rows as in pre-training.
 2. Requests: each "Write a Python function that ..." request is sent through our engine's chat
    path (`LLM.chat`, greedy); a reply counts when it holds a closed ``` code block that
-   `ast.parse` accepts. Seconds per reply are measured on the same path as `starchat chat`;
+   `ast.parse` accepts. Seconds per reply are measured on the same path as `starchat chat`
+   (which runs a 16-bit checkpoint in float16 on a CPU: pass `--dtype float16` to match it);
    `--batched` sends all requests as one batch instead (same greedy replies, no timing: for a GPU).
 """
 
