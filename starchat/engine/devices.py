@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from starchat.model.cpu_half import cpu_has_fast_bf16
+
 logger = logging.getLogger("starchat.engine")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -22,13 +24,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: {name!r} is not supported; use auto, cpu or cuda")
     return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 beats float32 on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    cpu = getattr(torch._C, "_cpu", None)
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu else False
 
 
 def resolve_dtype(name: str, device: torch.device, quantize: str | None = None) -> torch.dtype:

@@ -27,9 +27,14 @@ class ManyRowsInFloat32Linear(nn.Linear):
         return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
-def wants_float32_for_many_rows(device: torch.device, dtype: torch.dtype) -> bool:
-    from starchat.engine.devices import cpu_has_fast_bf16
+def cpu_has_fast_bf16() -> bool:
+    """bf16 beats float32 on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    cpu = getattr(torch._C, "_cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu else False
 
+
+def wants_float32_for_many_rows(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not cpu_has_fast_bf16()
 
 
