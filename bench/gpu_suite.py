@@ -67,14 +67,12 @@ def hf_figures(model_dir: Path, device: torch.device, args) -> dict:
             model = GPTBigCodeForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(torch.float32)
-    baseline = HFBaseline.__new__(HFBaseline)
-    baseline.device, baseline.model = device, model
+    baseline = HFBaseline(model_dir, "bfloat16", str(device), model=model)
     figures = {"latency": baseline.latency(args.latency_tokens, args.prompt_len).as_dict(), "concurrent": {}}
     for count in args.concurrent:
-        prompts = random_prompts(count, args.prompt_len, seed=2)
-        seconds = timed(lambda: baseline.generate(prompts, args.new_tokens), device)
-        figures["concurrent"][count] = {"output_tokens_per_s": count * args.new_tokens / seconds, "seconds": seconds}
-        print(f"HF {count} sequences: {count * args.new_tokens / seconds:.0f} output tokens/s", flush=True)
+        result = baseline.throughput(count, args.prompt_len, args.new_tokens)
+        figures["concurrent"][count] = {"output_tokens_per_s": result.output_tokens_per_s, "seconds": result.seconds}
+        print(f"HF {count} sequences: {result.output_tokens_per_s:.0f} output tokens/s", flush=True)
     long_prompt = torch.tensor(random_prompts(1, args.prefill_len, seed=3), device=device)
     with torch.inference_mode():
         model(long_prompt)

@@ -92,11 +92,14 @@ def ours_throughput(llm: LLM, num_prompts: int, prompt_len: int, new_tokens: int
 class HFBaseline:
     """HF transformers' GPTBigCodeForCausalLM.generate on the same checkpoint (greedy, fixed length)."""
 
-    def __init__(self, model_dir, dtype: str, device: str):
+    def __init__(self, model_dir, dtype: str, device: str, model: torch.nn.Module | None = None):
+        """`model`: an already built HF model (e.g. random weights drawn on a GPU) instead of loading model_dir."""
         from transformers import GPTBigCodeForCausalLM
 
         self.device = torch.device(device)
-        self.model = GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval().to(self.device)
+        if model is None:
+            model = GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        self.model = model.eval().to(self.device)
 
     def generate(self, prompts: list[list[int]], new_tokens: int):
         input_ids = torch.tensor(prompts, device=self.device)

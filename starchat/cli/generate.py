@@ -31,6 +31,7 @@ def generate_command(
     import sys
 
     from starchat.llm import LLM
+    from starchat.model.loader import resolve_model_dir
 
     print_notice(model)
     if prompt == "-":
@@ -40,7 +41,7 @@ def generate_command(
                             do_sample=temperature > 0, stop=list(stop))
     with one_line_errors():
         params.validate()
-        dtype = _one_stream_dtype(dtype, device, model, quantize)
+        dtype = _one_stream_dtype(dtype, device, resolve_model_dir(model), quantize)
         llm = LLM(model, dtype=dtype, device=device, quantize=quantize, progress=stderr_is_terminal())
         if as_json:
             completion = llm.generate([prompt], params)[0]
@@ -55,15 +56,14 @@ def generate_command(
 _MODEL_DEFAULT = "Default: the model's generation_config.json"
 
 
-def _one_stream_dtype(dtype: str, device: str, model: Optional[str], quantize: Optional[str]) -> str:
+def _one_stream_dtype(dtype: str, device: str, model_dir, quantize: Optional[str]) -> str:
     """`auto` for one stream: a 16-bit checkpoint stays 16-bit on a CPU (faster batch-1 decoding)."""
     if dtype != "auto" or quantize:
         return dtype
     from starchat.config import ModelConfig
     from starchat.engine.devices import single_stream_dtype
-    from starchat.model.loader import resolve_model_dir
 
-    stored = ModelConfig.from_file(resolve_model_dir(model) / "config.json").torch_dtype
+    stored = ModelConfig.from_file(model_dir / "config.json").torch_dtype
     return single_stream_dtype(dtype, device, stored)
 CHAT_HELP = "Commands: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits. Ctrl-C stops a reply."
 
@@ -88,12 +88,13 @@ def chat_command(
 
     print_notice(model)
     with one_line_errors():
-        defaults = chat_sampling_defaults(resolve_model_dir(model))
+        model_dir = resolve_model_dir(model)
+        defaults = chat_sampling_defaults(model_dir)
         given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
         sampling = defaults | {name: value for name, value in given.items() if value is not None}
         params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed, do_sample=sampling["temperature"] > 0, **sampling)
         params.validate()
-        dtype = _one_stream_dtype(dtype, device, model, quantize)
+        dtype = _one_stream_dtype(dtype, device, model_dir, quantize)
         llm = LLM(model, dtype=dtype, device=device, quantize=quantize, progress=stderr_is_terminal())
     typer.echo(CHAT_HELP, err=True)
     history: list[dict] = []
