@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from starchat.model.cpu_half import cpu_has_fast_bf16
+from starchat.model.cpu_linear import cpu_has_fast_bf16
 
 logger = logging.getLogger("starchat.engine")
 

@@ -6,7 +6,8 @@ never expands it to the query heads). Which slot holds which token is the engine
 the model only sees, per step, where to write the new tokens and which slots to read.
 
 Token order in a step: all decode tokens first (one per sequence), then the prefill chunks one
-after another. Decodes are attended in one batched matmul; each prefill chunk in one SDPA call.
+after another. Decodes are attended in one batched matmul (on a CPU, in one call of starchat's
+native kernel, which reads the cache rows in place); each prefill chunk in one SDPA call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from starchat.model import native
 
 
 @dataclass
@@ -61,7 +64,14 @@ def paged_attention(
     output = torch.empty_like(query)
 
     num_decode = metadata.num_decode_tokens
-    if num_decode:
+    if num_decode and query.device.type == "cpu" and native.available():
+        # A dozen small PyTorch operations per layer cost more than the arithmetic here.
+        decoded = native.decode_attention(query[:num_decode], layer_cache, metadata.decode_gather_slots,
+                                          metadata.decode_mask, num_heads, num_kv_heads, scale)
+        if not metadata.prefill_chunks:
+            return decoded
+        output[:num_decode] = decoded
+    elif num_decode:
         q = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)  # (Bd, KVH, G, D)
         slots = metadata.decode_gather_slots  # (Bd, L)
         k = layer_cache[0][slots].view(num_decode, -1, num_kv_heads, head_dim)  # (Bd, L, KVH, D)

@@ -19,7 +19,7 @@ import torch
 
 from starchat.config import ModelConfig
 from starchat.model.gpt_bigcode import GPTBigCodeForCausalLM
-from starchat.model.cpu_half import use_float32_for_many_rows, wants_float32_for_many_rows
+from starchat.model.cpu_linear import prepare_cpu_linears
 from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
 from starchat.model.random_checkpoint import random_state_dict
 
@@ -234,8 +234,8 @@ def load_model(
     if quantize is not None:
         # The embedding table stays in float for lookups; the lm_head product reads an int8 copy.
         model.lm_head = Int8Linear.from_float(model.lm_head.weight, None, dtype)
-    elif wants_float32_for_many_rows(device, dtype):
-        use_float32_for_many_rows(model)
+    if device.type == "cpu":
+        prepare_cpu_linears(model)
     model.eval()
     return model
 

@@ -1,10 +1,11 @@
 """int8 weight-only quantization, applied to a built model (the network code never knows).
 
 Each Linear's weight becomes int8 with one float scale per output channel (symmetric,
-scale = max|w_row| / 127); activations stay in the model dtype. On CPU the product runs in
-PyTorch's own `_weight_int8pack_mm` kernel, which reads the int8 weight directly (a quarter of
-float32's bytes per decoded token); elsewhere the weight is dequantized per call (correct, not
-fast). Weights are quantized one tensor at a time while loading, so a 16B model never needs
+scale = max|w_row| / 127); activations stay in the model dtype. On CPU, products of few rows
+(decoding) run in starchat's native kernel, which reads the int8 weight directly (a quarter of
+float32's bytes per decoded token); many rows (prefill) dequantize the layer to float32 for the
+call and use PyTorch's GEMM, which beats `_weight_int8pack_mm` there by 20x or more
+(bench/cpu_kernels.py). On a GPU the weight is dequantized per call (correct, not fast). Weights are quantized one tensor at a time while loading, so a 16B model never needs
 its float weights in memory at once.
 """
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from starchat.model import native
+from starchat.model.cpu_linear import native_row_limit
 
 QUANTIZATION_METHODS = ("int8",)
 
@@ -37,6 +41,7 @@ class Int8Linear(nn.Module):
         quantized, scales = quantize_per_channel(weight)
         self.weight = nn.Parameter(quantized, requires_grad=False)
         self.scales = nn.Parameter(scales.to(self.scales.dtype), requires_grad=False)
+        self._vectors = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int8Linear":
@@ -47,12 +52,22 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
-            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
-            out = out.reshape(*x.shape[:-1], self.out_features)
-        else:
-            out = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        if x.device.type == "cpu":
+            if x.numel() // self.in_features <= native_row_limit(torch.int8):
+                scales, bias = self._float32_vectors()
+                return native.linear(x, self.weight, bias, scales)
+            weight = self.weight.float() * self.scales.float()[:, None]
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), weight, bias).to(x.dtype)
+        out = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
         return out + self.bias if self.bias is not None else out
+
+    def _float32_vectors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 copies of scales and bias for the native kernel, made once (weights are frozen)."""
+        if getattr(self, "_vectors", None) is None:
+            bias = None if self.bias is None else self.bias.detach().float().contiguous()
+            self._vectors = (self.scales.detach().float().contiguous(), bias)
+        return self._vectors
 
 
 def prepare_int8(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] = ("lm_head",)) -> None:

@@ -1,0 +1,109 @@
+"""Compile the C kernels (linear.c, decode_attention.c) for this machine on first use and load it with ctypes.
+
+The library is built with the system C compiler and -march=native, like llama.cpp's native
+builds, so each machine gets its own vector instructions. The result is cached under
+`$STARCHAT_CACHE_DIR` (default ~/.cache/starchat) by a key of the source, the compiler and
+the CPU's flags, so a home folder shared by different machines never loads a foreign build.
+Without a compiler, or with STARCHAT_NATIVE_KERNELS=0, `load()` returns None and callers use
+PyTorch's kernels (correct, slower for few rows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_attention.c")]
+HEADERS = [Path(__file__).with_name("convert.h")]
+ABI = 2  # STARCHAT_LINEAR_ABI in linear.c
+DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("STARCHAT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "starchat")
+    return Path(root) / "native"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (Linux), else what platform reports."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = [line for line in lines if line.startswith(("flags", "model name", "Features", "CPU part"))]
+        return "\n".join(sorted(set(wanted))) or platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(handle)
+    base = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *map(str, SOURCES), "-o", partial, "-lm"]
+    errors = []
+    try:
+        for arch in (["-march=native"], ["-mcpu=native"], []):
+            result = subprocess.run(base[:2] + arch + base[2:], capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(partial, target)  # atomic: concurrent builders never load half a file
+                return
+            errors.append(result.stderr.strip().splitlines()[-1:] or ["(no message)"])
+        raise RuntimeError(f"{compiler} could not build {', '.join(s.name for s in SOURCES)}: {errors[-1][0]}")
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, built now if needed; None where they cannot be used."""
+    if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    import torch  # noqa: F401  # loads PyTorch's OpenMP runtime first, so the kernels share its threads
+
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("no C compiler found: CPU decoding uses PyTorch's kernels (install gcc for faster few-row products)")
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    texts = [path.read_text() for path in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join((*texts, version, _cpu_signature())).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
+    try:
+        if not target.exists():
+            logger.info("compiling starchat's CPU kernels for this machine (once) into %s", target)
+            _compile(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as error:
+        logger.warning("CPU kernels unavailable, using PyTorch's: %s", error)
+        return None
+    if library.starchat_linear_abi() != ABI:
+        logger.warning("CPU kernels at %s have another ABI; using PyTorch's (delete the file to rebuild)", target)
+        return None
+    library.starchat_linear.restype = ctypes.c_int
+    library.starchat_linear.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int,
+    ]
+    library.starchat_decode_attention.restype = ctypes.c_int
+    library.starchat_decode_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+    ]
+    return library

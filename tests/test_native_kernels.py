@@ -1,0 +1,132 @@
+"""starchat's native CPU kernels (starchat/model/native): products and decode attention against
+float64 PyTorch references, conversions bit-exact against PyTorch's, the build cache and the
+fallback when no compiler is available."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from starchat.model import native
+from starchat.model.native import build
+from starchat.model.quant import quantize_per_channel
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the kernels fall back to PyTorch")
+
+ACTIVATION_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # output rounding
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("activation_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_linear_matches_float64_reference(weight_dtype, activation_dtype):
+    generator = torch.Generator().manual_seed(1)
+    for rows in (1, 2, 3, 4, 5, 8, 17, 33):
+        for out_features, in_features in ((96, 64), (37, 771)):  # an odd K and N exercise every tail
+            x = torch.randn(2, rows, in_features, generator=generator).to(activation_dtype)  # leading dims flatten
+            weight = torch.randn(out_features, in_features, generator=generator)
+            bias = torch.randn(out_features, generator=generator)
+            if weight_dtype == torch.int8:
+                weight, scales = quantize_per_channel(weight)
+                dense = weight.double() * scales.double()[:, None]
+            else:
+                weight, scales = weight.to(weight_dtype), None
+                dense = weight.double()
+            out = native.linear(x, weight, bias, scales)
+            expected = x.double() @ dense.T + bias.double()
+            assert out.dtype == activation_dtype and out.shape == (2, rows, out_features)
+            error = (out.double() - expected).abs().max() / expected.abs().max()
+            assert error < ACTIVATION_TOLERANCE[activation_dtype], (rows, out_features, in_features, float(error))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_output_rounding_is_bit_exact(dtype):
+    # y = x * s on a diagonal weight: one float32 product per output, rounded to 16 bits by the
+    # kernel; PyTorch rounds the same float32 values. Covers subnormals and overflow to infinity.
+    values = torch.cat([torch.randn(4000) * 10 ** torch.randint(-9, 6, (4000,)).float(),
+                        torch.tensor([0.0, -0.0, 65504.0, -65504.0, 6e-8, 3e-8, 1e-40])])
+    values = values[torch.isfinite(values.to(dtype))]  # finite inputs (inf * 0 is NaN in any product)
+    values = values[: values.numel() // 8 * 8].reshape(-1, 8)
+    for row in values:
+        scale = torch.rand(8) + 0.5
+        out = native.linear(row[None].to(dtype), torch.diag(scale))
+        expected = (row.to(dtype).float() * scale).to(dtype)
+        # Same 16-bit value (a dot product's zero is +0 where the lone product was -0: equal values)
+        assert torch.equal(out[0].float(), expected.float()), (row, scale)
+
+
+def test_nan_stays_nan():
+    x = torch.tensor([[float("nan"), 1.0], [2.0, 1.0]])
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    for dtype in (torch.float16, torch.bfloat16):
+        out = native.linear(x.to(dtype), weight)
+        assert torch.equal(torch.isnan(out), torch.isnan(x @ weight.T))
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="int8 weights need scales"):
+        native.linear(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="unsupported weight"):
+        native.linear(torch.randn(1, 8), torch.randn(8, 4).T)  # not contiguous
+    with pytest.raises(ValueError, match="bias"):
+        native.linear(torch.randn(1, 8), torch.randn(4, 8), torch.randn(4).half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_reference(dtype, threads):
+    generator = torch.Generator().manual_seed(2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch, heads, kv_heads, head_dim, max_len in ((1, 12, 1, 64, 70), (3, 12, 1, 64, 33), (4, 8, 8, 16, 20),
+                                                          (2, 8, 2, 32, 5), (1, 5, 1, 12, 9)):
+            cache = torch.randn(2, 200, kv_heads * head_dim, generator=generator).to(dtype)
+            query = torch.randn(batch, heads * head_dim, generator=generator).to(dtype)
+            slots = torch.randint(0, 200, (batch, max_len), generator=generator)
+            lengths = torch.randint(1, max_len + 1, (batch,), generator=generator)
+            lengths[0] = max_len
+            mask = torch.zeros(batch, max_len).masked_fill_(torch.arange(max_len)[None] >= lengths[:, None], float("-inf"))
+            scale = 1 / math.sqrt(head_dim)
+            out = native.decode_attention(query, cache, slots, mask[:, None, None, :], heads, kv_heads, scale)
+
+            keys = cache[0][slots].double().view(batch, max_len, kv_heads, head_dim)
+            values = cache[1][slots].double().view(batch, max_len, kv_heads, head_dim)
+            grouped = query.double().view(batch, kv_heads, heads // kv_heads, head_dim)
+            scores = torch.einsum("bkgd,blkd->bkgl", grouped, keys) * scale + mask.double()[:, None, None, :]
+            expected = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores, -1), values).reshape(batch, -1)
+            assert out.dtype == dtype
+            assert (out.double() - expected).abs().max() < ACTIVATION_TOLERANCE[dtype] * 10
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path))
+    build.load.cache_clear()
+    try:
+        assert build.load() is not None
+        built = list((tmp_path / "native").glob("kernels-*.so"))
+        assert len(built) == 1 and not list((tmp_path / "native").glob("*.partial"))
+        stamp = built[0].stat().st_mtime_ns
+        build.load.cache_clear()
+        assert build.load() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    finally:
+        build.load.cache_clear()
+
+
+def test_fallbacks_without_compiler_or_when_disabled(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    build.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert build.load() is None and not native.available()
+        assert "CPU kernels unavailable" in caplog.text
+        build.load.cache_clear()
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("STARCHAT_NATIVE_KERNELS", "0")
+        assert build.load() is None
+    finally:
+        build.load.cache_clear()
