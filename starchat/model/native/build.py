@@ -1,4 +1,4 @@
-"""Compile the C kernels (linear.c, decode_attention.c) for this machine on first use and load it with ctypes.
+"""Compile the C kernels (linear.c, decode_attention.c, decode_layer.c) for this machine on first use and load it with ctypes.
 
 The library is built with the system C compiler and -march=native, like llama.cpp's native
 builds, so each machine gets its own vector instructions. The result is cached under
@@ -23,8 +23,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_attention.c")]
-HEADERS = [Path(__file__).with_name("convert.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_attention.c", "decode_layer.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h")]
 ABI = 2  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
 
@@ -106,4 +106,27 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]
+    library.starchat_decode_block.restype = ctypes.c_int
+    library.starchat_decode_block.argtypes = [ctypes.POINTER(Block), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return library
+
+
+class Linear(ctypes.Structure):
+    """`Linear` in decode_layer.c."""
+
+    _fields_ = [("weight", ctypes.c_void_p), ("wtype", ctypes.c_int), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class Block(ctypes.Structure):
+    """`Block` in decode_layer.c (field for field)."""
+
+    _fields_ = [
+        ("rows", ctypes.c_long), ("embed", ctypes.c_long), ("inner", ctypes.c_long), ("qkv", ctypes.c_long),
+        ("ln1_weight", ctypes.c_void_p), ("ln1_bias", ctypes.c_void_p), ("ln2_weight", ctypes.c_void_p),
+        ("ln2_bias", ctypes.c_void_p), ("eps", ctypes.c_float),
+        ("c_attn", Linear), ("attn_proj", Linear), ("c_fc", Linear), ("mlp_proj", Linear),
+        ("gelu_tanh", ctypes.c_int), ("cache_keys", ctypes.c_void_p), ("cache_values", ctypes.c_void_p),
+        ("cache_type", ctypes.c_int), ("write_slots", ctypes.c_void_p), ("read_slots", ctypes.c_void_p),
+        ("mask", ctypes.c_void_p), ("max_len", ctypes.c_long), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int), ("scale", ctypes.c_float),
+    ]

@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "convert.h"
+#include "kernels.h"
 
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
@@ -44,14 +44,14 @@ static inline long type_size(int type) { return type == W_F32 ? 4 : 2; }
 
 /* All query heads of one KV head for one sequence: each key/value row is widened once and used
  * by every head of the group. `scratch` holds group * (max_len + 2 * head_dim) + 2 * head_dim floats. */
-static void group_attention(const void *query, const void *keys, const void *values, int type, const int64_t *slots,
+static void group_attention(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
                             const float *mask, long max_len, long kv_dim, int group, int head_dim, int kv_head,
                             float scale, void *out, long q_offset, float *scratch) {
     float *scores = scratch;                                   /* group x max_len */
     float *q = scores + (long)group * max_len;                 /* group x head_dim */
     float *acc = q + (long)group * head_dim;                   /* group x head_dim */
     float *row = acc + (long)group * head_dim;                 /* head_dim */
-    for (int g = 0; g < group; g++) widen((const char *)query + (q_offset + (long)g * head_dim) * type_size(type), type, head_dim, q + g * head_dim);
+    for (int g = 0; g < group; g++) widen((const char *)query + (q_offset + (long)g * head_dim) * type_size(io_type), io_type, head_dim, q + g * head_dim);
     long key_offset = (long)kv_head * head_dim;
     float best[group];
     for (int g = 0; g < group; g++) best[g] = -INFINITY;
@@ -86,7 +86,40 @@ static void group_attention(const void *query, const void *keys, const void *val
     }
     for (int g = 0; g < group; g++) {
         float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f; /* all masked: zeros, not NaN */
-        for (int d = 0; d < head_dim; d++) store(out, type, q_offset + (long)g * head_dim + d, acc[g * head_dim + d] * inverse);
+        for (int d = 0; d < head_dim; d++) store(out, io_type, q_offset + (long)g * head_dim + d, acc[g * head_dim + d] * inverse);
+    }
+}
+
+/* How the work is cut: items are (sequence, KV head, part of the group). With fewer
+ * (sequence, KV head) pairs than threads (one multi-query sequence), the group's heads are split
+ * into one part per thread, each widening the shared key/value rows once. */
+static void work_split(long batch, int heads, int kv_heads, int threads, int *split, int *per_item) {
+    int group = heads / kv_heads;
+    *split = (batch * kv_heads < threads) ? (threads < group ? threads : group) : 1;
+    *per_item = (group + *split - 1) / *split;
+}
+
+long starchat_attention_scratch(long batch, long max_len, int heads, int kv_heads, int head_dim, int threads) {
+    int split, per_item;
+    work_split(batch, heads, kv_heads, threads, &split, &per_item);
+    return (long)per_item * (max_len + 2 * head_dim) + head_dim;
+}
+
+void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
+                              const float *mask, long batch, long max_len, int heads, int kv_heads, int head_dim,
+                              float scale, void *out, int threads, float *scratch) {
+    int group = heads / kv_heads, split, per_item;
+    long kv_dim = (long)kv_heads * head_dim;
+    work_split(batch, heads, kv_heads, threads, &split, &per_item);
+#pragma omp for schedule(static)
+    for (long item = 0; item < batch * kv_heads * split; item++) {
+        long b = item / (kv_heads * split), rest = item % (kv_heads * split);
+        int kv_head = (int)(rest / split), part = (int)(rest % split);
+        int first = part * per_item, count = group - first < per_item ? group - first : per_item;
+        if (count <= 0) continue;
+        long q_offset = b * (long)heads * head_dim + ((long)kv_head * group + first) * head_dim;
+        group_attention(query, io_type, keys, values, type, slots + b * max_len, mask + b * max_len, max_len, kv_dim,
+                        count, head_dim, kv_head, scale, out, q_offset, scratch);
     }
 }
 
@@ -97,33 +130,21 @@ int starchat_decode_attention(const void *query, const void *keys, const void *v
                               const float *mask, long batch, long max_len, int heads, int kv_heads, int head_dim,
                               float scale, void *out, int threads) {
     if (type < W_F32 || type > W_BF16 || kv_heads <= 0 || heads % kv_heads || head_dim <= 0) return -1;
-    int group = heads / kv_heads;
-    long kv_dim = (long)kv_heads * head_dim;
+    threads = threads > 0 ? threads : 1;
+    long scratch_floats = starchat_attention_scratch(batch, max_len, heads, kv_heads, head_dim, threads);
     int failed = 0;
-    /* Work items are (sequence, KV head); with one multi-query head and one sequence that is a
-     * single item, so the group's heads are then split into one part per thread (each part
-     * widens the shared key/value rows once). */
-    int split = (batch * kv_heads < threads) ? (threads < group ? threads : group) : 1;
-    int per_item = (group + split - 1) / split;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+#pragma omp parallel num_threads(threads)
     {
-        float *scratch = (float *)malloc((size_t)((long)per_item * (max_len + 2 * head_dim) + head_dim) * sizeof(float));
+        float *scratch = (float *)malloc((size_t)scratch_floats * sizeof(float));
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (long item = 0; item < batch * kv_heads * split; item++) {
-                long b = item / (kv_heads * split), rest = item % (kv_heads * split);
-                int kv_head = (int)(rest / split), part = (int)(rest % split);
-                int first = part * per_item, count = group - first < per_item ? group - first : per_item;
-                if (count <= 0) continue;
-                long q_offset = b * (long)heads * head_dim + ((long)kv_head * group + first) * head_dim;
-                group_attention(query, keys, values, type, slots + b * max_len, mask + b * max_len, max_len, kv_dim,
-                                count, head_dim, kv_head, scale, out, q_offset, scratch);
-            }
-            free(scratch);
         }
+#pragma omp barrier
+        if (!failed)
+            starchat_attention_items(query, type, keys, values, type, slots, mask, batch, max_len, heads, kv_heads, head_dim,
+                                     scale, out, threads, scratch);
+        free(scratch);
     }
     return failed ? -2 : 0;
 }

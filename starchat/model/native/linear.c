@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "convert.h"
+#include "kernels.h"
 
 #define STARCHAT_LINEAR_ABI 2
 
@@ -22,13 +22,6 @@ int starchat_linear_abi(void) { return STARCHAT_LINEAR_ABI; }
 
 static inline long element_size(int wtype) { return wtype == W_F32 ? 4 : (wtype == W_I8 ? 1 : 2); }
 
-/* Where results go: row-major (m, n_total) in float32, float16 or bfloat16. */
-typedef struct {
-    void *data;
-    int type;
-    long n_total;
-    const float *scales, *bias;
-} Output;
 
 static inline void finish(const Output *out, long row, long n, float sum) {
     if (out->scales) sum *= out->scales[n];
@@ -143,6 +136,20 @@ static inline void column_avx2(const float *x, long m, const void *w, int wtype,
 
 int starchat_linear_has_avx2(void) { return HAVE_AVX2; }
 
+/* The columns of y = x w^T, shared among the threads of the enclosing parallel region (an
+ * orphaned work-sharing loop; called outside a region it runs on the calling thread). x is
+ * float32 (m, k). */
+void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
+#pragma omp for schedule(static)
+    for (long column = 0; column < n; column++) {
+#if HAVE_AVX2
+        column_avx2(x, m, w, wtype, out, column, k);
+#else
+        column_scalar(x, m, w, wtype, out, column, k);
+#endif
+    }
+}
+
 /* The entry point: y (m, n) = x (m, k) @ w (n, k)^T, times scales, plus bias. x and y are
  * W_F32, W_F16 or W_BF16; w any weight type. Returns 0, -1 for a type it does not know, -2 when
  * out of memory. */
@@ -158,14 +165,8 @@ int starchat_linear(const void *x, int xtype, long m, const void *w, int wtype, 
         rows = widened;
     }
     Output out = {y, ytype, n, scales, bias};
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-    for (long column = 0; column < n; column++) {
-#if HAVE_AVX2
-        column_avx2(rows, m, w, wtype, &out, column, k);
-#else
-        column_scalar(rows, m, w, wtype, &out, column, k);
-#endif
-    }
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    starchat_linear_columns(rows, m, w, wtype, &out, n, k);
     free(widened);
     return 0;
 }

@@ -1,0 +1,27 @@
+/* What starchat's kernels share with each other (not a public interface: Python calls the
+ * exported entry points through ctypes). */
+#ifndef STARCHAT_KERNELS_H
+#define STARCHAT_KERNELS_H
+#include <stdint.h>
+
+#include "convert.h"
+
+/* Where a product's results go: row-major (m, n_total) in float32, float16 or bfloat16, each
+ * times scales[n] (int8 weights) plus bias[n] when given. */
+typedef struct {
+    void *data;
+    int type;
+    long n_total;
+    const float *scales, *bias;
+} Output;
+
+/* Orphaned work-sharing loops: inside a parallel region the threads split the work. */
+void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k);
+/* query and out are of io_type, the cache of type. */
+void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
+                              const float *mask, long batch, long max_len, int heads, int kv_heads, int head_dim,
+                              float scale, void *out, int threads, float *scratch);
+/* Floats of per-thread scratch starchat_attention_items needs. */
+long starchat_attention_scratch(long batch, long max_len, int heads, int kv_heads, int head_dim, int threads);
+
+#endif
