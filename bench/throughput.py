@@ -8,7 +8,8 @@ time to first token of a 128-token prompt, and output tokens/s of N concurrent r
 (128-token prompts, 128 new tokens; ours through the continuous-batching scheduler, HF as one
 static batch). Prints ours/HF ratios and the absolute figures. With --llamacpp-converter,
 llama.cpp (llama-cpp-python, see starchat/bench/llamacpp.py) decodes the same checkpoint converted
-to GGUF at the same type (f32/f16/bf16; q8_0 beside our --int8) in the same run: batch-1 only.
+to GGUF at the same type (f32/f16/bf16; q8_0 beside our --int8) in the same run: batch 1 and
+the concurrent requests (its batch API, one KV sequence per request).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
             baseline = LlamaCppBaseline(gguf, threads=torch.get_num_threads())
             run["llama.cpp"] = {"type": outtype, "latency": baseline.latency(args.new_tokens, args.prompt_len,
                                                                             gguf.stat().st_size).as_dict()}
+            for n in args.concurrent:
+                run["llama.cpp"][f"concurrent_{n}"] = baseline.throughput(n, args.prompt_len, args.new_tokens).as_dict()
             del baseline
         dtype = f"{dtype}+{quantize}" if quantize else dtype
         if not args.no_hf and not quantize:
@@ -101,6 +104,11 @@ def _print(dtype: str, run: dict) -> None:
         print(f"{'batch-1 decode tokens/s':38s} ours {mine['tokens_per_s']:9.1f}   llama.cpp {run['llama.cpp']['type']} "
               f"{theirs['tokens_per_s']:9.1f}   ours vs llama.cpp x{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
         print(f"{'TTFT ms (128-token prompt)':38s} ours {mine['ttft_ms']:9.1f}   llama.cpp {theirs['ttft_ms']:9.1f}", flush=True)
+        for key, value in run["llama.cpp"].items():
+            if key.startswith("concurrent_"):
+                mine_n, theirs_n = ours[key]["output_tokens_per_s"], value["output_tokens_per_s"]
+                print(f"{key.split('_')[1] + ' requests: output tokens/s':38s} ours {mine_n:9.1f}   llama.cpp {theirs_n:9.1f}"
+                      f"   ours vs llama.cpp x{mine_n / theirs_n:.2f}", flush=True)
 
 
 if __name__ == "__main__":

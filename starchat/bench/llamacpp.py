@@ -7,7 +7,9 @@ Setup, once (it is not a dependency of starchat):
 
 The checkpoint is converted from its Hugging Face folder to GGUF at the asked type (f32, f16,
 bf16, q8_0), then decoded greedily with the same prompts as our engine: batch-1 ms/token over
-the new tokens after the first, and time to first token of a long prompt.
+the new tokens after the first, time to first token of a long prompt, and output tokens/s of N
+concurrent sequences (llama.cpp's batch API: each prompt prefilled, then one decode per step
+for all sequences together, one KV sequence per request as ANCHORS.md advises).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from starchat.bench.offline import LatencyResult, random_prompts
+from starchat.bench.offline import LatencyResult, ThroughputResult, random_prompts
 
 
 def _within_vocab(model_dir: Path, work: Path) -> Path:
@@ -71,6 +73,7 @@ class LlamaCppBaseline:
         from llama_cpp import Llama
 
         self.gguf = gguf
+        self.threads = threads
         self.llm = Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
                          n_batch=512, verbose=False)
 
@@ -103,3 +106,45 @@ class LlamaCppBaseline:
 
     def first_tokens(self, prompt: list[int], count: int) -> list[int]:
         return self._greedy(prompt, count)
+
+    def throughput(self, num_prompts: int, prompt_len: int, new_tokens: int) -> ThroughputResult:
+        """End to end (prefill included), greedy, like `offline.ours_throughput`."""
+        import llama_cpp
+        import numpy as np
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = num_prompts
+        params.n_ctx = num_prompts * (prompt_len + new_tokens + 8)  # split per sequence (kv_unified off)
+        params.n_batch = params.n_ubatch = max(512, num_prompts)
+        params.n_threads = params.n_threads_batch = self.threads
+        params.kv_unified = False
+        context = llama_cpp.llama_init_from_model(self.llm._model.model, params)
+        if not context:
+            raise RuntimeError("llama.cpp could not create a batched context")
+        batch = llama_cpp.llama_batch_init(max(prompt_len, num_prompts), 0, 1)
+        vocab = self.llm.n_vocab()
+
+        def run(entries: list[tuple[int, int, int, bool]]) -> list[int]:
+            """entries (token, position, sequence, wants logits) -> greedy next tokens of the flagged ones."""
+            for index, (token, position, sequence, wants) in enumerate(entries):
+                batch.token[index], batch.pos[index] = token, position
+                batch.n_seq_id[index], batch.seq_id[index][0], batch.logits[index] = 1, sequence, int(wants)
+            batch.n_tokens = len(entries)
+            if llama_cpp.llama_decode(context, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            rows = [index for index, entry in enumerate(entries) if entry[3]]
+            return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, row), shape=(vocab,))))
+                    for row in rows]
+
+        try:
+            prompts = random_prompts(num_prompts, prompt_len, seed=2)
+            start = time.perf_counter()
+            last = [run([(token, position, sequence, position == prompt_len - 1) for position, token in enumerate(prompt)])[0]
+                    for sequence, prompt in enumerate(prompts)]
+            for step in range(new_tokens - 1):
+                last = run([(token, prompt_len + step, sequence, True) for sequence, token in enumerate(last)])
+            seconds = time.perf_counter() - start
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_free(context)
+        return ThroughputResult(num_prompts, num_prompts * new_tokens / seconds, seconds)
