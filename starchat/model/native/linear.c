@@ -22,7 +22,6 @@ int starchat_linear_abi(void) { return STARCHAT_LINEAR_ABI; }
 
 static inline long element_size(int wtype) { return wtype == W_F32 ? 4 : (wtype == W_I8 ? 1 : 2); }
 
-
 static inline void finish(const Output *out, long row, long n, float sum) {
     if (out->scales) sum *= out->scales[n];
     if (out->bias) sum += out->bias[n];
@@ -34,7 +33,7 @@ static inline void finish(const Output *out, long row, long n, float sum) {
     }
 }
 
-/* One output column n for all m rows, scalar: used for the N tail and the portable path. */
+/* One output column n for all m rows: the portable path (CPUs without AVX2, FMA and F16C). */
 __attribute__((unused)) static void column_scalar(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
     const char *row = (const char *)w + n * k * element_size(wtype);
     for (long i = 0; i < m; i++) {
@@ -130,6 +129,94 @@ static inline void column_avx2(const float *x, long m, const void *w, int wtype,
     }
 }
 
+
+/* Many activation rows (a batch of decodes) make the product compute-bound, and a dot product
+ * per output re-reads the activations for every weight row. Instead, PANEL weight columns at a
+ * time are transposed into a per-thread panel (k, PANEL) in float32, once per call, and an
+ * outer-product kernel multiplies ROWS activation rows by the panel: per k, two panel loads and
+ * ROWS broadcasts feed 2 * ROWS FMAs with the accumulators in registers (12 of 16 for ROWS 6). */
+#define PANEL 16
+#define PANEL_MIN_ROWS 24 /* measured crossover with the dot-product path (bench/cpu_kernels.py) */
+
+/* rows[0..7] (8 floats each) -> out[e * stride + c] = rows[c][e]: an 8 x 8 transpose in registers. */
+static inline void transpose8_store(__m256 r[8], float *out, long stride) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(out + 0 * stride, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(out + 1 * stride, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(out + 2 * stride, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(out + 3 * stride, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(out + 4 * stride, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(out + 5 * stride, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(out + 6 * stride, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(out + 7 * stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+static void fill_panel(const void *w, int wtype, long n0, long columns, long k, float *panel) {
+    long j = 0;
+    __m256 rows[8];
+    for (; j + 8 <= k; j += 8) /* 8 k-steps of PANEL columns: two 8 x 8 transposes */
+        for (long half = 0; half < PANEL; half += 8) {
+            for (long c = 0; c < 8; c++) {
+                if (half + c >= columns) {
+                    rows[c] = _mm256_setzero_ps();
+                    continue;
+                }
+                long at = (n0 + half + c) * k + j;
+                rows[c] = load8(w, wtype, at);
+            }
+            transpose8_store(rows, panel + j * PANEL + half, PANEL);
+        }
+    for (; j < k; j++)
+        for (long c = 0; c < PANEL; c++) panel[j * PANEL + c] = c < columns ? weight_at(w, wtype, (n0 + c) * k + j) : 0.0f;
+}
+
+#define DEFINE_PANEL_KERNEL(ROWS)                                                                      \
+    static inline void panel_rows_##ROWS(const float *x, long k, const float *panel, float sums[][PANEL]) { \
+        __m256 low[ROWS], high[ROWS];                                                                  \
+        for (int r = 0; r < ROWS; r++) low[r] = high[r] = _mm256_setzero_ps();                         \
+        for (long j = 0; j < k; j++) {                                                                 \
+            __m256 p0 = _mm256_loadu_ps(panel + j * PANEL), p1 = _mm256_loadu_ps(panel + j * PANEL + 8); \
+            for (int r = 0; r < ROWS; r++) {                                                           \
+                __m256 xv = _mm256_broadcast_ss(x + r * k + j);                                        \
+                low[r] = _mm256_fmadd_ps(p0, xv, low[r]);                                              \
+                high[r] = _mm256_fmadd_ps(p1, xv, high[r]);                                            \
+            }                                                                                          \
+        }                                                                                              \
+        for (int r = 0; r < ROWS; r++) {                                                               \
+            _mm256_storeu_ps(sums[r], low[r]);                                                         \
+            _mm256_storeu_ps(sums[r] + 8, high[r]);                                                    \
+        }                                                                                              \
+    }
+DEFINE_PANEL_KERNEL(6)
+DEFINE_PANEL_KERNEL(4)
+DEFINE_PANEL_KERNEL(2)
+DEFINE_PANEL_KERNEL(1)
+
+static void panel_block(const float *x, long m, const void *w, int wtype, const Output *out, long n0, long columns,
+                        long k, float *panel) {
+    fill_panel(w, wtype, n0, columns, k, panel);
+    float sums[6][PANEL];
+    for (long i = 0; i < m;) {
+        long rows = m - i >= 6 ? 6 : (m - i >= 4 ? 4 : (m - i >= 2 ? 2 : 1));
+        const float *xi = x + i * k;
+        switch (rows) {
+        case 6: panel_rows_6(xi, k, panel, sums); break;
+        case 4: panel_rows_4(xi, k, panel, sums); break;
+        case 2: panel_rows_2(xi, k, panel, sums); break;
+        default: panel_rows_1(xi, k, panel, sums); break;
+        }
+        for (long r = 0; r < rows; r++)
+            for (long c = 0; c < columns; c++) finish(out, i + r, n0 + c, sums[r][c]);
+        i += rows;
+    }
+}
 #else
 #define HAVE_AVX2 0
 #endif
@@ -140,6 +227,21 @@ int starchat_linear_has_avx2(void) { return HAVE_AVX2; }
  * orphaned work-sharing loop; called outside a region it runs on the calling thread). x is
  * float32 (m, k). */
 void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
+#if HAVE_AVX2
+    if (m >= PANEL_MIN_ROWS) {
+        float *panel = (float *)malloc((size_t)(k * PANEL) * sizeof(float));
+        if (panel) { /* every thread of the region gets its own panel */
+#pragma omp for schedule(static)
+            for (long block = 0; block < (n + PANEL - 1) / PANEL; block++) {
+                long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
+                panel_block(x, m, w, wtype, out, n0, columns, k, panel);
+            }
+            free(panel);
+            return;
+        }
+        /* out of memory: the dot-product path below needs no buffer */
+    }
+#endif
 #pragma omp for schedule(static)
     for (long column = 0; column < n; column++) {
 #if HAVE_AVX2
