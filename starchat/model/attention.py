@@ -61,15 +61,17 @@ def paged_attention(
     head_dim = query.shape[1] // num_heads
     group = num_heads // num_kv_heads
     write_kv_cache(layer_cache, key, value, metadata.slot_mapping)
-    output = torch.empty_like(query)
 
     num_decode = metadata.num_decode_tokens
+    decoded = None
     if num_decode and query.device.type == "cpu" and native.available():
         # A dozen small PyTorch operations per layer cost more than the arithmetic here.
         decoded = native.decode_attention(query[:num_decode], layer_cache, metadata.decode_gather_slots,
                                           metadata.decode_mask, num_heads, num_kv_heads, scale)
         if not metadata.prefill_chunks:
             return decoded
+    output = torch.empty_like(query)
+    if decoded is not None:
         output[:num_decode] = decoded
     elif num_decode:
         q = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)  # (Bd, KVH, G, D)

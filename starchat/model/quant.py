@@ -4,9 +4,10 @@ Each Linear's weight becomes int8 with one float scale per output channel (symme
 scale = max|w_row| / 127); activations stay in the model dtype. On CPU, products of few rows
 (decoding) run in starchat's native kernel, which reads the int8 weight directly (a quarter of
 float32's bytes per decoded token); many rows (prefill) dequantize the layer to float32 for the
-call and use PyTorch's GEMM, which beats `_weight_int8pack_mm` there by 20x or more
-(bench/cpu_kernels.py). On a GPU the weight is dequantized per call (correct, not fast). Weights are quantized one tensor at a time while loading, so a 16B model never needs
-its float weights in memory at once.
+call (one layer's float32 copy at a time: 0.6 GB for StarChat-beta's largest) and use PyTorch's
+GEMM, which beats `_weight_int8pack_mm` there by 20x or more (bench/cpu_kernels.py). On a GPU
+the weight is dequantized per call (correct, not fast). Weights are quantized one tensor at a
+time while loading, so a 16B model never needs its float weights in memory at once.
 """
 
 from __future__ import annotations
