@@ -130,3 +130,37 @@ def test_fallbacks_without_compiler_or_when_disabled(tmp_path, monkeypatch, capl
         assert build.load() is None
     finally:
         build.load.cache_clear()
+
+
+def test_portable_path_without_avx2(tmp_path, monkeypatch):
+    """CPUs without AVX2/FMA/F16C get plain C loops: built here with those instructions turned off."""
+    monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STARCHAT_NATIVE_CFLAGS", "-mno-avx2 -mno-fma -mno-f16c")
+    build.load.cache_clear()
+    try:
+        assert native.available() and build.load().starchat_linear_has_avx2() == 0
+        generator = torch.Generator().manual_seed(3)
+        for weight_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
+            for rows in (1, 5, 33):
+                x = torch.randn(rows, 67, generator=generator)
+                weight = torch.randn(29, 67, generator=generator)
+                if weight_dtype == torch.int8:
+                    weight, scales = quantize_per_channel(weight)
+                    dense = weight.double() * scales.double()[:, None]
+                else:
+                    weight, scales = weight.to(weight_dtype), None
+                    dense = weight.double()
+                expected = x.double() @ dense.T
+                error = (native.linear(x, weight, None, scales).double() - expected).abs().max() / expected.abs().max()
+                assert error < 1e-5, (weight_dtype, rows, float(error))
+        cache = torch.randn(2, 50, 32, generator=generator).half()
+        query = torch.randn(2, 128, generator=generator).half()
+        slots = torch.randint(0, 50, (2, 9), generator=generator)
+        mask = torch.zeros(2, 9)
+        out = native.decode_attention(query, cache, slots, mask, 4, 1, 0.25)
+        keys, values = cache[0][slots].double(), cache[1][slots].double()  # (2, 9, 32)
+        scores = torch.einsum("bhd,bld->bhl", query.double().view(2, 4, 32), keys) * 0.25
+        expected = torch.einsum("bhl,bld->bhd", torch.softmax(scores, -1), values).reshape(2, 128)
+        assert (out.double() - expected).abs().max() < 1e-2
+    finally:
+        build.load.cache_clear()

@@ -27,6 +27,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_atten
 HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h")]
 ABI = 2  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
+EXTRA_FLAGS_VARIABLE = "STARCHAT_NATIVE_CFLAGS"  # extra compiler flags, e.g. "-mno-avx2" for the portable path
 
 
 def cache_dir() -> Path:
@@ -55,11 +56,12 @@ def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(handle)
+    extra = os.environ.get(EXTRA_FLAGS_VARIABLE, "").split()
     base = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *map(str, SOURCES), "-o", partial, "-lm"]
     errors = []
     try:
         for arch in (["-march=native"], ["-mcpu=native"], []):
-            result = subprocess.run(base[:2] + arch + base[2:], capture_output=True, text=True)
+            result = subprocess.run(base[:2] + arch + extra + base[2:], capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(partial, target)  # atomic: concurrent builders never load half a file
                 return
@@ -83,7 +85,8 @@ def load() -> ctypes.CDLL | None:
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     texts = [path.read_text() for path in SOURCES + HEADERS]
-    key = hashlib.sha256("\0".join((*texts, version, _cpu_signature())).encode()).hexdigest()[:16]
+    flags = os.environ.get(EXTRA_FLAGS_VARIABLE, "")
+    key = hashlib.sha256("\0".join((*texts, version, flags, _cpu_signature())).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     try:
         if not target.exists():
@@ -96,6 +99,7 @@ def load() -> ctypes.CDLL | None:
     if library.starchat_linear_abi() != ABI:
         logger.warning("CPU kernels at %s have another ABI; using PyTorch's (delete the file to rebuild)", target)
         return None
+    library.starchat_linear_has_avx2.restype = ctypes.c_int
     library.starchat_linear.restype = ctypes.c_int
     library.starchat_linear.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,

@@ -229,17 +229,20 @@ int starchat_linear_has_avx2(void) { return HAVE_AVX2; }
 void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
 #if HAVE_AVX2
     if (m >= PANEL_MIN_ROWS) {
+        /* Every thread of the region gets its own panel. All threads must meet the same
+         * work-sharing loop, so one whose allocation failed still takes its blocks, through the
+         * dot-product kernel. */
         float *panel = (float *)malloc((size_t)(k * PANEL) * sizeof(float));
-        if (panel) { /* every thread of the region gets its own panel */
 #pragma omp for schedule(static)
-            for (long block = 0; block < (n + PANEL - 1) / PANEL; block++) {
-                long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
+        for (long block = 0; block < (n + PANEL - 1) / PANEL; block++) {
+            long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
+            if (panel)
                 panel_block(x, m, w, wtype, out, n0, columns, k, panel);
-            }
-            free(panel);
-            return;
+            else
+                for (long column = n0; column < n0 + columns; column++) column_avx2(x, m, w, wtype, out, column, k);
         }
-        /* out of memory: the dot-product path below needs no buffer */
+        free(panel);
+        return;
     }
 #endif
 #pragma omp for schedule(static)
