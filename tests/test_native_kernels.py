@@ -18,6 +18,15 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: t
 ACTIVATION_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # output rounding
 
 
+def _stored(weight: torch.Tensor, dtype: torch.dtype):
+    """(weight as the kernel reads it, its int8 scales or None, the float64 matrix it stands for)."""
+    if dtype == torch.int8:
+        quantized, scales = quantize_per_channel(weight)
+        return quantized, scales, quantized.double() * scales.double()[:, None]
+    stored = weight.to(dtype)
+    return stored, None, stored.double()
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("activation_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_linear_matches_float64_reference(weight_dtype, activation_dtype):
@@ -25,14 +34,8 @@ def test_linear_matches_float64_reference(weight_dtype, activation_dtype):
     for rows in (1, 2, 3, 4, 5, 8, 17, 33):
         for out_features, in_features in ((96, 64), (37, 771)):  # an odd K and N exercise every tail
             x = torch.randn(2, rows, in_features, generator=generator).to(activation_dtype)  # leading dims flatten
-            weight = torch.randn(out_features, in_features, generator=generator)
+            weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
             bias = torch.randn(out_features, generator=generator)
-            if weight_dtype == torch.int8:
-                weight, scales = quantize_per_channel(weight)
-                dense = weight.double() * scales.double()[:, None]
-            else:
-                weight, scales = weight.to(weight_dtype), None
-                dense = weight.double()
             out = native.linear(x, weight, bias, scales)
             expected = x.double() @ dense.T + bias.double()
             assert out.dtype == activation_dtype and out.shape == (2, rows, out_features)
@@ -143,13 +146,7 @@ def test_portable_path_without_avx2(tmp_path, monkeypatch):
         for weight_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
             for rows in (1, 5, 33):
                 x = torch.randn(rows, 67, generator=generator)
-                weight = torch.randn(29, 67, generator=generator)
-                if weight_dtype == torch.int8:
-                    weight, scales = quantize_per_channel(weight)
-                    dense = weight.double() * scales.double()[:, None]
-                else:
-                    weight, scales = weight.to(weight_dtype), None
-                    dense = weight.double()
+                weight, scales, dense = _stored(torch.randn(29, 67, generator=generator), weight_dtype)
                 expected = x.double() @ dense.T
                 error = (native.linear(x, weight, None, scales).double() - expected).abs().max() / expected.abs().max()
                 assert error < 1e-5, (weight_dtype, rows, float(error))

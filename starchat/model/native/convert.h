@@ -61,4 +61,15 @@ static inline uint16_t f32_to_f16(float value) {
     return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));
 }
 
+static inline long element_size(int type) { return type == W_F32 ? 4 : (type == W_I8 ? 1 : 2); }
+
+/* out[index] = value, rounded to the float type of out (W_F32, W_F16 or W_BF16). */
+static inline void store_as(void *out, int type, long index, float value) {
+    switch (type) {
+    case W_F16: ((uint16_t *)out)[index] = f32_to_f16(value); break;
+    case W_BF16: ((uint16_t *)out)[index] = f32_to_bf16(value); break;
+    default: ((float *)out)[index] = value;
+    }
+}
+
 #endif

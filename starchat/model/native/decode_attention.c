@@ -32,16 +32,6 @@ static inline void widen(const void *row, int type, long count, float *out) {
     for (; i < count; i++) out[i] = weight_at(row, type, i);
 }
 
-static inline void store(void *out, int type, long index, float value) {
-    switch (type) {
-    case W_F16: ((uint16_t *)out)[index] = f32_to_f16(value); break;
-    case W_BF16: ((uint16_t *)out)[index] = f32_to_bf16(value); break;
-    default: ((float *)out)[index] = value;
-    }
-}
-
-static inline long type_size(int type) { return type == W_F32 ? 4 : 2; }
-
 /* All query heads of one KV head for one sequence: each key/value row is widened once and used
  * by every head of the group. `scratch` holds group * (max_len + 2 * head_dim) + 2 * head_dim floats. */
 static void group_attention(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
@@ -51,13 +41,13 @@ static void group_attention(const void *query, int io_type, const void *keys, co
     float *q = scores + (long)group * max_len;                 /* group x head_dim */
     float *acc = q + (long)group * head_dim;                   /* group x head_dim */
     float *row = acc + (long)group * head_dim;                 /* head_dim */
-    for (int g = 0; g < group; g++) widen((const char *)query + (q_offset + (long)g * head_dim) * type_size(io_type), io_type, head_dim, q + g * head_dim);
+    for (int g = 0; g < group; g++) widen((const char *)query + (q_offset + (long)g * head_dim) * element_size(io_type), io_type, head_dim, q + g * head_dim);
     long key_offset = (long)kv_head * head_dim;
     float best[group];
     for (int g = 0; g < group; g++) best[g] = -INFINITY;
     for (long l = 0; l < max_len; l++) {
         if (isinf(mask[l]) && mask[l] < 0) continue;
-        widen((const char *)keys + (slots[l] * kv_dim + key_offset) * type_size(type), type, head_dim, row);
+        widen((const char *)keys + (slots[l] * kv_dim + key_offset) * element_size(type), type, head_dim, row);
         for (int g = 0; g < group; g++) {
             float dot = 0.0f;
             const float *qg = q + g * head_dim;
@@ -75,7 +65,7 @@ static void group_attention(const void *query, int io_type, const void *keys, co
     }
     for (long l = 0; l < max_len; l++) {
         if (isinf(mask[l]) && mask[l] < 0) continue;
-        widen((const char *)values + (slots[l] * kv_dim + key_offset) * type_size(type), type, head_dim, row);
+        widen((const char *)values + (slots[l] * kv_dim + key_offset) * element_size(type), type, head_dim, row);
         for (int g = 0; g < group; g++) {
             float weight = expf(scores[g * max_len + l] - best[g]);
             total[g] += weight;
@@ -86,7 +76,7 @@ static void group_attention(const void *query, int io_type, const void *keys, co
     }
     for (int g = 0; g < group; g++) {
         float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f; /* all masked: zeros, not NaN */
-        for (int d = 0; d < head_dim; d++) store(out, io_type, q_offset + (long)g * head_dim + d, acc[g * head_dim + d] * inverse);
+        for (int d = 0; d < head_dim; d++) store_as(out, io_type, q_offset + (long)g * head_dim + d, acc[g * head_dim + d] * inverse);
     }
 }
 

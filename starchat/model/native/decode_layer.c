@@ -54,14 +54,7 @@ static void layer_norm_rows(const float *x, long rows, long width, const float *
 }
 
 static void store_cache_row(void *cache, int type, long slot, long width, const float *row) {
-    for (long i = 0; i < width; i++) {
-        long index = slot * width + i;
-        switch (type) {
-        case W_F16: ((uint16_t *)cache)[index] = f32_to_f16(row[i]); break;
-        case W_BF16: ((uint16_t *)cache)[index] = f32_to_bf16(row[i]); break;
-        default: ((float *)cache)[index] = row[i];
-        }
-    }
+    for (long i = 0; i < width; i++) store_as(cache, type, slot * width + i, row[i]);
 }
 
 static inline float gelu(float x, int tanh_approximation) {
@@ -74,8 +67,8 @@ static void product(const float *x, const Block *b, const Linear *layer, float *
     starchat_linear_columns(x, b->rows, layer->weight, layer->wtype, &out, n, k);
 }
 
-/* hidden: (rows, embed) float32, updated in place. scratch: rows * (2 * embed + qkv + inner)
- * floats. Returns 0, or -2 when out of memory. */
+/* hidden: (rows, embed) float32, updated in place. scratch: rows * (2 * embed + qkv +
+ * max(inner, embed)) floats. Returns 0, or -2 when out of memory. */
 int starchat_decode_block(const Block *b, float *hidden, float *scratch, int threads) {
     long rows = b->rows, embed = b->embed, kv_dim = (long)b->kv_heads * b->head_dim;
     float *normed = scratch, *qkv = normed + rows * embed, *attended = qkv + rows * b->qkv;

@@ -20,17 +20,10 @@
 
 int starchat_linear_abi(void) { return STARCHAT_LINEAR_ABI; }
 
-static inline long element_size(int wtype) { return wtype == W_F32 ? 4 : (wtype == W_I8 ? 1 : 2); }
-
 static inline void finish(const Output *out, long row, long n, float sum) {
     if (out->scales) sum *= out->scales[n];
     if (out->bias) sum += out->bias[n];
-    long index = row * out->n_total + n;
-    switch (out->type) {
-    case W_F16: ((uint16_t *)out->data)[index] = f32_to_f16(sum); break;
-    case W_BF16: ((uint16_t *)out->data)[index] = f32_to_bf16(sum); break;
-    default: ((float *)out->data)[index] = sum;
-    }
+    store_as(out->data, out->type, row * out->n_total + n, sum);
 }
 
 /* One output column n for all m rows: the portable path (CPUs without AVX2, FMA and F16C). */
