@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: C
 PROMPTS = ["def add(a, b):", "import os\n", "class Stack:\n    def push(self, item):", "x = [", "# sort a list of numbers"]
 
 
-def _run(model_dir, dtype, fused: bool, quantize=None):
+def _run(model_dir, dtype, fused: bool, quantize=None, prompts=PROMPTS, max_new_tokens=24):
     llm = LLM(str(model_dir), dtype=dtype, device="cpu", progress=False, quantize=quantize)
     model = llm.engine.runner.model
     assert isinstance(model.fused_decode, FusedCpuDecode)
@@ -28,8 +28,8 @@ def _run(model_dir, dtype, fused: bool, quantize=None):
             "__call__": lambda self, *args: calls.append(args[0].shape[0]) or original(self, *args)})
     else:
         model.fused_decode = None
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=1)
-    completions = llm.generate(PROMPTS, params)
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, logprobs=1)
+    completions = llm.generate(prompts, params)
     return completions, calls
 
 
@@ -43,6 +43,17 @@ def test_fused_decode_matches_module_path_in_float32(fixture, request):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
             assert abs(x.logprob - y.logprob) < 1e-4
+
+
+def test_fused_decode_of_many_sequences_matches_module_path(tiny_model_dir):
+    """40 sequences decode together: tiles of six rows and a partial one in every product."""
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(40)]
+    fused, calls = _run(tiny_model_dir, "float32", fused=True, prompts=prompts, max_new_tokens=6)
+    plain, _ = _run(tiny_model_dir, "float32", fused=False, prompts=prompts, max_new_tokens=6)
+    assert max(calls) == 40
+    for a, b in zip(fused, plain):
+        assert a.token_ids == b.token_ids
+        assert all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a.logprobs, b.logprobs))
 
 
 @pytest.mark.parametrize("dtype, quantize", [("float16", None), ("bfloat16", None), ("bfloat16", "int8")])
@@ -69,4 +80,5 @@ def test_steps_with_prefill_use_the_module_path(tiny_model_dir):
     mixed = AttentionMetadata(torch.zeros(3, dtype=torch.long), 2, None, None, [PrefillChunk(2, 1, 0, None)])
     assert fused.applies(decode_only, 2)
     assert not fused.applies(mixed, 3)
-    assert not fused.applies(AttentionMetadata(torch.zeros(99, dtype=torch.long), 99, None, None, []), 99)  # too many rows
+    # Any number of decodes: the packed products take any row count.
+    assert fused.applies(AttentionMetadata(torch.zeros(99, dtype=torch.long), 99, None, None, []), 99)

@@ -1,4 +1,5 @@
-"""Linear layers on a CPU pick their kernel by row count (starchat/model/cpu_linear.py)."""
+"""Linear layers on a CPU (starchat/model/cpu_linear.py): packed for the native kernels, or
+PyTorch's products where the kernels are unavailable."""
 
 from __future__ import annotations
 
@@ -8,54 +9,91 @@ from torch import nn
 
 from starchat import LLM, SamplingParams
 from starchat.model import native
-from starchat.model.cpu_linear import ROWS_FOR_FLOAT32, CpuLinear, native_row_limit, prepare_cpu_linears, \
+from starchat.model.cpu_linear import ROWS_FOR_FLOAT32, CpuLinear, PackedEmbedding, PackedLinear, prepare_cpu_linears, \
     wants_float32_for_many_rows
 from starchat.model.quant import Int8Linear
 
+needs_kernels = pytest.mark.skipif(not native.available(), reason="no C compiler: the kernels fall back to PyTorch")
 
-def _layer(dtype: torch.dtype) -> CpuLinear:
+
+class _Tied(nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.embed = nn.Embedding(40, 24).to(dtype)
+        self.body = nn.Linear(24, 24).to(dtype)
+        self.head = nn.Linear(24, 40, bias=False).to(dtype)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(ids)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_packed_model_equals_the_plain_one(dtype):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32)).to(dtype)
+    model = _Tied(dtype)
+    ids = torch.randint(0, 40, (2, 150))  # 300 rows: many tiles and two blocks of rows in one product
+    reference = _double(model)(ids)
     prepare_cpu_linears(model)
-    return model[0]
+    assert type(model.body) is PackedLinear and type(model.head) is PackedLinear and type(model.embed) is PackedEmbedding
+    assert model.embed.packed_weight is model.head.packed_weight  # the tied table is stored once
+    assert sum(p.numel() for p in model.parameters()) == 48 * 24 + 32 * 24 + 24  # outputs padded to whole panels of 16
+    out = model(ids)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == (2, 150, 40)
+    assert ((out.double() - reference).abs().max() / reference.abs().max()) < tolerance
+
+
+def _double(model: _Tied) -> _Tied:
+    copy = _Tied(torch.float64)
+    copy.load_state_dict({name: tensor.double() for name, tensor in model.state_dict().items()})
+    return copy
+
+
+@needs_kernels
+def test_int8_layers_are_packed_with_their_scales():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(33, 20), torch.randn(33)
+    layer = Int8Linear.from_float(weight, bias, torch.bfloat16)
+    x = torch.randn(7, 20).bfloat16()
+    expected = layer(x)  # PyTorch: dequantized float32 product
+    holder = nn.Sequential(layer)
+    prepare_cpu_linears(holder)
+    assert type(holder[0]) is PackedLinear and holder[0].packed_weight.dtype == torch.int8
+    torch.testing.assert_close(holder[0](x).float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_rows_pick_the_path(dtype, monkeypatch):
-    layer = _layer(dtype)
-    assert type(layer) is CpuLinear and layer.native_rows == native_row_limit(dtype)
-    calls = []
-    monkeypatch.setattr(native, "linear", lambda *args: calls.append(args[0].shape) or torch.zeros(1))
-    layer(torch.randn(layer.native_rows, 64).to(dtype))
-    assert calls == ([(layer.native_rows, 64)] if native.available() else [])
-    calls.clear()
-    many = torch.randn(3, max(layer.native_rows, ROWS_FOR_FLOAT32), 64).to(dtype)  # rows counted over leading dims
-    out = layer(many)
-    assert not calls
+def test_without_kernels_pytorch_products(dtype, monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).to(dtype)
+    prepare_cpu_linears(model)
+    layer = model[0]
+    assert type(layer) is CpuLinear
+    many = torch.randn(3, ROWS_FOR_FLOAT32, 64).to(dtype)  # rows counted over leading dims
     if wants_float32_for_many_rows(torch.device("cpu"), dtype):
         expected = nn.functional.linear(many.float(), layer.weight.float(), layer.bias.float()).to(dtype)
     else:
         expected = nn.functional.linear(many, layer.weight, layer.bias)
-    assert out.dtype == dtype and torch.equal(out, expected)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_paths_agree(dtype):
-    layer = _layer(dtype)
-    x = torch.randn(5, 64)
-    few = torch.cat([layer(row[None].to(dtype)) for row in x])
-    reference = nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (few.double() - reference).abs().max() / reference.abs().max() < tolerance
+    assert torch.equal(layer(many), expected)
+    few = torch.randn(1, 64).to(dtype)
+    assert torch.equal(layer(few), nn.functional.linear(few, layer.weight, layer.bias))
 
 
 def test_loader_prepares_every_cpu_model(tiny_model_dir):
+    expected = PackedLinear if native.available() else CpuLinear
     for dtype in ("float32", "float16"):
         model = LLM(str(tiny_model_dir), dtype=dtype, device="cpu", progress=False).engine.runner.model
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        assert linears and all(type(m) is CpuLinear for m in linears)
+        assert all(type(m) is expected for m in (model.lm_head, model.transformer.h[0].attn.c_attn, model.transformer.h[1].mlp.c_proj))
+        assert not [m for m in model.modules() if type(m) in (nn.Linear, Int8Linear)]
     quantized = LLM(str(tiny_model_dir), dtype="bfloat16", device="cpu", progress=False, quantize="int8").engine.runner.model
-    assert all(isinstance(m, Int8Linear) for m in (quantized.lm_head, quantized.transformer.h[0].mlp.c_fc))
+    if native.available():
+        assert all(m.packed_weight.dtype == torch.int8 for m in (quantized.lm_head, quantized.transformer.h[0].mlp.c_fc))
+        assert type(quantized.transformer.wte) is nn.Embedding  # int8 lm_head: the table stays in float for lookups
+    else:
+        assert all(isinstance(m, Int8Linear) for m in (quantized.lm_head, quantized.transformer.h[0].mlp.c_fc))
 
 
 def test_kernels_do_not_change_greedy_tokens(tiny_model_dir, monkeypatch):

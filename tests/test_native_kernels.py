@@ -27,16 +27,21 @@ def _stored(weight: torch.Tensor, dtype: torch.dtype):
     return stored, None, stored.double()
 
 
+def _product(x, weight, bias=None, scales=None):
+    return native.linear(x, native.pack_weight(weight), weight.shape[0], bias, scales)
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("activation_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_linear_matches_float64_reference(weight_dtype, activation_dtype):
     generator = torch.Generator().manual_seed(1)
-    for rows in (1, 2, 3, 4, 5, 8, 17, 33):
+    # 1-6 rows: one tile; 7+: panels widened once; 150: more than one block of rows (ROW_BLOCK 144)
+    for rows in (1, 2, 3, 4, 5, 6, 8, 17, 33, 150):
         for out_features, in_features in ((96, 64), (37, 771)):  # an odd K and N exercise every tail
             x = torch.randn(2, rows, in_features, generator=generator).to(activation_dtype)  # leading dims flatten
             weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
             bias = torch.randn(out_features, generator=generator)
-            out = native.linear(x, weight, bias, scales)
+            out = _product(x, weight, bias, scales)
             expected = x.double() @ dense.T + bias.double()
             assert out.dtype == activation_dtype and out.shape == (2, rows, out_features)
             error = (out.double() - expected).abs().max() / expected.abs().max()
@@ -53,7 +58,7 @@ def test_output_rounding_is_bit_exact(dtype):
     values = values[: values.numel() // 8 * 8].reshape(-1, 8)
     for row in values:
         scale = torch.rand(8) + 0.5
-        out = native.linear(row[None].to(dtype), torch.diag(scale))
+        out = _product(row[None].to(dtype), torch.diag(scale))
         expected = (row.to(dtype).float() * scale).to(dtype)
         # Same 16-bit value (a dot product's zero is +0 where the lone product was -0: equal values)
         assert torch.equal(out[0].float(), expected.float()), (row, scale)
@@ -63,17 +68,30 @@ def test_nan_stays_nan():
     x = torch.tensor([[float("nan"), 1.0], [2.0, 1.0]])
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     for dtype in (torch.float16, torch.bfloat16):
-        out = native.linear(x.to(dtype), weight)
+        out = _product(x.to(dtype), weight)
         assert torch.equal(torch.isnan(out), torch.isnan(x @ weight.T))
 
 
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="int8 weights need scales"):
-        native.linear(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8))
-    with pytest.raises(ValueError, match="unsupported weight"):
-        native.linear(torch.randn(1, 8), torch.randn(8, 4).T)  # not contiguous
+        _product(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="pack it with pack_weight"):
+        native.linear(torch.randn(1, 8), torch.randn(4, 8), 4)  # not packed
+    with pytest.raises(ValueError, match="pack it with pack_weight"):
+        native.linear(torch.randn(1, 8), native.pack_weight(torch.randn(4, 8)), 17)  # more outputs than panels hold
     with pytest.raises(ValueError, match="bias"):
-        native.linear(torch.randn(1, 8), torch.randn(4, 8), torch.randn(4).half())
+        _product(torch.randn(1, 8), torch.randn(4, 8), torch.randn(4).half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_packed_weight_rows_read_back(dtype):
+    """Embedding lookups in a packed (tied) table return the original rows, padding excluded."""
+    weight = torch.randn(37, 12).to(dtype) if dtype != torch.int8 else torch.randint(-127, 128, (37, 12), dtype=dtype)
+    packed = native.pack_weight(weight)
+    assert packed.shape == (3, 12, native.PANEL) and packed.dtype == dtype
+    rows = torch.tensor([0, 15, 16, 36, 5, 5])
+    assert torch.equal(native.unpack_rows(packed, rows), weight[rows])
+    assert not packed[2, :, 5:].any()  # the padded columns are zero
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -144,11 +162,11 @@ def test_portable_path_without_avx2(tmp_path, monkeypatch):
         assert native.available() and build.load().starchat_linear_has_avx2() == 0
         generator = torch.Generator().manual_seed(3)
         for weight_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
-            for rows in (1, 5, 33):
+            for rows in (1, 5, 33, 150):
                 x = torch.randn(rows, 67, generator=generator)
                 weight, scales, dense = _stored(torch.randn(29, 67, generator=generator), weight_dtype)
                 expected = x.double() @ dense.T
-                error = (native.linear(x, weight, None, scales).double() - expected).abs().max() / expected.abs().max()
+                error = (_product(x, weight, None, scales).double() - expected).abs().max() / expected.abs().max()
                 assert error < 1e-5, (weight_dtype, rows, float(error))
         cache = torch.randn(2, 50, 32, generator=generator).half()
         query = torch.randn(2, 128, generator=generator).half()

@@ -49,10 +49,11 @@ def random_prompts(count: int, length: int, seed: int = 0, vocab: int = 49152) -
 
 
 def weight_bytes_read_per_token(model: torch.nn.Module) -> int:
-    """Every parameter is read once per decoded token, except the embedding tables (one row each)."""
+    """Every parameter is read once per decoded token, except the embedding tables (one row each;
+    a table tied to the lm_head is counted once, as the lm_head, whether packed or not)."""
     total = 0
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        if name.endswith(("wte.weight", "wpe.weight")):
+        if name.endswith(("wte.weight", "wpe.weight", "wte.packed_weight")):
             continue
         total += parameter.numel() * parameter.element_size()
     return total

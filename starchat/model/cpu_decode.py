@@ -4,9 +4,8 @@ A step in which every token is a decode (one new token per sequence, the steady 
 generation) runs each GPTBigCode block as one native call: layer norms, the four products,
 the cache write, attention, GELU and residuals, with one OpenMP region per block instead of a
 dozen PyTorch operations. The arithmetic is the module path's (gpt_bigcode.py), with the
-residual stream in float32; steps that carry prefill chunks, or more rows than the native
-products take, use the module path. The loader attaches it to CPU models when the native
-kernels are available.
+residual stream in float32; steps that carry prefill chunks use the module path. The loader
+attaches it to CPU models when the native kernels are available, after packing the weights.
 """
 
 from __future__ import annotations
@@ -18,19 +17,14 @@ from torch import nn
 
 from starchat.model import native
 from starchat.model.attention import AttentionMetadata
-from starchat.model.cpu_linear import CpuLinear, native_row_limit
+from starchat.model.cpu_linear import PackedLinear
 from starchat.model.native.build import Block, Linear, load
-from starchat.model.quant import Int8Linear
 
 
 def _linear(module: nn.Module, keep: list) -> Linear:
-    if isinstance(module, Int8Linear):
-        scales, bias = module._float32_vectors()
-    elif isinstance(module, CpuLinear):
-        scales, bias = None, module.bias_float32
-    else:
-        raise TypeError(f"fused CPU decode: unexpected layer {type(module).__name__}")
-    weight = module.weight.detach()
+    if not isinstance(module, PackedLinear):
+        raise TypeError(f"fused CPU decode: unexpected layer {type(module).__name__} (the loader packs every Linear first)")
+    weight, scales, bias = (None if t is None else t.detach() for t in (module.packed_weight, module.scales, module.bias))
     keep.extend(t for t in (weight, scales, bias) if t is not None)
     return Linear(weight.data_ptr(), native.WEIGHT_TYPES[weight.dtype],
                   scales.data_ptr() if scales is not None else None, bias.data_ptr() if bias is not None else None)
@@ -41,14 +35,12 @@ class FusedCpuDecode:
         config = model.config
         self._keep: list[torch.Tensor] = []  # float32 copies and weights the structs point into
         self._blocks: list[Block] = []
-        weight_dtypes = set()
         for block in model.transformer.h:
             attention, mlp = block.attn, block.mlp
             vectors = [block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias]
             vectors = [v.detach().float().contiguous() for v in vectors]
             self._keep.extend(vectors)
             layers = [_linear(m, self._keep) for m in (attention.c_attn, attention.c_proj, mlp.c_fc, mlp.c_proj)]
-            weight_dtypes.update(m.weight.dtype for m in (attention.c_attn, attention.c_proj, mlp.c_fc, mlp.c_proj))
             self._blocks.append(Block(
                 embed=config.n_embd, inner=config.n_inner, qkv=attention.q_size + 2 * attention.kv_size,
                 ln1_weight=vectors[0].data_ptr(), ln1_bias=vectors[1].data_ptr(),
@@ -57,11 +49,10 @@ class FusedCpuDecode:
                 gelu_tanh=int(config.activation_function != "gelu"), heads=attention.num_heads,
                 kv_heads=attention.num_kv_heads, head_dim=attention.head_dim, scale=attention.scale,
             ))
-        self.max_rows = min(native_row_limit(dtype) for dtype in weight_dtypes)
         self._scratch_per_row = 2 * config.n_embd + self._blocks[0].qkv + max(config.n_inner, config.n_embd)
 
     def applies(self, metadata: AttentionMetadata, rows: int) -> bool:
-        return not metadata.prefill_chunks and 0 < rows <= self.max_rows and rows == metadata.num_decode_tokens
+        return not metadata.prefill_chunks and 0 < rows == metadata.num_decode_tokens
 
     def __call__(self, hidden: torch.Tensor, metadata: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """hidden (rows, C) embeddings -> (rows, C) float32 output of the last block."""

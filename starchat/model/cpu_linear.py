@@ -1,14 +1,16 @@
-"""Linear layers on a CPU: each product takes the kernel that is fastest for its number of rows.
+"""Linear layers on a CPU, set up once a model is built (the network code never knows).
 
-- Few rows (decoding one or a few sequences): starchat's native kernels (`native/linear.c`),
-  which read each weight once in its stored dtype (float32, float16, bfloat16, int8) and are
-  bound by memory bandwidth. PyTorch's product for one row is a GEMV that reaches about half
-  this CPU's bandwidth in float32, and for 16-bit weights costs one GEMV per row.
-- Many rows (prefill chunks, large decode batches): PyTorch's GEMM. On CPUs without native
-  16-bit arithmetic, 16-bit weights are widened to float32 for that call (0.8 ms for a
-  3072 x 768 layer) because PyTorch's 16-bit product there costs a GEMV per row.
-The crossovers come from `bench/cpu_kernels.py` on an AVX2 EPYC (docs/PERFORMANCE.md). The
-loader applies this to a built CPU model; the network code never knows.
+With starchat's native kernels (native/linear.c) every Linear, float or int8, becomes a
+`PackedLinear`: its weight is packed once into panels of 16 output columns, in its stored dtype
+(float32, float16, bfloat16, or int8 with a scale per output channel), and every product runs in
+the native kernel, from one row (decoding: bound by reading the weights) to a prefill chunk of
+hundreds (a register-tiled outer product: 1.3-1.6x PyTorch's float32 GEMM on the AVX2 EPYC of
+docs/PERFORMANCE.md, with no per-call widening of 16-bit or int8 weights). An embedding table
+tied to the lm_head is stored once, packed, and looked up from the panels (`PackedEmbedding`).
+
+Without the kernels (no C compiler, or STARCHAT_NATIVE_KERNELS=0) plain Linears become
+`CpuLinear`s on PyTorch's products; on CPUs without native 16-bit arithmetic, 16-bit weights are
+widened to float32 for products of many rows there (PyTorch's 16-bit product costs a GEMV per row).
 """
 
 from __future__ import annotations
@@ -18,12 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from starchat.model import native
+from starchat.model.quant import Int8Linear
 
 ROWS_FOR_FLOAT32 = 8  # measured: from 8 rows, widening 16-bit weights to float32 pays for itself
-# Up to this many rows the native kernel beats PyTorch (bench/cpu_kernels.py). For float32
-# weights MKL's GEMM catches up around 32 rows, where the fused decode path (cpu_decode.py) still
-# wins end to end: 85 vs 75 output tokens/s for 32 concurrent requests on tiny_starcoder.
-NATIVE_ROWS = {torch.float32: 32, torch.float16: 32, torch.bfloat16: 32, torch.int8: 32}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -37,33 +36,74 @@ def wants_float32_for_many_rows(device: torch.device, dtype: torch.dtype) -> boo
     return device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not cpu_has_fast_bf16()
 
 
-def native_row_limit(weight_dtype: torch.dtype) -> int:
-    """How many rows a product may have to take the native kernel; 0 where it is unavailable."""
-    return NATIVE_ROWS.get(weight_dtype, 0) if native.available() else 0
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight is packed for the native kernels (see the module docstring)."""
+
+    def __init__(self, packed_weight: torch.Tensor, out_features: int, bias: torch.Tensor | None,
+                 scales: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = packed_weight.shape[1], out_features
+        self.packed_weight = _frozen(packed_weight)
+        # The kernel takes float32 vectors; int8 weights carry their per-channel scales.
+        self.bias = None if bias is None else _frozen(bias.detach().float().contiguous())
+        self.scales = None if scales is None else _frozen(scales.detach().float().contiguous())
+
+    @classmethod
+    def from_module(cls, module: nn.Linear | Int8Linear) -> "PackedLinear":
+        scales = module.scales if isinstance(module, Int8Linear) else None
+        return cls(native.pack_weight(module.weight.detach()), module.out_features, module.bias, scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return native.linear(x, self.packed_weight, self.out_features, self.bias, self.scales)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.packed_weight.dtype}"
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding table that is also a packed lm_head's weight: rows are read from the panels."""
+
+    def __init__(self, lm_head: PackedLinear):
+        super().__init__()
+        self.packed_weight = lm_head.packed_weight  # the same Parameter: stored once
+        self.num_embeddings, self.embedding_dim = lm_head.out_features, lm_head.in_features
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return native.unpack_rows(self.packed_weight, token_ids)
 
 
 class CpuLinear(nn.Linear):
-    """nn.Linear whose forward picks the kernel by row count (set up by `prepare_cpu_linears`)."""
+    """nn.Linear on PyTorch's products, with 16-bit weights widened for many rows where that is faster."""
 
-    native_rows: int = 0
     many_rows_in_float32: bool = False
-    bias_float32: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows <= self.native_rows:
-            return native.linear(x, self.weight, self.bias_float32)
-        if self.many_rows_in_float32 and rows >= ROWS_FOR_FLOAT32:
+        if self.many_rows_in_float32 and x.numel() // self.in_features >= ROWS_FOR_FLOAT32:
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
 def prepare_cpu_linears(model: nn.Module) -> None:
-    """Every plain nn.Linear of a built CPU `model` becomes a CpuLinear (same parameters)."""
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = CpuLinear
-            module.native_rows = native_row_limit(module.weight.dtype) if module.weight.is_contiguous() else 0
-            module.many_rows_in_float32 = wants_float32_for_many_rows(module.weight.device, module.weight.dtype)
-            module.bias_float32 = None if module.bias is None else module.bias.detach().float().contiguous()
+    """Set up every Linear of a built CPU `model` for the fastest products available (see above)."""
+    if not native.available():
+        for module in model.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = CpuLinear
+                module.many_rows_in_float32 = wants_float32_for_many_rows(module.weight.device, module.weight.dtype)
+        return
+    packed_by_weight: dict[int, PackedLinear] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (nn.Linear, Int8Linear):
+                packed = PackedLinear.from_module(child)
+                packed_by_weight[id(child.weight)] = packed
+                setattr(parent, name, packed)
+    for parent in list(model.modules()):  # tables tied to a packed weight read it from the panels
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Embedding and id(child.weight) in packed_by_weight:
+                setattr(parent, name, PackedEmbedding(packed_by_weight[id(child.weight)]))

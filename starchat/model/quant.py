@@ -1,13 +1,12 @@
 """int8 weight-only quantization, applied to a built model (the network code never knows).
 
 Each Linear's weight becomes int8 with one float scale per output channel (symmetric,
-scale = max|w_row| / 127); activations stay in the model dtype. On CPU, products of few rows
-(decoding) run in starchat's native kernel, which reads the int8 weight directly (a quarter of
-float32's bytes per decoded token); many rows (prefill) dequantize the layer to float32 for the
-call (one layer's float32 copy at a time: 0.6 GB for StarChat-beta's largest) and use PyTorch's
-GEMM, which beats `_weight_int8pack_mm` there by 20x or more (bench/cpu_kernels.py). On a GPU
-the weight is dequantized per call (correct, not fast). Weights are quantized one tensor at a
-time while loading, so a 16B model never needs its float weights in memory at once.
+scale = max|w_row| / 127); activations stay in the model dtype. On CPU with starchat's native
+kernels the loader then packs each int8 weight (cpu_linear.PackedLinear) and every product reads
+it directly: a quarter of float32's bytes per decoded token, widened to float32 per panel in cache
+for many rows. Without the kernels, and on a GPU, the weight is dequantized per call (correct, not
+fast). Weights are quantized one tensor at a time while loading, so a 16B model never needs its
+float weights in memory at once.
 """
 
 from __future__ import annotations
@@ -15,9 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from starchat.model import native
-from starchat.model.cpu_linear import native_row_limit
 
 QUANTIZATION_METHODS = ("int8",)
 
@@ -42,7 +38,6 @@ class Int8Linear(nn.Module):
         quantized, scales = quantize_per_channel(weight)
         self.weight = nn.Parameter(quantized, requires_grad=False)
         self.scales = nn.Parameter(scales.to(self.scales.dtype), requires_grad=False)
-        self._vectors = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int8Linear":
@@ -53,22 +48,12 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            if x.numel() // self.in_features <= native_row_limit(torch.int8):
-                scales, bias = self._float32_vectors()
-                return native.linear(x, self.weight, bias, scales)
+        if x.device.type == "cpu":  # PyTorch's CPU products are fastest in float32 (no native kernels here)
             weight = self.weight.float() * self.scales.float()[:, None]
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), weight, bias).to(x.dtype)
         out = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
         return out + self.bias if self.bias is not None else out
-
-    def _float32_vectors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """float32 copies of scales and bias for the native kernel, made once (weights are frozen)."""
-        if getattr(self, "_vectors", None) is None:
-            bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            self._vectors = (self.scales.detach().float().contiguous(), bias)
-        return self._vectors
 
 
 def prepare_int8(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] = ("lm_head",)) -> None:

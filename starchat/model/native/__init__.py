@@ -1,4 +1,5 @@
-"""Native CPU kernels: few-row matrix products that read each weight once (see linear.c)."""
+"""Native CPU kernels: matrix products over weights packed at load time (linear.c), decode attention
+(decode_attention.c) and whole decode blocks (decode_layer.c)."""
 
 from __future__ import annotations
 
@@ -7,24 +8,45 @@ import torch
 from starchat.model.native.build import load
 
 WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+PANEL = 16  # output columns per packed panel (PANEL in kernels.h)
+
 
 def available() -> bool:
     return load() is not None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear weight (N, K) in the layout the products read: panels of PANEL output columns,
+    (ceil(N / PANEL), K, PANEL), same dtype, the last panel zero-padded (see linear.c)."""
+    out_features, in_features = weight.shape
+    panels = -(-out_features // PANEL)
+    padding = panels * PANEL - out_features
+    if padding:
+        weight = torch.cat([weight, weight.new_zeros(padding, in_features)])
+    return weight.reshape(panels, PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the (N, K) weight that `packed` holds: an embedding lookup in a table that
+    is also a packed lm_head (tied weights are stored once)."""
+    return packed[rows // PANEL, :, rows % PANEL]
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
            scales: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T (* scales (N,)) (+ bias (N,)), in x's dtype (float32, float16
-    or bfloat16; the arithmetic is float32).
+    or bfloat16; the arithmetic is float32), for `packed = pack_weight(weight)` and N = out_features.
 
-    `weight` is float32, float16, bfloat16 or int8 (then `scales` is required); bias and scales
+    The weight is float32, float16, bfloat16 or int8 (then `scales` is required); bias and scales
     are float32. Requires `available()`.
     """
-    in_features, out_features = x.shape[-1], weight.shape[0]
-    weight_type = WEIGHT_TYPES.get(weight.dtype)
-    # Cheap checks only: this runs for every layer of every decode step.
-    if weight_type is None or weight.shape[1] != in_features or not weight.is_contiguous():
-        raise ValueError(f"native linear: unsupported weight {tuple(weight.shape)} {weight.dtype} for input {tuple(x.shape)}")
+    in_features = x.shape[-1]
+    weight_type = WEIGHT_TYPES.get(packed.dtype)
+    # Cheap checks only: this runs for every layer of every step.
+    if (weight_type is None or packed.dim() != 3 or packed.shape[1:] != (in_features, PANEL) or not packed.is_contiguous()
+            or not 0 <= packed.shape[0] * PANEL - out_features < PANEL):
+        raise ValueError(f"native linear: unsupported packed weight {tuple(packed.shape)} {packed.dtype} for input "
+                         f"{tuple(x.shape)} and {out_features} outputs (pack it with pack_weight)")
     if (weight_type == 3) != (scales is not None):
         raise ValueError("native linear: int8 weights need scales, other weights take none")
     for name, vector in (("bias", bias), ("scales", scales)):
@@ -36,7 +58,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.contiguous()
     out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
     status = load().starchat_linear(
-        rows.data_ptr(), activation_type, rows.numel() // in_features, weight.data_ptr(), weight_type,
+        rows.data_ptr(), activation_type, rows.numel() // in_features, packed.data_ptr(), weight_type,
         scales.data_ptr() if scales is not None else None, bias.data_ptr() if bias is not None else None,
         out.data_ptr(), activation_type, out_features, in_features, torch.get_num_threads(),
     )

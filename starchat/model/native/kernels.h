@@ -15,7 +15,10 @@ typedef struct {
     const float *scales, *bias;
 } Output;
 
-/* Orphaned work-sharing loops: inside a parallel region the threads split the work. */
+/* Output columns per weight panel (linear.c: weights are packed in panels of this many). */
+#define PANEL 16
+
+/* Orphaned work-sharing loops: inside a parallel region the threads split the work. w is packed. */
 void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k);
 /* query and out are of io_type, the cache of type. */
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
