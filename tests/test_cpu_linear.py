@@ -114,3 +114,17 @@ def test_float16_batched_decoding_tracks_float32(tiny_model_dir):
     full = [c.token_ids for c in LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False).generate(prompts, params)]
     first_tokens_equal = sum(h[0] == f[0] for h, f in zip(half, full))
     assert first_tokens_equal >= len(prompts) - 1  # 16-bit weights: at most one near-tie flips
+
+
+@needs_kernels
+def test_16_bit_models_compute_in_float32(tiny_model_dir):
+    """Packed CPU models keep 16-bit weights and cache but float32 activations (cpu_linear.compute_in_float32)."""
+    llm = LLM(str(tiny_model_dir), dtype="bfloat16", device="cpu", progress=False)
+    model = llm.engine.runner.model
+    assert model.lm_head.packed_weight.dtype == torch.bfloat16 and llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    assert model.transformer.ln_f.weight.dtype == torch.float32
+    seen = []
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))
+    completion = llm.generate(["def f():"], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
+    assert len(completion.token_ids) == 3
+    assert seen and all(dtypes == (torch.float32, torch.float32) for dtypes in seen)  # the prefill step's product

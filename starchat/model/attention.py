@@ -44,8 +44,9 @@ class AttentionMetadata:
 
 
 def write_kv_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    layer_cache[0].index_copy_(0, slot_mapping, key)  # (num_slots, kv_dim)
-    layer_cache[1].index_copy_(0, slot_mapping, value)
+    # The cache keeps the model's dtype; on a CPU, 16-bit models compute in float32 (cpu_linear.py).
+    layer_cache[0].index_copy_(0, slot_mapping, key.to(layer_cache.dtype))  # (num_slots, kv_dim)
+    layer_cache[1].index_copy_(0, slot_mapping, value.to(layer_cache.dtype))
 
 
 def paged_attention(
@@ -76,8 +77,8 @@ def paged_attention(
     elif num_decode:
         q = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)  # (Bd, KVH, G, D)
         slots = metadata.decode_gather_slots  # (Bd, L)
-        k = layer_cache[0][slots].view(num_decode, -1, num_kv_heads, head_dim)  # (Bd, L, KVH, D)
-        v = layer_cache[1][slots].view(num_decode, -1, num_kv_heads, head_dim)
+        k = layer_cache[0][slots].to(query.dtype).view(num_decode, -1, num_kv_heads, head_dim)  # (Bd, L, KVH, D)
+        v = layer_cache[1][slots].to(query.dtype).view(num_decode, -1, num_kv_heads, head_dim)
         scores = torch.matmul(q, k.permute(0, 2, 3, 1))  # (Bd, KVH, G, L)
         # Softmax in float32 whatever the model dtype: fp16 decoding degenerates otherwise.
         probs = torch.softmax(scores.float() * scale + metadata.decode_mask, dim=-1).to(v.dtype)
@@ -91,7 +92,7 @@ def paged_attention(
             k_rows, v_rows = key[rows], value[rows]  # (n, KVH*D)
             mask, causal = None, True
         else:
-            k_rows, v_rows = layer_cache[0][chunk.gather_slots], layer_cache[1][chunk.gather_slots]  # (L, KVH*D)
+            k_rows, v_rows = (layer_cache[i][chunk.gather_slots].to(query.dtype) for i in (0, 1))  # (L, KVH*D)
             mask, causal = _chunk_causal_mask(chunk, query.device), False
         k = k_rows.view(1, -1, num_kv_heads, head_dim).transpose(1, 2)  # (1, KVH, L, D)
         v = v_rows.view(1, -1, num_kv_heads, head_dim).transpose(1, 2)

@@ -96,14 +96,43 @@ def prepare_cpu_linears(model: nn.Module) -> None:
                 module.__class__ = CpuLinear
                 module.many_rows_in_float32 = wants_float32_for_many_rows(module.weight.device, module.weight.dtype)
         return
+    # One layer at a time, holding no reference to a replaced layer, so that its unpacked weight is
+    # freed before the next is packed: loading peaks at the model plus one packed copy of a layer.
+    # A weight tied to an embedding table stays alive through the table, so its id stays unique.
     packed_by_weight: dict[int, PackedLinear] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in (nn.Linear, Int8Linear):
-                packed = PackedLinear.from_module(child)
-                packed_by_weight[id(child.weight)] = packed
-                setattr(parent, name, packed)
-    for parent in list(model.modules()):  # tables tied to a packed weight read it from the panels
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Embedding and id(child.weight) in packed_by_weight:
-                setattr(parent, name, PackedEmbedding(packed_by_weight[id(child.weight)]))
+    for parent, names in _children_of_type(model, (nn.Linear, Int8Linear)):
+        for name in names:
+            weight_id = id(getattr(parent, name).weight)
+            packed_by_weight[weight_id] = PackedLinear.from_module(getattr(parent, name))
+            setattr(parent, name, packed_by_weight[weight_id])
+    for parent, names in _children_of_type(model, (nn.Embedding,)):  # tables tied to a packed weight
+        for name in names:
+            packed = packed_by_weight.get(id(getattr(parent, name).weight))
+            if packed is not None:
+                setattr(parent, name, PackedEmbedding(packed))
+
+
+def _children_of_type(model: nn.Module, types: tuple[type, ...]) -> list[tuple[nn.Module, list[str]]]:
+    """(parent, names of its direct children of exactly these types), holding no child itself."""
+    found = []
+    for parent in model.modules():
+        names = [name for name, child in parent.named_children() if type(child) in types]
+        if names:
+            found.append((parent, names))
+    return found
+
+
+def compute_in_float32(model: nn.Module) -> None:
+    """Activations of a packed CPU model in float32 whatever its weight dtype.
+
+    The packed products read 16-bit and int8 weights and compute in float32 anyway; this keeps
+    their inputs and outputs in float32 too, so the rest of a prefill step (layer norms, GELU,
+    attention) runs on PyTorch's float32 CPU kernels instead of its much slower 16-bit ones,
+    and nothing is rounded to 16 bits between layers (as in the fused decode path). The KV cache
+    keeps the model dtype. Only the layer norms and the position table become float32; token
+    embeddings stay as stored and are promoted when the positions are added.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.float()
+    model.transformer.wpe.float()

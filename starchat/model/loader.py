@@ -20,7 +20,8 @@ import torch
 from starchat.config import ModelConfig
 from starchat.model.gpt_bigcode import GPTBigCodeForCausalLM
 from starchat.model.cpu_decode import attach_fused_decode
-from starchat.model.cpu_linear import prepare_cpu_linears
+from starchat.model import native
+from starchat.model.cpu_linear import compute_in_float32, prepare_cpu_linears
 from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
 from starchat.model.random_checkpoint import random_state_dict
 
@@ -237,6 +238,8 @@ def load_model(
         model.lm_head = Int8Linear.from_float(model.lm_head.weight, None, dtype)
     if device.type == "cpu":
         prepare_cpu_linears(model)
+        if native.available():
+            compute_in_float32(model)
         attach_fused_decode(model)
     model.eval()
     return model

@@ -75,21 +75,21 @@ def decode_attention(query: torch.Tensor, layer_cache: torch.Tensor, slots: torc
                      num_heads: int, num_kv_heads: int, scale: float) -> torch.Tensor:
     """One new token per sequence attending to its cached tokens (see decode_attention.c).
 
-    query (B, H*D) and layer_cache (2, num_slots, KVH*D) share a dtype (float32, float16 or
-    bfloat16); slots (B, L) int64 cache rows; mask (B, L) or (B, 1, 1, L) float32, 0 to keep and
-    -inf for padding. Returns (B, H*D) in the query's dtype. Requires `available()`.
+    query (B, H*D) and layer_cache (2, num_slots, KVH*D) are float32, float16 or bfloat16 (not
+    necessarily the same); slots (B, L) int64 cache rows; mask (B, L) or (B, 1, 1, L) float32, 0 to
+    keep and -inf for padding. Returns (B, H*D) in the query's dtype. Requires `available()`.
     """
-    cache_type = CACHE_TYPES.get(query.dtype)
+    query_type, cache_type = CACHE_TYPES.get(query.dtype), CACHE_TYPES.get(layer_cache.dtype)
     batch, max_len = slots.shape
     head_dim = query.shape[1] // num_heads
-    if cache_type is None or layer_cache.dtype != query.dtype or not layer_cache[0].is_contiguous():
-        raise ValueError(f"native decode attention: query {query.dtype} and cache {layer_cache.dtype} must share a 16/32-bit float dtype")
+    if query_type is None or cache_type is None or not layer_cache[0].is_contiguous():
+        raise ValueError(f"native decode attention: query {query.dtype} and cache {layer_cache.dtype} must be 16/32-bit floats")
     if slots.dtype != torch.int64 or mask.dtype != torch.float32 or mask.numel() != batch * max_len:
         raise ValueError("native decode attention: slots must be int64 (B, L) and mask float32 with B * L elements")
     query, slots, mask = query.contiguous(), slots.contiguous(), mask.contiguous()
     out = torch.empty_like(query)
     status = load().starchat_decode_attention(
-        query.data_ptr(), layer_cache[0].data_ptr(), layer_cache[1].data_ptr(), cache_type, slots.data_ptr(),
+        query.data_ptr(), query_type, layer_cache[0].data_ptr(), layer_cache[1].data_ptr(), cache_type, slots.data_ptr(),
         mask.data_ptr(), batch, max_len, num_heads, num_kv_heads, head_dim, scale, out.data_ptr(), torch.get_num_threads(),
     )
     if status:

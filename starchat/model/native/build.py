@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_attention.c", "decode_layer.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h")]
-ABI = 3  # STARCHAT_LINEAR_ABI in linear.c
+ABI = 4  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
 EXTRA_FLAGS_VARIABLE = "STARCHAT_NATIVE_CFLAGS"  # extra compiler flags, e.g. "-mno-avx2" for the portable path
 
@@ -107,7 +107,7 @@ def load() -> ctypes.CDLL | None:
     ]
     library.starchat_decode_attention.restype = ctypes.c_int
     library.starchat_decode_attention.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]
     library.starchat_decode_block.restype = ctypes.c_int

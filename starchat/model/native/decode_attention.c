@@ -116,10 +116,12 @@ void starchat_attention_items(const void *query, int io_type, const void *keys, 
 /* query, out: (batch, heads * head_dim); keys, values: (num_slots, kv_heads * head_dim), all of
  * `type` (W_F32, W_F16 or W_BF16); slots: (batch, max_len); mask: (batch, max_len) additive.
  * Returns 0, -1 for a bad type or shape, -2 when out of memory. */
-int starchat_decode_attention(const void *query, const void *keys, const void *values, int type, const int64_t *slots,
-                              const float *mask, long batch, long max_len, int heads, int kv_heads, int head_dim,
-                              float scale, void *out, int threads) {
-    if (type < W_F32 || type > W_BF16 || kv_heads <= 0 || heads % kv_heads || head_dim <= 0) return -1;
+int starchat_decode_attention(const void *query, int io_type, const void *keys, const void *values, int type,
+                              const int64_t *slots, const float *mask, long batch, long max_len, int heads, int kv_heads,
+                              int head_dim, float scale, void *out, int threads) {
+    if (type < W_F32 || type > W_BF16 || io_type < W_F32 || io_type > W_BF16 || kv_heads <= 0 || heads % kv_heads ||
+        head_dim <= 0)
+        return -1;
     threads = threads > 0 ? threads : 1;
     long scratch_floats = starchat_attention_scratch(batch, max_len, heads, kv_heads, head_dim, threads);
     int failed = 0;
@@ -132,8 +134,8 @@ int starchat_decode_attention(const void *query, const void *keys, const void *v
         }
 #pragma omp barrier
         if (!failed)
-            starchat_attention_items(query, type, keys, values, type, slots, mask, batch, max_len, heads, kv_heads, head_dim,
-                                     scale, out, threads, scratch);
+            starchat_attention_items(query, io_type, keys, values, type, slots, mask, batch, max_len, heads, kv_heads,
+                                     head_dim, scale, out, threads, scratch);
         free(scratch);
     }
     return failed ? -2 : 0;

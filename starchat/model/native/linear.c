@@ -25,7 +25,7 @@
 
 #include "kernels.h"
 
-#define STARCHAT_LINEAR_ABI 3
+#define STARCHAT_LINEAR_ABI 4
 
 int starchat_linear_abi(void) { return STARCHAT_LINEAR_ABI; }
 long starchat_linear_panel(void) { return PANEL; }
