@@ -80,11 +80,10 @@ static inline __attribute__((always_inline)) void load_panel_row(const void *pan
  * issue slots on loop overhead; unrolling by hand instead made GCC hoist the broadcasts and spill
  * accumulators) and prefetches the panel stream PREFETCH_BYTES ahead, once per cache line. */
 static inline __attribute__((always_inline)) void tile_product(const float *x, long ldx, const void *panel, int wtype,
-                                                                 long k, int ROWS, Tile tile) {
+                                                                 long k, int ROWS, Tile tile, const char *ahead) {
     __m256 low[TILE_ROWS], high[TILE_ROWS], w0, w1;
     for (int r = 0; r < ROWS; r++) low[r] = high[r] = _mm256_setzero_ps();
     const long row_bytes = PANEL * element_size(wtype), steps_per_line = 64 / row_bytes;
-    const char *stream = (const char *)panel;
 #define STEP(j)                                                                 \
     load_panel_row(panel, wtype, (j), &w0, &w1);                                \
     for (int r = 0; r < ROWS; r++) {                                            \
@@ -94,7 +93,7 @@ static inline __attribute__((always_inline)) void tile_product(const float *x, l
     }
 #pragma GCC unroll 4
     for (long j = 0; j < k; j++) {
-        if (j % steps_per_line == 0) _mm_prefetch(stream + j * row_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+        if (j % steps_per_line == 0) _mm_prefetch(ahead + j * row_bytes, _MM_HINT_T0);
         STEP(j)
     }
 #undef STEP
@@ -107,7 +106,9 @@ static inline __attribute__((always_inline)) void tile_product(const float *x, l
 /* A panel's weights as float32 (k, PANEL), for the tiles of many rows. */
 static void widen_panel(const void *panel, int wtype, long k, float *out) {
     __m256 low, high;
+    const long row_bytes = PANEL * element_size(wtype);
     for (long j = 0; j < k; j++) {
+        _mm_prefetch((const char *)panel + j * row_bytes + PREFETCH_BYTES, _MM_HINT_T0);
         load_panel_row(panel, wtype, j, &low, &high);
         _mm256_storeu_ps(out + j * PANEL, low);
         _mm256_storeu_ps(out + j * PANEL + 8, high);
@@ -130,7 +131,9 @@ static void widen_row(const void *x, int type, long k, float *out) {
 #define HAVE_AVX2 0
 
 /* The portable tile: the same arithmetic, left to the compiler's vectoriser. */
-static inline void tile_product(const float *x, long ldx, const void *panel, int wtype, long k, int rows, Tile tile) {
+static inline void tile_product(const float *x, long ldx, const void *panel, int wtype, long k, int rows, Tile tile,
+                                const char *ahead) {
+    (void)ahead;
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < PANEL; c++) tile[r][c] = 0.0f;
     float weights[PANEL];
@@ -157,14 +160,15 @@ int starchat_linear_has_avx2(void) { return HAVE_AVX2; }
 
 /* One instance per (rows, weight type): constants let the compiler keep everything in registers. */
 #define DEFINE_TILES(NAME, WTYPE)                                                                                        \
-    static void tiles_##NAME(const float *x, long ldx, const void *panel, long k, int rows, Tile tile) {             \
+    static void tiles_##NAME(const float *x, long ldx, const void *panel, long k, int rows, Tile tile,              \
+                             const char *ahead) {                                                                    \
         switch (rows) {                                                                                                  \
-        case 1: tile_product(x, ldx, panel, WTYPE, k, 1, tile); break;                                                   \
-        case 2: tile_product(x, ldx, panel, WTYPE, k, 2, tile); break;                                                   \
-        case 3: tile_product(x, ldx, panel, WTYPE, k, 3, tile); break;                                                   \
-        case 4: tile_product(x, ldx, panel, WTYPE, k, 4, tile); break;                                                   \
-        case 5: tile_product(x, ldx, panel, WTYPE, k, 5, tile); break;                                                   \
-        default: tile_product(x, ldx, panel, WTYPE, k, 6, tile); break;                                                  \
+        case 1: tile_product(x, ldx, panel, WTYPE, k, 1, tile, ahead); break;                                                   \
+        case 2: tile_product(x, ldx, panel, WTYPE, k, 2, tile, ahead); break;                                                   \
+        case 3: tile_product(x, ldx, panel, WTYPE, k, 3, tile, ahead); break;                                                   \
+        case 4: tile_product(x, ldx, panel, WTYPE, k, 4, tile, ahead); break;                                                   \
+        case 5: tile_product(x, ldx, panel, WTYPE, k, 5, tile, ahead); break;                                                   \
+        default: tile_product(x, ldx, panel, WTYPE, k, 6, tile, ahead); break;                                                  \
         }                                                                                                                \
     }
 DEFINE_TILES(f32, W_F32)
@@ -172,12 +176,12 @@ DEFINE_TILES(f16, W_F16)
 DEFINE_TILES(bf16, W_BF16)
 DEFINE_TILES(i8, W_I8)
 
-static void tiles(const float *x, long ldx, const void *panel, int wtype, long k, int rows, Tile tile) {
+static void tiles(const float *x, long ldx, const void *panel, int wtype, long k, int rows, Tile tile, const char *ahead) {
     switch (wtype) {
-    case W_F16: tiles_f16(x, ldx, panel, k, rows, tile); break;
-    case W_BF16: tiles_bf16(x, ldx, panel, k, rows, tile); break;
-    case W_I8: tiles_i8(x, ldx, panel, k, rows, tile); break;
-    default: tiles_f32(x, ldx, panel, k, rows, tile); break;
+    case W_F16: tiles_f16(x, ldx, panel, k, rows, tile, ahead); break;
+    case W_BF16: tiles_bf16(x, ldx, panel, k, rows, tile, ahead); break;
+    case W_I8: tiles_i8(x, ldx, panel, k, rows, tile, ahead); break;
+    default: tiles_f32(x, ldx, panel, k, rows, tile, ahead); break;
     }
 }
 
@@ -212,7 +216,8 @@ void starchat_linear_columns(const float *x, long m, const void *w, int wtype, c
         const long rows = m - row0 < ROW_BLOCK ? m - row0 : ROW_BLOCK;
 #pragma omp for schedule(static) nowait
         for (long block = 0; block < blocks; block++) {
-            const void *panel = (const char *)w + block * panel_bytes;
+            const char *packed = (const char *)w + block * panel_bytes;
+            const void *panel = packed;
             int type = wtype;
             if (widened) {
                 widen_panel(panel, wtype, k, widened);
@@ -220,10 +225,24 @@ void starchat_linear_columns(const float *x, long m, const void *w, int wtype, c
                 type = W_F32;
             }
             const long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
-            for (long i = 0; i < rows; i += TILE_ROWS) {
-                const int tile_rows = rows - i < TILE_ROWS ? (int)(rows - i) : TILE_ROWS;
-                tiles(x + (row0 + i) * k, k, panel, type, k, tile_rows, tile);
+            /* Rows spread evenly over the tiles (32 rows: 6+6+5+5+5+5, not 6+6+6+6+6+2: a thin
+             * tile does as many loads for fewer FMAs). */
+            const long tile_count = (rows + TILE_ROWS - 1) / TILE_ROWS;
+            for (long t = 0, i = 0; t < tile_count; t++) {
+                const int tile_rows = (int)((rows - i) / (tile_count - t) + ((rows - i) % (tile_count - t) != 0));
+                /* Prefetching: a tile reading the packed panel in place first streams it from
+                 * memory (prefetch ahead in that stream); the next tile finds it in cache and
+                 * fetches the thread's next panel (static schedule: the next block) meanwhile,
+                 * as does the first tile over a widened panel (widen_panel streamed this one).
+                 * Other tiles point the prefetch at lines already cached. */
+                const char *ahead = (const char *)panel;
+                if (panel == packed)
+                    ahead = t == 0 ? packed + PREFETCH_BYTES : t == 1 ? packed + panel_bytes : ahead;
+                else if (t == 0)
+                    ahead = packed + panel_bytes;
+                tiles(x + (row0 + i) * k, k, panel, type, k, tile_rows, tile, ahead);
                 store_tile(out, row0 + i, tile_rows, n0, columns, tile);
+                i += tile_rows;
             }
         }
     }
