@@ -123,6 +123,20 @@ def test_decode_attention_matches_reference(dtype, threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("head_dim", [64, 12])  # vector path (multiple of 8) and scalar path
+def test_decode_attention_of_a_fully_masked_row_is_zero(head_dim):
+    cache = torch.randn(2, 40, head_dim)
+    query = torch.randn(2, 12 * head_dim)
+    slots = torch.arange(34).reshape(2, 17)
+    mask = torch.zeros(2, 17)
+    mask[1] = float("-inf")  # a padding row: nothing to attend to
+    out = native.decode_attention(query, cache, slots, mask, 12, 1, 0.125)
+    assert torch.equal(out[1], torch.zeros(12 * head_dim)) and torch.isfinite(out[0]).all()
+    # a float32 query over a 16-bit cache (16-bit models compute in float32 on a CPU)
+    half = native.decode_attention(query, cache.half(), slots, mask, 12, 1, 0.125)
+    assert half.dtype == torch.float32 and (half[0] - out[0]).abs().max() < 1e-2
+
+
 def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path))
     build.load.cache_clear()

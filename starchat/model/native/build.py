@@ -24,7 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_attention.c", "decode_layer.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h", "vector_math.h")]
 ABI = 4  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
 EXTRA_FLAGS_VARIABLE = "STARCHAT_NATIVE_CFLAGS"  # extra compiler flags, e.g. "-mno-avx2" for the portable path

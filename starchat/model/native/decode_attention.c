@@ -12,6 +12,7 @@
 #include <stdlib.h>
 
 #include "kernels.h"
+#include "vector_math.h"
 
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
@@ -32,51 +33,144 @@ static inline void widen(const void *row, int type, long count, float *out) {
     for (; i < count; i++) out[i] = weight_at(row, type, i);
 }
 
-/* All query heads of one KV head for one sequence: each key/value row is widened once and used
- * by every head of the group. `scratch` holds group * (max_len + 2 * head_dim) + 2 * head_dim floats. */
+static inline int masked(const float *mask, long l) { return isinf(mask[l]) && mask[l] < 0; }
+
+/* head_dim cache values from element `offset` on, as float32; a zero row for masked positions,
+ * whose slots need not hold anything. */
+static inline void cache_row(const void *cache, int type, long offset, int head_dim, int skip, float *out) {
+    if (skip) {
+        for (int d = 0; d < head_dim; d++) out[d] = 0.0f;
+        return;
+    }
+    widen((const char *)cache + offset * element_size(type), type, head_dim, out);
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define ATTENTION_AVX2 1
+/* The dot products of q with 8 rows (row-major, head_dim apart): lane i = q . rows[i]. The
+ * partial sums stay in vectors and one add tree reduces all eight (no horizontal sum per row). */
+static inline __m256 dot8(const float *q, const float *rows, int head_dim) {
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (int d = 0; d < head_dim; d += 8) {
+        __m256 qv = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + i * head_dim + d), a[i]);
+    }
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* acc[h][0..8) = sum_l weights[h * stride + l] * values[l * head_dim + c ..], for HEADS heads. */
+static inline __attribute__((always_inline)) void weighted_values(const float *weights, long stride, const float *values,
+                                                                    long length, int head_dim, int c, int HEADS, __m256 *acc) {
+    for (int h = 0; h < HEADS; h++) acc[h] = _mm256_setzero_ps();
+    for (long l = 0; l < length; l++) {
+        __m256 v = _mm256_loadu_ps(values + l * head_dim + c);
+        for (int h = 0; h < HEADS; h++) acc[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + h * stride + l), v, acc[h]);
+    }
+}
+#else
+#define ATTENTION_AVX2 0
+#endif
+
+/* All query heads of one KV head for one sequence; every key/value row is widened once and used
+ * by every head of the group. `scratch`: attention_scratch_floats(...) floats. */
 static void group_attention(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
                             const float *mask, long max_len, long kv_dim, int group, int head_dim, int kv_head,
                             float scale, void *out, long q_offset, float *scratch) {
-    float *scores = scratch;                                   /* group x max_len */
+    float *scores = scratch;                                   /* group x max_len: scores, then weights */
     float *q = scores + (long)group * max_len;                 /* group x head_dim */
-    float *acc = q + (long)group * head_dim;                   /* group x head_dim */
-    float *row = acc + (long)group * head_dim;                 /* head_dim */
-    for (int g = 0; g < group; g++) widen((const char *)query + (q_offset + (long)g * head_dim) * element_size(io_type), io_type, head_dim, q + g * head_dim);
-    long key_offset = (long)kv_head * head_dim;
-    float best[group];
-    for (int g = 0; g < group; g++) best[g] = -INFINITY;
-    for (long l = 0; l < max_len; l++) {
-        if (isinf(mask[l]) && mask[l] < 0) continue;
-        widen((const char *)keys + (slots[l] * kv_dim + key_offset) * element_size(type), type, head_dim, row);
+    float *rows = q + (long)group * head_dim;                  /* max_len x head_dim widened keys, then values */
+    float *best = rows + max_len * head_dim, *total = best + group;
+    const long offset = (long)kv_head * head_dim;
+    for (int g = 0; g < group; g++)
+        widen((const char *)query + (q_offset + (long)g * head_dim) * element_size(io_type), io_type, head_dim, q + g * head_dim);
+    for (int g = 0; g < group; g++) best[g] = -INFINITY, total[g] = 0.0f;
+    for (long l = 0; l < max_len; l++)
+        cache_row(keys, type, slots[l] * kv_dim + offset, head_dim, masked(mask, l), rows + l * head_dim);
+
+    /* Scores (masked positions: -inf) and their maximum per head. */
+    long l = 0;
+#if ATTENTION_AVX2
+    if (head_dim % 8 == 0)
+        for (; l + 8 <= max_len; l += 8) {
+            __m256 bias = _mm256_loadu_ps(mask + l), factor = _mm256_set1_ps(scale);
+            for (int g = 0; g < group; g++)
+                _mm256_storeu_ps(scores + g * max_len + l, _mm256_fmadd_ps(dot8(q + g * head_dim, rows + l * head_dim, head_dim), factor, bias));
+        }
+#endif
+    for (; l < max_len; l++)
         for (int g = 0; g < group; g++) {
             float dot = 0.0f;
-            const float *qg = q + g * head_dim;
+            const float *qg = q + g * head_dim, *row = rows + l * head_dim;
 #pragma omp simd reduction(+ : dot)
             for (int d = 0; d < head_dim; d++) dot += qg[d] * row[d];
-            float score = dot * scale + mask[l];
-            scores[g * max_len + l] = score;
-            if (score > best[g]) best[g] = score;
+            scores[g * max_len + l] = dot * scale + mask[l];
+        }
+    /* Softmax weights, unnormalised: exp(score - max); a head with every position masked keeps
+     * weights 0 and gives zeros, not NaN. */
+    for (int g = 0; g < group; g++) {
+        float *row = scores + g * max_len;
+        for (long i = 0; i < max_len; i++) best[g] = row[i] > best[g] ? row[i] : best[g];
+        if (isinf(best[g])) {
+            for (long i = 0; i < max_len; i++) row[i] = 0.0f;
+            continue;
+        }
+        long i = 0;
+#if ATTENTION_AVX2
+        __m256 sum = _mm256_setzero_ps(), shift = _mm256_set1_ps(best[g]);
+        for (; i + 8 <= max_len; i += 8) {
+            __m256 weight = exp_negative(_mm256_sub_ps(_mm256_loadu_ps(row + i), shift));
+            _mm256_storeu_ps(row + i, weight);
+            sum = _mm256_add_ps(sum, weight);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, sum);
+        for (int lane = 0; lane < 8; lane++) total[g] += lanes[lane];
+#endif
+        for (; i < max_len; i++) {
+            row[i] = masked(mask, i) ? 0.0f : expf(row[i] - best[g]);
+            total[g] += row[i];
         }
     }
-    float total[group];
-    for (int g = 0; g < group; g++) {
-        total[g] = 0.0f;
-        for (int d = 0; d < head_dim; d++) acc[g * head_dim + d] = 0.0f;
-    }
-    for (long l = 0; l < max_len; l++) {
-        if (isinf(mask[l]) && mask[l] < 0) continue;
-        widen((const char *)values + (slots[l] * kv_dim + key_offset) * element_size(type), type, head_dim, row);
-        for (int g = 0; g < group; g++) {
-            float weight = expf(scores[g * max_len + l] - best[g]);
-            total[g] += weight;
-            float *ag = acc + g * head_dim;
-#pragma omp simd
-            for (int d = 0; d < head_dim; d++) ag[d] += weight * row[d];
+    for (l = 0; l < max_len; l++)
+        cache_row(values, type, slots[l] * kv_dim + offset, head_dim, masked(mask, l), rows + l * head_dim);
+
+    /* out[g] = weights[g] @ values / total[g] */
+    int g = 0;
+#if ATTENTION_AVX2
+    if (head_dim % 8 == 0)
+        for (; g < group; g += 8) {
+            int heads = group - g < 8 ? group - g : 8;
+            for (int c = 0; c < head_dim; c += 8) {
+                __m256 acc[8];
+                switch (heads) { /* constant head counts keep the accumulators in registers */
+                case 8: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 8, acc); break;
+                case 7: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 7, acc); break;
+                case 6: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 6, acc); break;
+                case 5: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 5, acc); break;
+                case 4: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 4, acc); break;
+                case 3: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 3, acc); break;
+                case 2: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 2, acc); break;
+                default: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 1, acc); break;
+                }
+                for (int h = 0; h < heads; h++) {
+                    float lanes[8], inverse = total[g + h] > 0.0f ? 1.0f / total[g + h] : 0.0f;
+                    _mm256_storeu_ps(lanes, _mm256_mul_ps(acc[h], _mm256_set1_ps(inverse)));
+                    for (int d = 0; d < 8; d++) store_as(out, io_type, q_offset + (long)(g + h) * head_dim + c + d, lanes[d]);
+                }
+            }
         }
-    }
-    for (int g = 0; g < group; g++) {
-        float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f; /* all masked: zeros, not NaN */
-        for (int d = 0; d < head_dim; d++) store_as(out, io_type, q_offset + (long)g * head_dim + d, acc[g * head_dim + d] * inverse);
+#endif
+    for (; g < group; g++) {
+        float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
+        for (int d = 0; d < head_dim; d++) {
+            float sum = 0.0f;
+            for (long i = 0; i < max_len; i++) sum += scores[g * max_len + i] * rows[i * head_dim + d];
+            store_as(out, io_type, q_offset + (long)g * head_dim + d, sum * inverse);
+        }
     }
 }
 
@@ -92,7 +186,7 @@ static void work_split(long batch, int heads, int kv_heads, int threads, int *sp
 long starchat_attention_scratch(long batch, long max_len, int heads, int kv_heads, int head_dim, int threads) {
     int split, per_item;
     work_split(batch, heads, kv_heads, threads, &split, &per_item);
-    return (long)per_item * (max_len + 2 * head_dim) + head_dim;
+    return (long)per_item * (max_len + head_dim + 2) + max_len * head_dim;
 }
 
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,

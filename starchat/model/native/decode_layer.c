@@ -13,6 +13,7 @@
 #include <stdlib.h>
 
 #include "kernels.h"
+#include "vector_math.h"
 
 /* A Linear layer: weight (n, k) of wtype, float32 scales (int8 only) and bias (may be NULL). */
 typedef struct {
@@ -62,6 +63,20 @@ static inline float gelu(float x, int tanh_approximation) {
     return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
 }
 
+/* x = gelu(x) over `count` floats, shared among the threads (orphaned work-sharing loop). */
+static void gelu_rows(float *x, long count, int tanh_approximation) {
+    const long chunk = 512, chunks = (count + chunk - 1) / chunk;
+#pragma omp for schedule(static)
+    for (long c = 0; c < chunks; c++) {
+        long i = c * chunk, end = i + chunk < count ? i + chunk : count;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (tanh_approximation) /* scalar tanhf costs about as much as a layer's attention */
+            for (; i + 8 <= end; i += 8) _mm256_storeu_ps(x + i, gelu_tanh8(_mm256_loadu_ps(x + i)));
+#endif
+        for (; i < end; i++) x[i] = gelu(x[i], tanh_approximation);
+    }
+}
+
 static void product(const float *x, const Block *b, const Linear *layer, float *y, long n, long k) {
     Output out = {y, W_F32, n, layer->scales, layer->bias};
     starchat_linear_columns(x, b->rows, layer->weight, layer->wtype, &out, n, k);
@@ -105,8 +120,7 @@ int starchat_decode_block(const Block *b, float *hidden, float *scratch, int thr
             for (long i = 0; i < rows * embed; i++) hidden[i] += wide[i];
             layer_norm_rows(hidden, rows, embed, b->ln2_weight, b->ln2_bias, b->eps, normed);
             product(normed, b, &b->c_fc, wide, b->inner, embed);
-#pragma omp for schedule(static)
-            for (long i = 0; i < rows * b->inner; i++) wide[i] = gelu(wide[i], b->gelu_tanh);
+            gelu_rows(wide, rows * b->inner, b->gelu_tanh);
             product(wide, b, &b->mlp_proj, attended, embed, b->inner);
 #pragma omp for schedule(static)
             for (long i = 0; i < rows * embed; i++) hidden[i] += attended[i];
