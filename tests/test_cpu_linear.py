@@ -17,11 +17,11 @@ needs_kernels = pytest.mark.skipif(not native.available(), reason="no C compiler
 
 
 class _Tied(nn.Module):
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, vocab: int = 40):
         super().__init__()
-        self.embed = nn.Embedding(40, 24).to(dtype)
+        self.embed = nn.Embedding(vocab, 24).to(dtype)
         self.body = nn.Linear(24, 24).to(dtype)
-        self.head = nn.Linear(24, 40, bias=False).to(dtype)
+        self.head = nn.Linear(24, vocab, bias=False).to(dtype)
         self.head.weight = self.embed.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -30,23 +30,26 @@ class _Tied(nn.Module):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_packed_model_equals_the_plain_one(dtype):
+@pytest.mark.parametrize("vocab", [40, 48])  # a padded last panel (table copied), whole panels (packed in place)
+def test_packed_model_equals_the_plain_one(dtype, vocab):
     torch.manual_seed(0)
-    model = _Tied(dtype)
-    ids = torch.randint(0, 40, (2, 150))  # 300 rows: many tiles and two blocks of rows in one product
+    model = _Tied(dtype, vocab)
+    table = model.embed.weight.data_ptr()
+    ids = torch.randint(0, vocab, (2, 150))  # 300 rows: many tiles and two blocks of rows in one product
     reference = _double(model)(ids)
     prepare_cpu_linears(model)
     assert type(model.body) is PackedLinear and type(model.head) is PackedLinear and type(model.embed) is PackedEmbedding
     assert model.embed.packed_weight is model.head.packed_weight  # the tied table is stored once
+    assert (model.head.packed_weight.data_ptr() == table) == (vocab % 16 == 0)  # in place when no padding is needed
     assert sum(p.numel() for p in model.parameters()) == 48 * 24 + 32 * 24 + 24  # outputs padded to whole panels of 16
     out = model(ids)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    assert out.dtype == dtype and out.shape == (2, 150, 40)
+    assert out.dtype == dtype and out.shape == (2, 150, vocab)
     assert ((out.double() - reference).abs().max() / reference.abs().max()) < tolerance
 
 
 def _double(model: _Tied) -> _Tied:
-    copy = _Tied(torch.float64)
+    copy = _Tied(torch.float64, model.embed.num_embeddings)
     copy.load_state_dict({name: tensor.double() for name, tensor in model.state_dict().items()})
     return copy
 

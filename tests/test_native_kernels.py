@@ -92,6 +92,11 @@ def test_packed_weight_rows_read_back(dtype):
     rows = torch.tensor([0, 15, 16, 36, 5, 5])
     assert torch.equal(native.unpack_rows(packed, rows), weight[rows])
     assert not packed[2, :, 5:].any()  # the padded columns are zero
+    whole = weight[:32].clone()
+    in_place = native.pack_weight_in_place(whole)
+    assert in_place.data_ptr() == whole.data_ptr() and torch.equal(in_place, native.pack_weight(weight[:32]))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native.pack_weight_in_place(weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -53,9 +53,17 @@ class PackedLinear(nn.Module):
         self.scales = None if scales is None else _frozen(scales.detach().float().contiguous())
 
     @classmethod
-    def from_module(cls, module: nn.Linear | Int8Linear) -> "PackedLinear":
+    def from_module(cls, module: nn.Linear | Int8Linear, in_place: bool = False,
+                    scratch: torch.Tensor | None = None) -> "PackedLinear":
+        """`in_place`: pack in the weight's own storage where its shape allows (the weight is then
+        unusable elsewhere), staging panels through `scratch` (see native.pack_weight_in_place)."""
         scales = module.scales if isinstance(module, Int8Linear) else None
-        return cls(native.pack_weight(module.weight.detach()), module.out_features, module.bias, scales)
+        weight = module.weight.detach()
+        if in_place and weight.shape[0] % native.PANEL == 0 and weight.is_contiguous():
+            packed = native.pack_weight_in_place(weight, scratch)
+        else:
+            packed = native.pack_weight(weight)
+        return cls(packed, module.out_features, module.bias, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return native.linear(x, self.packed_weight, self.out_features, self.bias, self.scales)
@@ -89,21 +97,29 @@ class CpuLinear(nn.Linear):
 
 
 def prepare_cpu_linears(model: nn.Module) -> None:
-    """Set up every Linear of a built CPU `model` for the fastest products available (see above)."""
+    """Set up every Linear of a built CPU `model` for the fastest products available (see above).
+
+    With the native kernels the model's Linear weights are consumed: packed in their own storage
+    where possible, so nothing else may keep using them."""
     if not native.available():
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.__class__ = CpuLinear
                 module.many_rows_in_float32 = wants_float32_for_many_rows(module.weight.device, module.weight.dtype)
         return
-    # One layer at a time, holding no reference to a replaced layer, so that its unpacked weight is
-    # freed before the next is packed: loading peaks at the model plus one packed copy of a layer.
-    # A weight tied to an embedding table stays alive through the table, so its id stays unique.
+    # Each weight is packed in its own storage where its shape allows (out_features a multiple of
+    # 16: every layer of the StarCoder family but an lm_head of 49,156 tokens), through one reused
+    # scratch buffer, else copied, one layer at a time with no reference kept to a replaced layer.
+    # Copies, even freed at once, left the allocator holding more memory: tiny_starcoder's load
+    # peak rose from 1.24x to 1.49x its weights (bf16; bench/load_memory.py), and temporaries of
+    # a different size per layer to 1.9x in some runs. A weight tied to an embedding table stays alive
+    # through the table until the table is swapped below, so its id stays unique.
     packed_by_weight: dict[int, PackedLinear] = {}
+    scratch = torch.empty(16 << 20, dtype=torch.uint8)
     for parent, names in _children_of_type(model, (nn.Linear, Int8Linear)):
         for name in names:
             weight_id = id(getattr(parent, name).weight)
-            packed_by_weight[weight_id] = PackedLinear.from_module(getattr(parent, name))
+            packed_by_weight[weight_id] = PackedLinear.from_module(getattr(parent, name), in_place=True, scratch=scratch)
             setattr(parent, name, packed_by_weight[weight_id])
     for parent, names in _children_of_type(model, (nn.Embedding,)):  # tables tied to a packed weight
         for name in names:

@@ -26,6 +26,28 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(panels, PANEL, in_features).transpose(1, 2).contiguous()
 
 
+def pack_weight_in_place(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """`pack_weight(weight)` in weight's own storage (N a multiple of PANEL, contiguous): no second
+    copy of the model's matrices while loading. `weight` itself is scrambled: use only the returned
+    view. Panels go through `scratch` (a uint8 tensor, reused across calls; 16 MiB by default) a
+    few at a time: allocations of a different size per layer fragmented the heap and cost more
+    memory than they held."""
+    out_features, in_features = weight.shape
+    if out_features % PANEL or not weight.is_contiguous():
+        raise ValueError(f"pack_weight_in_place: needs a contiguous weight with a multiple of {PANEL} rows, not {tuple(weight.shape)}")
+    panels, panel_bytes = out_features // PANEL, PANEL * in_features * weight.element_size()
+    if scratch is None or scratch.numel() < panel_bytes:
+        scratch = torch.empty(max(panel_bytes, 16 << 20), dtype=torch.uint8)
+    step = scratch.numel() // panel_bytes
+    blocks = weight.view(panels, PANEL, in_features)
+    for start in range(0, panels, step):
+        count = min(step, panels - start)
+        staged = scratch[:count * panel_bytes].view(weight.dtype).view(count, in_features, PANEL)
+        staged.copy_(blocks[start:start + count].transpose(1, 2))  # out of the rows before they are overwritten
+        blocks[start:start + count].view(count, in_features, PANEL).copy_(staged)
+    return weight.view(panels, in_features, PANEL)
+
+
 def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` of the (N, K) weight that `packed` holds: an embedding lookup in a table that
     is also a packed lm_head (tied weights are stored once)."""
