@@ -140,6 +140,8 @@ def test_decode_attention_of_a_fully_masked_row_is_zero(head_dim):
     # a float32 query over a 16-bit cache (16-bit models compute in float32 on a CPU)
     half = native.decode_attention(query, cache.half(), slots, mask, 12, 1, 0.125)
     assert half.dtype == torch.float32 and (half[0] - out[0]).abs().max() < 1e-2
+    cache[0, 3, 1] = float("nan")  # a NaN key shows in the output, as in PyTorch's softmax
+    assert torch.isnan(native.decode_attention(query, cache, slots, mask, 12, 1, 0.125)[0]).all()
 
 
 def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):

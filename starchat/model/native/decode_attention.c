@@ -76,7 +76,7 @@ static inline __attribute__((always_inline)) void weighted_values(const float *w
 #endif
 
 /* All query heads of one KV head for one sequence; every key/value row is widened once and used
- * by every head of the group. `scratch`: attention_scratch_floats(...) floats. */
+ * by every head of the group. `scratch`: starchat_attention_scratch(...) floats. */
 static void group_attention(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
                             const float *mask, long max_len, long kv_dim, int group, int head_dim, int kv_head,
                             float scale, void *out, long q_offset, float *scratch) {

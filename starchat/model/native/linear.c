@@ -12,8 +12,8 @@
  *   registers. The panel is read from cache by every further tile of rows, so many rows (prefill,
  *   large decode batches) are compute-bound. Packing at load time removes the per-call transposes
  *   that capped the kernel at about half this speed.
- * - With more than TILE_ROWS rows, 16-bit and int8 panels are widened to float32 once per call
- *   (per thread, in cache) instead of once per tile of rows.
+ * - With more than TILE_ROWS rows, 16-bit and int8 panels are widened to float32 once per panel
+ *   and block of rows (per thread, in cache) instead of in every tile.
  *
  * X and Y are float32, float16 or bfloat16 (the arithmetic is float32). Compiled on the user's
  * machine with -march=native (see build.py): AVX2 + FMA + F16C where the CPU has them, a portable
@@ -203,8 +203,8 @@ static void store_tile(const Output *out, long row0, int rows, long n0, long col
 
 /* y = x w^T for float32 x (m, k) and packed w, shared among the threads of the enclosing parallel
  * region (an orphaned work-sharing loop ending in a barrier; called outside a region it runs on
- * the calling thread). Each thread takes the same panels in every row block, so it only ever
- * reads outputs it wrote itself until the closing barrier. */
+ * the calling thread). A thread takes the same panels in every block of rows and writes only
+ * their columns, so no thread waits between blocks (nowait) until the closing barrier. */
 void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
     const long blocks = (n + PANEL - 1) / PANEL, panel_bytes = k * PANEL * element_size(wtype);
     /* Widening a 16-bit or int8 panel once pays for itself from the second tile of rows. A
@@ -256,6 +256,7 @@ void starchat_linear_columns(const float *x, long m, const void *w, int wtype, c
 int starchat_linear(const void *x, int xtype, long m, const void *w, int wtype, const float *scales,
                     const float *bias, void *y, int ytype, long n, long k, int threads) {
     if (wtype < W_F32 || wtype > W_I8 || xtype < W_F32 || xtype > W_BF16 || ytype < W_F32 || ytype > W_BF16) return -1;
+    if (m <= 0) return 0;
     float *widened = NULL;
     if (xtype != W_F32) {
         widened = (float *)malloc((size_t)(m * k) * sizeof(float));

@@ -5,11 +5,11 @@
 #include <immintrin.h>
 
 /* exp(x) for x <= 0 (scores minus their maximum), float32: 2^n * p(r) with x = n ln2 + r and a
- * degree-6 polynomial for e^r on |r| <= ln2 / 2 (relative error about 2e-7); -inf gives 0. */
+ * degree-6 polynomial for e^r on |r| <= ln2 / 2 (relative error about 2e-7); -inf gives 0, NaN NaN. */
 static inline __m256 exp_negative(__m256 x) {
     const __m256 lowest = _mm256_set1_ps(-87.0f);
     __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lowest);
+    x = _mm256_max_ps(lowest, x); /* this operand order keeps a NaN (max returns its second operand then) */
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
