@@ -39,6 +39,25 @@ static inline float weight_at(const void *w, int wtype, long index) {
     default: return ((const float *)w)[index];
     }
 }
+/* count values of `type` (W_F32, W_F16 or W_BF16) as float32: activation rows, cache rows. */
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
+static inline void widen_to_float32(const void *row, int type, long count, float *out) {
+    long i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    if (type == W_F16)
+        for (; i + 8 <= count; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i))));
+    else if (type == W_BF16)
+        for (; i + 8 <= count; i += 8) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+            _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+        }
+#endif
+    for (; i < count; i++) out[i] = weight_at(row, type, i);
+}
+
 static inline uint16_t f32_to_bf16(float value) {
     uint32_t bits;
     memcpy(&bits, &value, 4);

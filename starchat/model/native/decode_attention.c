@@ -14,25 +14,6 @@
 #include "kernels.h"
 #include "vector_math.h"
 
-#if defined(__AVX2__) && defined(__F16C__)
-#include <immintrin.h>
-#endif
-
-static inline void widen(const void *row, int type, long count, float *out) {
-    long i = 0;
-#if defined(__AVX2__) && defined(__F16C__)
-    if (type == W_F16)
-        for (; i + 8 <= count; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i))));
-    else if (type == W_BF16)
-        for (; i + 8 <= count; i += 8) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
-            _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
-        }
-#endif
-    for (; i < count; i++) out[i] = weight_at(row, type, i);
-}
-
 static inline int masked(const float *mask, long l) { return isinf(mask[l]) && mask[l] < 0; }
 
 /* head_dim cache values from element `offset` on, as float32; a zero row for masked positions,
@@ -42,7 +23,7 @@ static inline void cache_row(const void *cache, int type, long offset, int head_
         for (int d = 0; d < head_dim; d++) out[d] = 0.0f;
         return;
     }
-    widen((const char *)cache + offset * element_size(type), type, head_dim, out);
+    widen_to_float32((const char *)cache + offset * element_size(type), type, head_dim, out);
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -86,7 +67,7 @@ static void group_attention(const void *query, int io_type, const void *keys, co
     float *best = rows + max_len * head_dim, *total = best + group;
     const long offset = (long)kv_head * head_dim;
     for (int g = 0; g < group; g++)
-        widen((const char *)query + (q_offset + (long)g * head_dim) * element_size(io_type), io_type, head_dim, q + g * head_dim);
+        widen_to_float32((const char *)query + (q_offset + (long)g * head_dim) * element_size(io_type), io_type, head_dim, q + g * head_dim);
     for (int g = 0; g < group; g++) best[g] = -INFINITY, total[g] = 0.0f;
     for (long l = 0; l < max_len; l++)
         cache_row(keys, type, slots[l] * kv_dim + offset, head_dim, masked(mask, l), rows + l * head_dim);
@@ -207,8 +188,8 @@ void starchat_attention_items(const void *query, int io_type, const void *keys, 
     }
 }
 
-/* query, out: (batch, heads * head_dim); keys, values: (num_slots, kv_heads * head_dim), all of
- * `type` (W_F32, W_F16 or W_BF16); slots: (batch, max_len); mask: (batch, max_len) additive.
+/* query, out: (batch, heads * head_dim) of io_type; keys, values: (num_slots, kv_heads * head_dim)
+ * of `type` (each W_F32, W_F16 or W_BF16); slots: (batch, max_len); mask: (batch, max_len) additive.
  * Returns 0, -1 for a bad type or shape, -2 when out of memory. */
 int starchat_decode_attention(const void *query, int io_type, const void *keys, const void *values, int type,
                               const int64_t *slots, const float *mask, long batch, long max_len, int heads, int kv_heads,

@@ -28,7 +28,6 @@
 #define STARCHAT_LINEAR_ABI 4
 
 int starchat_linear_abi(void) { return STARCHAT_LINEAR_ABI; }
-long starchat_linear_panel(void) { return PANEL; }
 
 #define TILE_ROWS 6
 /* Rows per pass over the weights: the activation block a thread re-reads for every panel stays
@@ -114,19 +113,6 @@ static void widen_panel(const void *panel, int wtype, long k, float *out) {
         _mm256_storeu_ps(out + j * PANEL + 8, high);
     }
 }
-
-/* Activation rows of a 16-bit type widened to float32. */
-static void widen_row(const void *x, int type, long k, float *out) {
-    const uint16_t *in = (const uint16_t *)x;
-    long j = 0;
-    for (; j + 8 <= k; j += 8) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(in + j));
-        __m256 wide = type == W_F16 ? _mm256_cvtph_ps(raw)
-                                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-        _mm256_storeu_ps(out + j, wide);
-    }
-    for (; j < k; j++) out[j] = weight_at(x, type, j);
-}
 #else
 #define HAVE_AVX2 0
 
@@ -149,10 +135,6 @@ static inline void tile_product(const float *x, long ldx, const void *panel, int
 
 static void widen_panel(const void *panel, int wtype, long k, float *out) {
     for (long index = 0; index < k * PANEL; index++) out[index] = weight_at(panel, wtype, index);
-}
-
-static void widen_row(const void *x, int type, long k, float *out) {
-    for (long j = 0; j < k; j++) out[j] = weight_at(x, type, j);
 }
 #endif
 
@@ -268,7 +250,7 @@ int starchat_linear(const void *x, int xtype, long m, const void *w, int wtype, 
     {
         if (widened) {
 #pragma omp for schedule(static)
-            for (long r = 0; r < m; r++) widen_row((const uint16_t *)x + r * k, xtype, k, widened + r * k);
+            for (long r = 0; r < m; r++) widen_to_float32((const uint16_t *)x + r * k, xtype, k, widened + r * k);
         }
         starchat_linear_columns(rows, m, w, wtype, &out, n, k);
     }
