@@ -6,7 +6,10 @@
 For each dtype, in one run on one machine: batch-1 decode (ms/token, tokens/s, achieved GB/s),
 time to first token of a 128-token prompt, and output tokens/s of N concurrent requests
 (128-token prompts, 128 new tokens; ours through the continuous-batching scheduler, HF as one
-static batch). Prints ours/HF ratios and the absolute figures. With --llamacpp-converter,
+static batch). Prints ours/HF ratios and the absolute figures. The batch-1 figures are taken in
+--rounds turns, every side once per round with all of them loaded (the host drifts by 10-20% over
+minutes); each figure is a median over the rounds and each ratio the median of the rounds' ratios.
+With --llamacpp-converter,
 llama.cpp (llama-cpp-python, see starchat/bench/llamacpp.py) decodes the same checkpoint converted
 to GGUF at the same type (f32/f16/bf16; q8_0 beside our --int8) in the same run: batch 1 and
 the concurrent requests (its batch API, one KV sequence per request).
@@ -16,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
 
 from starchat.bench.checkpoints import random_checkpoint
 from starchat.bench.machine import describe_machine
-from starchat.bench.offline import HFBaseline, ours_latency, ours_throughput
+from starchat.bench.offline import HFBaseline, interleave, median_latency, ours_latency, ours_throughput, round_ratios
 from starchat.llm import LLM
 
 
@@ -41,6 +45,8 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     parser.add_argument("--int8", action="store_true", help="also ours with --quantize int8 (bf16 activations)")
     parser.add_argument("--llamacpp-converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py: adds llama.cpp")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="batch-1 figures: rounds of every side in turn; medians and per-round ratios are reported")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -51,30 +57,8 @@ def main() -> None:
     print(f"machine: {results['machine']}\nmodel: {model_dir}", flush=True)
     runs = [(dtype, None) for dtype in args.dtype] + ([("bfloat16", "int8")] if args.int8 else [])
     for dtype, quantize in runs:
-        llm = LLM(str(model_dir), dtype=dtype, device=args.device, progress=False, max_num_seqs=max(64, *args.concurrent),
-                  quantize=quantize)
-        run = {"ours": {"latency": ours_latency(llm, args.new_tokens, args.prompt_len).as_dict()}}
-        for n in args.concurrent:
-            run["ours"][f"concurrent_{n}"] = ours_throughput(llm, n, args.prompt_len, args.new_tokens).as_dict()
-        del llm
-        if args.llamacpp_converter:
-            from starchat.bench.llamacpp import LlamaCppBaseline, convert_to_gguf
-
-            outtype = "q8_0" if quantize else GGUF_TYPES[dtype]
-            gguf = convert_to_gguf(model_dir, outtype, args.llamacpp_converter, model_dir.parent / "gguf")
-            baseline = LlamaCppBaseline(gguf, threads=torch.get_num_threads())
-            run["llama.cpp"] = {"type": outtype, "latency": baseline.latency(args.new_tokens, args.prompt_len,
-                                                                            gguf.stat().st_size).as_dict()}
-            for n in args.concurrent:
-                run["llama.cpp"][f"concurrent_{n}"] = baseline.throughput(n, args.prompt_len, args.new_tokens).as_dict()
-            del baseline
+        run = _measure(args, model_dir, dtype, quantize)
         dtype = f"{dtype}+{quantize}" if quantize else dtype
-        if not args.no_hf and not quantize:
-            hf = HFBaseline(model_dir, dtype, args.device)
-            run["hf"] = {"latency": hf.latency(args.new_tokens, args.prompt_len).as_dict()}
-            for n in args.concurrent:
-                run["hf"][f"concurrent_{n}"] = hf.throughput(n, args.prompt_len, args.new_tokens).as_dict()
-            del hf
         results["runs"][dtype] = run
         _print(dtype, run)
     if args.json:
@@ -82,33 +66,67 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _measure(args, model_dir: Path, dtype: str, quantize: str | None) -> dict:
+    """One dtype's figures, every side loaded at once (they are freed when this returns)."""
+    llm = LLM(str(model_dir), dtype=dtype, device=args.device, progress=False, max_num_seqs=max(64, *args.concurrent),
+              quantize=quantize)
+    # Every side stays loaded so that the batch-1 figures can be taken in turns (offline.interleave).
+    sides = {"ours": lambda: ours_latency(llm, args.new_tokens, args.prompt_len)}
+    baseline = hf = None
+    if args.llamacpp_converter:
+        from starchat.bench.llamacpp import LlamaCppBaseline, convert_to_gguf
+
+        outtype = "q8_0" if quantize else GGUF_TYPES[dtype]
+        gguf = convert_to_gguf(model_dir, outtype, args.llamacpp_converter, model_dir.parent / "gguf")
+        baseline = LlamaCppBaseline(gguf, threads=torch.get_num_threads())
+        sides["llama.cpp"] = lambda: baseline.latency(args.new_tokens, args.prompt_len, gguf.stat().st_size)
+    if not args.no_hf and not quantize:
+        hf = HFBaseline(model_dir, dtype, args.device)
+        sides["hf"] = lambda: hf.latency(args.new_tokens, args.prompt_len)
+    latencies = interleave(sides, args.rounds)
+    run = {name: {"latency": median_latency(rounds).as_dict(), "latency_rounds": [r.as_dict() for r in rounds]}
+           for name, rounds in latencies.items()}
+    ours_rounds = [r.tokens_per_s for r in latencies["ours"]]
+    run["ours_vs"] = {name: round_ratios(ours_rounds, [r.tokens_per_s for r in rounds])
+                      for name, rounds in latencies.items() if name != "ours"}
+    for n in args.concurrent:
+        run["ours"][f"concurrent_{n}"] = ours_throughput(llm, n, args.prompt_len, args.new_tokens).as_dict()
+        if baseline:
+            run["llama.cpp"][f"concurrent_{n}"] = baseline.throughput(n, args.prompt_len, args.new_tokens).as_dict()
+        if hf:
+            run["hf"][f"concurrent_{n}"] = hf.throughput(n, args.prompt_len, args.new_tokens).as_dict()
+    if baseline:
+        run["llama.cpp"]["type"] = outtype
+    return run
+
+
+def _ratio_text(ratios: list[float]) -> str:
+    text = f"x{statistics.median(ratios):.2f}"
+    return text + (f" (rounds x{min(ratios):.2f}-x{max(ratios):.2f})" if len(ratios) > 1 else "")
+
+
 def _print(dtype: str, run: dict) -> None:
-    ours, hf = run["ours"], run.get("hf")
-    lines = [("batch-1 decode tokens/s", ours["latency"]["tokens_per_s"], hf and hf["latency"]["tokens_per_s"]),
-             ("batch-1 ms/token", ours["latency"]["ms_per_token"], hf and hf["latency"]["ms_per_token"]),
-             ("batch-1 achieved GB/s", ours["latency"]["achieved_gb_per_s"], hf and hf["latency"]["achieved_gb_per_s"]),
-             ("TTFT ms (128-token prompt)", ours["latency"]["ttft_ms"], hf and hf["latency"]["ttft_ms"])]
+    ours = run["ours"]
+    print(f"\n== {dtype} == (batch-1: medians of {len(ours['latency_rounds'])} rounds taken in turns; "
+          "ratio = median of the rounds' ratios)")
+    print(f"{'batch-1 decode tokens/s':38s} ours {ours['latency']['tokens_per_s']:9.1f}   "
+          f"({ours['latency']['achieved_gb_per_s']:.1f} GB/s, {ours['latency']['ms_per_token']:.1f} ms/token)")
+    print(f"{'TTFT ms (128-token prompt)':38s} ours {ours['latency']['ttft_ms']:9.1f}")
+    for name in ("hf", "llama.cpp"):
+        if name not in run:
+            continue
+        theirs, label = run[name], "HF" if name == "hf" else f"llama.cpp {run[name]['type']}"
+        print(f"{'batch-1 decode tokens/s':38s} {label} {theirs['latency']['tokens_per_s']:9.1f}   "
+              f"ours vs {label} {_ratio_text(run['ours_vs'][name])}")
+        print(f"{'TTFT ms (128-token prompt)':38s} {label} {theirs['latency']['ttft_ms']:9.1f}")
     for key in ours:
         if key.startswith("concurrent_"):
-            lines.append((f"{key.split('_')[1]} requests: output tokens/s", ours[key]["output_tokens_per_s"],
-                          hf and hf[key]["output_tokens_per_s"]))
-    print(f"\n== {dtype} ==")
-    for name, mine, theirs in lines:
-        text = f"{name:38s} ours {mine:9.1f}"
-        if theirs:
-            ratio = theirs / mine if "ms" in name else mine / theirs
-            text += f"   HF {theirs:9.1f}   ours vs HF x{ratio:.2f}"
-        print(text, flush=True)
-    if "llama.cpp" in run:
-        theirs, mine = run["llama.cpp"]["latency"], ours["latency"]
-        print(f"{'batch-1 decode tokens/s':38s} ours {mine['tokens_per_s']:9.1f}   llama.cpp {run['llama.cpp']['type']} "
-              f"{theirs['tokens_per_s']:9.1f}   ours vs llama.cpp x{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
-        print(f"{'TTFT ms (128-token prompt)':38s} ours {mine['ttft_ms']:9.1f}   llama.cpp {theirs['ttft_ms']:9.1f}", flush=True)
-        for key, value in run["llama.cpp"].items():
-            if key.startswith("concurrent_"):
-                mine_n, theirs_n = ours[key]["output_tokens_per_s"], value["output_tokens_per_s"]
-                print(f"{key.split('_')[1] + ' requests: output tokens/s':38s} ours {mine_n:9.1f}   llama.cpp {theirs_n:9.1f}"
-                      f"   ours vs llama.cpp x{mine_n / theirs_n:.2f}", flush=True)
+            text = f"{key.split('_')[1] + ' requests: output tokens/s':38s} ours {ours[key]['output_tokens_per_s']:9.1f}"
+            for name in ("hf", "llama.cpp"):
+                if name in run:
+                    theirs = run[name][key]["output_tokens_per_s"]
+                    text += f"   {'HF' if name == 'hf' else 'llama.cpp'} {theirs:.1f} x{ours[key]['output_tokens_per_s'] / theirs:.2f}"
+            print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, TypeVar
 
 import torch
 
@@ -41,6 +42,38 @@ class ThroughputResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+Result = TypeVar("Result")
+
+
+def interleave(measurements: dict[str, Callable[[], Result]], rounds: int) -> dict[str, list[Result]]:
+    """Each side measured once per round, the sides in turn. A shared host's speed drifts by 10-20%
+    over minutes; measuring one side after the other for minutes each put that drift into their
+    ratio, while in turns it falls on every side alike and each round's ratio compares like with
+    like."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
+    results: dict[str, list[Result]] = {name: [] for name in measurements}
+    for _ in range(rounds):
+        for name, measure in measurements.items():
+            results[name].append(measure())
+    return results
+
+
+def median_latency(rounds: list[LatencyResult]) -> LatencyResult:
+    """Each figure's median over the rounds."""
+    medians = {field.name: statistics.median(getattr(result, field.name) for result in rounds)
+               for field in fields(LatencyResult)}
+    medians["weight_bytes_per_token"] = int(medians["weight_bytes_per_token"])
+    return LatencyResult(**medians)
+
+
+def round_ratios(mine: list[float], theirs: list[float]) -> list[float]:
+    """mine / theirs for each round (both measured in that round)."""
+    if len(mine) != len(theirs) or not mine:
+        raise ValueError("round_ratios needs the same number of rounds on both sides, at least one")
+    return [a / b for a, b in zip(mine, theirs)]
 
 
 def random_prompts(count: int, length: int, seed: int = 0, vocab: int = 49152) -> list[list[int]]:

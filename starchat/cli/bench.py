@@ -49,23 +49,32 @@ def latency_command(
     new_tokens: int = typer.Option(128),
     prompt_len: int = typer.Option(128, help="Prompt length for the time-to-first-token figure."),
     hf: bool = typer.Option(False, "--hf", help="Also run HF transformers generate as the baseline."),
+    rounds: int = typer.Option(3, min=1, help="With --hf: rounds of both sides in turn (medians; the host drifts)."),
     output: Optional[str] = typer.Option(None, "--json", help="Write the figures as JSON here."),
 ):
     """Batch-1 decode: ms/token, tokens/s, achieved GB/s beside the bandwidth floor."""
     from starchat.bench.machine import measure_read_bandwidth
-    from starchat.bench.offline import HFBaseline, ours_latency
+    from starchat.bench.offline import HFBaseline, interleave, median_latency, ours_latency, round_ratios
 
     model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, 8)
-    ours = ours_latency(llm, new_tokens, prompt_len)
+    sides = {"ours": lambda: ours_latency(llm, new_tokens, prompt_len)}
+    if hf:
+        baseline = HFBaseline(model_dir, str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.device))
+        sides["hf"] = lambda: baseline.latency(new_tokens, prompt_len)
+    measured = interleave(sides, rounds if hf else 1)
+    ours = median_latency(measured["ours"])
     bandwidth = measure_read_bandwidth(llm.engine.device)
     floor_ms = 1e3 * ours.weight_bytes_per_token / bandwidth
     typer.echo(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> decode floor {floor_ms:.2f} ms/token "
                f"({1e3 / floor_ms:.0f} tokens/s); ours reaches {100 * floor_ms / ours.ms_per_token:.0f}% of it")
-    rows = {"ours": ours.as_dict()}
+    rows = {name: median_latency(results).as_dict() for name, results in measured.items()}
+    payload = {"machine": machine, "bandwidth_bytes_per_s": bandwidth, "floor_ms_per_token": floor_ms, **rows,
+               "rounds": {name: [result.as_dict() for result in results] for name, results in measured.items()}}
     if hf:
-        rows["hf"] = HFBaseline(model_dir, str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.device)).latency(
-            new_tokens, prompt_len).as_dict()
-    _report(rows, output, {"machine": machine, "bandwidth_bytes_per_s": bandwidth, "floor_ms_per_token": floor_ms, **rows})
+        ratios = round_ratios([r.tokens_per_s for r in measured["ours"]], [r.tokens_per_s for r in measured["hf"]])
+        payload["ours_vs_hf_tokens_per_s_rounds"] = ratios
+        typer.echo("ours/hf tokens/s per round (taken in turns): " + " ".join(f"x{ratio:.2f}" for ratio in ratios))
+    _report(rows, output, payload)
 
 
 @bench_app.command("throughput")

@@ -1,0 +1,53 @@
+"""The benchmarks' bookkeeping: sides measured in turns, medians, per-round ratios, and `starchat bench latency`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from starchat.bench.offline import LatencyResult, interleave, median_latency, round_ratios
+
+
+def test_interleave_takes_every_side_once_per_round_in_turns():
+    calls = []
+
+    def side(name):
+        def measure():
+            calls.append(name)
+            return len(calls)
+        return measure
+
+    results = interleave({"ours": side("ours"), "hf": side("hf"), "llama.cpp": side("llama.cpp")}, rounds=3)
+    assert calls == ["ours", "hf", "llama.cpp"] * 3
+    assert results == {"ours": [1, 4, 7], "hf": [2, 5, 8], "llama.cpp": [3, 6, 9]}
+    with pytest.raises(ValueError, match="rounds"):
+        interleave({"ours": side("ours")}, rounds=0)
+
+
+def test_median_latency_is_each_figures_median_and_ratios_pair_rounds():
+    rounds = [LatencyResult(10.0, 100.0, 300.0, 1000, 0.1), LatencyResult(30.0, 33.3, 100.0, 1000, 0.03),
+              LatencyResult(20.0, 50.0, 200.0, 1000, 0.05)]
+    assert median_latency(rounds) == LatencyResult(20.0, 50.0, 200.0, 1000, 0.05)
+    assert round_ratios([100.0, 50.0], [50.0, 50.0]) == [2.0, 1.0]
+    with pytest.raises(ValueError):
+        round_ratios([1.0], [1.0, 2.0])
+
+
+def test_bench_latency_against_hf_in_turns(tiny_model_dir, tmp_path):
+    output = tmp_path / "latency.json"
+    result = subprocess.run([sys.executable, "-m", "starchat.cli.main", "bench", "latency", "--model", str(tiny_model_dir),
+                             "--dtype", "float32", "--device", "cpu", "--new-tokens", "4", "--prompt-len", "8", "--hf",
+                             "--rounds", "2", "--json", str(output)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "per round (taken in turns)" in result.stdout
+    figures = json.loads(output.read_text())
+    assert len(figures["rounds"]["ours"]) == len(figures["rounds"]["hf"]) == 2
+    ratios = figures["ours_vs_hf_tokens_per_s_rounds"]
+    assert ratios == pytest.approx([o["tokens_per_s"] / h["tokens_per_s"]
+                                    for o, h in zip(figures["rounds"]["ours"], figures["rounds"]["hf"])])
+    assert figures["ours"]["tokens_per_s"] == pytest.approx(statistics.median(r["tokens_per_s"] for r in figures["rounds"]["ours"]))
+    assert figures["hf"]["weight_bytes_per_token"] > 0
