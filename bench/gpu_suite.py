@@ -10,7 +10,7 @@ Figures, each for HF (`generate`, SDPA, greedy) and ours, in this order so both 
 - N concurrent sequences (128-token prompts, 128 new): output tokens/s end to end, prefill
   included; ours through the continuous-batching scheduler, HF as one static batch;
 - prefill of one 2,048-token prompt: tokens/s (ours = time to first token);
-- int8 weights (ours): batch-1 decode, where the device has a fast int8 kernel.
+- int8 weights (ours): batch-1 decode (`int8_kernel` says which product ran: Triton or dequantize).
 Every figure is printed as measured and written to --json with the machine's description.
 """
 
@@ -101,14 +101,12 @@ def ours_figures(llm: LLM, device: torch.device, args) -> dict:
     return figures
 
 
-def int8_kernel_available(device: torch.device) -> bool:
-    try:
-        x = torch.randn(1, 64, dtype=torch.bfloat16, device=device)
-        weight = torch.randint(-127, 127, (64, 64), dtype=torch.int8, device=device)
-        torch.ops.aten._weight_int8pack_mm(x, weight, torch.ones(64, dtype=torch.bfloat16, device=device))
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
+def int8_kernel(device: torch.device) -> str:
+    """Which product the int8 decode steps run: starchat's Triton kernel, or dequantize + cuBLAS."""
+    from starchat.model import triton_int8
+
+    probe = torch.zeros(1, 64, dtype=torch.bfloat16, device=device)
+    return "triton" if triton_int8.triton is not None and triton_int8.supports(probe) else "dequantize"
 
 
 def main() -> None:
@@ -170,9 +168,7 @@ def main() -> None:
         stages += [("ours_cuda_graphs", lambda: ours(True)), ("ours_eager", lambda: ours(False))]
         if not args.skip_int8:
             def int8():
-                results["int8_kernel"] = int8_kernel_available(device)
-                if device.type == "cuda" and not results["int8_kernel"]:
-                    return {"skipped": "no int8 weight kernel for this device in this PyTorch"}
+                results["int8_kernel"] = int8_kernel(device)
                 load("int8")
                 llm = state["llm"]
                 if device.type == "cuda":

@@ -81,3 +81,29 @@ def test_cuda_graph_and_eager_tokens_equal(checkpoint):
         assert greedy(graphs, PROMPTS) == greedy(eager, PROMPTS), dtype
         captured = graphs.engine.runner.decode_graphs.steps.values()
         assert captured and all(step.graph is not None for step in captured)
+
+
+def test_int8_gpu_kernel_equals_dequantized_product():
+    from starchat.model import triton_int8
+
+    x = torch.randn(1, 384, dtype=torch.bfloat16, device="cuda")
+    if triton_int8.triton is None or not triton_int8.supports(x):
+        pytest.skip("no Triton, or a GPU older than Ampere: int8 products dequantize")
+    from starchat.model.quant import quantize_per_channel
+
+    weight, scales = quantize_per_channel(torch.randn(6400, 384))
+    weight, scales = weight.cuda(), scales.cuda()
+    bias = torch.randn(6400, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (1, 8, 33, triton_int8.ROWS_PER_PASS):
+            x = torch.randn(rows, 384, device="cuda").to(dtype)
+            out = triton_int8.int8_linear(x, weight, scales.to(dtype), bias.to(dtype))
+            expected = x.double() @ (weight.double() * scales.to(dtype).double()[:, None]).T + bias.to(dtype).double()
+            tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+            assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def test_int8_greedy_tokens_equal_cpu_int8(checkpoint):
+    cpu = greedy(LLM(str(checkpoint), dtype="float32", device="cpu", quantize="int8", progress=False), PROMPTS)
+    gpu = greedy(LLM(str(checkpoint), dtype="float32", device="cuda", quantize="int8", progress=False), PROMPTS)
+    assert gpu == cpu

@@ -4,12 +4,16 @@ Each Linear's weight becomes int8 with one float scale per output channel (symme
 scale = max|w_row| / 127); activations stay in the model dtype. On CPU with starchat's native
 kernels the loader then packs each int8 weight (cpu_linear.PackedLinear) and every product reads
 it directly: a quarter of float32's bytes per decoded token, widened to float32 per panel in cache
-for many rows. Without the kernels, and on a GPU, the weight is dequantized per call (correct, not
-fast). Weights are quantized one tensor at a time while loading, so a 16B model never needs its
+for many rows. On an Ampere or newer GPU with Triton, products of up to triton_int8.ROWS_PER_PASS
+rows (decode steps) run triton_int8's kernel, which reads the int8 weight itself. Elsewhere (more
+rows, older GPUs, CPUs without the native kernels) the weight is dequantized per call: correct,
+and for prefill chunks cheap beside the product. Weights are quantized one tensor at a time while loading, so a 16B model never needs its
 float weights in memory at once.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +56,19 @@ class Int8Linear(nn.Module):
             weight = self.weight.float() * self.scales.float()[:, None]
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), weight, bias).to(x.dtype)
+        kernels = _gpu_kernels()
+        if kernels is not None and kernels.supports(x):
+            return kernels.int8_linear(x, self.weight, self.scales, self.bias)
         out = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
         return out + self.bias if self.bias is not None else out
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_kernels():
+    """starchat.model.triton_int8, imported on the first GPU product (Triton takes a while to import)."""
+    from starchat.model import triton_int8
+
+    return triton_int8 if triton_int8.triton is not None else None
 
 
 def prepare_int8(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] = ("lm_head",)) -> None:

@@ -1,0 +1,113 @@
+"""int8 weight-only products on a GPU: one Triton kernel that reads each int8 weight once.
+
+Decoding is bound by the bytes of weights read per token. Dequantizing an int8 weight to the
+activation dtype before a cuBLAS product (quant.Int8Linear's portable path) reads one byte,
+writes two and reads those two again: more traffic than the 16-bit weights it replaces. This
+kernel loads int8 tiles, widens them in registers, multiplies them with the activation rows on the
+tensor cores (`tl.dot`) and applies the per-channel scale and the bias once per output:
+
+    out[m, n] = (sum_k x[m, k] * w[n, k]) * scales[n] + bias[n]
+
+A program computes BLOCK_M rows x BLOCK_N output columns, so the weight is read once per block of
+up to ROWS_PER_PASS rows. Decode batches (up to ROWS_PER_PASS sequences) take that path; larger
+row counts (prefill chunks) are compute-bound and go to cuBLAS over a dequantized weight, whose
+cost is shared by all of the chunk's rows.
+
+The block sizes are a first choice for H100-class GPUs, not yet tuned on one (docs/ENGINE.md,
+"int8 weights"). `TRITON_INTERPRET=1` runs the same kernel on the CPU (the tests do).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # PyTorch's CPU builds come without Triton
+    triton = None
+
+ROWS_PER_PASS = 64  # up to this many activation rows read the weight once; more go to cuBLAS
+_DOT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_supported(index: int) -> bool:
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 8  # bfloat16 tensor-core dot products
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether `int8_linear` runs for activations x: a CUDA tensor of a float type on an Ampere or
+    newer GPU with Triton installed (or any device under TRITON_INTERPRET=1), at most
+    ROWS_PER_PASS rows."""
+    if triton is None or x.dtype not in _DOT_TYPES or x.numel() // x.shape[-1] > ROWS_PER_PASS:
+        return False
+    if interpreting():
+        return True
+    return x.device.type == "cuda" and _device_supported(x.device.index or 0)
+
+
+if triton is not None:
+    @triton.jit
+    def _int8_product(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
+                      HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        depth = tl.arange(0, BLOCK_K)
+        row_ok, column_ok = rows < M, columns < N
+        accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + depth) < K
+            x = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + depth)[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + columns[None, :] * stride_w + (k0 + depth)[:, None], mask=column_ok[None, :] & k_ok[:, None],
+                        other=0)
+            # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N) summed in float32
+            accumulator += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+        accumulator *= tl.load(scales_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            accumulator += tl.load(bias_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_out + columns[None, :], accumulator.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & column_ok[None, :])
+
+
+def _blocks(rows: int, out_features: int, in_features: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). tl.dot needs tiles of at least 16 on each side.
+    Narrow column blocks give the thin decode layers enough programs to occupy every SM; each
+    program then streams its (BLOCK_N, K) slice of the weight, and wide BLOCK_K loads (pipelined by
+    Triton over the k loop) keep enough bytes in flight per SM to approach the memory bandwidth."""
+    block_m = max(16, triton.next_power_of_2(rows))
+    block_n = 32 if out_features <= 8192 else 64
+    block_k = 256 if in_features >= 2048 else 128
+    return block_m, block_n, block_k, 4
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ (weight (N, K) int8 * scales (N,)[:, None]).T + bias, in x's dtype. Requires
+    `supports(x)`; weight contiguous."""
+    in_features = x.shape[-1]
+    out_features = weight.shape[0]
+    if weight.dtype != torch.int8 or weight.shape[1] != in_features or scales.numel() != out_features:
+        raise ValueError(f"int8_linear: weight {tuple(weight.shape)} {weight.dtype} and scales {tuple(scales.shape)} "
+                         f"do not fit input {tuple(x.shape)}")
+    rows = x.reshape(-1, in_features).contiguous()
+    weight = weight.contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        block_m, block_n, block_k, warps = _blocks(rows.shape[0], out_features, in_features)
+        grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows.shape[0], block_m))
+        _int8_product[grid](rows, weight, scales, bias if bias is not None else scales, out, rows.shape[0], out_features,
+                            in_features, rows.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                            # float32 activations stay float32 (a TF32 product would round them to 10 bits)
+                            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return out.reshape(*x.shape[:-1], out_features)
