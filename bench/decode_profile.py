@@ -1,0 +1,105 @@
+"""Where a batch-1 decode step's time goes on a CPU: the engine's stages timed in place.
+
+    python bench/decode_profile.py [--model DIR | --shape tiny_starcoder] [--dtype float16] [--tokens 128]
+
+Wraps the engine's stages with timers (the fused blocks, the lm_head product, preparing the
+step's inputs, sampling, output processing), decodes `--tokens` tokens of one request three
+times and prints milliseconds per token for the fastest run, beside a plain read of 512 MiB
+(`tensor.sum()`, the memory-bandwidth floor of a step that reads every weight once) and the
+weight bytes per token. Same process, same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+
+from starchat.bench.checkpoints import random_checkpoint
+from starchat.bench.machine import describe_machine
+from starchat.bench.offline import random_prompts, weight_bytes_read_per_token
+from starchat.llm import LLM
+from starchat.sampling_params import SamplingParams
+
+
+def read_bandwidth(size_mib: int = 512, repeats: int = 7) -> float:
+    values = torch.empty(size_mib << 18).uniform_()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        values.sum()
+        best = min(best, time.perf_counter() - start)
+    return values.numel() * 4 / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--shape", default="tiny_starcoder")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--quantize")
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    llm = LLM(args.model or str(random_checkpoint(args.shape)), dtype=args.dtype, device="cpu", quantize=args.quantize,
+              progress=False)
+    engine, runner = llm.engine, llm.engine.runner
+    model = runner.model
+    seconds: dict[str, float] = collections.defaultdict(float)
+
+    def timed(owner, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*arguments, **keywords):
+            start = time.perf_counter()
+            try:
+                return inner(*arguments, **keywords)
+            finally:
+                seconds[label] += time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    timed(engine, "step", "whole step")
+    timed(runner, "prepare", "prepare inputs")
+    timed(runner, "sampler", "sampling")
+    timed(engine, "_process_outputs", "outputs, detokenizing")
+    timed(model, "compute_logits", "lm_head")
+    if model.fused_decode is not None:
+        fused = model.fused_decode
+
+        class TimedBlocks:  # the fused path is asked `applies` before it is called
+            applies = fused.applies
+
+            def __call__(self, *arguments):
+                start = time.perf_counter()
+                try:
+                    return fused(*arguments)
+                finally:
+                    seconds["blocks (fused)"] += time.perf_counter() - start
+        model.fused_decode = TimedBlocks()
+    prompt = random_prompts(1, 8)[0]
+    params = SamplingParams(max_new_tokens=args.tokens + 1, ignore_eos=True)
+    llm.generate([prompt], params)  # warm-up
+    best = None
+    for _ in range(3):
+        seconds.clear()
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        total = time.perf_counter() - start
+        if best is None or total < best[0]:
+            best = (total, dict(seconds))
+    total, stages = best
+    steps = args.tokens + 1
+    weight_bytes = weight_bytes_read_per_token(model)
+    bandwidth = read_bandwidth()
+    print(f"machine: {describe_machine('cpu')}")
+    print(f"dtype {args.dtype} quantize {args.quantize}: {weight_bytes / 1e6:.1f} MB of weights per token; "
+          f"plain read {bandwidth / 1e9:.1f} GB/s -> floor {1e3 * weight_bytes / bandwidth:.2f} ms/token")
+    print(f"{'generate, per token':24s} {1e3 * total / steps:7.2f} ms")
+    for label, value in stages.items():
+        print(f"{label:24s} {1e3 * value / steps:7.2f} ms")
+    print(f"{'step minus the above':24s} {1e3 * (stages['whole step'] - sum(v for k, v in stages.items() if k != 'whole step')) / steps:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
