@@ -6,6 +6,8 @@ import ast
 import json
 import re
 
+import pytest
+
 from reference_checkpoints import EMBEDDED_MODEL_DIR
 from starchat import LLM, SamplingParams
 from starchat.engine.devices import single_stream_dtype
@@ -56,3 +58,24 @@ def test_one_stream_keeps_a_16_bit_checkpoint_in_16_bits_on_cpu():
     assert single_stream_dtype("auto", "cpu", "float32") == "auto"
     assert single_stream_dtype("auto", "cpu", None) == "auto"
     assert single_stream_dtype("float32", "cpu", "float16") == "float32"
+
+
+def test_auto_dtype_on_cpu_follows_the_stored_weights_with_the_native_kernels(monkeypatch):
+    import torch
+
+    from starchat.engine import devices
+    from starchat.model import native
+
+    cpu = torch.device("cpu")
+    if not native.available():
+        pytest.skip("no C compiler here: auto stays float32 on this CPU")
+    assert devices.resolve_dtype("auto", cpu, stored_dtype="float16") == torch.float16
+    assert devices.resolve_dtype("auto", cpu, stored_dtype="bfloat16") == torch.bfloat16
+    assert devices.resolve_dtype("float32", cpu, stored_dtype="float16") == torch.float32  # asked for: kept
+    fallback = torch.bfloat16 if devices.cpu_has_fast_bf16() else torch.float32
+    assert devices.resolve_dtype("auto", cpu, stored_dtype="float32") == fallback  # never rounded further
+    assert devices.resolve_dtype("auto", cpu, stored_dtype=None) == fallback
+    # The embedded model is stored in float16: the engine runs it so (half the bytes per token).
+    assert LLM(device="cpu", progress=False).engine.dtype == torch.float16
+    monkeypatch.setattr(native, "available", lambda: False)  # PyTorch's products only: float32 for many rows
+    assert devices.resolve_dtype("auto", cpu, stored_dtype="float16") == fallback

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from starchat.model import native
 from starchat.model.cpu_linear import cpu_has_fast_bf16
 
 logger = logging.getLogger("starchat.engine")
@@ -26,11 +27,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device, quantize: str | None = None) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, quantize: str | None = None,
+                  stored_dtype: str | None = None) -> torch.dtype:
+    """`name`, or for "auto" what runs fastest here without rounding the checkpoint's weights further.
+
+    On a CPU with starchat's native kernels (docs/ENGINE.md), a checkpoint stored in 16 bits stays
+    in its dtype: the kernels read 16-bit weights and compute in float32, so decoding reads half of
+    float32's bytes per token (2.0-2.2x the float32 tokens/s, measured in docs/PERFORMANCE.md) and
+    many rows run as fast as float32's. Without the kernels PyTorch's 16-bit products are slow for
+    many rows, so float32 it is unless the CPU multiplies bfloat16 natively (AVX512-BF16, AMX).
+    """
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # PyTorch's int8 weight kernel is fast with 16-bit activations and slow with float32 ones.
+        if stored_dtype in ("float16", "bfloat16") and native.available():
+            return _DTYPES[stored_dtype]
+        # int8 weights: activations in bfloat16 (PyTorch's fallback product is fast with them).
         return torch.bfloat16 if cpu_has_fast_bf16() or quantize else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"dtype: {name!r} is not supported; use auto, float32, bfloat16 or float16")

@@ -64,8 +64,8 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(config.model, config.revision)
         self.model_name = config.model or self.model_dir.name
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device, config.quantize)
         self.model_config = ModelConfig.from_file(self.model_dir / "config.json")
+        self.dtype = resolve_dtype(config.dtype, self.device, config.quantize, self.model_config.torch_dtype)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.chat_template = ChatTemplate.from_model_dir(self.model_dir)
         self.end_token_id = self.tokenizer.token_id(END_TOKEN)
