@@ -137,3 +137,27 @@ def test_stream_deltas_concatenate_to_the_completion(llm):
     assert "".join(d.text for d in deltas) == completion.text
     assert [t for d in deltas for t in d.token_ids] == completion.token_ids
     assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
+
+
+def test_sampler_greedy_rows_equal_torch_argmax_with_ties_and_nan():
+    import torch
+
+    from starchat.engine.request import Request
+    from starchat.engine.sampler import Sampler
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 49152, generator=generator)
+    logits[1, [7, 300, 40000]] = 100.0  # a tie: the first index wins in both
+    logits[2, 123] = float("nan")  # a NaN row: its index, as torch.argmax gives
+    greedy = SamplingParams(max_new_tokens=4)
+    sampled = SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.7, seed=1)
+
+    def request(params, index):
+        return Request(str(index), [1, 2, 3], params, frozenset(), 100, generator=torch.Generator().manual_seed(index))
+
+    expected = logits.argmax(dim=-1).tolist()
+    assert expected[1] == 7 and expected[2] == 123
+    all_greedy = Sampler(eos_token_id=0)(logits, [request(greedy, i) for i in range(5)])
+    assert all_greedy.token_ids == expected
+    mixed = Sampler(eos_token_id=0)(logits, [request(sampled if i % 2 else greedy, i) for i in range(5)])
+    assert [mixed.token_ids[i] for i in (0, 2, 4)] == [expected[i] for i in (0, 2, 4)]

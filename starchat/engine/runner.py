@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from starchat.engine.cuda_graphs import DecodeGraphs
@@ -62,16 +63,19 @@ class ModelRunner:
             sampling.append(request)
         decode_gather_slots = decode_mask = None
         if decodes:
-            lengths = [r.num_computed_tokens + 1 for r in decodes]
-            max_len = max(lengths)
+            # Built in NumPy: a dozen small tensor operations cost PyTorch's dispatch each (about
+            # 0.25 ms per step at batch 1, 2% of a CPU token); NumPy's take microseconds.
+            lengths = np.array([r.num_computed_tokens + 1 for r in decodes])
+            max_len = int(lengths.max())
             size = self.block_size
-            block_table = torch.tensor([r.block_ids + [0] * (-(-max_len // size) - len(r.block_ids)) for r in decodes],
-                                       dtype=torch.long)  # (Bd, max_blocks)
-            offsets = torch.arange(max_len)
-            decode_gather_slots = (block_table[:, offsets // size] * size + offsets % size).to(self.device)  # (Bd, L)
-            valid = offsets[None, :] < torch.tensor(lengths)[:, None]
-            decode_mask = torch.zeros(valid.shape, dtype=torch.float32).masked_fill_(~valid, float("-inf"))
-            decode_mask = decode_mask[:, None, None, :].to(self.device)  # (Bd, 1, 1, L)
+            block_table = np.zeros((len(decodes), -(-max_len // size)), dtype=np.int64)  # (Bd, max_blocks)
+            for row, request in enumerate(decodes):
+                block_table[row, :len(request.block_ids)] = request.block_ids
+            offsets = np.arange(max_len)
+            gather = block_table[:, offsets // size] * size + offsets % size  # (Bd, L)
+            mask = np.where(offsets[None, :] < lengths[:, None], np.float32(0), np.float32("-inf"))
+            decode_gather_slots = torch.from_numpy(gather).to(self.device)
+            decode_mask = torch.from_numpy(mask)[:, None, None, :].to(self.device)  # (Bd, 1, 1, L)
 
         chunks: list[PrefillChunk] = []
         for request, length in batch.prefills:
