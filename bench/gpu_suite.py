@@ -105,6 +105,9 @@ def int8_kernel(device: torch.device) -> str:
     """Which product the int8 decode steps run: starchat's Triton kernel, or dequantize + cuBLAS."""
     from starchat.model import triton_int8
 
+    if device.type == "cpu":
+        return "native CPU kernels (packed int8)"
+
     probe = torch.zeros(1, 64, dtype=torch.bfloat16, device=device)
     return "triton" if triton_int8.triton is not None and triton_int8.supports(probe) else "dequantize"
 
