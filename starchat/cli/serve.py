@@ -22,7 +22,7 @@ def serve_command(
     api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' (or 'api-key: KEY') on every "
                                                      "route but /, /health and /metrics." + _env("api_key")),
     api_key_file: Optional[str] = typer.Option(None, help="File with accepted keys, one per line." + _env("api_key_file")),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16." + _env("dtype")),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16 or float16. auto: bfloat16 on a GPU; on a CPU a 16-bit checkpoint's own dtype (with the native kernels), else float32." + _env("dtype")),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N." + _env("device")),
     max_concurrent_requests: Optional[int] = typer.Option(
         None, help="Generations running at once (the engine's batch); default 64." + _env("max_concurrent_requests")),
