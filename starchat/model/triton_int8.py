@@ -91,9 +91,11 @@ def _blocks(rows: int, out_features: int, in_features: int) -> tuple[int, int, i
     return block_m, block_n, block_k, 4
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x (..., K) @ (weight (N, K) int8 * scales (N,)[:, None]).T + bias, in x's dtype. Requires
-    `supports(x)`; weight contiguous."""
+    `supports(x)`; weight contiguous. `blocks` (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides
+    the built-in choice (bench/gpu_int8.py sweeps them)."""
     in_features = x.shape[-1]
     out_features = weight.shape[0]
     if weight.dtype != torch.int8 or weight.shape[1] != in_features or scales.numel() != out_features:
@@ -103,7 +105,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     weight = weight.contiguous()
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        block_m, block_n, block_k, warps = _blocks(rows.shape[0], out_features, in_features)
+        block_m, block_n, block_k, warps = blocks or _blocks(rows.shape[0], out_features, in_features)
         grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows.shape[0], block_m))
         _int8_product[grid](rows, weight, scales, bias if bias is not None else scales, out, rows.shape[0], out_features,
                             in_features, rows.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,

@@ -1,0 +1,131 @@
+"""int8 weight products on a GPU: starchat's Triton kernel against dequantize + cuBLAS and against
+the bf16 product it replaces, on a shape's real layer sizes, with a sweep of the kernel's blocks.
+
+    python3 bench/gpu_int8.py [--shape starchat-beta] [--rows 1 8 32 64] [--sweep] [--json OUT.json]
+    TRITON_INTERPRET=1 python bench/gpu_int8.py --device cpu --quick      # pipeline check, no GPU
+
+For each weight shape (N, K) of one block plus the lm_head, and each row count: microseconds per
+product (median of --repeats CUDA-event-timed calls, after a warm-up), and the weight bandwidth
+it achieves (weight bytes / time): int8 kernel (1 byte per weight), dequantize + cuBLAS (what
+CUDA int8 ran before), bf16 cuBLAS (2 bytes per weight). The device-to-device copy bandwidth of
+the same run gives the floor. With --sweep, every (BLOCK_N, BLOCK_K, num_warps) in a small grid
+is timed per shape at 1 row, and the best is printed beside the built-in choice
+(triton_int8._blocks), so a GPU session can set it from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from starchat.bench.machine import describe_machine, measure_read_bandwidth, synchronize  # noqa: E402
+from starchat.config import NAMED_SHAPES  # noqa: E402
+from starchat.model import triton_int8  # noqa: E402
+from starchat.model.quant import quantize_per_channel  # noqa: E402
+
+
+def layer_shapes(shape: dict) -> dict[str, tuple[int, int]]:
+    embd, inner = shape["n_embd"], shape.get("n_inner") or 4 * shape["n_embd"]
+    kv = embd // shape["n_head"] * (1 if shape.get("multi_query", True) else shape["n_head"])
+    return {"c_attn": (embd + 2 * kv, embd), "attn.c_proj": (embd, embd), "c_fc": (inner, embd),
+            "mlp.c_proj": (embd, inner), "lm_head": (shape["vocab_size"], embd)}
+
+
+def time_us(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e6)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="starchat-beta", choices=sorted(NAMED_SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small layers, few repeats: checks the pipeline")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    probe = torch.zeros(1, 16, dtype=torch.bfloat16 if device.type == "cuda" else torch.float16, device=device)
+    if not triton_int8.supports(probe):
+        sys.exit("gpu_int8: the Triton int8 kernel does not run here (needs Triton and an Ampere or newer GPU, "
+                 "or TRITON_INTERPRET=1 on a CPU)")
+    dtype = probe.dtype  # the interpreter has no bfloat16: float16 stands in on a CPU
+    shapes = layer_shapes(NAMED_SHAPES[args.shape])
+    if args.quick:
+        shapes = {name: (max(16, n // 64), max(16, k // 64)) for name, (n, k) in list(shapes.items())[:2]}
+        args.rows, args.repeats = [1, 8], 2
+    bandwidth = measure_read_bandwidth(device, size_mib=1024 if device.type == "cuda" else 64)
+    results = {"machine": describe_machine(device), "shape": args.shape, "dtype": str(dtype),
+               "copy_bandwidth_gb_per_s": bandwidth / 1e9, "products": [], "sweep": []}
+    print(f"machine: {results['machine']}\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name, (out_features, in_features) in shapes.items():
+        weight, scales = quantize_per_channel(torch.randn(out_features, in_features, device=device, generator=generator))
+        scales = scales.to(dtype)
+        dense = (weight.to(dtype) * scales[:, None]).contiguous()
+        for rows in args.rows:
+            x = torch.randn(rows, in_features, device=device, generator=generator).to(dtype)
+            figures = {"layer": name, "n": out_features, "k": in_features, "rows": rows,
+                       "int8_triton_us": time_us(lambda: triton_int8.int8_linear(x, weight, scales), device, args.repeats),
+                       "int8_dequantize_us": time_us(lambda: torch.nn.functional.linear(
+                           x, weight.to(dtype) * scales[:, None]), device, args.repeats),
+                       "bf16_cublas_us": time_us(lambda: torch.nn.functional.linear(x, dense), device, args.repeats)}
+            figures["int8_triton_gb_per_s"] = weight.numel() / figures["int8_triton_us"] / 1e3
+            figures["bf16_cublas_gb_per_s"] = 2 * weight.numel() / figures["bf16_cublas_us"] / 1e3
+            results["products"].append(figures)
+            print(f"{name:12s} {out_features:6d}x{in_features:<6d} rows {rows:3d}: int8 triton {figures['int8_triton_us']:8.1f} us "
+                  f"({figures['int8_triton_gb_per_s']:6.0f} GB/s)  dequantize+cuBLAS {figures['int8_dequantize_us']:8.1f} us  "
+                  f"bf16 cuBLAS {figures['bf16_cublas_us']:8.1f} us ({figures['bf16_cublas_gb_per_s']:6.0f} GB/s)", flush=True)
+        if args.sweep:
+            x = torch.randn(1, in_features, device=device, generator=generator).to(dtype)
+            grid = list(itertools.product((16, 32, 64), (128, 256), (4, 8)))
+            if args.quick:
+                grid = grid[:2]
+            timings = {}
+            for block_n, block_k, warps in grid:
+                try:
+                    timings[(block_n, block_k, warps)] = time_us(lambda: triton_int8.int8_linear(
+                        x, weight, scales, blocks=(16, block_n, block_k, warps)), device, args.repeats)
+                except Exception as error:  # a configuration the compiler rejects (shared memory): skip it
+                    print(f"  blocks {block_n}/{block_k}/{warps}: {type(error).__name__}", flush=True)
+            best = min(timings, key=timings.get)
+            built_in = triton_int8._blocks(1, out_features, in_features)
+            entry = {"layer": name, "best": list(best), "best_us": timings[best], "built_in": list(built_in[1:]),
+                     "built_in_us": timings.get(tuple(built_in[1:])),
+                     "all": {"/".join(map(str, key)): value for key, value in timings.items()}}
+            results["sweep"].append(entry)
+            print(f"  sweep {name}: best BLOCK_N/BLOCK_K/warps {best} {timings[best]:.1f} us "
+                  f"({weight.numel() / timings[best] / 1e3:.0f} GB/s); built-in {built_in[1:]} "
+                  f"{entry['built_in_us'] if entry['built_in_us'] is not None else float('nan'):.1f} us", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
