@@ -33,9 +33,10 @@ def resolve_dtype(name: str, device: torch.device, quantize: str | None = None,
 
     On a CPU with starchat's native kernels (docs/ENGINE.md), a checkpoint stored in 16 bits stays
     in its dtype: the kernels read 16-bit weights and compute in float32, so decoding reads half of
-    float32's bytes per token (2.0-2.2x the float32 tokens/s, measured in docs/PERFORMANCE.md) and
-    many rows run as fast as float32's. Without the kernels PyTorch's 16-bit products are slow for
-    many rows, so float32 it is unless the CPU multiplies bfloat16 natively (AVX512-BF16, AMX).
+    float32's bytes per token (1.8-2.2x float32's batch-1 tokens/s, docs/PERFORMANCE.md), and
+    many rows run about as fast as float32's. Without the kernels PyTorch's 16-bit products are
+    slow for many rows, so float32 it is unless the CPU multiplies bfloat16 natively (AVX512-BF16,
+    AMX).
     """
     if name == "auto":
         if device.type == "cuda":

@@ -7,8 +7,8 @@ it directly: a quarter of float32's bytes per decoded token, widened to float32 
 for many rows. On an Ampere or newer GPU with Triton, products of up to triton_int8.ROWS_PER_PASS
 rows (decode steps) run triton_int8's kernel, which reads the int8 weight itself. Elsewhere (more
 rows, older GPUs, CPUs without the native kernels) the weight is dequantized per call: correct,
-and for prefill chunks cheap beside the product. Weights are quantized one tensor at a time while loading, so a 16B model never needs its
-float weights in memory at once.
+and for prefill chunks cheap beside the product. Weights are quantized one tensor at a time while
+loading, so a 16B model never needs its float weights in memory at once.
 """
 
 from __future__ import annotations
