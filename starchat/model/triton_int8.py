@@ -69,8 +69,9 @@ if triton is not None:
             k_ok = (k0 + depth) < K
             x = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + depth)[None, :], mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            w = tl.load(w_ptr + columns[None, :] * stride_w + (k0 + depth)[:, None], mask=column_ok[None, :] & k_ok[:, None],
-                        other=0)
+            # int64 offsets: a vocabulary-sized weight can pass 2^31 elements
+            w = tl.load(w_ptr + columns.to(tl.int64)[None, :] * stride_w + (k0 + depth)[:, None],
+                        mask=column_ok[None, :] & k_ok[:, None], other=0)
             # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N) summed in float32
             accumulator += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
         accumulator *= tl.load(scales_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
