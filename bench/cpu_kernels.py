@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from starchat.config import NAMED_SHAPES as SHAPES
+from starchat.config import NAMED_SHAPES as SHAPES, linear_weight_shapes
 from starchat.bench.machine import describe_machine
 from starchat.model import native
 from starchat.model.cpu_linear import ROWS_FOR_FLOAT32
@@ -28,10 +28,10 @@ from starchat.model.quant import quantize_per_channel
 
 
 def weight_shapes(shape: dict) -> list[tuple[int, int]]:
-    embd, inner = shape["n_embd"], shape.get("n_inner") or 4 * shape["n_embd"]
-    kv = embd // shape["n_head"] * (1 if shape.get("multi_query", True) else shape["n_head"])
-    per_layer = [(embd + 2 * kv, embd), (embd, embd), (inner, embd), (embd, inner)]
-    return per_layer * shape["n_layer"] + [(shape["vocab_size"], embd)]
+    """Every Linear weight of the model, in the order a decode step reads them."""
+    layers = linear_weight_shapes(shape)
+    lm_head = layers.pop("lm_head")
+    return list(layers.values()) * shape["n_layer"] + [lm_head]
 
 
 def torch_product(x, layer):

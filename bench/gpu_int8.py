@@ -28,16 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from starchat.bench.machine import describe_machine, measure_read_bandwidth, synchronize  # noqa: E402
-from starchat.config import NAMED_SHAPES  # noqa: E402
+from starchat.config import NAMED_SHAPES, linear_weight_shapes  # noqa: E402
 from starchat.model import triton_int8  # noqa: E402
 from starchat.model.quant import quantize_per_channel  # noqa: E402
-
-
-def layer_shapes(shape: dict) -> dict[str, tuple[int, int]]:
-    embd, inner = shape["n_embd"], shape.get("n_inner") or 4 * shape["n_embd"]
-    kv = embd // shape["n_head"] * (1 if shape.get("multi_query", True) else shape["n_head"])
-    return {"c_attn": (embd + 2 * kv, embd), "attn.c_proj": (embd, embd), "c_fc": (inner, embd),
-            "mlp.c_proj": (embd, inner), "lm_head": (shape["vocab_size"], embd)}
 
 
 def time_us(fn, device: torch.device, repeats: int) -> float:
@@ -75,7 +68,7 @@ def main() -> None:
         sys.exit("gpu_int8: the Triton int8 kernel does not run here (needs Triton and an Ampere or newer GPU, "
                  "or TRITON_INTERPRET=1 on a CPU)")
     dtype = probe.dtype  # the interpreter has no bfloat16: float16 stands in on a CPU
-    shapes = layer_shapes(NAMED_SHAPES[args.shape])
+    shapes = linear_weight_shapes(NAMED_SHAPES[args.shape])
     if args.quick:
         shapes = {name: (max(16, n // 64), max(16, k // 64)) for name, (n, k) in list(shapes.items())[:2]}
         args.rows, args.repeats = [1, 8], 2

@@ -147,6 +147,14 @@ NAMED_SHAPES: dict[str, dict] = {
 }
 
 
+
+def linear_weight_shapes(shape: dict) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of one block's Linear layers and of the lm_head, for a named shape."""
+    embd, inner = shape["n_embd"], shape.get("n_inner") or 4 * shape["n_embd"]
+    kv = embd // shape["n_head"] * (1 if shape.get("multi_query", True) else shape["n_head"])
+    return {"c_attn": (embd + 2 * kv, embd), "attn.c_proj": (embd, embd), "c_fc": (inner, embd),
+            "mlp.c_proj": (embd, inner), "lm_head": (shape["vocab_size"], embd)}
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs a model. None means: derive from the model and the machine."""

@@ -63,8 +63,9 @@ class ModelRunner:
             sampling.append(request)
         decode_gather_slots = decode_mask = None
         if decodes:
-            # Built in NumPy: a dozen small tensor operations cost PyTorch's dispatch each (about
-            # 0.25 ms per step at batch 1, 2% of a CPU token); NumPy's take microseconds.
+            # Built in NumPy: PyTorch dispatches each of a dozen small operations, NumPy's cost
+            # microseconds (measured: the whole step's inputs in 142-148 us instead of 225-246 at
+            # batch 1, 285 instead of 366-386 at 32 sequences).
             lengths = np.array([r.num_computed_tokens + 1 for r in decodes])
             max_len = int(lengths.max())
             size = self.block_size

@@ -37,14 +37,13 @@ class Sampler:
 
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
         sample_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-        if len(greedy_rows) == len(requests):
+        if not sample_rows:
             chosen = _argmax_rows(logits)
         else:
             chosen = torch.empty(len(requests), dtype=torch.long, device=device)
-        if greedy_rows and len(greedy_rows) < len(requests):
-            rows = torch.tensor(greedy_rows, device=device)
-            chosen[rows] = _argmax_rows(logits[rows])
-        if sample_rows:
+            if greedy_rows:
+                rows = torch.tensor(greedy_rows, device=device)
+                chosen[rows] = _argmax_rows(logits[rows])
             rows = torch.tensor(sample_rows, device=device)
             chosen[rows] = self._sample(logits[rows], [requests[i] for i in sample_rows])
         token_ids = chosen.tolist()
