@@ -48,6 +48,20 @@ def test_linear_matches_float64_reference(weight_dtype, activation_dtype):
             assert error < ACTIVATION_TOLERANCE[activation_dtype], (rows, out_features, in_features, float(error))
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+def test_one_row_product_matches_float64_reference(weight_dtype):
+    # A single row (decoding one sequence) takes its own path: accumulator chains over k in steps
+    # of four, then a tail; K from below one step to a remainder of three.
+    generator = torch.Generator().manual_seed(2)
+    for out_features, in_features in ((16, 1), (16, 3), (33, 4), (48, 771), (20, 3072)):
+        x = torch.randn(1, in_features, generator=generator)
+        weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
+        out = _product(x, weight, None, scales)
+        expected = x.double() @ dense.T
+        error = (out.double() - expected).abs().max() / expected.abs().max()
+        assert error < ACTIVATION_TOLERANCE[torch.float32], (out_features, in_features, float(error))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_output_rounding_is_bit_exact(dtype):
     # y = x * s on a diagonal weight: one float32 product per output, rounded to 16 bits by the
