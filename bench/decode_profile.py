@@ -2,8 +2,8 @@
 
     python bench/decode_profile.py [--model DIR | --shape tiny_starcoder] [--dtype float16] [--tokens 128]
 
-Wraps the engine's stages with timers (the fused blocks, the lm_head product, preparing the
-step's inputs, sampling, output processing), decodes `--tokens` tokens of one request three
+Wraps the engine's stages with timers (on a CPU with the native kernels: the one native call of
+a decode step and the Python around it; sampling; output processing), decodes `--tokens` tokens of one request three
 times and prints milliseconds per token for the fastest run, beside a plain read of 512 MiB
 (`tensor.sum()`, the memory-bandwidth floor of a step that reads every weight once) and the
 weight bytes per token. Same process, same run.
@@ -21,6 +21,7 @@ from starchat.bench.checkpoints import random_checkpoint
 from starchat.bench.machine import describe_machine
 from starchat.bench.offline import random_prompts, weight_bytes_read_per_token
 from starchat.llm import LLM
+from starchat.model.native.build import load
 from starchat.sampling_params import SamplingParams
 
 
@@ -60,23 +61,24 @@ def main() -> None:
         setattr(owner, name, wrapper)
 
     timed(engine, "step", "whole step")
-    timed(runner, "prepare", "prepare inputs")
+    timed(runner, "prepare", "prepare (prefill steps)")
     timed(runner, "sampler", "sampling")
     timed(engine, "_process_outputs", "outputs, detokenizing")
-    timed(model, "compute_logits", "lm_head")
-    if model.fused_decode is not None:
-        fused = model.fused_decode
+    if model.fused_decode is not None:  # decode steps: one native call (cpu_decode.py)
+        timed(model.fused_decode, "logits", "decode step (Python side)")
+        library = load()
+        native_step = library.starchat_decode_step
 
-        class TimedBlocks:  # the fused path is asked `applies` before it is called
-            applies = fused.applies
-
-            def __call__(self, *arguments):
-                start = time.perf_counter()
-                try:
-                    return fused(*arguments)
-                finally:
-                    seconds["blocks (fused)"] += time.perf_counter() - start
-        model.fused_decode = TimedBlocks()
+        def timed_native_step(*arguments):
+            start = time.perf_counter()
+            try:
+                return native_step(*arguments)
+            finally:
+                seconds["decode step (native)"] += time.perf_counter() - start
+        library.starchat_decode_step = timed_native_step
+    else:
+        timed(model, "forward", "model forward")
+        timed(model, "compute_logits", "lm_head")
     prompt = random_prompts(1, 8)[0]
     params = SamplingParams(max_new_tokens=args.tokens + 1, ignore_eos=True)
     llm.generate([prompt], params)  # warm-up
@@ -89,16 +91,35 @@ def main() -> None:
         if best is None or total < best[0]:
             best = (total, dict(seconds))
     total, stages = best
+    if "decode step (native)" in stages:  # the native call is inside the Python side's time
+        stages["decode step (Python side)"] -= stages["decode step (native)"]
     steps = args.tokens + 1
     weight_bytes = weight_bytes_read_per_token(model)
     bandwidth = read_bandwidth()
+    head = model.lm_head
+    head_bytes = sum(t.numel() * t.element_size() for t in head.parameters())
+    head_seconds = lm_head_seconds(head, model.config.n_embd)
     print(f"machine: {describe_machine('cpu')}")
     print(f"dtype {args.dtype} quantize {args.quantize}: {weight_bytes / 1e6:.1f} MB of weights per token; "
           f"plain read {bandwidth / 1e9:.1f} GB/s -> floor {1e3 * weight_bytes / bandwidth:.2f} ms/token")
-    print(f"{'generate, per token':24s} {1e3 * total / steps:7.2f} ms")
+    print(f"{'generate, per token':28s} {1e3 * total / steps:7.2f} ms")
     for label, value in stages.items():
-        print(f"{label:24s} {1e3 * value / steps:7.2f} ms")
-    print(f"{'step minus the above':24s} {1e3 * (stages['whole step'] - sum(v for k, v in stages.items() if k != 'whole step')) / steps:7.2f} ms")
+        print(f"{label:28s} {1e3 * value / steps:7.2f} ms")
+    print(f"{'step minus the above':28s} {1e3 * (stages['whole step'] - sum(v for k, v in stages.items() if k != 'whole step')) / steps:7.2f} ms")
+    print(f"lm_head product alone, one row: {1e3 * head_seconds:.2f} ms ({head_bytes / 1e6:.1f} MB, "
+          f"{head_bytes / head_seconds / 1e9:.1f} GB/s; best of 20, same process)")
+
+
+def lm_head_seconds(head, width: int, repeats: int = 20) -> float:
+    """The lm_head's product on one row, measured alone: its share of a fused step."""
+    row = torch.randn(1, width)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            head(row)
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 if __name__ == "__main__":

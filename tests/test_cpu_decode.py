@@ -1,4 +1,4 @@
-"""Decode-only steps on a CPU run each block as one native call (starchat/model/cpu_decode.py).
+"""Decode-only steps on a CPU run as one native call, ids to logits (starchat/model/cpu_decode.py).
 
 Checked against the module path of the same model (and, through tests/test_engine_reference.py,
 which decodes through this path, against HF transformers)."""
@@ -10,6 +10,7 @@ import torch
 
 from starchat import LLM, SamplingParams
 from starchat.model import native
+from starchat.model.attention import AttentionMetadata
 from starchat.model.cpu_decode import FusedCpuDecode
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: CPU decoding uses the module path")
@@ -23,9 +24,9 @@ def _run(model_dir, dtype, fused: bool, quantize=None, prompts=PROMPTS, max_new_
     assert isinstance(model.fused_decode, FusedCpuDecode)
     calls = []
     if fused:
-        original = model.fused_decode.__call__.__func__
+        original = model.fused_decode.logits.__func__
         model.fused_decode.__class__ = type("Counted", (FusedCpuDecode,), {
-            "__call__": lambda self, *args: calls.append(args[0].shape[0]) or original(self, *args)})
+            "logits": lambda self, token_ids, *args: calls.append(len(token_ids)) or original(self, token_ids, *args)})
     else:
         model.fused_decode = None
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, logprobs=1)
@@ -71,14 +72,56 @@ def test_fused_decode_tracks_module_path_in_16_bit(tiny_model_dir, dtype, quanti
             assert abs(a.logprobs[step].logprob - b.logprobs[step].logprob) < 0.05
 
 
-def test_steps_with_prefill_use_the_module_path(tiny_model_dir):
+def test_fused_step_matches_module_forward_and_rejects_bad_input(tiny_model_dir):
+    """One step called directly: the logits of the module path over the same cache, the new keys
+    and values in the same slots; a token id or position out of range is an error that writes nothing."""
     llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
-    fused = llm.engine.runner.model.fused_decode
-    from starchat.model.attention import AttentionMetadata, PrefillChunk
+    runner = llm.engine.runner
+    model, block_size = runner.model, runner.block_size
+    torch.manual_seed(0)
+    cache = torch.randn_like(runner.kv_cache)  # "earlier tokens" of both sequences
+    tables = [[3, 1], [0]]  # sequence 0: positions 0-31 in blocks 3 then 1; sequence 1 in block 0
+    token_ids, positions = [17, 5], [block_size + 4, 6]
+    fused_cache = cache.clone()
+    logits = model.fused_decode.logits(token_ids, positions, tables, fused_cache, block_size)
 
-    decode_only = AttentionMetadata(torch.zeros(2, dtype=torch.long), 2, None, None, [])
-    mixed = AttentionMetadata(torch.zeros(3, dtype=torch.long), 2, None, None, [PrefillChunk(2, 1, 0, None)])
-    assert fused.applies(decode_only, 2)
-    assert not fused.applies(mixed, 3)
-    # Any number of decodes: the packed products take any row count.
-    assert fused.applies(AttentionMetadata(torch.zeros(99, dtype=torch.long), 99, None, None, []), 99)
+    module_cache = cache.clone()
+    lengths = torch.tensor(positions) + 1
+    slots = [[t[p // block_size] * block_size + p % block_size for p in range(n)] for t, n in zip(tables, lengths.tolist())]
+    gather = torch.tensor([row + [0] * (int(lengths.max()) - len(row)) for row in slots])
+    mask = torch.where(torch.arange(gather.shape[1])[None, :] < lengths[:, None], 0.0, float("-inf"))
+    metadata = AttentionMetadata(slot_mapping=torch.tensor([s[p] for s, p in zip(slots, positions)]), num_decode_tokens=2,
+                                 decode_gather_slots=gather, decode_mask=mask[:, None, None, :], prefill_chunks=[])
+    hidden = model(torch.tensor(token_ids), torch.tensor(positions), metadata, module_cache)
+    expected = model.compute_logits(hidden)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused_cache, module_cache, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fused_cache, cache)  # the new keys and values were written
+
+    before = fused_cache.clone()
+    for bad_ids, bad_positions, bad_tables in (([model.config.vocab_size, 5], positions, tables),
+                                               ([17, -1], positions, tables),
+                                               (token_ids, [model.config.n_positions, 6], tables),
+                                               (token_ids, positions, [[3, 10**9], [0]])):
+        with pytest.raises(ValueError, match="out of range"):
+            model.fused_decode.logits(bad_ids, bad_positions, bad_tables, fused_cache, block_size)
+    assert torch.equal(fused_cache, before)
+
+
+def test_steps_with_prefill_use_the_module_path(tiny_model_dir):
+    """A request that joins mid-way shares steps with decodes: those steps take the module path
+    (the fused step is called only for decode-only steps, never with the joining prompt)."""
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    engine, fused = llm.engine, llm.engine.runner.model.fused_decode
+    calls, original = [], fused.logits
+    fused.logits = lambda token_ids, *args: calls.append(len(token_ids)) or original(token_ids, *args)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine.add_request("def add(a, b):", params, request_id="a")
+    engine.step()  # prefill of a
+    engine.step()  # decode of a alone: fused
+    engine.add_request("import os\n", params, request_id="b")
+    engine.step()  # a's decode with b's prefill: module path
+    assert calls == [1]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert 2 in calls  # then both decode together

@@ -111,12 +111,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
-        if self.decode_graphs is not None and batch.decodes and not batch.prefills:
+        if batch.decodes and not batch.prefills and (self.decode_graphs is not None or self.model.fused_decode is not None):
+            # A decode-only step: CUDA graphs on a GPU, the one-call native step on a CPU.
             decodes = list(batch.decodes)
             positions = [request.num_computed_tokens for request in decodes]
-            if self.decode_graphs.supports(len(decodes), max(positions) + 1):
-                logits = self.decode_graphs.run([r.token_at(p) for r, p in zip(decodes, positions)], positions,
-                                                [request.block_ids for request in decodes])
+            token_ids = [request.token_at(position) for request, position in zip(decodes, positions)]
+            block_tables = [request.block_ids for request in decodes]
+            if self.decode_graphs is not None and self.decode_graphs.supports(len(decodes), max(positions) + 1):
+                return decodes, self.sampler(self.decode_graphs.run(token_ids, positions, block_tables), decodes)
+            if self.model.fused_decode is not None:
+                logits = self.model.fused_decode.logits(token_ids, positions, block_tables, self.kv_cache, self.block_size)
                 return decodes, self.sampler(logits, decodes)
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)

@@ -88,8 +88,8 @@ class GPTBigCodeForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        # On a CPU the loader attaches cpu_decode.FusedCpuDecode: decode-only steps then run each
-        # block as one native call (same arithmetic, residual stream in float32).
+        # On a CPU the loader attaches cpu_decode.FusedCpuDecode: the runner then runs decode-only
+        # steps as one native call (same arithmetic, activations in float32).
         self.fused_decode = None
 
     @torch.inference_mode()
@@ -101,8 +101,6 @@ class GPTBigCodeForCausalLM(nn.Module):
         kv_cache: torch.Tensor,  # (n_layer, 2, num_slots, kv_dim)
     ) -> torch.Tensor:  # (T, C)
         hidden = self.transformer.wte(token_ids) + self.transformer.wpe(positions)
-        if self.fused_decode is not None and self.fused_decode.applies(metadata, token_ids.numel()):
-            return self.transformer.ln_f(self.fused_decode(hidden, metadata, kv_cache).to(hidden.dtype))
         for layer_index, block in enumerate(self.transformer.h):
             hidden = block(hidden, metadata, kv_cache[layer_index])
         return self.transformer.ln_f(hidden)

@@ -1,4 +1,4 @@
-"""Compile the C kernels (linear.c, decode_attention.c, decode_layer.c) for this machine on first use and load it with ctypes.
+"""Compile the C kernels (linear.c, decode_attention.c, decode_step.c) for this machine on first use and load it with ctypes.
 
 The library is built with the system C compiler and -march=native, like llama.cpp's native
 builds, so each machine gets its own vector instructions. The result is cached under
@@ -23,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_attention.c", "decode_layer.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_attention.c", "decode_step.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h", "vector_math.h")]
 ABI = 4  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
@@ -110,27 +110,45 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]
-    library.starchat_decode_block.restype = ctypes.c_int
-    library.starchat_decode_block.argtypes = [ctypes.POINTER(Block), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    library.starchat_decode_step.restype = ctypes.c_int
+    library.starchat_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Step), ctypes.c_void_p, ctypes.c_int]
     return library
 
 
 class Linear(ctypes.Structure):
-    """`Linear` in decode_layer.c."""
+    """`Linear` in decode_step.c."""
 
     _fields_ = [("weight", ctypes.c_void_p), ("wtype", ctypes.c_int), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
-class Block(ctypes.Structure):
-    """`Block` in decode_layer.c (field for field)."""
+class Layer(ctypes.Structure):
+    """`Layer` in decode_step.c (field for field)."""
 
     _fields_ = [
-        ("rows", ctypes.c_long), ("embed", ctypes.c_long), ("inner", ctypes.c_long), ("qkv", ctypes.c_long),
         ("ln1_weight", ctypes.c_void_p), ("ln1_bias", ctypes.c_void_p), ("ln2_weight", ctypes.c_void_p),
-        ("ln2_bias", ctypes.c_void_p), ("eps", ctypes.c_float),
-        ("c_attn", Linear), ("attn_proj", Linear), ("c_fc", Linear), ("mlp_proj", Linear),
-        ("gelu_tanh", ctypes.c_int), ("cache_keys", ctypes.c_void_p), ("cache_values", ctypes.c_void_p),
-        ("cache_type", ctypes.c_int), ("write_slots", ctypes.c_void_p), ("read_slots", ctypes.c_void_p),
-        ("mask", ctypes.c_void_p), ("max_len", ctypes.c_long), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
-        ("head_dim", ctypes.c_int), ("scale", ctypes.c_float),
+        ("ln2_bias", ctypes.c_void_p), ("c_attn", Linear), ("attn_proj", Linear), ("c_fc", Linear), ("mlp_proj", Linear),
+    ]
+
+
+class Model(ctypes.Structure):
+    """`Model` in decode_step.c (field for field)."""
+
+    _fields_ = [
+        ("layers", ctypes.c_long), ("embed", ctypes.c_long), ("inner", ctypes.c_long), ("qkv", ctypes.c_long),
+        ("vocab", ctypes.c_long), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int),
+        ("gelu_tanh", ctypes.c_int), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        ("token_table", ctypes.c_void_p), ("token_type", ctypes.c_int), ("token_table_packed", ctypes.c_int),
+        ("token_rows", ctypes.c_long), ("position_table", ctypes.c_void_p), ("position_type", ctypes.c_int),
+        ("position_rows", ctypes.c_long), ("lnf_weight", ctypes.c_void_p), ("lnf_bias", ctypes.c_void_p),
+        ("lm_head", Linear), ("layer", ctypes.POINTER(Layer)),
+    ]
+
+
+class Step(ctypes.Structure):
+    """`Step` in decode_step.c (field for field)."""
+
+    _fields_ = [
+        ("rows", ctypes.c_long), ("token_ids", ctypes.c_void_p), ("positions", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p), ("max_blocks", ctypes.c_long), ("block_size", ctypes.c_long),
+        ("cache", ctypes.c_void_p), ("cache_type", ctypes.c_int), ("num_slots", ctypes.c_long),
     ]

@@ -1,0 +1,235 @@
+/* A whole decode step in one call: one new token per sequence, from token ids to logits.
+ *
+ *     hidden = wte[token] + wpe[position]
+ *     for each block:
+ *         hidden += c_proj(attention(c_attn(ln_1(hidden))))      keys/values written to the cache
+ *         hidden += mlp_c_proj(gelu(c_fc(ln_2(hidden))))
+ *     logits = lm_head(ln_f(hidden))
+ *
+ * The same arithmetic as the module path (gpt_bigcode.py, with a packed CPU model's activations
+ * in float32: cpu_linear.compute_in_float32), in one OpenMP region. Run step by step from Python,
+ * the dispatch around these few-microsecond operations (embedding lookups, layer norms, a call
+ * per block, building attention inputs) cost 2.5 ms of a 21 ms float16 token of tiny_starcoder.
+ * The cache addresses come from the sequences' block tables, as the scheduler hands them out.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+#include "vector_math.h"
+
+/* A Linear layer: packed weight (see linear.c) of wtype, float32 scales (int8 only) and bias (may be NULL). */
+typedef struct {
+    const void *weight;
+    int wtype;
+    const float *scales, *bias;
+} Linear;
+
+/* One block's weights (float32 layer norms). */
+typedef struct {
+    const float *ln1_weight, *ln1_bias, *ln2_weight, *ln2_bias;
+    Linear c_attn, attn_proj, c_fc, mlp_proj;
+} Layer;
+
+/* The model, filled once by Python (cpu_decode.py) after the weights are packed. */
+typedef struct {
+    long layers, embed, inner, qkv, vocab; /* qkv = embed + 2 * kv_heads * head_dim; vocab = lm_head rows */
+    int heads, kv_heads, head_dim, gelu_tanh; /* gelu_tanh 1: tanh approximation, 0: exact erf */
+    float eps, scale;
+    const void *token_table; /* (token_rows, embed) of token_type, or the tied lm_head's panels */
+    int token_type, token_table_packed;
+    long token_rows;
+    const void *position_table; /* (position_rows, embed) of position_type */
+    int position_type;
+    long position_rows;
+    const float *lnf_weight, *lnf_bias;
+    Linear lm_head;
+    const Layer *layer; /* `layers` entries */
+} Model;
+
+/* One step: which tokens, where they sit, where their cache rows are. */
+typedef struct {
+    long rows;
+    const int64_t *token_ids, *positions; /* (rows,) the new token of each sequence and its position */
+    const int64_t *block_table;           /* (rows, max_blocks) cache blocks of each sequence, in order */
+    long max_blocks, block_size;
+    void *cache; /* (layers, 2, num_slots, kv_dim) keys then values of each layer */
+    int cache_type;
+    long num_slots;
+} Step;
+
+/* Buffers of a step, shared by the threads. */
+typedef struct {
+    float *hidden, *normed, *qkv, *attended, *wide, *mask;
+    int64_t *write_slots, *read_slots;
+    long max_len;
+} Buffers;
+
+static void layer_norm_rows(const float *x, long rows, long width, const float *weight, const float *bias, float eps,
+                            float *out) {
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * width;
+        float *yr = out + r * width;
+        double sum = 0.0, squares = 0.0;
+        for (long i = 0; i < width; i++) sum += xr[i];
+        float mean = (float)(sum / width);
+        for (long i = 0; i < width; i++) squares += (double)(xr[i] - mean) * (xr[i] - mean);
+        float inverse = 1.0f / sqrtf((float)(squares / width) + eps);
+        for (long i = 0; i < width; i++) yr[i] = (xr[i] - mean) * inverse * weight[i] + bias[i];
+    }
+}
+
+static void store_cache_row(void *cache, int type, long slot, long width, const float *row) {
+    for (long i = 0; i < width; i++) store_as(cache, type, slot * width + i, row[i]);
+}
+
+static inline float gelu(float x, int tanh_approximation) {
+    if (tanh_approximation) return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+}
+
+/* x = gelu(x) over `count` floats, shared among the threads (orphaned work-sharing loop). */
+static void gelu_rows(float *x, long count, int tanh_approximation) {
+    const long chunk = 512, chunks = (count + chunk - 1) / chunk;
+#pragma omp for schedule(static)
+    for (long c = 0; c < chunks; c++) {
+        long i = c * chunk, end = i + chunk < count ? i + chunk : count;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (tanh_approximation) /* scalar tanhf costs about as much as a layer's attention */
+            for (; i + 8 <= end; i += 8) _mm256_storeu_ps(x + i, gelu_tanh8(_mm256_loadu_ps(x + i)));
+#endif
+        for (; i < end; i++) x[i] = gelu(x[i], tanh_approximation);
+    }
+}
+
+static void product(const float *x, long rows, const Linear *layer, float *y, long n, long k) {
+    Output out = {y, W_F32, n, layer->scales, layer->bias};
+    starchat_linear_columns(x, rows, layer->weight, layer->wtype, &out, n, k);
+}
+
+/* Row r of the token embedding table, as float32. A packed table holds row t at column t % PANEL
+ * of panel t / PANEL (linear.c's layout). */
+static void token_row(const Model *m, long token, float *out) {
+    if (m->token_table_packed) {
+        const long base = (token / PANEL) * m->embed * PANEL + token % PANEL;
+        for (long j = 0; j < m->embed; j++) out[j] = weight_at(m->token_table, m->token_type, base + j * PANEL);
+    } else {
+        widen_to_float32((const char *)m->token_table + token * m->embed * element_size(m->token_type), m->token_type,
+                         m->embed, out);
+    }
+}
+
+/* Each sequence's cache rows (the token at position l of row r sits in slot
+ * block_table[r][l / block_size] * block_size + l % block_size), its attention mask over max_len
+ * positions, and its first hidden state. */
+static void step_inputs(const Model *m, const Step *s, const Buffers *buf) {
+#pragma omp for schedule(static)
+    for (long r = 0; r < s->rows; r++) {
+        const int64_t *blocks = s->block_table + r * s->max_blocks;
+        const long position = s->positions[r];
+        for (long l = 0; l < buf->max_len; l++) {
+            const int used = l <= position;
+            buf->read_slots[r * buf->max_len + l] = used ? blocks[l / s->block_size] * s->block_size + l % s->block_size : 0;
+            buf->mask[r * buf->max_len + l] = used ? 0.0f : -INFINITY;
+        }
+        buf->write_slots[r] = buf->read_slots[r * buf->max_len + position];
+        float *hidden = buf->hidden + r * m->embed, *scratch = buf->normed + r * m->embed;
+        token_row(m, s->token_ids[r], hidden);
+        widen_to_float32((const char *)m->position_table + position * m->embed * element_size(m->position_type),
+                         m->position_type, m->embed, scratch);
+        for (long i = 0; i < m->embed; i++) hidden[i] += scratch[i];
+    }
+}
+
+/* One block, inside the step's parallel region. */
+static void block(const Model *m, const Layer *layer, const Step *s, const Buffers *buf, void *keys, void *values,
+                  int threads, float *attention_scratch) {
+    const long rows = s->rows, embed = m->embed, kv_dim = (long)m->kv_heads * m->head_dim;
+    layer_norm_rows(buf->hidden, rows, embed, layer->ln1_weight, layer->ln1_bias, m->eps, buf->normed);
+    product(buf->normed, rows, &layer->c_attn, buf->qkv, m->qkv, embed);
+    /* The new tokens' keys and values go to the cache before attention reads it. */
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        store_cache_row(keys, s->cache_type, buf->write_slots[r], kv_dim, buf->qkv + r * m->qkv + embed);
+        store_cache_row(values, s->cache_type, buf->write_slots[r], kv_dim, buf->qkv + r * m->qkv + embed + kv_dim);
+    }
+    /* Queries are the first `embed` columns of each qkv row: compact them (row stride). */
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++)
+        for (long i = 0; i < embed; i++) buf->normed[r * embed + i] = buf->qkv[r * m->qkv + i];
+    starchat_attention_items(buf->normed, W_F32, keys, values, s->cache_type, buf->read_slots, buf->mask, rows,
+                             buf->max_len, m->heads, m->kv_heads, m->head_dim, m->scale, buf->attended, threads,
+                             attention_scratch);
+    product(buf->attended, rows, &layer->attn_proj, buf->wide, embed, embed);
+#pragma omp for schedule(static)
+    for (long i = 0; i < rows * embed; i++) buf->hidden[i] += buf->wide[i];
+    layer_norm_rows(buf->hidden, rows, embed, layer->ln2_weight, layer->ln2_bias, m->eps, buf->normed);
+    product(buf->normed, rows, &layer->c_fc, buf->wide, m->inner, embed);
+    gelu_rows(buf->wide, rows * m->inner, m->gelu_tanh);
+    product(buf->wide, rows, &layer->mlp_proj, buf->attended, embed, m->inner);
+#pragma omp for schedule(static)
+    for (long i = 0; i < rows * embed; i++) buf->hidden[i] += buf->attended[i];
+}
+
+/* logits: (rows, vocab) float32. Returns 0; -1 for a token id, position or cache block out of
+ * range (nothing is written then); -2 when out of memory. */
+int starchat_decode_step(const Model *m, const Step *s, float *logits, int threads) {
+    const long rows = s->rows, kv_dim = (long)m->kv_heads * m->head_dim;
+    if (rows <= 0) return 0;
+    long max_len = 0;
+    for (long r = 0; r < rows; r++) {
+        const long token = s->token_ids[r], position = s->positions[r];
+        if (token < 0 || token >= m->token_rows || position < 0 || position >= m->position_rows ||
+            position / s->block_size >= s->max_blocks)
+            return -1;
+        for (long b = 0; b <= position / s->block_size; b++) {
+            const int64_t id = s->block_table[r * s->max_blocks + b];
+            if (id < 0 || (id + 1) * s->block_size > s->num_slots) return -1;
+        }
+        max_len = position + 1 > max_len ? position + 1 : max_len;
+    }
+    const long wide = m->inner > m->embed ? m->inner : m->embed;
+    const long floats = rows * (3 * m->embed + m->qkv + wide + max_len);
+    const long slots = rows * (1 + max_len);
+    /* One allocation: the slot tables first (8-byte aligned), then the float buffers. */
+    int64_t *shared = (int64_t *)malloc((size_t)slots * sizeof(int64_t) + (size_t)floats * sizeof(float));
+    if (!shared) return -2;
+    Buffers buf;
+    buf.max_len = max_len;
+    buf.write_slots = shared;
+    buf.read_slots = buf.write_slots + rows;
+    buf.hidden = (float *)(buf.read_slots + rows * max_len);
+    buf.normed = buf.hidden + rows * m->embed;
+    buf.attended = buf.normed + rows * m->embed;
+    buf.qkv = buf.attended + rows * m->embed;
+    buf.wide = buf.qkv + rows * m->qkv;
+    buf.mask = buf.wide + rows * wide;
+    threads = threads > 0 ? threads : 1;
+    const long attention_floats = starchat_attention_scratch(rows, max_len, m->heads, m->kv_heads, m->head_dim, threads);
+    const long layer_elements = 2 * s->num_slots * kv_dim;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *attention_scratch = (float *)malloc((size_t)attention_floats * sizeof(float));
+        if (!attention_scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            step_inputs(m, s, &buf);
+            for (long i = 0; i < m->layers; i++) {
+                char *keys = (char *)s->cache + i * layer_elements * element_size(s->cache_type);
+                char *values = keys + s->num_slots * kv_dim * element_size(s->cache_type);
+                block(m, &m->layer[i], s, &buf, keys, values, threads, attention_scratch);
+            }
+            layer_norm_rows(buf.hidden, rows, m->embed, m->lnf_weight, m->lnf_bias, m->eps, buf.normed);
+            product(buf.normed, rows, &m->lm_head, logits, m->vocab, m->embed);
+        }
+        free(attention_scratch);
+    }
+    free(shared);
+    return failed ? -2 : 0;
+}
