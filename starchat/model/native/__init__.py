@@ -1,5 +1,5 @@
 """Native CPU kernels: matrix products over weights packed at load time (linear.c), decode attention
-(decode_attention.c) and whole decode blocks (decode_layer.c)."""
+(decode_attention.c) and whole decode steps (decode_step.c)."""
 
 from __future__ import annotations
 
