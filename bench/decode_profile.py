@@ -65,7 +65,7 @@ def main() -> None:
     timed(runner, "sampler", "sampling")
     timed(engine, "_process_outputs", "outputs, detokenizing")
     if model.fused_decode is not None:  # decode steps: one native call (cpu_decode.py)
-        timed(model.fused_decode, "logits", "decode step (Python side)")
+        timed(model.fused_decode, "step", "decode step (Python side)")
         library = load()
         native_step = library.starchat_decode_step
 

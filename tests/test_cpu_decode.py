@@ -5,6 +5,7 @@ which decodes through this path, against HF transformers)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,9 +25,9 @@ def _run(model_dir, dtype, fused: bool, quantize=None, prompts=PROMPTS, max_new_
     assert isinstance(model.fused_decode, FusedCpuDecode)
     calls = []
     if fused:
-        original = model.fused_decode.logits.__func__
+        original = model.fused_decode.step.__func__
         model.fused_decode.__class__ = type("Counted", (FusedCpuDecode,), {
-            "logits": lambda self, token_ids, *args: calls.append(len(token_ids)) or original(self, token_ids, *args)})
+            "step": lambda self, token_ids, *args: calls.append(len(token_ids)) or original(self, token_ids, *args)})
     else:
         model.fused_decode = None
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, logprobs=1)
@@ -83,7 +84,7 @@ def test_fused_step_matches_module_forward_and_rejects_bad_input(tiny_model_dir)
     tables = [[3, 1], [0]]  # sequence 0: positions 0-31 in blocks 3 then 1; sequence 1 in block 0
     token_ids, positions = [17, 5], [block_size + 4, 6]
     fused_cache = cache.clone()
-    logits = model.fused_decode.logits(token_ids, positions, tables, fused_cache, block_size)
+    logits, greedy = model.fused_decode.step(token_ids, positions, tables, fused_cache, block_size)
 
     module_cache = cache.clone()
     lengths = torch.tensor(positions) + 1
@@ -95,6 +96,7 @@ def test_fused_step_matches_module_forward_and_rejects_bad_input(tiny_model_dir)
     hidden = model(torch.tensor(token_ids), torch.tensor(positions), metadata, module_cache)
     expected = model.compute_logits(hidden)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy, logits.argmax(dim=-1))
     torch.testing.assert_close(fused_cache, module_cache, rtol=1e-5, atol=1e-5)
     assert not torch.equal(fused_cache, cache)  # the new keys and values were written
 
@@ -104,7 +106,7 @@ def test_fused_step_matches_module_forward_and_rejects_bad_input(tiny_model_dir)
                                                (token_ids, [model.config.n_positions, 6], tables),
                                                (token_ids, positions, [[3, 10**9], [0]])):
         with pytest.raises(ValueError, match="out of range"):
-            model.fused_decode.logits(bad_ids, bad_positions, bad_tables, fused_cache, block_size)
+            model.fused_decode.step(bad_ids, bad_positions, bad_tables, fused_cache, block_size)
     assert torch.equal(fused_cache, before)
 
 
@@ -113,8 +115,8 @@ def test_steps_with_prefill_use_the_module_path(tiny_model_dir):
     (the fused step is called only for decode-only steps, never with the joining prompt)."""
     llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
     engine, fused = llm.engine, llm.engine.runner.model.fused_decode
-    calls, original = [], fused.logits
-    fused.logits = lambda token_ids, *args: calls.append(len(token_ids)) or original(token_ids, *args)
+    calls, original = [], fused.step
+    fused.step = lambda token_ids, *args: calls.append(len(token_ids)) or original(token_ids, *args)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     engine.add_request("def add(a, b):", params, request_id="a")
     engine.step()  # prefill of a
@@ -125,3 +127,27 @@ def test_steps_with_prefill_use_the_module_path(tiny_model_dir):
     while engine.has_unfinished_requests():
         engine.step()
     assert 2 in calls  # then both decode together
+
+
+def test_greedy_tokens_of_the_step_follow_numpy_argmax_on_ties_and_nan(tiny_model_dir):
+    """The step's argmax: the first of equal maxima, and the first NaN if any (as the sampler's
+    NumPy argmax, so greedy tokens do not depend on which path decoded them)."""
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    runner = llm.engine.runner
+    fused, head = runner.model.fused_decode, runner.model.lm_head.packed_weight.data  # (panels, K, 16)
+
+    def step():
+        return fused.step([5], [0], [[0]], runner.kv_cache.clone(), runner.block_size)
+
+    logits, _ = step()
+    top = int(logits[0].argmax())
+    assert float(logits[0, top]) > 0
+    weights = head[top // 16, :, top % 16].clone()
+    for token in (7, 3):  # doubled top row: two equal, larger maxima
+        head[token // 16, :, token % 16] = 2 * weights
+    logits, greedy = step()
+    assert logits[0, 3] == logits[0, 7] == logits[0].max()
+    assert greedy.tolist() == [3]
+    head[40 // 16, :, 40 % 16] = float("nan")
+    logits, greedy = step()
+    assert greedy.tolist() == [40] == [int(np.argmax(logits.numpy()[0]))]

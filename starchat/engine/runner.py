@@ -120,8 +120,9 @@ class ModelRunner:
             if self.decode_graphs is not None and self.decode_graphs.supports(len(decodes), max(positions) + 1):
                 return decodes, self.sampler(self.decode_graphs.run(token_ids, positions, block_tables), decodes)
             if self.model.fused_decode is not None:
-                logits = self.model.fused_decode.logits(token_ids, positions, block_tables, self.kv_cache, self.block_size)
-                return decodes, self.sampler(logits, decodes)
+                logits, greedy = self.model.fused_decode.step(token_ids, positions, block_tables, self.kv_cache,
+                                                              self.block_size)
+                return decodes, self.sampler(logits, decodes, greedy_tokens=greedy)
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
         if not inputs.sampling:

@@ -27,8 +27,12 @@ class Sampler:
         self.eos_token_id = eos_token_id
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:  # logits (N, V) float32
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 greedy_tokens: torch.Tensor | None = None) -> SamplerOutput:  # logits (N, V) float32
+        """`greedy_tokens`: each row's argmax when the caller has it (the CPU decode step computes it
+        while the logits are in cache); used where no penalty changes the logits."""
         device = logits.device
+        unchanged = logits
         want_logprobs = [r.params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
@@ -38,12 +42,12 @@ class Sampler:
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
         sample_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if not sample_rows:
-            chosen = _argmax_rows(logits)
+            chosen = greedy_tokens if greedy_tokens is not None and logits is unchanged else _argmax_rows(logits)
         else:
             chosen = torch.empty(len(requests), dtype=torch.long, device=device)
             if greedy_rows:
                 rows = torch.tensor(greedy_rows, device=device)
-                chosen[rows] = _argmax_rows(logits[rows])
+                chosen[rows] = greedy_tokens[rows] if greedy_tokens is not None and logits is unchanged else _argmax_rows(logits[rows])
             rows = torch.tensor(sample_rows, device=device)
             chosen[rows] = self._sample(logits[rows], [requests[i] for i in sample_rows])
         token_ids = chosen.tolist()

@@ -78,11 +78,12 @@ class FusedCpuDecode:
         )
         self._num_layers = len(layers)
 
-    def logits(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], kv_cache: torch.Tensor,
-               block_size: int) -> torch.Tensor:
+    def step(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], kv_cache: torch.Tensor,
+             block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step: sequence i's token token_ids[i] at positions[i], its cache in blocks
         block_tables[i] (kv_cache: (n_layer, 2, num_slots, kv_dim)). Writes the new keys and values
-        to the cache; returns (rows, vocab) float32 logits."""
+        to the cache; returns the (rows, vocab) float32 logits and each row's argmax (rows,) int64,
+        the greedy tokens, computed while the logits are still in cache."""
         rows = len(token_ids)
         if kv_cache.dim() != 4 or kv_cache.shape[0] != self._num_layers or not kv_cache.is_contiguous():
             raise ValueError(f"fused CPU decode: cache of shape {tuple(kv_cache.shape)} for {self._num_layers} layers")
@@ -94,16 +95,17 @@ class FusedCpuDecode:
         for row, table in enumerate(block_tables):
             tables[row, :len(table)] = table
         logits = torch.empty(rows, self.vocab_size, dtype=torch.float32)
+        greedy = torch.empty(rows, dtype=torch.int64)
         step = Step(rows=rows, token_ids=ids.ctypes.data, positions=where.ctypes.data, block_table=tables.ctypes.data,
                     max_blocks=max_blocks, block_size=block_size, cache=kv_cache.data_ptr(),
                     cache_type=native.CACHE_TYPES[kv_cache.dtype], num_slots=kv_cache.shape[2])
         status = load().starchat_decode_step(ctypes.byref(self._model), ctypes.byref(step), logits.data_ptr(),
-                                             torch.get_num_threads())
+                                             greedy.data_ptr(), torch.get_num_threads())
         if status == -1:
             raise ValueError("fused CPU decode: a token id, position or cache block is out of range")
         if status:
             raise MemoryError("fused CPU decode: out of memory for the step's buffers")
-        return logits
+        return logits, greedy
 
 
 def attach_fused_decode(model: nn.Module) -> None:

@@ -66,12 +66,16 @@ typedef struct {
     long max_len;
 } Buffers;
 
-static void layer_norm_rows(const float *x, long rows, long width, const float *weight, const float *bias, float eps,
-                            float *out) {
+/* x += residual (when given), then out = layer_norm(x), row by row: the residual add of one
+ * sublayer and the norm of the next share a loop (and a barrier). */
+static void add_and_norm_rows(float *x, const float *residual, long rows, long width, const float *weight,
+                              const float *bias, float eps, float *out) {
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
-        const float *xr = x + r * width;
+        float *xr = x + r * width;
         float *yr = out + r * width;
+        if (residual)
+            for (long i = 0; i < width; i++) xr[i] += residual[r * width + i];
         double sum = 0.0, squares = 0.0;
         for (long i = 0; i < width; i++) sum += xr[i];
         float mean = (float)(sum / width);
@@ -143,39 +147,56 @@ static void step_inputs(const Model *m, const Step *s, const Buffers *buf) {
     }
 }
 
-/* One block, inside the step's parallel region. */
-static void block(const Model *m, const Layer *layer, const Step *s, const Buffers *buf, void *keys, void *values,
-                  int threads, float *attention_scratch) {
+/* One block, inside the step's parallel region. `pending`: the previous block's MLP output, not
+ * yet added to the residual stream (NULL for the first block); returns this block's. */
+static const float *block(const Model *m, const Layer *layer, const Step *s, const Buffers *buf, const float *pending,
+                          void *keys, void *values, int threads, float *attention_scratch) {
     const long rows = s->rows, embed = m->embed, kv_dim = (long)m->kv_heads * m->head_dim;
-    layer_norm_rows(buf->hidden, rows, embed, layer->ln1_weight, layer->ln1_bias, m->eps, buf->normed);
+    add_and_norm_rows(buf->hidden, pending, rows, embed, layer->ln1_weight, layer->ln1_bias, m->eps, buf->normed);
     product(buf->normed, rows, &layer->c_attn, buf->qkv, m->qkv, embed);
-    /* The new tokens' keys and values go to the cache before attention reads it. */
+    /* The new tokens' keys and values go to the cache before attention reads it; the queries (the
+     * first `embed` columns of each qkv row) are compacted for it. */
 #pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
-        store_cache_row(keys, s->cache_type, buf->write_slots[r], kv_dim, buf->qkv + r * m->qkv + embed);
-        store_cache_row(values, s->cache_type, buf->write_slots[r], kv_dim, buf->qkv + r * m->qkv + embed + kv_dim);
+        const float *row = buf->qkv + r * m->qkv;
+        store_cache_row(keys, s->cache_type, buf->write_slots[r], kv_dim, row + embed);
+        store_cache_row(values, s->cache_type, buf->write_slots[r], kv_dim, row + embed + kv_dim);
+        for (long i = 0; i < embed; i++) buf->normed[r * embed + i] = row[i];
     }
-    /* Queries are the first `embed` columns of each qkv row: compact them (row stride). */
-#pragma omp for schedule(static)
-    for (long r = 0; r < rows; r++)
-        for (long i = 0; i < embed; i++) buf->normed[r * embed + i] = buf->qkv[r * m->qkv + i];
     starchat_attention_items(buf->normed, W_F32, keys, values, s->cache_type, buf->read_slots, buf->mask, rows,
                              buf->max_len, m->heads, m->kv_heads, m->head_dim, m->scale, buf->attended, threads,
                              attention_scratch);
     product(buf->attended, rows, &layer->attn_proj, buf->wide, embed, embed);
-#pragma omp for schedule(static)
-    for (long i = 0; i < rows * embed; i++) buf->hidden[i] += buf->wide[i];
-    layer_norm_rows(buf->hidden, rows, embed, layer->ln2_weight, layer->ln2_bias, m->eps, buf->normed);
+    add_and_norm_rows(buf->hidden, buf->wide, rows, embed, layer->ln2_weight, layer->ln2_bias, m->eps, buf->normed);
     product(buf->normed, rows, &layer->c_fc, buf->wide, m->inner, embed);
     gelu_rows(buf->wide, rows * m->inner, m->gelu_tanh);
     product(buf->wide, rows, &layer->mlp_proj, buf->attended, embed, m->inner);
-#pragma omp for schedule(static)
-    for (long i = 0; i < rows * embed; i++) buf->hidden[i] += buf->attended[i];
+    return buf->attended;
 }
 
-/* logits: (rows, vocab) float32. Returns 0; -1 for a token id, position or cache block out of
+/* The index of each row's largest logit (the first of equal maxima; the first NaN if any, as
+ * NumPy's argmax): greedy tokens without a pass of Python over the logits. */
+static void argmax_rows(const float *logits, long rows, long width, int64_t *out) {
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *row = logits + r * width;
+        long best = 0;
+        float value = row[0];
+        if (!isnan(value))
+            for (long i = 1; i < width; i++) {
+                if (isnan(row[i])) {
+                    best = i;
+                    break;
+                }
+                if (row[i] > value) value = row[i], best = i;
+            }
+        out[r] = best;
+    }
+}
+
+/* logits: (rows, vocab) float32; greedy (may be NULL): (rows,) each row's argmax. Returns 0; -1 for a token id, position or cache block out of
  * range (nothing is written then); -2 when out of memory. */
-int starchat_decode_step(const Model *m, const Step *s, float *logits, int threads) {
+int starchat_decode_step(const Model *m, const Step *s, float *logits, int64_t *greedy, int threads) {
     const long rows = s->rows, kv_dim = (long)m->kv_heads * m->head_dim;
     if (rows <= 0) return 0;
     long max_len = 0;
@@ -220,13 +241,15 @@ int starchat_decode_step(const Model *m, const Step *s, float *logits, int threa
 #pragma omp barrier
         if (!failed) {
             step_inputs(m, s, &buf);
+            const float *pending = NULL;
             for (long i = 0; i < m->layers; i++) {
                 char *keys = (char *)s->cache + i * layer_elements * element_size(s->cache_type);
                 char *values = keys + s->num_slots * kv_dim * element_size(s->cache_type);
-                block(m, &m->layer[i], s, &buf, keys, values, threads, attention_scratch);
+                pending = block(m, &m->layer[i], s, &buf, pending, keys, values, threads, attention_scratch);
             }
-            layer_norm_rows(buf.hidden, rows, m->embed, m->lnf_weight, m->lnf_bias, m->eps, buf.normed);
+            add_and_norm_rows(buf.hidden, pending, rows, m->embed, m->lnf_weight, m->lnf_bias, m->eps, buf.normed);
             product(buf.normed, rows, &m->lm_head, logits, m->vocab, m->embed);
+            if (greedy) argmax_rows(logits, rows, m->vocab, greedy);
         }
         free(attention_scratch);
     }
