@@ -202,12 +202,7 @@ int starchat_decode_attention(const void *query, int io_type, const void *keys, 
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = (float *)malloc((size_t)scratch_floats * sizeof(float));
-        if (!scratch) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        float *scratch = starchat_thread_scratch(scratch_floats, &failed);
         if (!failed)
             starchat_attention_items(query, io_type, keys, values, type, slots, mask, batch, max_len, heads, kv_heads,
                                      head_dim, scale, out, threads, scratch);

@@ -233,12 +233,7 @@ int starchat_decode_step(const Model *m, const Step *s, float *logits, int64_t *
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *attention_scratch = (float *)malloc((size_t)attention_floats * sizeof(float));
-        if (!attention_scratch) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        float *attention_scratch = starchat_thread_scratch(attention_floats, &failed);
         if (!failed) {
             step_inputs(m, s, &buf);
             const float *pending = NULL;

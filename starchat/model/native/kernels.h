@@ -3,6 +3,7 @@
 #ifndef STARCHAT_KERNELS_H
 #define STARCHAT_KERNELS_H
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "convert.h"
 
@@ -14,6 +15,19 @@ typedef struct {
     long n_total;
     const float *scales, *bias;
 } Output;
+
+/* Inside a parallel region: this thread's scratch of `floats` floats, allocated by every thread;
+ * after the barrier each knows whether any allocation failed (*failed), so all threads take the
+ * same branch and meet the same work-sharing loops. Free with free(). */
+static inline float *starchat_thread_scratch(long floats, int *failed) {
+    float *scratch = (float *)malloc((size_t)floats * sizeof(float));
+    if (!scratch) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    return scratch;
+}
 
 /* Output columns per weight panel (linear.c: weights are packed in panels of this many). */
 #define PANEL 16
