@@ -161,3 +161,27 @@ def test_sampler_greedy_rows_equal_torch_argmax_with_ties_and_nan():
     assert all_greedy.token_ids == expected
     mixed = Sampler(eos_token_id=0)(logits, [request(sampled if i % 2 else greedy, i) for i in range(5)])
     assert [mixed.token_ids[i] for i in (0, 2, 4)] == [expected[i] for i in (0, 2, 4)]
+
+
+def test_sampler_takes_given_greedy_tokens_only_for_unchanged_logits():
+    """The CPU decode step hands the sampler each row's argmax; a repetition penalty or a
+    min_new_tokens block changes the logits, and then the sampler chooses again."""
+    import torch
+
+    from starchat.engine.request import Request
+    from starchat.engine.sampler import Sampler
+
+    logits = torch.zeros(2, 50)
+    logits[:, 3] = 5.0  # token 3: both rows' argmax, and in the prompt
+    logits[:, 9] = 1.0  # the runner-up
+    given = torch.tensor([3, 3])
+
+    def request(**params):
+        return Request("r", [1, 2, 3], SamplingParams(max_new_tokens=4, **params), frozenset(), 100)
+
+    marked = torch.tensor([17, 3])  # not an argmax: shows whether the sampler used what it was given
+    assert Sampler(eos_token_id=0)(logits, [request(), request()], greedy_tokens=marked).token_ids == [17, 3]
+    penalised = Sampler(eos_token_id=0)(logits, [request(repetition_penalty=100.0), request()], greedy_tokens=given)
+    assert penalised.token_ids == [9, 3]  # 5 / 100 falls below 1: the penalised row chose again
+    blocked = Sampler(eos_token_id=3)(logits, [request(min_new_tokens=2), request(min_new_tokens=2)], greedy_tokens=given)
+    assert blocked.token_ids == [9, 9]  # the end token is barred before min_new_tokens

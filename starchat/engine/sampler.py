@@ -41,13 +41,14 @@ class Sampler:
 
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
         sample_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        given = greedy_tokens if greedy_tokens is not None and logits is unchanged else None
         if not sample_rows:
-            chosen = greedy_tokens if greedy_tokens is not None and logits is unchanged else _argmax_rows(logits)
+            chosen = given if given is not None else _argmax_rows(logits)
         else:
             chosen = torch.empty(len(requests), dtype=torch.long, device=device)
             if greedy_rows:
                 rows = torch.tensor(greedy_rows, device=device)
-                chosen[rows] = greedy_tokens[rows] if greedy_tokens is not None and logits is unchanged else _argmax_rows(logits[rows])
+                chosen[rows] = given[rows] if given is not None else _argmax_rows(logits[rows])
             rows = torch.tensor(sample_rows, device=device)
             chosen[rows] = self._sample(logits[rows], [requests[i] for i in sample_rows])
         token_ids = chosen.tolist()
