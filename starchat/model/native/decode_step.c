@@ -194,11 +194,13 @@ static void argmax_rows(const float *logits, long rows, long width, int64_t *out
     }
 }
 
-/* logits: (rows, vocab) float32; greedy (may be NULL): (rows,) each row's argmax. Returns 0; -1 for a token id, position or cache block out of
- * range (nothing is written then); -2 when out of memory. */
+/* logits: (rows, vocab) float32; greedy (may be NULL): (rows,) each row's argmax. Returns 0; -1
+ * for a token id, position or cache block out of range (nothing is written then); -2 when out of
+ * memory. */
 int starchat_decode_step(const Model *m, const Step *s, float *logits, int64_t *greedy, int threads) {
     const long rows = s->rows, kv_dim = (long)m->kv_heads * m->head_dim;
     if (rows <= 0) return 0;
+    if (s->block_size <= 0 || s->max_blocks <= 0) return -1;
     long max_len = 0;
     for (long r = 0; r < rows; r++) {
         const long token = s->token_ids[r], position = s->positions[r];
