@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from starchat.bench.machine import describe_machine, measure_read_bandwidth, synchronize  # noqa: E402
-from starchat.bench.offline import (HFBaseline, ours_latency, random_prompts,  # noqa: E402
+from starchat.bench.offline import (HFBaseline, host_step_timers, ours_latency, random_prompts,  # noqa: E402
                                     weight_bytes_read_per_token)
 from starchat.config import NAMED_SHAPES, ModelConfig  # noqa: E402
 from starchat.llm import LLM  # noqa: E402
@@ -90,8 +90,10 @@ def ours_figures(llm: LLM, device: torch.device, args) -> dict:
         prompts = random_prompts(count, args.prompt_len, seed=2)
         params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
         llm.generate(prompts, params)  # warm-up: CUDA graphs of every batch size this run meets get captured
-        seconds = timed(lambda: llm.generate(prompts, params), device)
-        figures["concurrent"][count] = {"output_tokens_per_s": count * args.new_tokens / seconds, "seconds": seconds}
+        with host_step_timers(llm.engine) as host:
+            seconds = timed(lambda: llm.generate(prompts, params), device)
+        figures["concurrent"][count] = {"output_tokens_per_s": count * args.new_tokens / seconds, "seconds": seconds,
+                                        "host_ms_per_step": host}
         print(f"ours {count} sequences: {count * args.new_tokens / seconds:.0f} output tokens/s", flush=True)
     long_prompt = random_prompts(1, args.prefill_len, seed=3)[0]
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)

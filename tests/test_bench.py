@@ -51,3 +51,19 @@ def test_bench_latency_against_hf_in_turns(tiny_model_dir, tmp_path):
                                     for o, h in zip(figures["rounds"]["ours"], figures["rounds"]["hf"])])
     assert figures["ours"]["tokens_per_s"] == pytest.approx(statistics.median(r["tokens_per_s"] for r in figures["rounds"]["ours"]))
     assert figures["hf"]["weight_bytes_per_token"] > 0
+
+
+def test_host_step_timers_count_steps_and_restore_the_engine(tiny_model_dir):
+    from starchat import LLM, SamplingParams
+    from starchat.bench.offline import host_step_timers
+
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    engine = llm.engine
+    with host_step_timers(engine) as host:
+        llm.generate(["def f():", "x = 1"], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert host["steps"] >= 5  # a prefill step, then a step per further token
+    assert host["step_ms"] > host["schedule_ms"] > 0 and host["step_ms"] > host["outputs_ms"] > 0
+    assert "step" not in vars(engine) and "schedule" not in vars(engine.scheduler)  # the methods are back
+    with host_step_timers(engine) as again:
+        pass
+    assert again["steps"] == 0

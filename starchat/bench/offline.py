@@ -8,10 +8,11 @@ scheduler, HF as one static batch): output tokens/s end to end, prefill included
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -74,6 +75,39 @@ def round_ratios(mine: list[float], theirs: list[float]) -> list[float]:
     if len(mine) != len(theirs) or not mine:
         raise ValueError("round_ratios needs the same number of rounds on both sides, at least one")
     return [a / b for a, b in zip(mine, theirs)]
+
+
+@contextlib.contextmanager
+def host_step_timers(engine) -> Iterator[dict[str, float]]:
+    """Seconds the engine's steps spend in host-only work, per step: scheduling and output
+    processing (detokenizing, stop strings, deltas). On a GPU nothing overlaps them, so the GPU
+    idles for that long every step. Yields a dict filled when the block ends: steps, and
+    milliseconds per step of `step`, `schedule`, `outputs`."""
+    totals = {"step": 0.0, "schedule": 0.0, "outputs": 0.0}
+    steps = [0]
+    patched = {"step": (engine, "step"), "schedule": (engine.scheduler, "schedule"),
+               "outputs": (engine, "_process_outputs")}
+
+    def timer(label: str, inner):
+        def wrapper(*arguments, **keywords):
+            start = time.perf_counter()
+            try:
+                return inner(*arguments, **keywords)
+            finally:
+                totals[label] += time.perf_counter() - start
+                steps[0] += label == "step"
+        return wrapper
+
+    for label, (owner, name) in patched.items():
+        setattr(owner, name, timer(label, getattr(owner, name)))
+    figures: dict[str, float] = {}
+    try:
+        yield figures
+    finally:
+        for owner, name in patched.values():
+            delattr(owner, name)  # the class's method shows through again
+        figures["steps"] = steps[0]
+        figures.update({f"{label}_ms": 1e3 * value / max(steps[0], 1) for label, value in totals.items()})
 
 
 def random_prompts(count: int, length: int, seed: int = 0, vocab: int = 49152) -> list[list[int]]:
