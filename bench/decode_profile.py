@@ -12,14 +12,13 @@ weight bytes per token. Same process, same run.
 from __future__ import annotations
 
 import argparse
-import collections
 import time
 
 import torch
 
 from starchat.bench.checkpoints import random_checkpoint
 from starchat.bench.machine import describe_machine
-from starchat.bench.offline import random_prompts, weight_bytes_read_per_token
+from starchat.bench.offline import random_prompts, timed_methods, weight_bytes_read_per_token
 from starchat.llm import LLM
 from starchat.model.native.build import load
 from starchat.sampling_params import SamplingParams
@@ -47,49 +46,26 @@ def main() -> None:
               progress=False)
     engine, runner = llm.engine, llm.engine.runner
     model = runner.model
-    seconds: dict[str, float] = collections.defaultdict(float)
-
-    def timed(owner, name: str, label: str) -> None:
-        inner = getattr(owner, name)
-
-        def wrapper(*arguments, **keywords):
-            start = time.perf_counter()
-            try:
-                return inner(*arguments, **keywords)
-            finally:
-                seconds[label] += time.perf_counter() - start
-        setattr(owner, name, wrapper)
-
-    timed(engine, "step", "whole step")
-    timed(runner, "prepare", "prepare (prefill steps)")
-    timed(runner, "sampler", "sampling")
-    timed(engine, "_process_outputs", "outputs, detokenizing")
+    targets = {"whole step": (engine, "step"), "prepare (prefill steps)": (runner, "prepare"),
+               "sampling": (runner, "sampler"), "outputs, detokenizing": (engine, "_process_outputs")}
     if model.fused_decode is not None:  # decode steps: one native call (cpu_decode.py)
-        timed(model.fused_decode, "step", "decode step (Python side)")
-        library = load()
-        native_step = library.starchat_decode_step
-
-        def timed_native_step(*arguments):
-            start = time.perf_counter()
-            try:
-                return native_step(*arguments)
-            finally:
-                seconds["decode step (native)"] += time.perf_counter() - start
-        library.starchat_decode_step = timed_native_step
+        targets["decode step (Python side)"] = (model.fused_decode, "step")
+        targets["decode step (native)"] = (load(), "starchat_decode_step")
     else:
-        timed(model, "forward", "model forward")
-        timed(model, "compute_logits", "lm_head")
+        targets["model forward"] = (model, "forward")
+        targets["lm_head"] = (model, "compute_logits")
     prompt = random_prompts(1, 8)[0]
     params = SamplingParams(max_new_tokens=args.tokens + 1, ignore_eos=True)
     llm.generate([prompt], params)  # warm-up
     best = None
-    for _ in range(3):
-        seconds.clear()
-        start = time.perf_counter()
-        llm.generate([prompt], params)
-        total = time.perf_counter() - start
-        if best is None or total < best[0]:
-            best = (total, dict(seconds))
+    with timed_methods(targets) as timings:
+        for _ in range(3):
+            timings.reset()
+            start = time.perf_counter()
+            llm.generate([prompt], params)
+            total = time.perf_counter() - start
+            if best is None or total < best[0]:
+                best = (total, dict(timings.seconds))
     total, stages = best
     if "decode step (native)" in stages:  # the native call is inside the Python side's time
         stages["decode step (Python side)"] -= stages["decode step (native)"]

@@ -77,37 +77,60 @@ def round_ratios(mine: list[float], theirs: list[float]) -> list[float]:
     return [a / b for a, b in zip(mine, theirs)]
 
 
-@contextlib.contextmanager
-def host_step_timers(engine) -> Iterator[dict[str, float]]:
-    """Seconds the engine's steps spend in host-only work, per step: scheduling and output
-    processing (detokenizing, stop strings, deltas). On a GPU nothing overlaps them, so the GPU
-    idles for that long every step. Yields a dict filled when the block ends: steps, and
-    milliseconds per step of `step`, `schedule`, `outputs`."""
-    totals = {"step": 0.0, "schedule": 0.0, "outputs": 0.0}
-    steps = [0]
-    patched = {"step": (engine, "step"), "schedule": (engine.scheduler, "schedule"),
-               "outputs": (engine, "_process_outputs")}
+@dataclass
+class MethodTimings:
+    """Seconds spent in, and calls of, each timed method (see `timed_methods`)."""
 
-    def timer(label: str, inner):
-        def wrapper(*arguments, **keywords):
+    seconds: dict[str, float]
+    calls: dict[str, int]
+
+    def reset(self) -> None:
+        for label in self.seconds:
+            self.seconds[label], self.calls[label] = 0.0, 0
+
+
+@contextlib.contextmanager
+def timed_methods(targets: dict[str, tuple[object, str]]) -> Iterator[MethodTimings]:
+    """Times every call of `owner.name` for each `label: (owner, name)` while the block runs (the
+    instance attribute wraps the method), and puts the originals back afterwards."""
+    timings = MethodTimings({label: 0.0 for label in targets}, {label: 0 for label in targets})
+    originals = []
+    for label, (owner, name) in targets.items():
+        own = name in vars(owner)  # an instance attribute (or a cached ctypes function) to restore
+        inner = getattr(owner, name)
+        originals.append((owner, name, inner if own else None))
+
+        def wrapper(*arguments, _inner=inner, _label=label, **keywords):
             start = time.perf_counter()
             try:
-                return inner(*arguments, **keywords)
+                return _inner(*arguments, **keywords)
             finally:
-                totals[label] += time.perf_counter() - start
-                steps[0] += label == "step"
-        return wrapper
-
-    for label, (owner, name) in patched.items():
-        setattr(owner, name, timer(label, getattr(owner, name)))
-    figures: dict[str, float] = {}
+                timings.seconds[_label] += time.perf_counter() - start
+                timings.calls[_label] += 1
+        setattr(owner, name, wrapper)
     try:
-        yield figures
+        yield timings
     finally:
-        for owner, name in patched.values():
-            delattr(owner, name)  # the class's method shows through again
-        figures["steps"] = steps[0]
-        figures.update({f"{label}_ms": 1e3 * value / max(steps[0], 1) for label, value in totals.items()})
+        for owner, name, original in reversed(originals):
+            if original is None:
+                delattr(owner, name)  # the class's method shows through again
+            else:
+                setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def host_step_timers(engine) -> Iterator[dict[str, float]]:
+    """Host-only work of the engine's steps: scheduling and output processing (detokenizing, stop
+    strings, deltas). On a GPU nothing overlaps them, so the GPU idles for that long every step.
+    Yields a dict filled when the block ends: steps, and milliseconds per step of `step`,
+    `schedule`, `outputs`."""
+    figures: dict[str, float] = {}
+    targets = {"step": (engine, "step"), "schedule": (engine.scheduler, "schedule"), "outputs": (engine, "_process_outputs")}
+    with timed_methods(targets) as timings:
+        yield figures
+    steps = timings.calls["step"]
+    figures["steps"] = steps
+    figures.update({f"{label}_ms": 1e3 * value / max(steps, 1) for label, value in timings.seconds.items()})
 
 
 def random_prompts(count: int, length: int, seed: int = 0, vocab: int = 49152) -> list[list[int]]:
