@@ -76,7 +76,6 @@ class FusedCpuDecode:
             lnf_weight=final_norm[0], lnf_bias=final_norm[1], lm_head=_linear(model.lm_head, self._keep),
             layer=self._layers,
         )
-        self._num_layers = len(layers)
 
     def step(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], kv_cache: torch.Tensor,
              block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +84,8 @@ class FusedCpuDecode:
         to the cache; returns the (rows, vocab) float32 logits and each row's argmax (rows,) int64,
         the greedy tokens, computed while the logits are still in cache."""
         rows = len(token_ids)
-        if kv_cache.dim() != 4 or kv_cache.shape[0] != self._num_layers or not kv_cache.is_contiguous():
-            raise ValueError(f"fused CPU decode: cache of shape {tuple(kv_cache.shape)} for {self._num_layers} layers")
+        if kv_cache.dim() != 4 or kv_cache.shape[0] != self._model.layers or not kv_cache.is_contiguous():
+            raise ValueError(f"fused CPU decode: cache of shape {tuple(kv_cache.shape)} for {self._model.layers} layers")
         # Inputs as NumPy arrays: microseconds, where a dozen small PyTorch tensors cost ~0.3 ms.
         ids = np.array(token_ids, dtype=np.int64)
         where = np.array(positions, dtype=np.int64)
