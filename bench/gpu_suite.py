@@ -1,5 +1,6 @@
 """The GPU table of the speed issue in one run: a named shape (default StarChat-beta), random
-bf16 weights drawn on the GPU, our engine (CUDA graphs and eager) against HF transformers.
+bf16 weights drawn on the GPU, our engine against HF transformers: CUDA graphs with starchat's
+Triton kernels, the same graphs through PyTorch's kernels (their same-run baseline), eager on request.
 
     python3 bench/gpu_suite.py --json $OUT/gpu_suite.json            # on a GPU machine, ~4 minutes
     python3 bench/gpu_suite.py --device cpu --shape tiny_starcoder --quick   # pipeline check
@@ -35,6 +36,7 @@ from starchat.bench.offline import (HFBaseline, host_step_timers, ours_latency, 
                                     weight_bytes_read_per_token)
 from starchat.config import NAMED_SHAPES, ModelConfig  # noqa: E402
 from starchat.llm import LLM  # noqa: E402
+from starchat.model import triton_support  # noqa: E402
 from starchat.model.loader import EMBEDDED_MODEL_DIR  # noqa: E402
 from starchat.sampling_params import SamplingParams  # noqa: E402
 
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--eager", action="store_true", help="also run ours without CUDA graphs")
     parser.add_argument("--quick", action="store_true", help="few tokens, small batches: checks the pipeline")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -160,8 +163,9 @@ def main() -> None:
             results.setdefault("weight_bytes_per_token", {})[quantize or "bf16"] = weight_bytes
             results.setdefault("floor_ms_per_token", {})[quantize or "bf16"] = 1e3 * weight_bytes / bandwidth
 
-        def ours(graphs: bool):
-            if "llm" not in state:
+        def ours(graphs: bool = True, triton_kernels: bool = True):
+            if "llm" not in state or triton_support.ENABLED != triton_kernels:
+                triton_support.ENABLED = triton_kernels
                 load()
             runner = state["llm"].engine.runner
             if graphs and runner.decode_graphs is None and device.type == "cuda":
@@ -170,9 +174,14 @@ def main() -> None:
                 runner.decode_graphs = None
             return ours_figures(state["llm"], device, args)
 
-        stages += [("ours_cuda_graphs", lambda: ours(True)), ("ours_eager", lambda: ours(False))]
+        # The same-run baseline of starchat's Triton decode-attention and add+LayerNorm kernels:
+        # the same CUDA-graph steps through PyTorch's kernels (STARCHAT_TRITON_KERNELS=0).
+        stages += [("ours_cuda_graphs", ours), ("ours_graphs_pytorch_kernels", lambda: ours(triton_kernels=False))]
+        if args.eager:
+            stages.append(("ours_eager", lambda: ours(graphs=False)))
         if not args.skip_int8:
             def int8():
+                triton_support.ENABLED = True
                 results["int8_kernel"] = int8_kernel(device)
                 load("int8")
                 llm = state["llm"]

@@ -41,7 +41,7 @@ def prompt_logits(llm: LLM, prompt_ids: list[int]) -> torch.Tensor:
     runner = llm.engine.runner
     n, device = len(prompt_ids), runner.device
     metadata = AttentionMetadata(slot_mapping=torch.arange(n, device=device), num_decode_tokens=0,
-                                 decode_gather_slots=None, decode_mask=None, prefill_chunks=[PrefillChunk(0, n, 0, None)])
+                                 prefill_chunks=[PrefillChunk(0, n, 0, None)])
     hidden = runner.model(torch.tensor(prompt_ids, device=device), torch.arange(n, device=device), metadata, runner.kv_cache)
     return runner.model.compute_logits(hidden).cpu()
 
@@ -49,6 +49,10 @@ def prompt_logits(llm: LLM, prompt_ids: list[int]) -> torch.Tensor:
 def test_float32_greedy_tokens_equal_cpu(checkpoint):
     cpu = greedy(LLM(str(checkpoint), dtype="float32", device="cpu", progress=False), PROMPTS)
     gpu_llm = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
+    from starchat.model import triton_attention
+
+    # On Ampere or newer with Triton, the decode steps below run the Triton kernels.
+    assert gpu_llm.engine.runner.decode_kernel_reads_tables == triton_attention.supports(torch.device("cuda"), torch.float32)
     assert greedy(gpu_llm, PROMPTS) == cpu  # batched together
     assert [greedy(gpu_llm, [prompt])[0] for prompt in PROMPTS] == cpu  # one at a time
 
@@ -107,3 +111,33 @@ def test_int8_greedy_tokens_equal_cpu_int8(checkpoint):
     cpu = greedy(LLM(str(checkpoint), dtype="float32", device="cpu", quantize="int8", progress=False), PROMPTS)
     gpu = greedy(LLM(str(checkpoint), dtype="float32", device="cuda", quantize="int8", progress=False), PROMPTS)
     assert gpu == cpu
+
+
+def test_triton_decode_attention_and_norm_on_gpu():
+    """The kernels compiled (tests/test_triton_kernels.py runs them interpreted, without bfloat16)."""
+    import math
+
+    from starchat.model import triton_attention, triton_layer_norm
+    from test_triton_kernels import decode_case, reference_decode
+
+    if not triton_attention.supports(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("no Triton, or a GPU older than Ampere: the PyTorch path runs")
+    for dtype, tolerance in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+        for num_heads, num_kv_heads, head_dim in ((48, 1, 128), (4, 2, 24), (12, 12, 64)):
+            for lengths, max_context in (([1, 64, 65, 300, 37], 320), ([2000], 2048), ([130] * 40, 256)):
+                case = decode_case(lengths, num_heads, num_kv_heads, head_dim, 16, dtype)
+                query, key, value, cache, tables, lengths_t = (t.cuda() for t in case)
+                scale = 1 / math.sqrt(head_dim)
+                expected = reference_decode(*(t.cpu() for t in (query, key, value, cache, tables, lengths_t)), 16,
+                                            num_heads, num_kv_heads, scale)
+                out = triton_attention.decode_attention(query, key, value, cache, tables, lengths_t, max_context, 16,
+                                                        num_heads, num_kv_heads, scale)
+                torch.testing.assert_close(out.double().cpu(), expected, rtol=tolerance, atol=tolerance)
+        hidden = torch.randn(7, 6144, device="cuda").to(dtype)
+        delta = torch.randn(7, 6144, device="cuda").to(dtype)
+        weight, bias = torch.randn(6144, device="cuda").to(dtype), torch.randn(6144, device="cuda").to(dtype)
+        summed, normed = triton_layer_norm.add_layer_norm(hidden, delta, weight, bias, 1e-5)
+        assert torch.equal(summed, hidden + delta)
+        expected = torch.nn.functional.layer_norm((hidden + delta).double(), (6144,), weight.double(), bias.double(), 1e-5)
+        torch.testing.assert_close(normed.double(), expected, rtol=tolerance, atol=tolerance * 10)
+

@@ -96,13 +96,10 @@ class DecodeGraphs:
     def _forward(self, step: _StaticStep) -> torch.Tensor:
         size = self.block_size
         tokens, positions, block_table = step.inputs[:, 0], step.inputs[:, 1], step.inputs[:, 2:]
-        offsets = torch.arange(step.context, device=self.device)
         slot_mapping = block_table.gather(1, (positions // size)[:, None]).squeeze(1) * size + positions % size
-        gather_slots = block_table[:, offsets // size] * size + offsets % size  # (B, L)
-        mask = torch.zeros(step.batch, step.context, dtype=torch.float32, device=self.device)
-        mask = mask.masked_fill(offsets[None, :] > positions[:, None], float("-inf"))[:, None, None, :]
-        metadata = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=step.batch,
-                                     decode_gather_slots=gather_slots, decode_mask=mask, prefill_chunks=[])
+        metadata = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=step.batch, prefill_chunks=[],
+                                     block_size=size, decode_block_tables=block_table, decode_context_lens=positions + 1,
+                                     decode_max_context=step.context)
         hidden = self.model(tokens, positions, metadata, self.kv_cache)
         return self.model.compute_logits(hidden)
 

@@ -12,7 +12,7 @@ from starchat.engine.kv_cache import allocate_kv_cache
 from starchat.engine.request import Request
 from starchat.engine.sampler import Sampler, SamplerOutput
 from starchat.engine.scheduler import ScheduledBatch
-from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk
+from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention
 
 
 @dataclass
@@ -35,6 +35,8 @@ class ModelRunner:
         self.scratch_block = num_blocks
         self.kv_cache = allocate_kv_cache(model.config, num_blocks + 1, block_size, dtype, device)
         self.sampler = Sampler(eos_token_id)
+        # The Triton decode kernel reads block tables; the CPU kernel and PyTorch path read slot lists.
+        self.decode_kernel_reads_tables = triton_attention.supports(device, dtype)
         self.decode_graphs: DecodeGraphs | None = None
 
     def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:
@@ -61,7 +63,7 @@ class ModelRunner:
             logits_rows.append(len(slot_mapping))
             slot_mapping.extend(self._slots(request, position, position + 1))
             sampling.append(request)
-        decode_gather_slots = decode_mask = None
+        decode_addressing = {}
         if decodes:
             # Built in NumPy: PyTorch dispatches each of a dozen small operations, NumPy's cost
             # microseconds (measured: the whole step's inputs in 142-148 us instead of 225-246 at
@@ -72,11 +74,15 @@ class ModelRunner:
             block_table = np.zeros((len(decodes), -(-max_len // size)), dtype=np.int64)  # (Bd, max_blocks)
             for row, request in enumerate(decodes):
                 block_table[row, :len(request.block_ids)] = request.block_ids
-            offsets = np.arange(max_len)
-            gather = block_table[:, offsets // size] * size + offsets % size  # (Bd, L)
-            mask = np.where(offsets[None, :] < lengths[:, None], np.float32(0), np.float32("-inf"))
-            decode_gather_slots = torch.from_numpy(gather).to(self.device)
-            decode_mask = torch.from_numpy(mask)[:, None, None, :].to(self.device)  # (Bd, 1, 1, L)
+            decode_addressing = dict(decode_block_tables=torch.from_numpy(block_table).to(self.device),
+                                     decode_context_lens=torch.from_numpy(lengths).to(self.device),
+                                     decode_max_context=max_len)
+            if not self.decode_kernel_reads_tables:
+                offsets = np.arange(max_len)
+                gather = block_table[:, offsets // size] * size + offsets % size  # (Bd, L)
+                mask = np.where(offsets[None, :] < lengths[:, None], np.float32(0), np.float32("-inf"))
+                decode_addressing.update(decode_gather_slots=torch.from_numpy(gather).to(self.device),
+                                         decode_mask=torch.from_numpy(mask)[:, None, None, :].to(self.device))
 
         chunks: list[PrefillChunk] = []
         for request, length in batch.prefills:
@@ -97,9 +103,9 @@ class ModelRunner:
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
             num_decode_tokens=len(decodes),
-            decode_gather_slots=decode_gather_slots,
-            decode_mask=decode_mask,
             prefill_chunks=chunks,
+            block_size=self.block_size,
+            **decode_addressing,
         )
         return StepInputs(
             token_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),

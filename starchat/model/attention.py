@@ -6,8 +6,10 @@ never expands it to the query heads). Which slot holds which token is the engine
 the model only sees, per step, where to write the new tokens and which slots to read.
 
 Token order in a step: all decode tokens first (one per sequence), then the prefill chunks one
-after another. Decodes are attended in one batched matmul (on a CPU, in one call of starchat's
-native kernel, which reads the cache rows in place); each prefill chunk in one SDPA call.
+after another. Decodes are attended in one kernel that reads the cache rows in place (on a GPU
+starchat's Triton kernel, through the block tables; on a CPU its native kernel, through the
+gathered slot lists), else in one batched matmul over a gathered copy; each prefill chunk in one
+SDPA call.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from starchat.model import native
+from starchat.model import native, triton_attention
 
 
 @dataclass
@@ -34,13 +36,31 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
-    """Per-step addressing, computed once by the engine and shared by every layer."""
+    """Per-step addressing, computed once by the engine and shared by every layer.
+
+    Decoding sequences are described by their block tables and lengths; the slot lists and mask
+    that the CPU kernel and the PyTorch path read are derived from those (`decode_reads`) unless
+    the caller has built them already (the runner does, in NumPy, on a CPU)."""
 
     slot_mapping: torch.Tensor  # (T,) cache slot written by each new token
     num_decode_tokens: int  # the first num_decode_tokens tokens are decodes
-    decode_gather_slots: torch.Tensor | None  # (Bd, Lmax) slots to read for each decoding sequence
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, Lmax) additive float mask: 0 keep, -inf padding
     prefill_chunks: list[PrefillChunk]
+    block_size: int = 0  # tokens per cache block
+    decode_block_tables: torch.Tensor | None = None  # (Bd, >= ceil(decode_max_context / block_size)) cache blocks
+    decode_context_lens: torch.Tensor | None = None  # (Bd,) tokens of each decoding sequence, the new one included
+    decode_max_context: int = 0  # a bound on decode_context_lens known without reading the device
+    decode_gather_slots: torch.Tensor | None = None  # (Bd, decode_max_context) slots to read for each sequence
+    decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, decode_max_context) additive float mask: 0 keep, -inf padding
+
+    def decode_reads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decode_gather_slots, decode_mask), computed from the block tables on first use."""
+        if self.decode_gather_slots is None:
+            tables, lengths = self.decode_block_tables, self.decode_context_lens
+            offsets = torch.arange(self.decode_max_context, device=tables.device)
+            self.decode_gather_slots = tables[:, offsets // self.block_size] * self.block_size + offsets % self.block_size
+            mask = torch.zeros(self.decode_gather_slots.shape, dtype=torch.float32, device=tables.device)
+            self.decode_mask = mask.masked_fill(offsets[None, :] >= lengths[:, None], float("-inf"))[:, None, None, :]
+        return self.decode_gather_slots, self.decode_mask
 
 
 def write_kv_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -61,27 +81,35 @@ def paged_attention(
 ) -> torch.Tensor:  # (T, H*D)
     head_dim = query.shape[1] // num_heads
     group = num_heads // num_kv_heads
-    write_kv_cache(layer_cache, key, value, metadata.slot_mapping)
-
     num_decode = metadata.num_decode_tokens
     decoded = None
-    if num_decode and query.device.type == "cpu" and native.available():
-        # A dozen small PyTorch operations per layer cost more than the arithmetic here.
-        decoded = native.decode_attention(query[:num_decode], layer_cache, metadata.decode_gather_slots,
-                                          metadata.decode_mask, num_heads, num_kv_heads, scale)
-        if not metadata.prefill_chunks:
-            return decoded
+    if (num_decode and metadata.decode_block_tables is not None and layer_cache.dtype == query.dtype
+            and triton_attention.supports(query.device, query.dtype)):
+        # One kernel for the decodes, which also writes their keys and values into the cache.
+        decoded = triton_attention.decode_attention(
+            query[:num_decode], key[:num_decode], value[:num_decode], layer_cache, metadata.decode_block_tables,
+            metadata.decode_context_lens, metadata.decode_max_context, metadata.block_size, num_heads, num_kv_heads, scale)
+        if num_decode < query.shape[0]:
+            write_kv_cache(layer_cache, key[num_decode:], value[num_decode:], metadata.slot_mapping[num_decode:])
+    else:
+        write_kv_cache(layer_cache, key, value, metadata.slot_mapping)
+        if num_decode and query.device.type == "cpu" and native.available():
+            # A dozen small PyTorch operations per layer cost more than the arithmetic here.
+            slots, mask = metadata.decode_reads()
+            decoded = native.decode_attention(query[:num_decode], layer_cache, slots, mask, num_heads, num_kv_heads, scale)
+    if decoded is not None and not metadata.prefill_chunks:
+        return decoded
     output = torch.empty_like(query)
     if decoded is not None:
         output[:num_decode] = decoded
     elif num_decode:
         q = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)  # (Bd, KVH, G, D)
-        slots = metadata.decode_gather_slots  # (Bd, L)
+        slots, decode_mask = metadata.decode_reads()  # (Bd, L), (Bd, 1, 1, L)
         k = layer_cache[0][slots].to(query.dtype).view(num_decode, -1, num_kv_heads, head_dim)  # (Bd, L, KVH, D)
         v = layer_cache[1][slots].to(query.dtype).view(num_decode, -1, num_kv_heads, head_dim)
         scores = torch.matmul(q, k.permute(0, 2, 3, 1))  # (Bd, KVH, G, L)
         # Softmax in float32 whatever the model dtype: fp16 decoding degenerates otherwise.
-        probs = torch.softmax(scores.float() * scale + metadata.decode_mask, dim=-1).to(v.dtype)
+        probs = torch.softmax(scores.float() * scale + decode_mask, dim=-1).to(v.dtype)
         attended = torch.matmul(probs, v.transpose(1, 2))  # (Bd, KVH, G, D)
         output[:num_decode] = attended.reshape(num_decode, num_heads * head_dim)
 

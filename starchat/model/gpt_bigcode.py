@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starchat.config import ModelConfig
+from starchat.model import triton_layer_norm
 from starchat.model.attention import AttentionMetadata, paged_attention
 
 
@@ -22,6 +23,16 @@ def activation(name: str):
         return lambda x: F.gelu(x)
     # gelu_pytorch_tanh, gelu_new and gelu_fast are all the tanh approximation.
     return lambda x: F.gelu(x, approximate="tanh")
+
+
+def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + delta, norm(hidden + delta)): the residual stream and the next sublayer's input.
+    On a GPU one Triton kernel (triton_layer_norm.py), elsewhere PyTorch's add and LayerNorm."""
+    if triton_layer_norm.supports(hidden):
+        return triton_layer_norm.add_layer_norm(hidden, delta, norm.weight, norm.bias, norm.eps)
+    if delta is not None:
+        hidden = hidden + delta
+    return hidden, norm(hidden)
 
 
 class Attention(nn.Module):
@@ -66,9 +77,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata, layer_cache: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.attn(self.ln_1(hidden), metadata, layer_cache)
-        return hidden + self.mlp(self.ln_2(hidden))
+    def forward(self, hidden: torch.Tensor, delta: torch.Tensor | None, metadata: AttentionMetadata,
+                layer_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the residual stream and the previous sublayer's output not yet added to it; returns
+        the same pair for the next block. Each add shares a kernel with the norm after it."""
+        hidden, normed = add_and_norm(hidden, delta, self.ln_1)
+        hidden, normed = add_and_norm(hidden, self.attn(normed, metadata, layer_cache), self.ln_2)
+        return hidden, self.mlp(normed)
 
 
 class Transformer(nn.Module):
@@ -100,10 +115,10 @@ class GPTBigCodeForCausalLM(nn.Module):
         metadata: AttentionMetadata,
         kv_cache: torch.Tensor,  # (n_layer, 2, num_slots, kv_dim)
     ) -> torch.Tensor:  # (T, C)
-        hidden = self.transformer.wte(token_ids) + self.transformer.wpe(positions)
+        hidden, delta = self.transformer.wte(token_ids), self.transformer.wpe(positions)
         for layer_index, block in enumerate(self.transformer.h):
-            hidden = block(hidden, metadata, kv_cache[layer_index])
-        return self.transformer.ln_f(hidden)
+            hidden, delta = block(hidden, delta, metadata, kv_cache[layer_index])
+        return add_and_norm(hidden, delta, self.transformer.ln_f)[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N, V) float32

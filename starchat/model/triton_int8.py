@@ -19,40 +19,22 @@ The block sizes are a first choice for H100-class GPUs, not yet tuned on one (do
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
-try:
-    import triton
+from starchat.model.triton_support import runs_on, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # PyTorch's CPU builds come without Triton
-    triton = None
 
 ROWS_PER_PASS = 64  # up to this many activation rows read the weight once; more go to cuBLAS
 _DOT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _device_supported(index: int) -> bool:
-    major, _ = torch.cuda.get_device_capability(index)
-    return major >= 8  # bfloat16 tensor-core dot products
 
 
 def supports(x: torch.Tensor) -> bool:
     """Whether `int8_linear` runs for activations x: a CUDA tensor of a float type on an Ampere or
     newer GPU with Triton installed (or any device under TRITON_INTERPRET=1), at most
     ROWS_PER_PASS rows."""
-    if triton is None or x.dtype not in _DOT_TYPES or x.numel() // x.shape[-1] > ROWS_PER_PASS:
-        return False
-    if interpreting():
-        return True
-    return x.device.type == "cuda" and _device_supported(x.device.index or 0)
+    return x.dtype in _DOT_TYPES and x.numel() // x.shape[-1] <= ROWS_PER_PASS and runs_on(x.device)
 
 
 if triton is not None:
@@ -81,15 +63,22 @@ if triton is not None:
                  mask=row_ok[:, None] & column_ok[None, :])
 
 
-def _blocks(rows: int, out_features: int, in_features: int) -> tuple[int, int, int, int]:
+def _blocks(rows: int, out_features: int, in_features: int,
+            dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). tl.dot needs tiles of at least 16 on each side.
     Narrow column blocks give the thin decode layers enough programs to occupy every SM; each
     program then streams its (BLOCK_N, K) slice of the weight, and wide BLOCK_K loads (pipelined by
-    Triton over the k loop) keep enough bytes in flight per SM to approach the memory bandwidth."""
+    Triton over the k loop) keep enough bytes in flight per SM to approach the memory bandwidth.
+    Register limits, from compiling for sm_90 (tests/test_triton_compile.py): the widened weight
+    tile spills past 8,192 values a 4-warp program or 16 x 256 with more rows; float32 products
+    (no tensor cores in "ieee" precision) spill at all but the smallest tiles."""
+    if dtype == torch.float32:
+        return 16, 32, 32, 4
     block_m = max(16, triton.next_power_of_2(rows))
     block_n = 32 if out_features <= 8192 else 64
-    block_k = 256 if in_features >= 2048 else 128
-    return block_m, block_n, block_k, 4
+    block_k = 256 if in_features >= 2048 and block_m == 16 else 128
+    warps = 8 if block_m > 16 or block_n * block_k > 8192 else 4
+    return block_m, block_n, block_k, warps
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -106,7 +95,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     weight = weight.contiguous()
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        block_m, block_n, block_k, warps = blocks or _blocks(rows.shape[0], out_features, in_features)
+        block_m, block_n, block_k, warps = blocks or _blocks(rows.shape[0], out_features, in_features, x.dtype)
         grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows.shape[0], block_m))
         _int8_product[grid](rows, weight, scales, bias if bias is not None else scales, out, rows.shape[0], out_features,
                             in_features, rows.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,

@@ -1,0 +1,104 @@
+"""starchat's Triton kernels compiled for real GPUs (sm_80, sm_86, sm_90) on a machine without one.
+
+The interpreter (tests/test_triton_kernels.py) runs the kernels' arithmetic but not the compiler:
+code it accepts can still fail to compile, spill registers or ask for more shared memory than a
+GPU gives one program. Triton's wheel ships ptxas and cuobjdump, so the compile and the resource
+figures are checked here, for each dtype at StarChat-beta's shapes and at small ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles, runs nothing")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+# Shared memory one program may use: sm_86/sm_89 99 KB, sm_80 163 KB, sm_90 227 KB.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
+TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def compile_kernel(kernel, types: dict[str, str], constexprs: dict, capability: int, num_warps: int):
+    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps})
+
+
+def spilled_bytes(compiled) -> int:
+    """Per-thread stack (register spills) of the compiled kernel, from cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", report).group(1))
+
+
+@pytest.mark.parametrize("capability", [80, 86, 90])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("group,head_dim", [(48, 128), (1, 64), (12, 64)])  # StarChat MQA, MHA, tiny_starcoder
+def test_decode_attention_compiles_within_limits(capability, dtype, group, head_dim):
+    import torch
+
+    from starchat.model import triton_attention
+
+    launch = triton_attention.launch_settings(getattr(torch, dtype), group, head_dim)
+    element = TRITON_TYPE[dtype]
+    types = {name: f"*{element}" for name in ("query_ptr", "key_ptr", "value_ptr", "cache_ptr", "out_ptr")}
+    types |= {"tables_ptr": "*i64", "lengths_ptr": "*i64", "scale": "fp32"}
+    types |= {name: "*fp32" for name in ("part_acc_ptr", "part_max_ptr", "part_sum_ptr")}
+    types |= {name: "i32" for name in ("stride_query", "stride_new", "stride_cache_kv", "stride_slot", "stride_table",
+                                       "stride_out", "tokens_per_split", "num_splits")}
+    for single_split in (True, False):
+        constexprs = dict(NUM_KV_HEADS=1, GROUP=group, HEAD_DIM=head_dim, CACHE_BLOCK=16, SINGLE_SPLIT=single_split,
+                          **launch.constexprs)
+        compiled = compile_kernel(triton_attention._decode_split, types, constexprs, capability, launch.num_warps)
+        assert compiled.metadata.shared <= SHARED_LIMIT[capability]
+        assert spilled_bytes(compiled) == 0
+    merge_types = {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": f"*{element}",
+                   "stride_out": "i32", "num_splits": "i32"}
+    constexprs = dict(NUM_KV_HEADS=1, GROUP=group, HEAD_DIM=head_dim, BLOCK_S=16, BLOCK_D=launch.constexprs["BLOCK_D"])
+    assert spilled_bytes(compile_kernel(triton_attention._merge_splits, merge_types, constexprs, capability, 1)) == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("width", [6144, 64])
+def test_add_layer_norm_compiles_without_spills(dtype, width):
+    from starchat.model import triton_layer_norm
+
+    block, warps = triton_layer_norm.launch_settings(width)
+    element = TRITON_TYPE[dtype]
+    types = {name: f"*{element}" for name in ("hidden_ptr", "delta_ptr", "weight_ptr", "bias_ptr", "sum_ptr", "out_ptr")}
+    types |= {"width": "i32", "eps": "fp32"} | {name: "i32" for name in ("stride_hidden", "stride_delta", "stride_sum",
+                                                                          "stride_out")}
+    for has_delta in (True, False):
+        compiled = compile_kernel(triton_layer_norm._add_layer_norm, types, dict(HAS_DELTA=has_delta, BLOCK=block), 90, warps)
+        assert spilled_bytes(compiled) == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("rows", [1, 16, 17, 33, 64])
+def test_int8_product_compiles_within_limits(dtype, rows):
+    import torch
+
+    from starchat.model import triton_int8
+
+    element = TRITON_TYPE[dtype]
+    types = {"x_ptr": f"*{element}", "w_ptr": "*i8", "scales_ptr": f"*{element}", "bias_ptr": f"*{element}",
+             "out_ptr": f"*{element}"} | {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
+    # StarChat-beta's c_attn, MLP up and down projections, lm_head
+    for out_features, in_features in ((6400, 6144), (24576, 6144), (6144, 24576), (49152, 6144)):
+        block_m, block_n, block_k, warps = triton_int8._blocks(rows, out_features, in_features, getattr(torch, dtype))
+        constexprs = dict(HAS_BIAS=True, PRECISION="ieee" if dtype == "float32" else "tf32", BLOCK_M=block_m,
+                          BLOCK_N=block_n, BLOCK_K=block_k)
+        compiled = compile_kernel(triton_int8._int8_product, types, constexprs, 90, warps)
+        assert compiled.metadata.shared <= SHARED_LIMIT[90]
+        assert spilled_bytes(compiled) == 0, (out_features, in_features)
