@@ -63,6 +63,9 @@ def test_host_step_timers_count_steps_and_restore_the_engine(tiny_model_dir):
         llm.generate(["def f():", "x = 1"], SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert host["steps"] >= 5  # a prefill step, then a step per further token
     assert host["step_ms"] > host["schedule_ms"] > 0 and host["step_ms"] > host["outputs_ms"] > 0
+    # Both prompts are prefilled in the first step; each later step decodes both (4 more tokens each)
+    assert host["decode_steps"] == host["steps"] - 1 == 4 and host["decode_tokens"] == 8
+    assert host["decode_tokens_per_s"] > 0
     assert "step" not in vars(engine) and "schedule" not in vars(engine.scheduler)  # the methods are back
     with host_step_timers(engine) as again:
         pass

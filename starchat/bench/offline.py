@@ -123,14 +123,43 @@ def host_step_timers(engine) -> Iterator[dict[str, float]]:
     """Host-only work of the engine's steps: scheduling and output processing (detokenizing, stop
     strings, deltas). On a GPU nothing overlaps them, so the GPU idles for that long every step.
     Yields a dict filled when the block ends: steps, and milliseconds per step of `step`,
-    `schedule`, `outputs`."""
+    `schedule`, `outputs`; and the decode-only steps (no prompt chunk in them): their count,
+    their tokens and `decode_tokens_per_s`, the rate of the decode phase alone. That rate is what
+    fixed-batch decode loops report, and what a server sustains between prompts; an end-to-end
+    rate also pays for every prompt's prefill."""
     figures: dict[str, float] = {}
     targets = {"step": (engine, "step"), "schedule": (engine.scheduler, "schedule"), "outputs": (engine, "_process_outputs")}
+    decode = {"steps": 0, "tokens": 0, "seconds": 0.0}
     with timed_methods(targets) as timings:
-        yield figures
+        timed_schedule, timed_step = engine.scheduler.schedule, engine.step
+        scheduled = []
+
+        def schedule():
+            scheduled.append(timed_schedule())
+            return scheduled[-1]
+
+        def step():
+            scheduled.clear()
+            start = time.perf_counter()
+            deltas = timed_step()
+            elapsed = time.perf_counter() - start
+            if scheduled and scheduled[-1].decodes and not scheduled[-1].prefills:
+                decode["steps"] += 1
+                decode["tokens"] += len(scheduled[-1].decodes)
+                decode["seconds"] += elapsed
+            return deltas
+
+        engine.scheduler.schedule, engine.step = schedule, step
+        try:
+            yield figures
+        finally:
+            engine.scheduler.schedule, engine.step = timed_schedule, timed_step
     steps = timings.calls["step"]
     figures["steps"] = steps
     figures.update({f"{label}_ms": 1e3 * value / max(steps, 1) for label, value in timings.seconds.items()})
+    figures["decode_steps"] = decode["steps"]
+    figures["decode_tokens"] = decode["tokens"]
+    figures["decode_tokens_per_s"] = decode["tokens"] / decode["seconds"] if decode["seconds"] else 0.0
 
 
 def random_prompts(count: int, length: int, seed: int = 0, vocab: int = 49152) -> list[list[int]]:
