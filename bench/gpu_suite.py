@@ -89,7 +89,9 @@ def hf_figures(model_dir: Path, device: torch.device, args) -> dict:
 
 
 def ours_figures(llm: LLM, device: torch.device, args) -> dict:
-    figures = {"latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(), "concurrent": {}}
+    # False where asked for, or where the load-time check turned the Triton kernels off (logged why)
+    figures = {"triton_kernels": llm.engine.runner.decode_kernel_reads_tables,
+               "latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(), "concurrent": {}}
     for count in args.concurrent:
         prompts = random_prompts(count, args.prompt_len, seed=2)
         params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)

@@ -159,3 +159,27 @@ def test_engine_with_the_kernels_gives_hf_greedy_tokens(model_fixture, static_de
     num_layers = len(runner.model.transformer.h)
     assert calls["attention"] >= (new_tokens - 1) * num_layers  # every decode step, every layer
     assert calls["norm"] >= new_tokens * (2 * num_layers + 1)
+
+
+def test_a_failing_kernel_turns_the_kernels_off_and_the_engine_stays_right(tiny_model_dir, monkeypatch, caplog):
+    """The load-time check: a Triton build that rejects or miscompiles a kernel costs speed only."""
+    from transformers import GPTBigCodeForCausalLM as HFModel
+
+    from starchat import LLM, SamplingParams
+    from starchat.model import triton_attention, triton_support
+
+    monkeypatch.setattr(triton_support, "ENABLED", True)
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    assert llm.engine.runner.decode_kernel_reads_tables and triton_support.ENABLED  # the check passed
+
+    real = triton_attention.decode_attention
+    monkeypatch.setattr(triton_attention, "decode_attention", lambda *args: real(*args) * 1.01)  # slightly wrong
+    with caplog.at_level("WARNING"):
+        llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    assert not llm.engine.runner.decode_kernel_reads_tables and not triton_support.ENABLED
+    assert "wrong results from decode attention" in caplog.text
+    llm.engine.runner.model.fused_decode = None  # the module forward: the PyTorch path now
+    reference = HFModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    completion = llm.generate([ids], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    assert completion.token_ids == hf_greedy(reference, ids, 8)

@@ -12,7 +12,7 @@ from starchat.engine.kv_cache import allocate_kv_cache
 from starchat.engine.request import Request
 from starchat.engine.sampler import Sampler, SamplerOutput
 from starchat.engine.scheduler import ScheduledBatch
-from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention
+from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention, triton_support
 
 
 @dataclass
@@ -36,7 +36,8 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(model.config, num_blocks + 1, block_size, dtype, device)
         self.sampler = Sampler(eos_token_id)
         # The Triton decode kernel reads block tables; the CPU kernel and PyTorch path read slot lists.
-        self.decode_kernel_reads_tables = triton_attention.supports(device, dtype)
+        self.decode_kernel_reads_tables = (triton_attention.supports(device, dtype)
+                                           and triton_support.check_kernels(model.config, dtype, device))
         self.decode_graphs: DecodeGraphs | None = None
 
     def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:

@@ -38,3 +38,57 @@ def runs_on(device: torch.device) -> bool:
     if interpreting():
         return True
     return device.type == "cuda" and _device_supported(device.index or 0)
+
+
+def check_kernels(config, dtype: torch.dtype, device: torch.device) -> bool:
+    """Run the decode-attention and add+LayerNorm kernels once at the model's shapes against the
+    PyTorch path; on an error or a wrong result, log why and turn the kernels off for this process
+    (ENABLED = False), so that a Triton build that miscompiles or rejects them costs speed, never
+    a wrong token or a crash. Also compiles them before the first request. True if they stay on."""
+    import logging
+
+    import torch.nn.functional as F
+
+    from starchat.model import triton_attention, triton_layer_norm
+    from starchat.model.attention import AttentionMetadata, paged_attention
+
+    global ENABLED
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        block_size, lengths = 16, [70, 1]  # two tiles and a partial one; the new token alone
+        num_seqs, num_blocks = len(lengths), 2 * 5 + 1
+        tables = torch.arange(num_seqs * 5, device=device).flip(0).view(num_seqs, 5)  # blocks out of order
+        cache = torch.randn(2, num_blocks * block_size, config.kv_dim, generator=generator, device=device).to(dtype)
+        qkv = torch.randn(num_seqs, config.n_embd + 2 * config.kv_dim, generator=generator, device=device).to(dtype)
+        query, key, value = qkv.split((config.n_embd, config.kv_dim, config.kv_dim), dim=1)
+        context_lens = torch.tensor(lengths, device=device)
+        positions = context_lens - 1
+        slots = tables.gather(1, (positions // block_size)[:, None]).squeeze(1) * block_size + positions % block_size
+        scale = 1.0 / config.head_dim ** 0.5
+        addressing = dict(slot_mapping=slots, num_decode_tokens=num_seqs, prefill_chunks=[], block_size=block_size,
+                          decode_block_tables=tables, decode_context_lens=context_lens, decode_max_context=80)
+        reads = AttentionMetadata(**addressing)
+        reads.decode_reads()
+        expected = paged_attention(query, key, value, cache.clone(), AttentionMetadata(
+            **{**addressing, "decode_block_tables": None}, decode_gather_slots=reads.decode_gather_slots,
+            decode_mask=reads.decode_mask), config.n_head, config.num_kv_heads, scale).float()
+        actual = triton_attention.decode_attention(query, key, value, cache, tables, context_lens, 80, block_size,
+                                                   config.n_head, config.num_kv_heads, scale).float()
+        hidden, delta = (torch.randn(3, config.n_embd, generator=generator, device=device).to(dtype) for _ in range(2))
+        weight, bias = (torch.randn(config.n_embd, generator=generator, device=device).to(dtype) for _ in range(2))
+        summed, normed = triton_layer_norm.add_layer_norm(hidden, delta, weight, bias, config.layer_norm_epsilon)
+        reference = F.layer_norm(hidden + delta, (config.n_embd,), weight, bias, config.layer_norm_epsilon).float()
+        tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+        problems = [name for name, got, want in (("decode attention", actual, expected), ("add+LayerNorm", normed.float(), reference))
+                    if not torch.allclose(got, want, rtol=tolerance, atol=tolerance * max(1.0, want.abs().max().item()))]
+        if not torch.equal(summed, hidden + delta):
+            problems.append("residual add")
+        if problems:
+            raise RuntimeError(f"wrong results from {', '.join(problems)}")
+        return True
+    except Exception as error:  # a kernel that cannot run here must not stop the server
+        logging.getLogger("starchat.model").warning(
+            "starchat's Triton kernels are off for this process (%s: %s); PyTorch's kernels run instead. "
+            "Set STARCHAT_TRITON_KERNELS=0 to skip this check.", type(error).__name__, error)
+        ENABLED = False
+        return False
