@@ -14,7 +14,7 @@ is tested on machines without a GPU, and the eager fallback stays the model's on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,7 @@ class _StaticStep:
     inputs: torch.Tensor  # the same on the model's device; the graph reads it
     logits: torch.Tensor | None = None  # (B, V) float32, written by the graph
     graph: "torch.cuda.CUDAGraph | None" = None
+    tables: list = field(default_factory=list)  # per row: the block list host_inputs holds, None for padding
 
 
 class DecodeGraphs:
@@ -68,12 +69,24 @@ class DecodeGraphs:
         """Logits (n, V) float32 of one decode step for n sequences."""
         n = len(token_ids)
         step = self._step(_bucket(n, self.batch_buckets), _bucket(max(positions) + 1, self.context_buckets))
-        num_blocks = step.context // self.block_size
-        pad_blocks = [self.scratch_block] * num_blocks
-        rows = [[token, position] + (blocks[:num_blocks] + pad_blocks[len(blocks):]) for token, position, blocks
-                in zip(token_ids, positions, block_tables)]
-        rows += [[0, 0] + pad_blocks] * (step.batch - n)
-        step.host_inputs.copy_(torch.tensor(rows, dtype=torch.long))
+        host = step.host_inputs.numpy()
+        host[:n, 0] = token_ids
+        host[:n, 1] = positions
+        # Block tables change every block_size tokens or when the batch changes: rewrite only the
+        # rows that differ from what the buffer holds (at 128 sequences, building every row anew
+        # cost 0.4 ms of host time a step, which the GPU waits for).
+        width = host.shape[1] - 2
+        for row, blocks in enumerate(block_tables):
+            if step.tables[row] != blocks:
+                count = min(len(blocks), width)
+                host[row, 2:2 + count] = blocks[:count]
+                host[row, 2 + count:] = self.scratch_block
+                step.tables[row] = list(blocks)
+        for row in range(n, step.batch):
+            if step.tables[row] is not None:  # a padding row must not point at a request's blocks
+                host[row, :2] = 0
+                host[row, 2:] = self.scratch_block
+                step.tables[row] = None
         step.inputs.copy_(step.host_inputs, non_blocking=True)
         if step.graph is not None:
             step.graph.replay()
@@ -87,7 +100,7 @@ class DecodeGraphs:
             shape = (batch, 2 + context // self.block_size)
             host = torch.zeros(shape, dtype=torch.long, pin_memory=self.capture)
             host[:, 2:] = self.scratch_block
-            step = _StaticStep(batch, context, host, host.to(self.device))
+            step = _StaticStep(batch, context, host, host.to(self.device), tables=[None] * batch)
             if self.capture:
                 self._capture(step)
             self.steps[(batch, context)] = step
