@@ -47,7 +47,7 @@ def main() -> None:
     engine, runner = llm.engine, llm.engine.runner
     model = runner.model
     targets = {"whole step": (engine, "step"), "prepare (prefill steps)": (runner, "prepare"),
-               "sampling": (runner, "sampler"), "outputs, detokenizing": (engine, "_process_outputs")}
+               "sampling": (runner.sampler, "launch"), "outputs, detokenizing": (engine, "_process_outputs")}
     if model.fused_decode is not None:  # decode steps: one native call (cpu_decode.py)
         targets["decode step (Python side)"] = (model.fused_decode, "step")
         targets["decode step (native)"] = (load(), "starchat_decode_step")

@@ -170,5 +170,8 @@ class EngineConfig:
     revision: str | None = None  # Hub revision when `model` is a Hub id
     quantize: str | None = None  # None | "int8" (weight-only, per-channel scales)
     cuda_graphs: bool = True  # on a GPU, replay decode steps as CUDA graphs (False: eager, for debugging)
+    # Detokenize a step's tokens while the next step runs (None: on a GPU only); deltas then come
+    # out one step() later, the tokens are the same
+    overlap_host_work: bool | None = None
     load_format: str = "auto"  # auto: the checkpoint's weights; random: seeded random weights of its config (benchmarks)
     extra: dict = field(default_factory=dict)

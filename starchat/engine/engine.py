@@ -1,6 +1,8 @@
 """The synchronous engine: add requests, call `step()` until done, read the deltas.
 
-One step is three calls: `scheduler.schedule()` -> `runner.run()` -> `_process_outputs()`.
+One step: `scheduler.schedule()` -> `runner.launch()` -> its `result()` -> `_record_tokens()` (what
+the next schedule needs) -> `_process_outputs()` (text and deltas). On a GPU the last one runs for
+the previous step's tokens while this step's kernels run (`overlap_host_work`).
 Both the offline `LLM` and the server's `AsyncLLM` drive this class; neither touches the
 model or the cache.
 """
@@ -87,6 +89,13 @@ class LLMEngine:
             self.runner.enable_static_decode(config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs, config.max_num_batched_tokens)
         self._tracked: dict[str, _Tracked] = {}
+        # Tokens recorded but not yet turned into deltas, and deltas made but not yet handed out.
+        self._pending: list[tuple[_Tracked, int, object, str | None]] = []
+        self._ready: list[StreamDelta] = []
+        # On a GPU a step's kernels run while the host detokenizes the previous step's tokens;
+        # on a CPU the same cores do both, so deltas come out in the step that made them.
+        overlap = config.overlap_host_work
+        self.overlap_host_work = self.device.type == "cuda" if overlap is None else overlap
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -171,6 +180,7 @@ class LLMEngine:
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return None
+        self._ready = [delta for delta in self._ready if delta.request_id != request_id]  # nothing after the abort
         request = tracked.request
         self.scheduler.remove(request)
         request.status = RequestStatus.FINISHED
@@ -182,7 +192,8 @@ class LLMEngine:
         return list(self._tracked)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request runs or waits, or deltas are still to be handed out."""
+        return self.scheduler.has_unfinished() or bool(self._pending or self._ready)
 
     def stats(self) -> EngineStats:
         allocator = self.scheduler.allocator
@@ -192,41 +203,72 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[StreamDelta]:
+        """Run one step; return the deltas ready now. With host work overlapped (on a GPU), those
+        are the previous step's: their text is made while the GPU computes this step."""
+        deltas, self._ready = self._ready, []
         batch = self.scheduler.schedule()
         if batch.is_empty:
-            return []
-        sampling, sampler_output = self.runner.run(batch)
+            return deltas + self._process_outputs()
+        launched = self.runner.launch(batch)
+        if self.overlap_host_work:
+            deltas += self._process_outputs()
+        try:
+            sampling, sampler_output = launched.result()
+        except BaseException:
+            self._ready = deltas  # made already: the next step hands them out
+            raise
         for request, length in batch.prefills:
             request.num_computed_tokens += length
         for request in batch.decodes:
             request.num_computed_tokens += 1
-        if sampler_output is None:
-            return []
-        return self._process_outputs(sampling, sampler_output)
+        if sampler_output is not None:
+            self._record_tokens(sampling, sampler_output)
+        if not self.overlap_host_work:
+            deltas += self._process_outputs()
+        return deltas
 
-    def _process_outputs(self, sampling: list[Request], sampler_output) -> list[StreamDelta]:
-        deltas = []
+    def _record_tokens(self, sampling: list[Request], sampler_output) -> None:
+        """What the next step's scheduling needs, now: each request's new token, and whether it has
+        finished (stop token, stop string, length). Requests that finished leave the batch here;
+        their text and deltas wait in _pending for _process_outputs. Only requests with stop
+        strings are detokenized here, since their text decides whether they go on."""
         for request, token_id, logprob in zip(sampling, sampler_output.token_ids, sampler_output.logprobs):
             tracked = self._tracked[request.request_id]
             request.output_token_ids.append(token_id)
+            text = None  # None: still to detokenize
+            if token_id in request.stop_token_ids:
+                self._finish(request, FinishReason.STOP, token_id)
+                text = ""
+            else:
+                if request.params.stop:
+                    text, matched = tracked.stop_matcher.feed(tracked.detokenizer.add([token_id]))
+                    if matched is not None:
+                        self._finish(request, FinishReason.STOP, matched)
+                if not request.finished and (len(request.output_token_ids) >= request.params.max_new_tokens
+                                             or request.num_tokens >= request.max_total_tokens):
+                    self._finish(request, FinishReason.LENGTH, None)
+            if request.finished:
+                self.scheduler.remove(request)
+            self._pending.append((tracked, token_id, logprob, text))
+
+    def _process_outputs(self) -> list[StreamDelta]:
+        """Text and deltas of the recorded tokens (detokenizing, held-back stop-string text, logprobs)."""
+        pending, self._pending = self._pending, []
+        deltas = []
+        for tracked, token_id, logprob, text in pending:
+            request = tracked.request
+            if self._tracked.get(request.request_id) is not tracked:
+                continue  # cancelled since: its abort delta has been sent
             token_logprobs = None
             if logprob is not None:
                 token_logprobs = [self._token_logprob(token_id, *logprob)]
                 request.output_logprobs.extend(token_logprobs)
-            text = ""
-            if token_id in request.stop_token_ids:
-                self._finish(request, FinishReason.STOP, token_id)
-            else:
-                text, matched = tracked.stop_matcher.feed(tracked.detokenizer.add([token_id]))
-                if matched is not None:
-                    self._finish(request, FinishReason.STOP, matched)
-                elif len(request.output_token_ids) >= request.params.max_new_tokens or request.num_tokens >= request.max_total_tokens:
-                    self._finish(request, FinishReason.LENGTH, None)
+            if text is None:
+                text = tracked.detokenizer.add([token_id])
             if request.finished and not isinstance(request.stop_reason, str):
                 text += tracked.stop_matcher.flush()  # text held back as a possible stop-string start
             deltas.append(self._delta(request, text, [token_id], token_logprobs))
             if request.finished:
-                self.scheduler.remove(request)
                 del self._tracked[request.request_id]
         return deltas
 

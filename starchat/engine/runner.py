@@ -10,7 +10,7 @@ import torch
 from starchat.engine.cuda_graphs import DecodeGraphs
 from starchat.engine.kv_cache import allocate_kv_cache
 from starchat.engine.request import Request
-from starchat.engine.sampler import Sampler, SamplerOutput
+from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput
 from starchat.engine.scheduler import ScheduledBatch
 from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention, triton_support
 
@@ -116,8 +116,12 @@ class ModelRunner:
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> "PendingStep":
+        """Queue the step's work and its sampling; on a GPU this returns before they have run."""
         if batch.decodes and not batch.prefills and (self.decode_graphs is not None or self.model.fused_decode is not None):
             # A decode-only step: CUDA graphs on a GPU, the one-call native step on a CPU.
             decodes = list(batch.decodes)
@@ -125,14 +129,25 @@ class ModelRunner:
             token_ids = [request.token_at(position) for request, position in zip(decodes, positions)]
             block_tables = [request.block_ids for request in decodes]
             if self.decode_graphs is not None and self.decode_graphs.supports(len(decodes), max(positions) + 1):
-                return decodes, self.sampler(self.decode_graphs.run(token_ids, positions, block_tables), decodes)
+                logits = self.decode_graphs.run(token_ids, positions, block_tables)
+                return PendingStep(decodes, self.sampler.launch(logits, decodes))
             if self.model.fused_decode is not None:
                 logits, greedy = self.model.fused_decode.step(token_ids, positions, block_tables, self.kv_cache,
                                                               self.block_size)
-                return decodes, self.sampler(logits, decodes, greedy_tokens=greedy)
+                return PendingStep(decodes, self.sampler.launch(logits, decodes, greedy_tokens=greedy))
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
         if not inputs.sampling:
-            return inputs.sampling, None
+            return PendingStep(inputs.sampling, None)
         logits = self.model.compute_logits(hidden[inputs.logits_rows])  # (N, V)
-        return inputs.sampling, self.sampler(logits, inputs.sampling)
+        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling))
+
+
+@dataclass
+class PendingStep:
+    sampling: list[Request]  # requests that get a next token from this step, in row order
+    sample: PendingSample | None  # None when no request gets one (prompt chunks only)
+
+    def result(self) -> tuple[list[Request], SamplerOutput | None]:
+        """Wait for the step; its requests and their tokens."""
+        return self.sampling, self.sample.result() if self.sample is not None else None

@@ -22,14 +22,45 @@ class SamplerOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
 
 
+@dataclass
+class PendingSample:
+    """A batch's choices as device tensors, queued but not read back: `result()` waits for them."""
+
+    requests: list[Request]
+    chosen: torch.Tensor  # (N,) int64
+    chosen_logprobs: torch.Tensor | None = None  # (N,) where some request asked for logprobs
+    top_values: torch.Tensor | None = None  # (N, top_n)
+    top_ids: torch.Tensor | None = None
+
+    def result(self) -> SamplerOutput:
+        token_ids = self.chosen.tolist()
+        logprobs_out: list = [None] * len(self.requests)
+        if self.chosen_logprobs is not None:
+            chosen_lp = self.chosen_logprobs.tolist()
+            top_values = self.top_values.tolist() if self.top_values is not None else None
+            top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+            for i, request in enumerate(self.requests):
+                n = request.params.logprobs
+                if n is None:
+                    continue
+                alternatives = list(zip(top_ids[i][:n], top_values[i][:n])) if n else []
+                logprobs_out[i] = (chosen_lp[i], alternatives)
+        return SamplerOutput(token_ids, logprobs_out)
+
+
 class Sampler:
     def __init__(self, eos_token_id: int):
         self.eos_token_id = eos_token_id
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request],
                  greedy_tokens: torch.Tensor | None = None) -> SamplerOutput:  # logits (N, V) float32
-        """`greedy_tokens`: each row's argmax when the caller has it (the CPU decode step computes it
+        return self.launch(logits, requests, greedy_tokens).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, requests: list[Request],
+               greedy_tokens: torch.Tensor | None = None) -> PendingSample:  # logits (N, V) float32
+        """Queue the choices without reading them back (on a GPU the host goes on while they run).
+        `greedy_tokens`: each row's argmax when the caller has it (the CPU decode step computes it
         while the logits are in cache); used where no penalty changes the logits."""
         device = logits.device
         unchanged = logits
@@ -51,22 +82,13 @@ class Sampler:
                 chosen[rows] = given[rows] if given is not None else _argmax_rows(logits[rows])
             rows = torch.tensor(sample_rows, device=device)
             chosen[rows] = self._sample(logits[rows], [requests[i] for i in sample_rows])
-        token_ids = chosen.tolist()
-
-        logprobs_out: list = [None] * len(requests)
+        pending = PendingSample(requests, chosen)
         if raw_logprobs is not None:
             top_n = max(r.params.logprobs or 0 for r in requests)
-            chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
-            top_values, top_ids = (raw_logprobs.topk(top_n, dim=-1) if top_n else (None, None))
-            top_values = top_values.tolist() if top_n else None
-            top_ids = top_ids.tolist() if top_n else None
-            for i, request in enumerate(requests):
-                n = request.params.logprobs
-                if n is None:
-                    continue
-                alternatives = list(zip(top_ids[i][:n], top_values[i][:n])) if n else []
-                logprobs_out[i] = (chosen_lp[i], alternatives)
-        return SamplerOutput(token_ids, logprobs_out)
+            pending.chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
+            if top_n:
+                pending.top_values, pending.top_ids = raw_logprobs.topk(top_n, dim=-1)
+        return pending
 
     def _apply_repetition_penalty(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
