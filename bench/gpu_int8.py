@@ -10,7 +10,7 @@ it achieves (weight bytes / time): int8 kernel (1 byte per weight), dequantize +
 CUDA int8 ran before), bf16 cuBLAS (2 bytes per weight). The device-to-device copy bandwidth of
 the same run gives the floor. With --sweep, every (BLOCK_N, BLOCK_K, num_warps) in a small grid
 is timed per shape at 1 row, and the best is printed beside the built-in choice
-(triton_int8._blocks), so a GPU session can set it from one run.
+(triton_linear._blocks), so a GPU session can set it from one run.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from starchat.bench.machine import describe_machine, measure_read_bandwidth, synchronize  # noqa: E402
 from starchat.config import NAMED_SHAPES, linear_weight_shapes  # noqa: E402
-from starchat.model import triton_int8  # noqa: E402
+from starchat.model import triton_linear  # noqa: E402
 from starchat.model.quant import quantize_per_channel  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     probe = torch.zeros(1, 16, dtype=torch.bfloat16 if device.type == "cuda" else torch.float16, device=device)
-    if not triton_int8.supports(probe):
+    if not triton_linear.supports(probe):
         sys.exit("gpu_int8: the Triton int8 kernel does not run here (needs Triton and an Ampere or newer GPU, "
                  "or TRITON_INTERPRET=1 on a CPU)")
     dtype = probe.dtype  # the interpreter has no bfloat16: float16 stands in on a CPU
@@ -84,7 +84,7 @@ def main() -> None:
         for rows in args.rows:
             x = torch.randn(rows, in_features, device=device, generator=generator).to(dtype)
             figures = {"layer": name, "n": out_features, "k": in_features, "rows": rows,
-                       "int8_triton_us": time_us(lambda: triton_int8.int8_linear(x, weight, scales), device, args.repeats),
+                       "int8_triton_us": time_us(lambda: triton_linear.linear(x, weight, scales), device, args.repeats),
                        "int8_dequantize_us": time_us(lambda: torch.nn.functional.linear(
                            x, weight.to(dtype) * scales[:, None]), device, args.repeats),
                        "bf16_cublas_us": time_us(lambda: torch.nn.functional.linear(x, dense), device, args.repeats)}
@@ -102,12 +102,12 @@ def main() -> None:
             timings = {}
             for block_n, block_k, warps in grid:
                 try:
-                    timings[(block_n, block_k, warps)] = time_us(lambda: triton_int8.int8_linear(
+                    timings[(block_n, block_k, warps)] = time_us(lambda: triton_linear.linear(
                         x, weight, scales, blocks=(16, block_n, block_k, warps)), device, args.repeats)
                 except Exception as error:  # a configuration the compiler rejects (shared memory): skip it
                     print(f"  blocks {block_n}/{block_k}/{warps}: {type(error).__name__}", flush=True)
             best = min(timings, key=timings.get)
-            built_in = triton_int8._blocks(1, out_features, in_features)
+            built_in = triton_linear._blocks(1, out_features, in_features)
             entry = {"layer": name, "best": list(best), "best_us": timings[best], "built_in": list(built_in[1:]),
                      "built_in_us": timings.get(tuple(built_in[1:])),
                      "all": {"/".join(map(str, key)): value for key, value in timings.items()}}

@@ -91,6 +91,8 @@ def hf_figures(model_dir: Path, device: torch.device, args) -> dict:
 def ours_figures(llm: LLM, device: torch.device, args) -> dict:
     # False where asked for, or where the load-time check turned the Triton kernels off (logged why)
     figures = {"triton_kernels": llm.engine.runner.decode_kernel_reads_tables,
+               "decode_products": [{**row, "shape": list(row["shape"]), "blocks": list(row["blocks"])}
+                                   for row in llm.engine.runner.decode_products],
                "latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(), "concurrent": {}}
     for count in args.concurrent:
         prompts = random_prompts(count, args.prompt_len, seed=2)
@@ -112,13 +114,13 @@ def ours_figures(llm: LLM, device: torch.device, args) -> dict:
 
 def int8_kernel(device: torch.device) -> str:
     """Which product the int8 decode steps run: starchat's Triton kernel, or dequantize + cuBLAS."""
-    from starchat.model import triton_int8
+    from starchat.model import triton_linear
 
     if device.type == "cpu":
         return "native CPU kernels (packed int8)"
 
     probe = torch.zeros(1, 64, dtype=torch.bfloat16, device=device)
-    return "triton" if triton_int8.triton is not None and triton_int8.supports(probe) else "dequantize"
+    return "triton" if triton_linear.triton is not None and triton_linear.supports(probe) else "dequantize"
 
 
 def main() -> None:

@@ -83,15 +83,21 @@ def test_cuda_graph_and_eager_tokens_equal(checkpoint):
         graphs = LLM(str(checkpoint), dtype=dtype, device="cuda", progress=False)
         assert eager.engine.runner.decode_graphs is None
         assert greedy(graphs, PROMPTS) == greedy(eager, PROMPTS), dtype
+        if dtype == "bfloat16":  # 16-bit models time each Linear shape's kernel against cuBLAS at load
+            from starchat.model import triton_attention
+
+            tuned = graphs.engine.runner.decode_products
+            assert bool(tuned) == triton_attention.supports(torch.device("cuda"), torch.bfloat16)
+            assert all(row["kernel_us"] > 0 and row["cublas_us"] > 0 for row in tuned)
         captured = graphs.engine.runner.decode_graphs.steps.values()
         assert captured and all(step.graph is not None for step in captured)
 
 
 def test_int8_gpu_kernel_equals_dequantized_product():
-    from starchat.model import triton_int8
+    from starchat.model import triton_linear
 
     x = torch.randn(1, 384, dtype=torch.bfloat16, device="cuda")
-    if triton_int8.triton is None or not triton_int8.supports(x):
+    if triton_linear.triton is None or not triton_linear.supports(x):
         pytest.skip("no Triton, or a GPU older than Ampere: int8 products dequantize")
     from starchat.model.quant import quantize_per_channel
 
@@ -99,9 +105,9 @@ def test_int8_gpu_kernel_equals_dequantized_product():
     weight, scales = weight.cuda(), scales.cuda()
     bias = torch.randn(6400, device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
-        for rows in (1, 8, 33, triton_int8.ROWS_PER_PASS):
+        for rows in (1, 8, 33, triton_linear.ROWS_PER_PASS):
             x = torch.randn(rows, 384, device="cuda").to(dtype)
-            out = triton_int8.int8_linear(x, weight, scales.to(dtype), bias.to(dtype))
+            out = triton_linear.linear(x, weight, scales.to(dtype), bias.to(dtype))
             expected = x.double() @ (weight.double() * scales.to(dtype).double()[:, None]).T + bias.to(dtype).double()
             tolerance = 1e-4 if dtype == torch.float32 else 1e-2
             assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())

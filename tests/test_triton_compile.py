@@ -86,19 +86,32 @@ def test_add_layer_norm_compiles_without_spills(dtype, width):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("rows", [1, 16, 17, 33, 64])
-def test_int8_product_compiles_within_limits(dtype, rows):
+def test_weight_product_compiles_within_limits(dtype, rows):
     import torch
 
-    from starchat.model import triton_int8
+    from starchat.model import triton_linear
 
     element = TRITON_TYPE[dtype]
     types = {"x_ptr": f"*{element}", "w_ptr": "*i8", "scales_ptr": f"*{element}", "bias_ptr": f"*{element}",
              "out_ptr": f"*{element}"} | {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
     # StarChat-beta's c_attn, MLP up and down projections, lm_head
     for out_features, in_features in ((6400, 6144), (24576, 6144), (6144, 24576), (49152, 6144)):
-        block_m, block_n, block_k, warps = triton_int8._blocks(rows, out_features, in_features, getattr(torch, dtype))
-        constexprs = dict(HAS_BIAS=True, PRECISION="ieee" if dtype == "float32" else "tf32", BLOCK_M=block_m,
+        block_m, block_n, block_k, warps = triton_linear._blocks(rows, out_features, in_features, getattr(torch, dtype))
+        constexprs = dict(HAS_SCALES=True, HAS_BIAS=True, PRECISION="ieee" if dtype == "float32" else "tf32", BLOCK_M=block_m,
                           BLOCK_N=block_n, BLOCK_K=block_k)
-        compiled = compile_kernel(triton_int8._int8_product, types, constexprs, 90, warps)
+        compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps)
         assert compiled.metadata.shared <= SHARED_LIMIT[90]
         assert spilled_bytes(compiled) == 0, (out_features, in_features)
+
+
+@pytest.mark.parametrize("weight_type", ["bf16", "i8"])
+def test_tuning_candidates_compile_without_spills(weight_type):
+    from starchat.model import triton_linear, tuned_linear
+
+    types = {"x_ptr": "*bf16", "w_ptr": f"*{weight_type}", "scales_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+    types |= {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
+    for block_n, block_k, warps in tuned_linear.CANDIDATES:
+        constexprs = dict(HAS_SCALES=weight_type == "i8", HAS_BIAS=True, PRECISION="tf32", BLOCK_M=16, BLOCK_N=block_n,
+                          BLOCK_K=block_k)
+        compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps)
+        assert spilled_bytes(compiled) == 0, (block_n, block_k, warps)

@@ -4,7 +4,7 @@ reference, then inside the engine, whose greedy tokens must equal HF transformer
 tests/test_cuda.py runs them compiled.
 
 Triton reads TRITON_INTERPRET when it is imported, so in an ordinary test run this module runs
-itself in a child pytest with the variable set (as tests/test_triton_int8.py does).
+itself in a child pytest with the variable set (as tests/test_triton_linear.py does).
 """
 
 from __future__ import annotations

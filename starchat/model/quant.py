@@ -4,8 +4,8 @@ Each Linear's weight becomes int8 with one float scale per output channel (symme
 scale = max|w_row| / 127); activations stay in the model dtype. On CPU with starchat's native
 kernels the loader then packs each int8 weight (cpu_linear.PackedLinear) and every product reads
 it directly: a quarter of float32's bytes per decoded token, widened to float32 per panel in cache
-for many rows. On an Ampere or newer GPU with Triton, products of up to triton_int8.ROWS_PER_PASS
-rows (decode steps) run triton_int8's kernel, which reads the int8 weight itself. Elsewhere (more
+for many rows. On an Ampere or newer GPU with Triton, products of up to triton_linear.ROWS_PER_PASS
+rows (decode steps) run triton_linear's kernel, which reads the int8 weight itself. Elsewhere (more
 rows, older GPUs, CPUs without the native kernels) the weight is dequantized per call: correct,
 and for prefill chunks cheap beside the product. Weights are quantized one tensor at a time while
 loading, so a 16B model never needs its float weights in memory at once.
@@ -37,6 +37,15 @@ class Int8Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False)
         self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.tuned: dict = {}  # row bucket -> GPU kernel blocks, set by tuned_linear at load
+
+    def decode_blocks(self, x: torch.Tensor) -> tuple | None:
+        """The tuned GPU kernel blocks for x's row count; None: the kernel's built-in choice."""
+        if not self.tuned:
+            return None
+        from starchat.model.tuned_linear import row_bucket
+
+        return self.tuned.get(row_bucket(x))
 
     def load_float_weight(self, weight: torch.Tensor) -> None:
         quantized, scales = quantize_per_channel(weight)
@@ -58,17 +67,17 @@ class Int8Linear(nn.Module):
             return F.linear(x.float(), weight, bias).to(x.dtype)
         kernels = _gpu_kernels()
         if kernels is not None and kernels.supports(x):
-            return kernels.int8_linear(x, self.weight, self.scales, self.bias)
+            return kernels.linear(x, self.weight, self.scales, self.bias, self.decode_blocks(x))
         out = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
         return out + self.bias if self.bias is not None else out
 
 
 @functools.lru_cache(maxsize=1)
 def _gpu_kernels():
-    """starchat.model.triton_int8, imported on the first GPU product (Triton takes a while to import)."""
-    from starchat.model import triton_int8
+    """starchat.model.triton_linear, imported on the first GPU product (Triton takes a while to import)."""
+    from starchat.model import triton_linear
 
-    return triton_int8 if triton_int8.triton is not None else None
+    return triton_linear if triton_linear.triton is not None else None
 
 
 def prepare_int8(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] = ("lm_head",)) -> None:

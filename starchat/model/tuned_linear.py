@@ -1,0 +1,124 @@
+"""Decode products on a GPU: per weight shape, the faster of cuBLAS and starchat's Triton kernel,
+timed on the GPU itself when a model loads.
+
+Block sizes that suit one GPU do not suit every other, and a built-in guess can lose to cuBLAS.
+So for each distinct Linear shape of the model, at 1 row (batch-1 decode) and at 16 rows (one
+BLOCK_M pass, up to 16 sequences), `tune_decode_products` times cuBLAS and a few block sizes of
+triton_linear's kernel, each replayed in a CUDA graph as decode steps run them, and keeps the
+kernel only where it wins by more than the noise. int8 weights have no cuBLAS product (the
+fallback dequantizes per call), so they only get their best block sizes. Everything else
+(more rows, prefill) stays on cuBLAS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from starchat.model import triton_linear
+from starchat.model.quant import Int8Linear
+
+logger = logging.getLogger("starchat.model")
+
+DECODE_ROW_BUCKETS = (1, 16)  # a product of r rows uses the choice made for the first bucket >= r
+# (BLOCK_N, BLOCK_K, num_warps) tried; six keep the first load's compiles to ~20 s
+CANDIDATES = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8))
+WIN_MARGIN = 0.97  # the kernel must take at most 97% of cuBLAS's time to replace it
+
+
+def row_bucket(x: torch.Tensor) -> int | None:
+    rows = x.numel() // x.shape[-1]
+    return next((bucket for bucket in DECODE_ROW_BUCKETS if rows <= bucket), None)
+
+
+class TunedLinear(nn.Linear):
+    """An nn.Linear (same parameters) whose decode-sized products run triton_linear's kernel with
+    the block sizes in `tuned` (row bucket -> blocks, or None: cuBLAS)."""
+
+    tuned: dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.tuned.get(row_bucket(x))
+        if blocks is None or not triton_linear.supports(x):
+            return F.linear(x, self.weight, self.bias)
+        return triton_linear.linear(x, self.weight, None, self.bias, blocks)
+
+
+def _per_call_us(fn, device: torch.device, calls: int = 10, replays: int = 3) -> float:
+    """Microseconds per call: replayed in a CUDA graph on a GPU (launch costs excluded, as in a
+    captured decode step), timed on the host elsewhere (the interpreter in tests)."""
+    for _ in range(2):
+        fn()  # compiles Triton kernels outside any capture
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return 1e6 * (time.perf_counter() - start) / calls
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (replays * calls)
+
+
+@torch.inference_mode()
+def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=CANDIDATES) -> list[dict]:
+    """Time and choose, for every Linear shape of `model` (16-bit nn.Linear or Int8Linear) on its
+    device; 16-bit layers where the kernel wins become TunedLinear. Returns one report row per
+    (shape, row bucket)."""
+    groups: dict[tuple, list[nn.Module]] = defaultdict(list)
+    for module in model.modules():
+        if type(module) in (nn.Linear, TunedLinear, Int8Linear):
+            weight = module.weight
+            groups[(weight.dtype, *weight.shape, module.bias is not None)].append(module)
+    report = []
+    for (weight_dtype, out_features, in_features, _), modules in groups.items():
+        first = modules[0]
+        scales = first.scales if isinstance(first, Int8Linear) else None
+        device = first.weight.device
+        choices = {}
+        for rows in DECODE_ROW_BUCKETS:
+            x = torch.randn(rows, in_features, device=device).to(dtype)
+            if not triton_linear.supports(x):
+                continue
+            timings = {}
+            for block_n, block_k, warps in candidates:
+                blocks = (triton_linear.block_rows(rows), block_n, block_k, warps)
+                try:
+                    timings[blocks] = _per_call_us(
+                        lambda: triton_linear.linear(x, first.weight, scales, first.bias, blocks), device)
+                except Exception as error:  # a configuration this GPU or Triton rejects: not a candidate
+                    logger.debug("tuning %s: blocks %s failed (%s)", tuple(first.weight.shape), blocks, error)
+            if not timings:
+                continue
+            best = min(timings, key=timings.get)
+            cublas_us = None if scales is not None else _per_call_us(lambda: F.linear(x, first.weight, first.bias), device)
+            wins = cublas_us is None or timings[best] < WIN_MARGIN * cublas_us
+            choices[rows] = best if wins else None
+            report.append({"shape": (out_features, in_features), "weight_dtype": str(weight_dtype), "rows": rows,
+                           "kernel_us": timings[best], "blocks": best, "cublas_us": cublas_us, "chosen": "triton" if wins else "cublas"})
+        for module in modules:
+            module.tuned = dict(choices)
+            if type(module) is nn.Linear and any(choices.values()):
+                module.__class__ = TunedLinear
+    for row in report:
+        logger.info("decode product %s x %d rows: %s (kernel %.1f us, cuBLAS %s us)", row["shape"], row["rows"], row["chosen"],
+                    row["kernel_us"], "-" if row["cublas_us"] is None else f"{row['cublas_us']:.1f}")
+    return report
