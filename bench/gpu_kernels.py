@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from starchat.bench.machine import describe_machine  # noqa: E402
 from starchat.model import AttentionMetadata, triton_attention, triton_layer_norm  # noqa: E402
 from starchat.model.attention import paged_attention  # noqa: E402
+from starchat.model.tuned_linear import per_call_us as graph_per_call_us  # noqa: E402
 
 CALLS_PER_GRAPH = 40  # StarChat-beta's layers
 HEADS, KV_HEADS, HEAD_DIM, WIDTH, BLOCK = 48, 1, 128, 6144, 16
@@ -32,27 +33,9 @@ ATTENTION_CASES = [(1, 512), (1, 2048), (8, 1024), (32, 512), (128, 256), (128, 
 NORM_ROWS = [1, 8, 32, 128]
 
 
-def per_call_us(fn, replays: int = 30) -> float:
-    """Microseconds per call of fn, captured CALLS_PER_GRAPH times in one graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / (replays * CALLS_PER_GRAPH)
+def per_call_us(fn) -> float:
+    """Microseconds per call of fn, captured CALLS_PER_GRAPH times in one graph and replayed."""
+    return graph_per_call_us(fn, torch.device("cuda"), calls=CALLS_PER_GRAPH, replays=30)
 
 
 def attention_case(sequences: int, context: int) -> dict:

@@ -3,34 +3,26 @@ model/triton_layer_norm.py) run by Triton's interpreter on the CPU: each against
 reference, then inside the engine, whose greedy tokens must equal HF transformers'. On a GPU,
 tests/test_cuda.py runs them compiled.
 
-Triton reads TRITON_INTERPRET when it is imported, so in an ordinary test run this module runs
-itself in a child pytest with the variable set (as tests/test_triton_linear.py does).
+In an ordinary test run this module runs itself in a child pytest under the interpreter
+(tests/triton_interpreter.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from test_engine_reference import PROMPTS, hf_greedy
+from triton_interpreter import INTERPRETED, run_under_interpreter
 
 pytest.importorskip("triton")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child run")
 def test_kernels_under_the_interpreter_in_a_child_process():
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert re.search(r"\b\d+ passed", summary) and re.search(r"\b1 skipped", summary), summary
+    run_under_interpreter(__file__)
 
 
 @pytest.fixture(autouse=True)

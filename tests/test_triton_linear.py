@@ -1,34 +1,24 @@
-"""The GPU product kernel (model/triton_linear.py), int8 and 16-bit weights, run by Triton's interpreter on the CPU, against the
-dequantized product in float64. On a GPU, tests/test_cuda.py runs it compiled.
-
-Triton reads TRITON_INTERPRET when it is imported (its own library functions are decorated then),
-so in an ordinary test run this module runs itself in a child pytest with the variable set.
+"""The GPU product kernel (model/triton_linear.py), over int8 and 16-bit weights, run by Triton's
+interpreter on the CPU against float64 products, and the load-time choice between it and cuBLAS
+(model/tuned_linear.py). On a GPU, tests/test_cuda.py runs them compiled. In an ordinary test run
+this module runs itself in a child pytest under the interpreter (tests/triton_interpreter.py).
 """
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from starchat.model.quant import quantize_per_channel
+from triton_interpreter import INTERPRETED, run_under_interpreter
 
 pytest.importorskip("triton")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child run")
 def test_kernel_under_the_interpreter_in_a_child_process():
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    # Every test ran in the child; only its copy of this launcher skips.
-    assert re.search(r"\b\d+ passed", summary) and re.search(r"\b1 skipped", summary), summary
+    run_under_interpreter(__file__)
 
 
 @pytest.fixture
@@ -124,7 +114,7 @@ def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
         fake_timing.current = (x.shape[0], blocks)
         return real_linear(x, weight, scales, bias, blocks)
 
-    monkeypatch.setattr(tuned_linear, "_per_call_us", fake_timing)
+    monkeypatch.setattr(tuned_linear, "per_call_us", fake_timing)
     monkeypatch.setattr(kernels, "linear", recording_linear)
     report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((16, 128, 4), (32, 128, 4)))
     monkeypatch.setattr(kernels, "linear", real_linear)

@@ -49,7 +49,7 @@ class TunedLinear(nn.Linear):
         return triton_linear.linear(x, self.weight, None, self.bias, blocks)
 
 
-def _per_call_us(fn, device: torch.device, calls: int = 10, replays: int = 3) -> float:
+def per_call_us(fn, device: torch.device, calls: int = 10, replays: int = 3) -> float:
     """Microseconds per call: replayed in a CUDA graph on a GPU (launch costs excluded, as in a
     captured decode step), timed on the host elsewhere (the interpreter in tests)."""
     for _ in range(2):
@@ -102,14 +102,14 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=CANDID
             for block_n, block_k, warps in candidates:
                 blocks = (triton_linear.block_rows(rows), block_n, block_k, warps)
                 try:
-                    timings[blocks] = _per_call_us(
+                    timings[blocks] = per_call_us(
                         lambda: triton_linear.linear(x, first.weight, scales, first.bias, blocks), device)
                 except Exception as error:  # a configuration this GPU or Triton rejects: not a candidate
                     logger.debug("tuning %s: blocks %s failed (%s)", tuple(first.weight.shape), blocks, error)
             if not timings:
                 continue
             best = min(timings, key=timings.get)
-            cublas_us = None if scales is not None else _per_call_us(lambda: F.linear(x, first.weight, first.bias), device)
+            cublas_us = None if scales is not None else per_call_us(lambda: F.linear(x, first.weight, first.bias), device)
             wins = cublas_us is None or timings[best] < WIN_MARGIN * cublas_us
             choices[rows] = best if wins else None
             report.append({"shape": (out_features, in_features), "weight_dtype": str(weight_dtype), "rows": rows,
