@@ -12,7 +12,9 @@ minutes); each figure is a median over the rounds and each ratio the median of t
 With --llamacpp-converter,
 llama.cpp (llama-cpp-python, see starchat/bench/llamacpp.py) decodes the same checkpoint converted
 to GGUF at the same type (f32/f16/bf16; q8_0 beside our --int8) in the same run: batch 1 and
-the concurrent requests (its batch API, one KV sequence per request).
+the concurrent requests (its batch API, one KV sequence per request). With --ctranslate2,
+CTranslate2 (starchat/bench/ctranslate2_baseline.py) does the same from its own conversion
+(int8_float32 beside our --int8; the type it actually ran on this CPU is printed).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     parser.add_argument("--int8", action="store_true", help="also ours with --quantize int8 (bf16 activations)")
     parser.add_argument("--llamacpp-converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py: adds llama.cpp")
+    parser.add_argument("--ctranslate2", action="store_true", help="adds CTranslate2 (pip install ctranslate2)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="batch-1 figures: rounds of every side in turn; medians and per-round ratios are reported")
     parser.add_argument("--json", help="write the results here")
@@ -80,6 +83,14 @@ def _measure(args, model_dir: Path, dtype: str, quantize: str | None) -> dict:
         gguf = convert_to_gguf(model_dir, outtype, args.llamacpp_converter, model_dir.parent / "gguf")
         baseline = LlamaCppBaseline(gguf, threads=torch.get_num_threads())
         sides["llama.cpp"] = lambda: baseline.latency(args.new_tokens, args.prompt_len, gguf.stat().st_size)
+    ct2 = None
+    if args.ctranslate2:
+        from starchat.bench.ctranslate2_baseline import CT2_TYPES, CTranslate2Baseline, convert_to_ctranslate2
+
+        ct2_type = CT2_TYPES["int8" if quantize else dtype]
+        ct2_dir = convert_to_ctranslate2(model_dir, ct2_type, model_dir.parent / "ctranslate2")
+        ct2 = CTranslate2Baseline(ct2_dir, torch.get_num_threads(), ct2_type)
+        sides["ctranslate2"] = lambda: ct2.latency(args.new_tokens, args.prompt_len, (ct2_dir / "model.bin").stat().st_size)
     if not args.no_hf and not quantize:
         hf = HFBaseline(model_dir, dtype, args.device)
         sides["hf"] = lambda: hf.latency(args.new_tokens, args.prompt_len)
@@ -93,11 +104,22 @@ def _measure(args, model_dir: Path, dtype: str, quantize: str | None) -> dict:
         run["ours"][f"concurrent_{n}"] = ours_throughput(llm, n, args.prompt_len, args.new_tokens).as_dict()
         if baseline:
             run["llama.cpp"][f"concurrent_{n}"] = baseline.throughput(n, args.prompt_len, args.new_tokens).as_dict()
+        if ct2:
+            run["ctranslate2"][f"concurrent_{n}"] = ct2.throughput(n, args.prompt_len, args.new_tokens).as_dict()
         if hf:
             run["hf"][f"concurrent_{n}"] = hf.throughput(n, args.prompt_len, args.new_tokens).as_dict()
     if baseline:
         run["llama.cpp"]["type"] = outtype
+    if ct2:
+        run["ctranslate2"]["type"] = ct2.compute_type  # what it ran, after any fallback on this CPU
     return run
+
+
+BASELINES = ("hf", "llama.cpp", "ctranslate2")
+
+
+def _label(name: str, figures: dict) -> str:
+    return "HF" if name == "hf" else f"{name} {figures['type']}"
 
 
 def _ratio_text(ratios: list[float]) -> str:
@@ -112,20 +134,20 @@ def _print(dtype: str, run: dict) -> None:
     print(f"{'batch-1 decode tokens/s':38s} ours {ours['latency']['tokens_per_s']:9.1f}   "
           f"({ours['latency']['achieved_gb_per_s']:.1f} GB/s, {ours['latency']['ms_per_token']:.1f} ms/token)")
     print(f"{'TTFT ms (128-token prompt)':38s} ours {ours['latency']['ttft_ms']:9.1f}")
-    for name in ("hf", "llama.cpp"):
+    for name in BASELINES:
         if name not in run:
             continue
-        theirs, label = run[name], "HF" if name == "hf" else f"llama.cpp {run[name]['type']}"
+        theirs, label = run[name], _label(name, run[name])
         print(f"{'batch-1 decode tokens/s':38s} {label} {theirs['latency']['tokens_per_s']:9.1f}   "
               f"ours vs {label} {_ratio_text(run['ours_vs'][name])}")
         print(f"{'TTFT ms (128-token prompt)':38s} {label} {theirs['latency']['ttft_ms']:9.1f}")
     for key in ours:
         if key.startswith("concurrent_"):
             text = f"{key.split('_')[1] + ' requests: output tokens/s':38s} ours {ours[key]['output_tokens_per_s']:9.1f}"
-            for name in ("hf", "llama.cpp"):
+            for name in BASELINES:
                 if name in run:
                     theirs = run[name][key]["output_tokens_per_s"]
-                    text += f"   {'HF' if name == 'hf' else 'llama.cpp'} {theirs:.1f} x{ours[key]['output_tokens_per_s'] / theirs:.2f}"
+                    text += f"   {_label(name, run[name])} {theirs:.1f} x{ours[key]['output_tokens_per_s'] / theirs:.2f}"
             print(text, flush=True)
 
 

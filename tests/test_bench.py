@@ -70,3 +70,26 @@ def test_host_step_timers_count_steps_and_restore_the_engine(tiny_model_dir):
     with host_step_timers(engine) as again:
         pass
     assert again["steps"] == 0
+
+
+def test_ctranslate2_baseline_decodes_hf_greedy_tokens(tiny_model_dir, tmp_path):
+    """The CTranslate2 baseline must decode what HF does (same model, same prompt ids), or its
+    speed would not be comparable with ours."""
+    pytest.importorskip("ctranslate2")
+    import torch
+    from transformers import GPTBigCodeForCausalLM as HFModel
+
+    from starchat.bench.ctranslate2_baseline import CTranslate2Baseline, convert_to_ctranslate2
+    from starchat.bench.offline import random_prompts
+    from test_engine_reference import hf_greedy
+
+    converted = convert_to_ctranslate2(tiny_model_dir, "float32", tmp_path)
+    assert convert_to_ctranslate2(tiny_model_dir, "float32", tmp_path) == converted  # cached
+    baseline = CTranslate2Baseline(converted, threads=2, compute_type="float32")
+    reference = HFModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = random_prompts(3, 12, seed=5)
+    assert baseline.generate(prompts, 10) == [hf_greedy(reference, prompt, 10) for prompt in prompts]
+    assert baseline.throughput(2, 8, 4).output_tokens_per_s > 0
+    assert baseline.latency(4, 8, weight_bytes=1).tokens_per_s > 0
+    # A type this CPU has no kernels for (bfloat16 without AVX-512 BF16) runs in float32, and says so.
+    assert CTranslate2Baseline(converted, threads=2, compute_type="bfloat16").compute_type in ("bfloat16", "float32")

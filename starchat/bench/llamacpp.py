@@ -14,7 +14,6 @@ for all sequences together, one KV sequence per request as ANCHORS.md advises).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -22,36 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from starchat.bench.checkpoints import tokenizer_within_vocab
 from starchat.bench.offline import LatencyResult, ThroughputResult, random_prompts
-
-
-def _within_vocab(model_dir: Path, work: Path) -> Path:
-    """A view of model_dir whose tokenizer has no ids past the embedding table (llama.cpp's converter
-    refuses those): benchmark shapes keep StarCoder's 49,152 rows while the shipped tokenizer adds
-    StarChat's 4 tokens after them. Weights and config are links, not copies."""
-    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
-    if all(token["id"] < vocab_size for token in tokenizer.get("added_tokens", [])):
-        return model_dir
-    view = work / f"{model_dir.name}-within-vocab"
-    view.mkdir(parents=True, exist_ok=True)
-    rewritten = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    for item in model_dir.iterdir():
-        if item.name not in rewritten and not (view / item.name).exists():
-            (view / item.name).symlink_to(item.resolve())
-    dropped = {token["content"] for token in tokenizer["added_tokens"] if token["id"] >= vocab_size}
-    tokenizer["added_tokens"] = [token for token in tokenizer["added_tokens"] if token["id"] < vocab_size]
-    (view / "tokenizer.json").write_text(json.dumps(tokenizer))
-    for name in rewritten[1:]:
-        if (model_dir / name).is_file():
-            settings = json.loads((model_dir / name).read_text())
-            settings.pop("additional_special_tokens", None)
-            settings["added_tokens_decoder"] = {key: value for key, value in settings.get("added_tokens_decoder", {}).items()
-                                                if value.get("content") not in dropped}
-            if name == "special_tokens_map.json":
-                settings.pop("added_tokens_decoder")
-            (view / name).write_text(json.dumps(settings))
-    return view
 
 
 def convert_to_gguf(model_dir: Path, outtype: str, converter: Path, output_dir: Path) -> Path:
@@ -59,7 +30,7 @@ def convert_to_gguf(model_dir: Path, outtype: str, converter: Path, output_dir: 
     output = output_dir / f"{model_dir.name}-{outtype}.gguf"
     if not output.is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
-        source = _within_vocab(model_dir, output_dir)
+        source = tokenizer_within_vocab(model_dir, output_dir)
         env = dict(os.environ, PYTHONPATH=str(converter.parent / "gguf-py"))
         done = subprocess.run([sys.executable, str(converter), str(source), "--outtype", outtype, "--outfile", str(output)],
                               env=env, capture_output=True, text=True)
