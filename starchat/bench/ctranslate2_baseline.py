@@ -11,12 +11,11 @@ static batch, as HF's baseline). Generation ignores the end token, as ours does 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
 from starchat.bench.checkpoints import tokenizer_within_vocab
-from starchat.bench.offline import LatencyResult, ThroughputResult, random_prompts
+from starchat.bench.offline import LatencyResult, ThroughputResult, random_prompts, whole_sequence_latency
 
 # Our dtype names -> CTranslate2's weight (and compute) types; int8 keeps its activations in float32 on a CPU.
 CT2_TYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int8": "int8_float32"}
@@ -54,22 +53,9 @@ class CTranslate2Baseline:
             max_length=new_tokens, min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False, end_token=[])
         return [result.sequences_ids[0] for result in results]
 
-    def _median_time(self, fn, repeats: int) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     def latency(self, new_tokens: int, prompt_len: int, weight_bytes: int, repeats: int = 3) -> LatencyResult:
-        short, long = random_prompts(1, 8), random_prompts(1, prompt_len, seed=1)
-        self.generate(short, 8)
-        one = self._median_time(lambda: self.generate(short, 1), repeats)
-        many = self._median_time(lambda: self.generate(short, new_tokens + 1), repeats)
-        ttft = self._median_time(lambda: self.generate(long, 1), repeats)
-        per_token = (many - one) / new_tokens
-        return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
+        return whole_sequence_latency(lambda prompt, count: self.generate([prompt], count), new_tokens, prompt_len,
+                                      weight_bytes, repeats)
 
     def throughput(self, num_prompts: int, prompt_len: int, new_tokens: int) -> ThroughputResult:
         """End to end (prefill included), greedy, like `offline.ours_throughput`."""

@@ -15,14 +15,13 @@ for all sequences together, one KV sequence per request as ANCHORS.md advises).
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from starchat.bench.checkpoints import tokenizer_within_vocab
-from starchat.bench.offline import LatencyResult, ThroughputResult, random_prompts
+from starchat.bench.offline import LatencyResult, ThroughputResult, random_prompts, whole_sequence_latency
 
 
 def convert_to_gguf(model_dir: Path, outtype: str, converter: Path, output_dir: Path) -> Path:
@@ -58,22 +57,8 @@ class LlamaCppBaseline:
                 break
         return tokens
 
-    def _median_time(self, fn, repeats: int) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     def latency(self, new_tokens: int, prompt_len: int, weight_bytes: int, repeats: int = 3) -> LatencyResult:
-        short, long = random_prompts(1, 8)[0], random_prompts(1, prompt_len, seed=1)[0]
-        self._greedy(short, 8)
-        one = self._median_time(lambda: self._greedy(short, 1), repeats)
-        many = self._median_time(lambda: self._greedy(short, new_tokens + 1), repeats)
-        ttft = self._median_time(lambda: self._greedy(long, 1), repeats)
-        per_token = (many - one) / new_tokens
-        return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
+        return whole_sequence_latency(self._greedy, new_tokens, prompt_len, weight_bytes, repeats)
 
     def first_tokens(self, prompt: list[int], count: int) -> list[int]:
         return self._greedy(prompt, count)

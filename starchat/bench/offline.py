@@ -62,6 +62,29 @@ def interleave(measurements: dict[str, Callable[[], Result]], rounds: int) -> di
     return results
 
 
+def whole_sequence_latency(greedy: Callable[[list[int], int], object], new_tokens: int, prompt_len: int,
+                           weight_bytes: int, repeats: int = 3) -> LatencyResult:
+    """Batch-1 figures of a baseline that generates whole sequences (`greedy(prompt_ids, count)`):
+    ms/token from the difference between new_tokens + 1 tokens and 1 (so prefill cancels out),
+    time to first token from one token after a prompt_len-token prompt; medians of `repeats`."""
+    short, long = random_prompts(1, 8)[0], random_prompts(1, prompt_len, seed=1)[0]
+
+    def median_seconds(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    greedy(short, 8)  # warm-up
+    one = median_seconds(lambda: greedy(short, 1))
+    many = median_seconds(lambda: greedy(short, new_tokens + 1))
+    ttft = median_seconds(lambda: greedy(long, 1))
+    per_token = (many - one) / new_tokens
+    return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
+
+
 def median_latency(rounds: list[LatencyResult]) -> LatencyResult:
     """Each figure's median over the rounds."""
     medians = {field.name: statistics.median(getattr(result, field.name) for result in rounds)
