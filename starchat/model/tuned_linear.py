@@ -113,12 +113,13 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=CANDID
             wins = cublas_us is None or timings[best] < WIN_MARGIN * cublas_us
             choices[rows] = best if wins else None
             report.append({"shape": (out_features, in_features), "weight_dtype": str(weight_dtype), "rows": rows,
-                           "kernel_us": timings[best], "blocks": best, "cublas_us": cublas_us, "chosen": "triton" if wins else "cublas"})
+                           "kernel_us": timings[best], "blocks": best, "cublas_us": cublas_us,
+                           "chosen": "triton" if wins else "cublas"})
         for module in modules:
             module.tuned = dict(choices)
             if type(module) is nn.Linear and any(choices.values()):
                 module.__class__ = TunedLinear
     for row in report:
-        logger.info("decode product %s x %d rows: %s (kernel %.1f us, cuBLAS %s us)", row["shape"], row["rows"], row["chosen"],
-                    row["kernel_us"], "-" if row["cublas_us"] is None else f"{row['cublas_us']:.1f}")
+        logger.info("decode product %s x %d rows: %s (kernel %.1f us, cuBLAS %s us)", row["shape"], row["rows"],
+                    row["chosen"], row["kernel_us"], "-" if row["cublas_us"] is None else f"{row['cublas_us']:.1f}")
     return report
