@@ -121,9 +121,6 @@ class ModelRunner:
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
-        return self.launch(batch).result()
-
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> "PendingStep":
         """Queue the step's work and its sampling; on a GPU this returns before they have run."""
