@@ -1,5 +1,5 @@
-"""One layer's decode attention and add+LayerNorm at StarChat-beta's shapes: starchat's Triton
-kernels against the PyTorch path they replace, in the same run on the same GPU.
+"""One layer's decode attention, add+LayerNorm and MLP up projection + GELU at StarChat-beta's
+shapes: starchat's kernels against the PyTorch path they replace, in the same run on the same GPU.
 
 Each variant is captured in a CUDA graph as 40 back-to-back calls (a decode step calls it once
 per layer, inside a graph) and replayed; the figure is time per call. Attention also reports the
@@ -23,14 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from starchat.bench.machine import describe_machine  # noqa: E402
-from starchat.model import AttentionMetadata, triton_attention, triton_layer_norm  # noqa: E402
+from starchat.model import AttentionMetadata, triton_attention, triton_layer_norm, triton_linear  # noqa: E402
 from starchat.model.attention import paged_attention  # noqa: E402
+from starchat.model.tuned_linear import check_gelu_epilogue, cublas_linear_gelu  # noqa: E402
 from starchat.model.tuned_linear import per_call_us as graph_per_call_us  # noqa: E402
 
 CALLS_PER_GRAPH = 40  # StarChat-beta's layers
 HEADS, KV_HEADS, HEAD_DIM, WIDTH, BLOCK = 48, 1, 128, 6144, 16
 ATTENTION_CASES = [(1, 512), (1, 2048), (8, 1024), (32, 512), (128, 256), (128, 1024)]  # (sequences, context)
 NORM_ROWS = [1, 8, 32, 128]
+INNER = 24576  # the MLP's width
+GELU_ROWS = [1, 16, 2048]  # batch-1 decode, a 16-sequence decode, a 2,048-token prompt
 
 
 def per_call_us(fn) -> float:
@@ -78,6 +81,24 @@ def norm_case(rows: int) -> dict:
     return {"rows": rows, "pytorch_us": pytorch_us, "triton_us": triton_us, "speedup": pytorch_us / triton_us}
 
 
+def gelu_case(rows: int, epilogue_ok: bool) -> dict:
+    """c_fc + tanh GELU: the product then a separate GELU, against the GELU in the product's
+    epilogue (cuBLASLt's, where it passed the load-time check; starchat's Triton kernel up to
+    ROWS_PER_PASS rows, at its built-in blocks: the engine tunes them)."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    weight = torch.randn(INNER, WIDTH, device=device, dtype=dtype) / 64
+    bias = torch.randn(INNER, device=device, dtype=dtype)
+    x = torch.randn(rows, WIDTH, device=device, dtype=dtype)
+    row = {"rows": rows, "separate_us": per_call_us(lambda: F.gelu(F.linear(x, weight, bias), approximate="tanh"))}
+    if epilogue_ok:
+        row["cublaslt_epilogue_us"] = per_call_us(lambda: cublas_linear_gelu(x, weight, bias))
+    if triton_linear.supports(x):
+        row["triton_epilogue_us"] = per_call_us(lambda: triton_linear.linear(x, weight, None, bias, gelu_tanh=True))
+    row["weight_gb_per_s"] = {name: weight.numel() * weight.element_size() / us / 1e3
+                              for name, us in row.items() if name.endswith("_us")}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
@@ -97,6 +118,16 @@ def main() -> None:
         row = norm_case(rows)
         results["add_layer_norm"].append(row)
         print(f"  {rows:4d} rows: PyTorch {row['pytorch_us']:6.1f}  Triton {row['triton_us']:6.1f}  x{row['speedup']:.2f}",
+              flush=True)
+    epilogue_ok = check_gelu_epilogue(torch.device("cuda"), torch.bfloat16)
+    results["cublaslt_gelu_epilogue_is_tanh"] = epilogue_ok
+    results["up_projection_gelu"] = []
+    print(f"MLP up projection ({INNER} x {WIDTH}) + tanh GELU, bf16, us per call; cuBLASLt epilogue "
+          f"{'checked' if epilogue_ok else 'not the tanh GELU here: not used'}")
+    for rows in GELU_ROWS:
+        row = gelu_case(rows, epilogue_ok)
+        results["up_projection_gelu"].append(row)
+        print(f"  {rows:4d} rows: " + "  ".join(f"{name[:-3]} {us:8.1f}" for name, us in row.items() if name.endswith("_us")),
               flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,7 @@ def hf_figures(model_dir: Path, device: torch.device, args) -> dict:
 def ours_figures(llm: LLM, device: torch.device, args) -> dict:
     # False where asked for, or where the load-time check turned the Triton kernels off (logged why)
     figures = {"triton_kernels": llm.engine.runner.decode_kernel_reads_tables,
+               "mlps_with_gelu_in_up_projection": llm.engine.runner.fused_gelus,
                "decode_products": [{**row, "shape": list(row["shape"]), "blocks": list(row["blocks"])}
                                    for row in llm.engine.runner.decode_products],
                "latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(), "concurrent": {}}

@@ -166,7 +166,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # KV-cache budget; default: sized from the machine
     kv_block_size: int = 16  # tokens per cache block
     max_num_seqs: int = 64  # sequences in the running batch at most
-    max_num_batched_tokens: int = 512  # tokens per engine step (decode tokens + prefill chunks)
+    # Tokens per engine step (decode tokens + prefill chunks); None: 512 on a CPU, 2048 on a GPU
+    # (engine/devices.py, default_batched_tokens)
+    max_num_batched_tokens: int | None = None
     revision: str | None = None  # Hub revision when `model` is a Hub id
     quantize: str | None = None  # None | "int8" (weight-only, per-channel scales)
     cuda_graphs: bool = True  # on a GPU, replay decode steps as CUDA graphs (False: eager, for debugging)

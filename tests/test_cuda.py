@@ -147,3 +147,51 @@ def test_triton_decode_attention_and_norm_on_gpu():
         expected = torch.nn.functional.layer_norm((hidden + delta).double(), (6144,), weight.double(), bias.double(), 1e-5)
         torch.testing.assert_close(normed.double(), expected, rtol=tolerance, atol=tolerance * 10)
 
+
+
+def test_chunked_prefill_over_cached_context_equals_one_chunk(checkpoint):
+    """Chunks after the first attend to the cache with SDPA's bottom-right causal bias."""
+    whole = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, max_num_batched_tokens=2048)
+    chunked = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, max_num_seqs=4,
+                  max_num_batched_tokens=16)
+    assert greedy(chunked, PROMPTS) == greedy(whole, PROMPTS)
+
+
+def test_gelu_in_the_mlp_up_projection_on_gpu(checkpoint):
+    from starchat.model import triton_linear, tuned_linear
+
+    llm = LLM(str(checkpoint), dtype="bfloat16", device="cuda", progress=False)
+    tanh_gelu = llm.engine.model_config.activation_function != "gelu"
+    assert llm.engine.runner.fused_gelus == (llm.engine.model_config.n_layer if tanh_gelu else 0)
+    device = torch.device("cuda")
+    print("cuBLASLt GELU epilogue gives the tanh GELU:", tuned_linear.check_gelu_epilogue(device, torch.bfloat16))
+    weight = torch.randn(3072, 768, device=device, dtype=torch.bfloat16) / 16
+    bias = torch.randn(3072, device=device, dtype=torch.bfloat16)
+    for rows in (1, 16, 300):
+        x = torch.randn(rows, 768, device=device, dtype=torch.bfloat16)
+        expected = torch.nn.functional.gelu(x.double() @ weight.double().T + bias.double(), approximate="tanh")
+        outputs = {"cublas": tuned_linear.cublas_linear_gelu(x, weight, bias)}
+        if triton_linear.supports(x):
+            outputs["triton"] = triton_linear.linear(x, weight, None, bias, gelu_tanh=True)
+        for name, out in outputs.items():
+            assert torch.allclose(out.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item()), (name, rows)
+
+
+def test_prefill_attention_runs_the_flash_kernel_on_the_expanded_kv_head():
+    """Prefill chunks hand SDPA the one MQA key/value head expanded to 48 as a view (stride 0) and,
+    after cached tokens, a bottom-right causal bias: both must keep the flash kernel (restricting
+    SDPA to it raises where it cannot run)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    device, dtype, heads, head_dim = torch.device("cuda"), torch.bfloat16, 48, 128
+    for chunk, context in ((2048, 0), (512, 1536)):
+        q = torch.randn(1, heads, chunk, head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(1, 1, context + chunk, head_dim, device=device, dtype=dtype).expand(1, heads, -1, head_dim)
+                for _ in range(2))
+        bias = dict(is_causal=True) if context == 0 else dict(attn_mask=causal_lower_right(chunk, context + chunk))
+        expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **bias)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v, **bias)
+        assert (out.float() - expected).abs().max().item() < 2e-2

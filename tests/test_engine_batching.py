@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from starchat import LLM, SamplingParams
 from starchat.config import EngineConfig
@@ -97,3 +98,12 @@ def test_request_larger_than_the_cache_is_refused_not_crashed(tiny_model_dir):
     assert engine.max_model_len == 64
     with pytest.raises(ValueError, match="prompt"):
         engine.add_request("word " * 100, GREEDY)
+
+
+def test_step_token_budget_defaults_by_device(tiny_model_dir):
+    from starchat.engine.devices import default_batched_tokens
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu"), progress=False)
+    assert engine.scheduler.max_num_batched_tokens == default_batched_tokens(torch.device("cpu")) == 512
+    # a GPU computes a 2,048-token prompt in one step
+    assert default_batched_tokens(torch.device("cuda")) == 2048

@@ -8,6 +8,7 @@ figures are checked here, for each dtype at StarChat-beta's shapes and at small 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -98,7 +99,7 @@ def test_weight_product_compiles_within_limits(dtype, rows):
     for out_features, in_features in ((6400, 6144), (24576, 6144), (6144, 24576), (49152, 6144)):
         block_m, block_n, block_k, warps = triton_linear._blocks(rows, out_features, in_features, getattr(torch, dtype))
         constexprs = dict(HAS_SCALES=True, HAS_BIAS=True, PRECISION="ieee" if dtype == "float32" else "tf32", BLOCK_M=block_m,
-                          BLOCK_N=block_n, BLOCK_K=block_k)
+                          BLOCK_N=block_n, BLOCK_K=block_k, GELU_TANH=out_features == 24576)  # the up projection + GELU
         compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps)
         assert compiled.metadata.shared <= SHARED_LIMIT[90]
         assert spilled_bytes(compiled) == 0, (out_features, in_features)
@@ -110,8 +111,8 @@ def test_tuning_candidates_compile_without_spills(weight_type):
 
     types = {"x_ptr": "*bf16", "w_ptr": f"*{weight_type}", "scales_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     types |= {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
-    for block_n, block_k, warps in tuned_linear.CANDIDATES:
+    for (block_n, block_k, warps), gelu in itertools.product(tuned_linear.CANDIDATES, (False, True)):
         constexprs = dict(HAS_SCALES=weight_type == "i8", HAS_BIAS=True, PRECISION="tf32", BLOCK_M=16, BLOCK_N=block_n,
-                          BLOCK_K=block_k)
+                          BLOCK_K=block_k, GELU_TANH=gelu)
         compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps)
-        assert spilled_bytes(compiled) == 0, (block_n, block_k, warps)
+        assert spilled_bytes(compiled) == 0, (block_n, block_k, warps, gelu)

@@ -9,6 +9,7 @@ In an ordinary test run this module runs itself in a child pytest under the inte
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -124,9 +125,9 @@ def test_engine_with_the_kernels_gives_hf_greedy_tokens(model_fixture, static_de
     from transformers import GPTBigCodeForCausalLM as HFModel
 
     from starchat import LLM, SamplingParams
-    from starchat.model import triton_attention, triton_layer_norm
+    from starchat.model import triton_attention, triton_layer_norm, triton_linear, tuned_linear
 
-    calls = {"attention": 0, "norm": 0}
+    calls = {"attention": 0, "norm": 0, "product+gelu": 0}
 
     def counted(function, name):
         def wrapper(*args, **kwargs):
@@ -136,21 +137,41 @@ def test_engine_with_the_kernels_gives_hf_greedy_tokens(model_fixture, static_de
 
     monkeypatch.setattr(triton_attention, "decode_attention", counted(triton_attention.decode_attention, "attention"))
     monkeypatch.setattr(triton_layer_norm, "add_layer_norm", counted(triton_layer_norm.add_layer_norm, "norm"))
+    real_linear = triton_linear.linear
+
+    def counted_linear(*args, gelu_tanh=False, **kwargs):
+        calls["product+gelu"] += gelu_tanh
+        return real_linear(*args, gelu_tanh=gelu_tanh, **kwargs)
+
+    monkeypatch.setattr(triton_linear, "linear", counted_linear)
     path = request.getfixturevalue(model_fixture)
     llm = LLM(str(path), dtype="float32", device="cpu", progress=False, max_num_seqs=4)
     runner = llm.engine.runner
     assert runner.decode_kernel_reads_tables  # the Triton kernel, not the CPU one, reads the cache
     runner.model.fused_decode = None  # every step through the module forward, where the kernels sit
+    reference = HFModel.from_pretrained(path, dtype=torch.float32).eval()
+    # As on a GPU: each MLP's GELU in its first product's epilogue, the Triton kernel for decode
+    # rows. (On a CPU the loader packs the Linears for the native kernels; c_fc goes back to a
+    # plain nn.Linear, HF's, for this.)
+    for block, reference_block in zip(runner.model.transformer.h, reference.transformer.h):
+        block.mlp.c_fc = copy.deepcopy(reference_block.mlp.c_fc)
+    tanh_gelu = reference.config.activation_function != "gelu"  # the MHA checkpoint has the exact GELU: not fused
+    num_layers = len(runner.model.transformer.h)
+    assert tuned_linear.fuse_gelu_into_products(runner.model, torch.float32) == (num_layers if tanh_gelu else 0)
+    for block in runner.model.transformer.h:
+        block.mlp.c_fc.tuned = {1: (16, 32, 32, 4), 16: (16, 32, 32, 4)}
     if static_decode:  # the fixed-shape step that CUDA graphs replay (padding rows, context buckets)
         runner.enable_static_decode(max_batch=4, max_context=llm.engine.max_model_len, capture=False)
-    reference = HFModel.from_pretrained(path, dtype=torch.float32).eval()
     prompt_ids = [llm.tokenizer.encode(prompt) for prompt in PROMPTS]
     new_tokens = 20  # the longest prompt crosses a 64-token tile: two context splits
     completions = llm.generate(prompt_ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     assert [c.token_ids for c in completions] == [hf_greedy(reference, ids, new_tokens) for ids in prompt_ids]
-    num_layers = len(runner.model.transformer.h)
     assert calls["attention"] >= (new_tokens - 1) * num_layers  # every decode step, every layer
     assert calls["norm"] >= new_tokens * (2 * num_layers + 1)
+    if tanh_gelu:
+        assert calls["product+gelu"] >= (new_tokens - 1) * num_layers
+    else:
+        assert calls["product+gelu"] == 0
 
 
 def test_a_failing_kernel_turns_the_kernels_off_and_the_engine_stays_right(tiny_model_dir, monkeypatch, caplog):

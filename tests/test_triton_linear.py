@@ -110,9 +110,9 @@ def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
 
     real_linear = kernels.linear
 
-    def recording_linear(x, weight, scales=None, bias=None, blocks=None):
+    def recording_linear(x, weight, scales=None, bias=None, blocks=None, gelu_tanh=False):
         fake_timing.current = (x.shape[0], blocks)
-        return real_linear(x, weight, scales, bias, blocks)
+        return real_linear(x, weight, scales, bias, blocks, gelu_tanh=gelu_tanh)
 
     monkeypatch.setattr(tuned_linear, "per_call_us", fake_timing)
     monkeypatch.setattr(kernels, "linear", recording_linear)
@@ -124,7 +124,7 @@ def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
     assert model[3].tuned == {1: (16, 32, 128, 4), 16: (16, 32, 128, 4)}  # int8: no cuBLAS product to lose to
 
     calls = []
-    monkeypatch.setattr(kernels, "linear", lambda *args: calls.append(args[-1]) or real_linear(*args))
+    monkeypatch.setattr(kernels, "linear", lambda *args, **kwargs: calls.append(args[-1]) or real_linear(*args, **kwargs))
     for rows in (1, 16, 40):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(model[0](x), x @ model[0].weight.T + model[0].bias, rtol=1e-5, atol=1e-5)
@@ -145,3 +145,95 @@ def test_tuning_with_real_timings_gives_right_products(kernels):
     assert {row["rows"] for row in report} == {1, 16} and all(row["kernel_us"] > 0 for row in report)
     x = torch.randn(1, 96)
     torch.testing.assert_close(model(x), x @ model[0].weight.T + model[0].bias, rtol=1e-5, atol=1e-5)
+
+
+def gelu_tanh_reference(values: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(values.double(), approximate="tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gelu_epilogue_equals_the_product_then_gelu(kernels, dtype, quantized):
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(80, 200, generator=generator)
+    weight, scales = quantize_per_channel(weight) if quantized else (weight.to(dtype), None)
+    scales = None if scales is None else scales.to(dtype)
+    bias = torch.randn(80, generator=generator).to(dtype)
+    # values far into both tails: tanh's form must not overflow or lose the sign there
+    x = (torch.randn(5, 200, generator=generator) * 4).to(dtype)
+    product = x.double() @ (weight.double() * (scales.double()[:, None] if quantized else 1)).T + bias.double()
+    assert product.min() < -20 and product.max() > 20
+    out = kernels.linear(x, weight, scales, bias, gelu_tanh=True)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    expected = gelu_tanh_reference(product)
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    if quantized:  # Int8Linear passes the flag to the kernel (under the interpreter CPU tensors take it)
+        from starchat.model.quant import Int8Linear
+
+        layer = Int8Linear(200, 80, True, dtype)
+        layer.weight.data, layer.scales.data, layer.bias.data = weight, scales, bias
+        assert torch.allclose(layer(x, gelu_tanh=True).double(), expected, rtol=tolerance,
+                              atol=tolerance * expected.abs().max().item())
+
+
+def test_tuning_times_the_gelu_layers_with_their_gelu(kernels, monkeypatch):
+    from torch import nn
+
+    from starchat.model import tuned_linear
+    from starchat.model.gpt_bigcode import MLP
+    from starchat.config import ModelConfig
+
+    mlp = MLP(ModelConfig(n_embd=64, n_inner=96, n_head=4, n_layer=1, vocab_size=100, n_positions=32))
+    model = nn.ModuleDict({"mlp": mlp, "same_shape_no_gelu": nn.Linear(64, 96)})
+    x = torch.randn(3, 64)
+    before = mlp(x)
+    assert tuned_linear.fuse_gelu_into_products(model, torch.float32) == 1
+    assert mlp.fused_activation and type(mlp.c_fc) is tuned_linear.TunedLinear
+    timed = []
+
+    def fake_timing(fn, device):  # notes whether what was timed applied a GELU (its minimum is -0.17)
+        timed.append(bool(fn().min() >= -0.171))
+        return 1.0
+
+    seen = []
+    real_linear = kernels.linear
+    monkeypatch.setattr(tuned_linear, "per_call_us", fake_timing)
+    monkeypatch.setattr(kernels, "linear", lambda *args, **kwargs: seen.append(kwargs.get("gelu_tanh")) or real_linear(*args, **kwargs))
+    report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),))
+    # c_fc with its GELU and the plain Linear of the same shape are timed apart (c_proj: no GELU)
+    up = [(row["gelu_epilogue"], row["rows"]) for row in report if row["shape"] == (96, 64)]
+    assert sorted(up) == [(False, 1), (False, 16), (True, 1), (True, 16)]
+    assert sorted(seen) == [False] * 4 + [True] * 2
+    # per layer shape and row bucket: the kernel and cuBLAS; both with the GELU for c_fc
+    assert sorted(timed) == [False] * 8 + [True] * 4
+    monkeypatch.setattr(kernels, "linear", real_linear)
+    torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)  # the fused MLP computes the same
+
+
+def test_gelu_epilogue_is_used_only_where_it_gives_the_tanh_gelu(monkeypatch):
+    """cuBLASLt's GELU epilogue (torch._addmm_activation) is checked at load; a wrong one (here the
+    exact GELU, as PyTorch's CPU fallback computes) is not used."""
+    from starchat.model import tuned_linear
+
+    cpu = torch.device("cpu")
+    calls = []
+
+    def epilogue(approximate):
+        def fused(bias, x, weight_t, use_gelu=False):
+            calls.append(x.shape[0])
+            return torch.nn.functional.gelu(torch.addmm(bias, x, weight_t), approximate=approximate)
+        return fused
+
+    weight, bias, x = torch.randn(40, 24), torch.randn(40), torch.randn(2, 3, 24)
+    expected = gelu_tanh_reference(x.double() @ weight.double().T + bias.double())
+    for approximate, accepted in (("none", False), ("tanh", True)):
+        monkeypatch.setattr(torch, "_addmm_activation", epilogue(approximate))
+        monkeypatch.setattr(tuned_linear, "_EPILOGUE_CHECKED", {})
+        assert tuned_linear.check_gelu_epilogue(cpu, torch.float32) is accepted
+        calls.clear()
+        out = tuned_linear.cublas_linear_gelu(x, weight, bias)
+        assert calls == ([6] if accepted else [])  # rows flattened into one product
+        assert out.shape == (2, 3, 40)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.delattr(torch, "_addmm_activation")  # a PyTorch without the private op
+    assert tuned_linear.check_gelu_epilogue(cpu, torch.float32) is False

@@ -47,6 +47,9 @@ def serve_command(
         None, help="Seconds in-flight requests get to finish after SIGTERM; default 30." + _env("shutdown_grace")),
     kv_cache_memory_bytes: Optional[int] = typer.Option(None, help="KV-cache budget; default: sized from the machine."
                                                         + _env("kv_cache_memory_bytes")),
+    max_num_batched_tokens: Optional[int] = typer.Option(
+        None, help="Tokens one engine step computes at most (decodes + prompt chunks); longer prompts are "
+                   "computed in chunks. Default: 512 on a CPU, 2048 on a GPU." + _env("max_num_batched_tokens")),
     quantize: Optional[str] = typer.Option(None, help="int8: weight-only int8 weights (a quarter of float32's memory)."
                                            + _env("quantize")),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error; default AZUREML_LOG_LEVEL or "

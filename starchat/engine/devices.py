@@ -64,6 +64,18 @@ def single_stream_dtype(name: str, device_name: str, stored_dtype: str | None) -
     return stored_dtype
 
 
+def default_batched_tokens(device: torch.device) -> int:
+    """Tokens one engine step computes at most when the user gave no budget.
+
+    A step's time grows with its tokens, and running sequences wait for it: on a CPU, where a
+    prompt token costs about as much as a decoded one, 512 keeps the decode stream moving. A GPU
+    computes a prefill chunk at the cost of reading the weights once up to a few hundred tokens,
+    and a long prompt cut into 512-token chunks pays for attention over a gathered cache per chunk;
+    2048 computes a 2,048-token prompt (or sixteen 128-token ones) in one step.
+    """
+    return 2048 if device.type == "cuda" else 512
+
+
 def default_kv_cache_bytes(device: torch.device, bytes_per_token: int, context_len: int, max_num_seqs: int) -> int:
     """Enough for every sequence at full context if that is small; else a share of free memory."""
     wanted = bytes_per_token * context_len * max_num_seqs

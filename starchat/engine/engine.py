@@ -18,7 +18,7 @@ import torch
 
 from starchat.chat_template import END_TOKEN, ChatTemplate, resolve_system_prompt
 from starchat.config import EngineConfig, ModelConfig
-from starchat.engine.devices import resolve_device, resolve_dtype, default_kv_cache_bytes
+from starchat.engine.devices import default_batched_tokens, default_kv_cache_bytes, resolve_device, resolve_dtype
 from starchat.engine.kv_cache import BlockAllocator, kv_bytes_per_token
 from starchat.engine.request import Request, RequestStatus
 from starchat.engine.runner import ModelRunner
@@ -87,7 +87,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.kv_block_size, self.dtype, self.device, self.tokenizer.eos_token_id)
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.enable_static_decode(config.max_num_seqs, self.max_model_len)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs, config.max_num_batched_tokens)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or default_batched_tokens(self.device)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs,
+                                   self.max_num_batched_tokens)
         self._tracked: dict[str, _Tracked] = {}
         # Tokens recorded but not yet turned into deltas, and deltas made but not yet handed out.
         self._pending: list[tuple[_Tracked, int, object, str | None]] = []

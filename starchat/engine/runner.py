@@ -13,7 +13,7 @@ from starchat.engine.request import Request
 from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput
 from starchat.engine.scheduler import ScheduledBatch
 from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention, triton_support
-from starchat.model.tuned_linear import tune_decode_products
+from starchat.model.tuned_linear import fuse_gelu_into_products, tune_decode_products
 
 
 @dataclass
@@ -39,10 +39,12 @@ class ModelRunner:
         # The Triton decode kernel reads block tables; the CPU kernel and PyTorch path read slot lists.
         self.decode_kernel_reads_tables = (triton_attention.supports(device, dtype)
                                            and triton_support.check_kernels(model.config, dtype, device))
-        # Per weight shape, cuBLAS or the Triton product kernel for decode steps, timed here
-        # (16-bit models: float32 ones are for checking numerics, not speed).
-        self.decode_products = (tune_decode_products(model, dtype) if device.type == "cuda" and dtype != torch.float32
-                                and triton_support.runs_on(device) else [])
+        # On a GPU (16-bit models: float32 ones are for checking numerics, not speed) the MLP's
+        # GELU rides on its first product, and per weight shape cuBLAS or the Triton product
+        # kernel is timed here for decode steps.
+        fast_gpu = device.type == "cuda" and dtype != torch.float32
+        self.fused_gelus = fuse_gelu_into_products(model, dtype) if fast_gpu else 0
+        self.decode_products = tune_decode_products(model, dtype) if fast_gpu and triton_support.runs_on(device) else []
         self.decode_graphs: DecodeGraphs | None = None
 
     def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from starchat.model import native, triton_attention
 
@@ -121,7 +122,10 @@ def paged_attention(
             mask, causal = None, True
         else:
             k_rows, v_rows = (layer_cache[i][chunk.gather_slots].to(query.dtype) for i in (0, 1))  # (L, KVH*D)
-            mask, causal = _chunk_causal_mask(chunk, query.device), False
+            # Token i of the chunk sees cached positions [0, context_len + i]: causality aligned to
+            # the bottom right. As a CausalBias, not a materialized mask, SDPA keeps its flash or
+            # memory-efficient kernel on a GPU (a mask tensor would force a slower one).
+            mask, causal = causal_lower_right(chunk.length, chunk.context_len + chunk.length), False
         k = k_rows.view(1, -1, num_kv_heads, head_dim).transpose(1, 2)  # (1, KVH, L, D)
         v = v_rows.view(1, -1, num_kv_heads, head_dim).transpose(1, 2)
         if group > 1:
@@ -132,9 +136,3 @@ def paged_attention(
         output[rows] = attended.transpose(1, 2).reshape(chunk.length, num_heads * head_dim)
     return output
 
-
-def _chunk_causal_mask(chunk: PrefillChunk, device) -> torch.Tensor:
-    """Token i of the chunk sees cached positions [0, context_len + i]."""
-    query_positions = torch.arange(chunk.context_len, chunk.context_len + chunk.length, device=device)
-    key_positions = torch.arange(chunk.context_len + chunk.length, device=device)
-    return key_positions[None, :] <= query_positions[:, None]  # (n, L) bool

@@ -64,8 +64,14 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
         self.act = activation(config.activation_function)
+        self.gelu_tanh = config.activation_function != "gelu"
+        # Set on a GPU by tuned_linear.fuse_gelu_into_products: c_fc then applies the GELU in its
+        # product's epilogue (no separate pass over the widest activations of the block).
+        self.fused_activation = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.fused_activation:
+            return self.c_proj(self.c_fc(hidden, gelu_tanh=True))
         return self.c_proj(self.act(self.c_fc(hidden)))
 
 

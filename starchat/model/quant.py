@@ -14,6 +14,7 @@ loading, so a 16B model never needs its float weights in memory at once.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +61,22 @@ class Int8Linear(nn.Module):
             module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+        """x @ dequantized weight.T + bias, then the tanh GELU if `gelu_tanh` (in the GPU kernel's
+        epilogue where it runs)."""
+        # The kernel takes CPU tensors only under Triton's interpreter (the tests)
+        on_gpu_path = x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+        kernels = _gpu_kernels() if on_gpu_path else None
+        if kernels is not None and kernels.supports(x):
+            return kernels.linear(x, self.weight, self.scales, self.bias, self.decode_blocks(x), gelu_tanh=gelu_tanh)
         if x.device.type == "cpu":  # PyTorch's CPU products are fastest in float32 (no native kernels here)
             weight = self.weight.float() * self.scales.float()[:, None]
             bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), weight, bias).to(x.dtype)
-        kernels = _gpu_kernels()
-        if kernels is not None and kernels.supports(x):
-            return kernels.linear(x, self.weight, self.scales, self.bias, self.decode_blocks(x))
-        out = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
-        return out + self.bias if self.bias is not None else out
+            out = F.linear(x.float(), weight, bias).to(x.dtype)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+            out = out + self.bias if self.bias is not None else out
+        return F.gelu(out, approximate="tanh") if gelu_tanh else out
 
 
 @functools.lru_cache(maxsize=1)

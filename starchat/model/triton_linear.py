@@ -44,7 +44,7 @@ def supports(x: torch.Tensor) -> bool:
 if triton is not None:
     @triton.jit
     def _weight_product(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
-                        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,6 +64,13 @@ if triton is not None:
             accumulator *= tl.load(scales_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             accumulator += tl.load(bias_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+        if GELU_TANH:
+            # gelu(a) = a/2 (1 + tanh(u)), u = sqrt(2/pi) (a + 0.044715 a^3); tanh from exp(-2|u|),
+            # which cannot overflow
+            u = 0.7978845608028654 * (accumulator + 0.044715 * accumulator * accumulator * accumulator)
+            decay = tl.exp(-2.0 * tl.abs(u))
+            magnitude = (1.0 - decay) / (1.0 + decay)
+            accumulator = 0.5 * accumulator * (1.0 + tl.where(u >= 0, magnitude, -magnitude))
         tl.store(out_ptr + rows[:, None] * stride_out + columns[None, :], accumulator.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & column_ok[None, :])
 
@@ -92,9 +99,10 @@ def block_rows(rows: int) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-           blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x (..., K) @ (weight (N, K) [* scales (N,)[:, None]]).T + bias, in x's dtype. `weight` is
-    int8 with `scales`, or of x's dtype without. Requires `supports(x)`. `blocks` (BLOCK_M,
+           blocks: tuple[int, int, int, int] | None = None, gelu_tanh: bool = False) -> torch.Tensor:
+    """x (..., K) @ (weight (N, K) [* scales (N,)[:, None]]).T + bias, in x's dtype, then the
+    tanh-approximated GELU if `gelu_tanh` (applied to the float32 sums, before rounding). `weight`
+    is int8 with `scales`, or of x's dtype without. Requires `supports(x)`. `blocks` (BLOCK_M,
     BLOCK_N, BLOCK_K, num_warps) overrides the built-in choice (tuning and the benchmarks)."""
     in_features = x.shape[-1]
     out_features = weight.shape[0]
@@ -113,7 +121,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
         unused = out  # pointer arguments the constexpr flags switch off
         _weight_product[grid](rows, weight, scales if quantized else unused, bias if bias is not None else unused, out,
                               rows.shape[0], out_features, in_features, rows.stride(0), weight.stride(0), out.stride(0),
-                              HAS_SCALES=quantized, HAS_BIAS=bias is not None,
+                              HAS_SCALES=quantized, HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh,
                               # float32 activations stay float32 (a TF32 product would round them to 10 bits)
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)

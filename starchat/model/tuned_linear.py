@@ -8,6 +8,11 @@ triton_linear's kernel, each replayed in a CUDA graph as decode steps run them, 
 kernel only where it wins by more than the noise. int8 weights have no cuBLAS product (the
 fallback dequantizes per call), so they only get their best block sizes. Everything else
 (more rows, prefill) stays on cuBLAS.
+
+The MLP's first product can also apply the block's GELU (`fuse_gelu_into_products`): the Triton
+kernel in its epilogue, cuBLAS through cuBLASLt's GELU epilogue (`torch._addmm_activation`),
+which is checked against PyTorch's tanh GELU at load and else replaced by a separate GELU. For
+those layers both sides are timed with the GELU included.
 """
 
 from __future__ import annotations
@@ -38,15 +43,81 @@ def row_bucket(x: torch.Tensor) -> int | None:
 
 class TunedLinear(nn.Linear):
     """An nn.Linear (same parameters) whose decode-sized products run triton_linear's kernel with
-    the block sizes in `tuned` (row bucket -> blocks, or None: cuBLAS)."""
+    the block sizes in `tuned` (row bucket -> blocks, or None: cuBLAS), and which can apply the
+    tanh GELU to its output itself (`gelu_tanh=True`)."""
 
     tuned: dict
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
         blocks = self.tuned.get(row_bucket(x))
-        if blocks is None or not triton_linear.supports(x):
-            return F.linear(x, self.weight, self.bias)
-        return triton_linear.linear(x, self.weight, None, self.bias, blocks)
+        if blocks is not None and triton_linear.supports(x):
+            return triton_linear.linear(x, self.weight, None, self.bias, blocks, gelu_tanh=gelu_tanh)
+        if gelu_tanh:
+            return cublas_linear_gelu(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+# Devices on which torch._addmm_activation was found to apply the tanh GELU (check_gelu_epilogue)
+_EPILOGUE_CHECKED: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def cublas_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gelu_tanh(x @ weight.T + bias): one cuBLASLt call with a GELU epilogue where that was
+    checked on this device and dtype, else the product and a separate GELU."""
+    if bias is not None and _EPILOGUE_CHECKED.get((x.device, x.dtype)):
+        rows = x.reshape(-1, x.shape[-1])
+        return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).reshape(*x.shape[:-1], weight.shape[0])
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def check_gelu_epilogue(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._addmm_activation(use_gelu=True) computes the tanh GELU of the product on
+    `device` at decode and prefill row counts (cuBLASLt's epilogue; PyTorch's own fallbacks may
+    apply the exact GELU, and the op is private). Remembered for cublas_linear_gelu."""
+    ok = hasattr(torch, "_addmm_activation")
+    generator = torch.Generator(device=device).manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator, device=device).to(dtype)
+    bias = torch.randn(96, generator=generator, device=device).to(dtype)
+    for rows in (1, 16, 300):
+        if not ok:
+            break
+        x = torch.randn(rows, 64, generator=generator, device=device).to(dtype)
+        expected = F.gelu(F.linear(x.double(), weight.double(), bias.double()), approximate="tanh")
+        try:
+            fused = torch._addmm_activation(bias, x, weight.t(), use_gelu=True).double()
+        except RuntimeError as error:
+            logger.info("cuBLASLt GELU epilogue unavailable (%s): separate GELU", error)
+            ok = False
+            break
+        # float32 tells the exact GELU from the tanh one (they differ by up to 5e-4); in 16 bits
+        # that difference is below the rounding, and this checks for a GELU of the right product.
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        ok = torch.allclose(fused, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+        if not ok:
+            logger.info("torch._addmm_activation does not give the tanh GELU at %d rows on %s: separate GELU", rows, device)
+    _EPILOGUE_CHECKED[(device, dtype)] = ok
+    return ok
+
+
+def fuse_gelu_into_products(model: nn.Module, dtype: torch.dtype) -> int:
+    """Let every MLP with the tanh GELU apply it in its first product (c_fc becomes TunedLinear, or
+    stays Int8Linear; both take gelu_tanh). Returns how many MLPs now do."""
+    from starchat.model.gpt_bigcode import MLP
+
+    device = next(model.parameters()).device
+    check_gelu_epilogue(device, dtype)
+    fused = 0
+    for mlp in model.modules():
+        if not isinstance(mlp, MLP) or not mlp.gelu_tanh:
+            continue
+        if type(mlp.c_fc) is nn.Linear:
+            mlp.c_fc.__class__ = TunedLinear
+            mlp.c_fc.tuned = {}
+        if isinstance(mlp.c_fc, (TunedLinear, Int8Linear)):
+            mlp.c_fc.gelu_epilogue = True  # tune_decode_products times it with the GELU
+            mlp.fused_activation = True
+            fused += 1
+    return fused
 
 
 def per_call_us(fn, device: torch.device, calls: int = 10, replays: int = 3) -> float:
@@ -87,9 +158,10 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=CANDID
     for module in model.modules():
         if type(module) in (nn.Linear, TunedLinear, Int8Linear):
             weight = module.weight
-            groups[(weight.dtype, *weight.shape, module.bias is not None)].append(module)
+            gelu = getattr(module, "gelu_epilogue", False)
+            groups[(weight.dtype, *weight.shape, module.bias is not None, gelu)].append(module)
     report = []
-    for (weight_dtype, out_features, in_features, _), modules in groups.items():
+    for (weight_dtype, out_features, in_features, _, gelu), modules in groups.items():
         first = modules[0]
         scales = first.scales if isinstance(first, Int8Linear) else None
         device = first.weight.device
@@ -103,16 +175,19 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=CANDID
                 blocks = (triton_linear.block_rows(rows), block_n, block_k, warps)
                 try:
                     timings[blocks] = per_call_us(
-                        lambda: triton_linear.linear(x, first.weight, scales, first.bias, blocks), device)
+                        lambda: triton_linear.linear(x, first.weight, scales, first.bias, blocks, gelu_tanh=gelu), device)
                 except Exception as error:  # a configuration this GPU or Triton rejects: not a candidate
                     logger.debug("tuning %s: blocks %s failed (%s)", tuple(first.weight.shape), blocks, error)
             if not timings:
                 continue
             best = min(timings, key=timings.get)
-            cublas_us = None if scales is not None else per_call_us(lambda: F.linear(x, first.weight, first.bias), device)
+            cublas = (lambda: cublas_linear_gelu(x, first.weight, first.bias)) if gelu else (
+                lambda: F.linear(x, first.weight, first.bias))
+            cublas_us = None if scales is not None else per_call_us(cublas, device)
             wins = cublas_us is None or timings[best] < WIN_MARGIN * cublas_us
             choices[rows] = best if wins else None
             report.append({"shape": (out_features, in_features), "weight_dtype": str(weight_dtype), "rows": rows,
+                           "gelu_epilogue": gelu,
                            "kernel_us": timings[best], "blocks": best, "cublas_us": cublas_us,
                            "chosen": "triton" if wins else "cublas"})
         for module in modules:
@@ -120,6 +195,7 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=CANDID
             if type(module) is nn.Linear and any(choices.values()):
                 module.__class__ = TunedLinear
     for row in report:
-        logger.info("decode product %s x %d rows: %s (kernel %.1f us, cuBLAS %s us)", row["shape"], row["rows"],
-                    row["chosen"], row["kernel_us"], "-" if row["cublas_us"] is None else f"{row['cublas_us']:.1f}")
+        cublas_us = "-" if row["cublas_us"] is None else f"{row['cublas_us']:.1f}"
+        logger.info("decode product %s%s x %d rows: %s (kernel %.1f us, cuBLAS %s us)", row["shape"],
+                    " + GELU" if row["gelu_epilogue"] else "", row["rows"], row["chosen"], row["kernel_us"], cublas_us)
     return report

@@ -43,6 +43,7 @@ class ServerSettings:
     log_level: str = "info"
     log_format: str = "auto"  # auto (text on a terminal, else json) | text | json
     kv_cache_memory_bytes: int | None = None
+    max_num_batched_tokens: int | None = None  # tokens per engine step; default 512 on a CPU, 2048 on a GPU
     quantize: str | None = None  # None | "int8": weight-only int8
 
     # ---- derived ----------------------------------------------------------------------------
@@ -74,7 +75,8 @@ class ServerSettings:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, device=self.device,
                             max_model_len=self.max_total_tokens, max_num_seqs=self.max_concurrent_requests,
-                            kv_cache_memory_bytes=self.kv_cache_memory_bytes, quantize=self.quantize)
+                            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                            max_num_batched_tokens=self.max_num_batched_tokens, quantize=self.quantize)
 
     def validate(self) -> "ServerSettings":
         def positive(name: str, value, allow_zero: bool = False) -> None:
@@ -86,7 +88,7 @@ class ServerSettings:
         if not 0 < self.port < 65536:
             raise SettingsError(f"--port: must be in 1..65535, got {self.port}")
         for name in ("max_concurrent_requests", "max_input_tokens", "max_total_tokens", "max_inputs_per_request",
-                     "request_timeout", "max_body_bytes", "kv_cache_memory_bytes"):
+                     "request_timeout", "max_body_bytes", "kv_cache_memory_bytes", "max_num_batched_tokens"):
             positive(name, getattr(self, name))
         positive("max_queue", self.max_queue, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
@@ -139,7 +141,7 @@ def env_var(name: str) -> str:
 
 def _field_type(name: str):
     if name in ("port", "max_concurrent_requests", "max_queue", "max_input_tokens", "max_total_tokens",
-                "max_inputs_per_request", "max_body_bytes", "kv_cache_memory_bytes"):
+                "max_inputs_per_request", "max_body_bytes", "kv_cache_memory_bytes", "max_num_batched_tokens"):
         return int
     if name in ("request_timeout", "shutdown_grace"):
         return float

@@ -179,10 +179,13 @@ def test_settings_precedence_and_validation(tmp_path):
     assert (settings.port, settings.host, settings.request_timeout, settings.log_level) == (9002, "127.0.0.1", 2.5, "debug")
     assert settings.cors_origins == ("https://a.example", "https://b.example")
     assert ServerSettings.from_sources({}, {**environ, "STARCHAT_REQUEST_TIMEOUT": "7"}).request_timeout == 7
+    budget = ServerSettings.from_sources({}, {"STARCHAT_MAX_NUM_BATCHED_TOKENS": "1024"})
+    assert budget.engine_config().max_num_batched_tokens == 1024
+    assert ServerSettings.from_sources({"max_num_batched_tokens": 256}, {}).engine_config().max_num_batched_tokens == 256
     key_file = tmp_path / "keys"
     key_file.write_text("# rotated keys\nkey-one\nkey-two\n")
     assert ServerSettings(api_key_file=str(key_file)).api_keys() == ["key-one", "key-two"]
-    for bad in ({"port": 0}, {"max_queue": -1}, {"request_timeout": 0}):
+    for bad in ({"port": 0}, {"max_queue": -1}, {"request_timeout": 0}, {"max_num_batched_tokens": 0}):
         with pytest.raises(SettingsError, match=next(iter(bad)).replace("_", "-")):
             ServerSettings.from_sources(bad, {})
     with pytest.raises(SettingsError, match="STARCHAT_PORT"):
