@@ -20,6 +20,22 @@ def test_per_channel_quantization_round_trip():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantization_in_row_slices_equals_the_whole_tensor_formula(dtype, monkeypatch):
+    from starchat.model import quant
+
+    monkeypatch.setattr(quant, "QUANTIZE_ROWS_PER_PASS", 16)  # 100 rows: six full slices and a partial one
+    weight = (torch.randn(100, 40) * torch.linspace(0.01, 3, 100)[:, None]).to(dtype)
+    weight[3] = 0  # an all-zero row keeps a positive scale
+    original = weight.clone()
+    quantized, scales = quantize_per_channel(weight)
+    assert torch.equal(weight, original)  # the input is not divided in place (float32 slices are views)
+    # the formula over the whole tensor at once, in float32
+    expected_scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    expected = torch.round(weight.float() / expected_scales[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(scales, expected_scales) and torch.equal(quantized, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_linear_matches_dequantized_reference(dtype):
     weight, bias, x = torch.randn(48, 32), torch.randn(48), torch.randn(5, 32)
     module = Int8Linear.from_float(weight, bias, dtype)

@@ -23,11 +23,24 @@ from torch import nn
 QUANTIZATION_METHODS = ("int8",)
 
 
+QUANTIZE_ROWS_PER_PASS = 2048  # float32 temporaries of at most 2,048 rows (50 MB at StarChat-beta's width)
+
+
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight (out, in), float32 scales (out,)) with weight ~= int8 * scales[:, None]."""
-    weight = weight.float()
-    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    quantized = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    """(int8 weight (out, in), float32 scales (out,)) with weight ~= int8 * scales[:, None].
+
+    Rows are quantized a slice at a time: a whole float32 copy of StarChat-beta's 49,156-row
+    lm_head, and the temporaries of dividing and rounding it, came to 3.6 GB at the end of a load
+    that must fit in 20 GB of host memory (bench/load_memory.py)."""
+    out_features = weight.shape[0]
+    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(out_features, dtype=torch.float32, device=weight.device)
+    for start in range(0, out_features, QUANTIZE_ROWS_PER_PASS):
+        rows = slice(start, start + QUANTIZE_ROWS_PER_PASS)
+        block = weight[rows].to(torch.float32, copy=True)  # divided in place below: never a view of weight
+        block_scales = block.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        quantized[rows] = torch.round(block.div_(block_scales[:, None])).clamp_(-127, 127)
+        scales[rows] = block_scales
     return quantized, scales
 
 
