@@ -93,3 +93,32 @@ def test_ctranslate2_baseline_decodes_hf_greedy_tokens(tiny_model_dir, tmp_path)
     assert baseline.latency(4, 8, weight_bytes=1).tokens_per_s > 0
     # A type this CPU has no kernels for (bfloat16 without AVX-512 BF16) runs in float32, and says so.
     assert CTranslate2Baseline(converted, threads=2, compute_type="bfloat16").compute_type in ("bfloat16", "float32")
+
+
+def test_quality_comparison_of_a_model_with_itself_and_hf_perplexity(tiny_model_dir):
+    """bench/int8_quality.py's measures: a model against itself agrees everywhere, and its
+    perplexity is HF transformers' exp(loss) on the same windows."""
+    import math
+
+    import torch
+    from transformers import GPTBigCodeForCausalLM as HFModel
+
+    from starchat import LLM
+    from starchat.bench.quality import compare
+
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    generator = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 49152, (40,), generator=generator).tolist() for _ in range(3)]
+    same = compare(llm, llm, windows, prompt_tokens=8, new_tokens=6)
+    assert (same.perplexity_ratio, same.mean_kl, same.max_relative_drift, same.top1_agreement) == (1.0, 0.0, 0.0, 1.0)
+    assert (same.greedy_identical, same.greedy_common_prefix, same.scored_tokens) == (1.0, 6.0, 3 * 39)
+    hf = HFModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        losses = [hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item() for ids in windows]
+    assert same.reference_perplexity == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-4)
+
+    int8 = LLM(str(tiny_model_dir), dtype="float32", device="cpu", quantize="int8", progress=False)
+    drifted = compare(llm, int8, windows, prompt_tokens=8, new_tokens=6)
+    assert 0 < drifted.mean_kl and 0 < drifted.max_relative_drift < 0.2
+    assert drifted.candidate_perplexity != drifted.reference_perplexity == same.reference_perplexity
+    assert 0 <= drifted.greedy_common_prefix <= 6 and 0 <= drifted.greedy_identical <= 1
