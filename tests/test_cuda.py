@@ -195,3 +195,16 @@ def test_prefill_attention_runs_the_flash_kernel_on_the_expanded_kv_head():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             out = F.scaled_dot_product_attention(q, k, v, **bias)
         assert (out.float() - expected).abs().max().item() < 2e-2
+
+
+def test_step_memory_is_measured_before_the_cache_is_sized(checkpoint):
+    from starchat.engine.devices import profile_step_bytes
+
+    llm = LLM(str(checkpoint), dtype="bfloat16", device="cuda", progress=False, max_num_seqs=4)
+    model, device = llm.engine.runner.model, torch.device("cuda")
+    small = profile_step_bytes(model, 16, 4, torch.bfloat16, device)
+    large = profile_step_bytes(model, model.config.n_positions, 4, torch.bfloat16, device)
+    print(f"step memory: 16 tokens {small} bytes, {model.config.n_positions} tokens {large} bytes")
+    assert small is not None and large is not None and 0 < small < large
+    long_prompt = list(range(100, 100 + model.config.n_positions - 8))  # one step of nearly the whole context
+    assert len(llm.generate([long_prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].token_ids) == 4

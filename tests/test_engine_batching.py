@@ -107,3 +107,23 @@ def test_step_token_budget_defaults_by_device(tiny_model_dir):
     assert engine.scheduler.max_num_batched_tokens == default_batched_tokens(torch.device("cpu")) == 512
     # a GPU computes a 2,048-token prompt in one step
     assert default_batched_tokens(torch.device("cuda")) == 2048
+
+
+def test_gpu_cache_budget_keeps_the_measured_step_free(monkeypatch):
+    """The KV-cache budget on a GPU: 85% of free memory less the step's own measured memory (plus
+    a margin for CUDA-graph pools and sampling), 1 GiB where it was not measured, never less than
+    one full context."""
+    from starchat.engine import devices
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))
+    cuda = torch.device("cuda")
+    per_token, context, seqs = 1 << 20, 1000, 100  # all sequences at full context would take 100,000 MiB
+    assert devices.default_kv_cache_bytes(cuda, per_token, context, seqs) == int(20 * gib * 0.85) - gib
+    measured = devices.default_kv_cache_bytes(cuda, per_token, context, seqs, step_bytes=3 * gib)
+    assert measured == int(20 * gib * 0.85) - 3 * gib - devices.GRAPHS_AND_SAMPLER_RESERVE
+    assert devices.default_kv_cache_bytes(cuda, per_token, context, seqs, step_bytes=40 * gib) == per_token * context
+    # small contexts: every sequence at full context, whatever the step needs
+    assert devices.default_kv_cache_bytes(cuda, per_token, 10, 4, step_bytes=3 * gib) == per_token * 10 * 4
+    # only GPU steps are measured
+    assert devices.profile_step_bytes(torch.nn.Linear(2, 2), 2048, 64, torch.float32, torch.device("cpu")) is None

@@ -76,12 +76,20 @@ def default_batched_tokens(device: torch.device) -> int:
     return 2048 if device.type == "cuda" else 512
 
 
-def default_kv_cache_bytes(device: torch.device, bytes_per_token: int, context_len: int, max_num_seqs: int) -> int:
-    """Enough for every sequence at full context if that is small; else a share of free memory."""
+STEP_RESERVE_UNMEASURED = 1 << 30  # a GPU step's own memory when it could not be measured
+GRAPHS_AND_SAMPLER_RESERVE = 256 << 20  # CUDA-graph pools and the sampler's temporaries, beyond a step
+
+
+def default_kv_cache_bytes(device: torch.device, bytes_per_token: int, context_len: int, max_num_seqs: int,
+                           step_bytes: int | None = None) -> int:
+    """Enough for every sequence at full context if that is small; else a share of free memory.
+    On a GPU, what one engine step allocates (`step_bytes`, from profile_step_bytes) is kept free
+    for it, plus a margin; a fixed 1 GiB where it was not measured."""
     wanted = bytes_per_token * context_len * max_num_seqs
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        available = int(free * 0.85) - (1 << 30)  # headroom for activations and logits
+        reserve = STEP_RESERVE_UNMEASURED if step_bytes is None else step_bytes + GRAPHS_AND_SAMPLER_RESERVE
+        available = int(free * 0.85) - reserve
     else:
         available = min(_available_host_memory() // 5, 2 << 30)
     return max(bytes_per_token * context_len, min(wanted, max(available, 0)))
@@ -96,3 +104,38 @@ def _available_host_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def profile_step_bytes(model: torch.nn.Module, tokens: int, logits_rows: int, dtype: torch.dtype,
+                       device: torch.device) -> int | None:
+    """GPU memory that one engine step of `tokens` prompt tokens allocates beyond what is
+    allocated now (activations, attention workspace, `logits_rows` rows of logits and their
+    log-softmax), measured by running one on dummy tokens before the KV cache exists. None where
+    it cannot be measured: not a GPU, or the step failed (the caller then keeps a fixed reserve)."""
+    if device.type != "cuda":
+        return None
+    from starchat.engine.kv_cache import allocate_kv_cache
+    from starchat.model import AttentionMetadata, PrefillChunk
+
+    tokens = max(1, min(tokens, model.config.n_positions))
+    try:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.inference_mode():
+            scratch_cache = allocate_kv_cache(model.config, 1, tokens, dtype, device)  # one block of `tokens` slots
+            metadata = AttentionMetadata(slot_mapping=torch.arange(tokens, device=device), num_decode_tokens=0,
+                                         prefill_chunks=[PrefillChunk(0, tokens, 0, None)])
+            ids = torch.zeros(tokens, dtype=torch.long, device=device)
+            hidden = model(ids, torch.arange(tokens, device=device), metadata, scratch_cache)
+            torch.log_softmax(model.compute_logits(hidden[-logits_rows:]), dim=-1)
+            torch.cuda.synchronize(device)
+        step = torch.cuda.max_memory_allocated(device) - before - scratch_cache.numel() * scratch_cache.element_size()
+    except Exception as error:  # out of memory, or a kernel that fails here: the fixed reserve is used
+        logger.warning("could not measure a %d-token step's GPU memory (%s): keeping %d MiB free for it",
+                       tokens, error, STEP_RESERVE_UNMEASURED >> 20)
+        return None
+    finally:
+        torch.cuda.empty_cache()
+    logger.info("a %d-token step allocates %d MiB of GPU memory beyond the weights", tokens, step >> 20)
+    return max(step, 0)

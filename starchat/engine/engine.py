@@ -18,7 +18,8 @@ import torch
 
 from starchat.chat_template import END_TOKEN, ChatTemplate, resolve_system_prompt
 from starchat.config import EngineConfig, ModelConfig
-from starchat.engine.devices import default_batched_tokens, default_kv_cache_bytes, resolve_device, resolve_dtype
+from starchat.engine.devices import (default_batched_tokens, default_kv_cache_bytes, profile_step_bytes, resolve_device,
+                                     resolve_dtype)
 from starchat.engine.kv_cache import BlockAllocator, kv_bytes_per_token
 from starchat.engine.request import Request, RequestStatus
 from starchat.engine.runner import ModelRunner
@@ -75,7 +76,14 @@ class LLMEngine:
                            load_format=config.load_format)
 
         per_token = kv_bytes_per_token(self.model_config, self.dtype)
-        budget = config.kv_cache_memory_bytes or default_kv_cache_bytes(self.device, per_token, self.model_config.n_positions, config.max_num_seqs)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or default_batched_tokens(self.device)
+        budget = config.kv_cache_memory_bytes
+        if not budget:
+            # On a GPU, the cache takes what is left once the largest step has room to run.
+            step_tokens = max(self.max_num_batched_tokens, config.max_num_seqs)  # as the scheduler counts
+            step_bytes = profile_step_bytes(model, step_tokens, config.max_num_seqs, self.dtype, self.device)
+            budget = default_kv_cache_bytes(self.device, per_token, self.model_config.n_positions, config.max_num_seqs,
+                                            step_bytes)
         num_blocks = max(1, budget // (per_token * config.kv_block_size))
         capacity_tokens = num_blocks * config.kv_block_size
         self.max_model_len = min(config.max_model_len or self.model_config.n_positions, self.model_config.n_positions)
@@ -87,7 +95,6 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.kv_block_size, self.dtype, self.device, self.tokenizer.eos_token_id)
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.enable_static_decode(config.max_num_seqs, self.max_model_len)
-        self.max_num_batched_tokens = config.max_num_batched_tokens or default_batched_tokens(self.device)
         self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs,
                                    self.max_num_batched_tokens)
         self._tracked: dict[str, _Tracked] = {}
