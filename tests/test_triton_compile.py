@@ -97,9 +97,10 @@ def test_weight_product_compiles_within_limits(dtype, rows):
              "out_ptr": f"*{element}"} | {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
     # StarChat-beta's c_attn, MLP up and down projections, lm_head
     for out_features, in_features in ((6400, 6144), (24576, 6144), (6144, 24576), (49152, 6144)):
+        gelu = out_features == 24576  # the up projection applies the GELU
         block_m, block_n, block_k, warps = triton_linear._blocks(rows, out_features, in_features, getattr(torch, dtype))
         constexprs = dict(HAS_SCALES=True, HAS_BIAS=True, PRECISION="ieee" if dtype == "float32" else "tf32", BLOCK_M=block_m,
-                          BLOCK_N=block_n, BLOCK_K=block_k, GELU_TANH=out_features == 24576)  # the up projection + GELU
+                          BLOCK_N=block_n, BLOCK_K=block_k, GELU_TANH=gelu)
         compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps)
         assert compiled.metadata.shared <= SHARED_LIMIT[90]
         assert spilled_bytes(compiled) == 0, (out_features, in_features)

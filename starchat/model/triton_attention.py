@@ -143,9 +143,10 @@ def launch_settings(dtype: torch.dtype, group: int, head_dim: int) -> LaunchSett
     block_d = max(16, triton.next_power_of_2(head_dim))
     # Compiled for sm_90 (Triton 3.9): 4 warps spill registers from 2,048 accumulators up
     # (StarChat's 64 x 128 tile spilled 464 bytes a thread); 8 warps hold them (191 registers), and
-    # 16 its float32 tiles (8 spilled 104 bytes on sm_80).
+    # 16 its float32 tiles (8 spilled 104 bytes on sm_80). Triton 3.6 (the lent GPUs' PyTorch)
+    # also spilled a 1,024-value float32 tile with 4 warps.
     tile = block_g * block_d
-    warps = 4 if tile < 2048 else 16 if dtype == torch.float32 and tile >= 8192 else 8
+    warps = 4 if tile < (1024 if dtype == torch.float32 else 2048) else 16 if dtype == torch.float32 and tile >= 8192 else 8
     return LaunchSettings(dict(BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N // 2 if dtype == torch.float32 else BLOCK_N,
                                # float32 models stay float32 (TF32 would round the scores to 10 bits)
                                PRECISION="ieee" if dtype == torch.float32 else "tf32"), warps)
