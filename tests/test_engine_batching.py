@@ -127,3 +127,12 @@ def test_gpu_cache_budget_keeps_the_measured_step_free(monkeypatch):
     assert devices.default_kv_cache_bytes(cuda, per_token, 10, 4, step_bytes=3 * gib) == per_token * 10 * 4
     # only GPU steps are measured
     assert devices.profile_step_bytes(torch.nn.Linear(2, 2), 2048, 64, torch.float32, torch.device("cpu")) is None
+
+
+def test_the_dummy_step_that_gpu_memory_is_measured_on_runs(tiny_model_dir):
+    from starchat.engine import devices
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu"), progress=False)
+    model, config = engine.runner.model, engine.model_config
+    cache_bytes = devices.run_dummy_step(model, 100, 8, torch.float32, torch.device("cpu"))
+    assert cache_bytes == config.n_layer * 2 * 100 * config.kv_dim * 4

@@ -114,23 +114,14 @@ def profile_step_bytes(model: torch.nn.Module, tokens: int, logits_rows: int, dt
     it cannot be measured: not a GPU, or the step failed (the caller then keeps a fixed reserve)."""
     if device.type != "cuda":
         return None
-    from starchat.engine.kv_cache import allocate_kv_cache
-    from starchat.model import AttentionMetadata, PrefillChunk
-
     tokens = max(1, min(tokens, model.config.n_positions))
     try:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        with torch.inference_mode():
-            scratch_cache = allocate_kv_cache(model.config, 1, tokens, dtype, device)  # one block of `tokens` slots
-            metadata = AttentionMetadata(slot_mapping=torch.arange(tokens, device=device), num_decode_tokens=0,
-                                         prefill_chunks=[PrefillChunk(0, tokens, 0, None)])
-            ids = torch.zeros(tokens, dtype=torch.long, device=device)
-            hidden = model(ids, torch.arange(tokens, device=device), metadata, scratch_cache)
-            torch.log_softmax(model.compute_logits(hidden[-logits_rows:]), dim=-1)
-            torch.cuda.synchronize(device)
-        step = torch.cuda.max_memory_allocated(device) - before - scratch_cache.numel() * scratch_cache.element_size()
+        scratch_cache_bytes = run_dummy_step(model, tokens, logits_rows, dtype, device)
+        torch.cuda.synchronize(device)
+        step = torch.cuda.max_memory_allocated(device) - before - scratch_cache_bytes
     except Exception as error:  # out of memory, or a kernel that fails here: the fixed reserve is used
         logger.warning("could not measure a %d-token step's GPU memory (%s): keeping %d MiB free for it",
                        tokens, error, STEP_RESERVE_UNMEASURED >> 20)
@@ -139,3 +130,21 @@ def profile_step_bytes(model: torch.nn.Module, tokens: int, logits_rows: int, dt
         torch.cuda.empty_cache()
     logger.info("a %d-token step allocates %d MiB of GPU memory beyond the weights", tokens, step >> 20)
     return max(step, 0)
+
+
+@torch.inference_mode()
+def run_dummy_step(model: torch.nn.Module, tokens: int, logits_rows: int, dtype: torch.dtype,
+                   device: torch.device) -> int:
+    """One prompt chunk of `tokens` zero tokens through `model`, with the logits of its last
+    `logits_rows` rows and their log-softmax, as the sampler takes them, into a scratch cache of
+    `tokens` slots; returns that cache's bytes."""
+    from starchat.engine.kv_cache import allocate_kv_cache
+    from starchat.model import AttentionMetadata, PrefillChunk
+
+    scratch_cache = allocate_kv_cache(model.config, 1, tokens, dtype, device)  # one block of `tokens` slots
+    metadata = AttentionMetadata(slot_mapping=torch.arange(tokens, device=device), num_decode_tokens=0,
+                                 prefill_chunks=[PrefillChunk(0, tokens, 0, None)])
+    ids = torch.zeros(tokens, dtype=torch.long, device=device)
+    hidden = model(ids, torch.arange(tokens, device=device), metadata, scratch_cache)
+    torch.log_softmax(model.compute_logits(hidden[-logits_rows:]), dim=-1)
+    return scratch_cache.numel() * scratch_cache.element_size()
