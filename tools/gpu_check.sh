@@ -9,7 +9,7 @@ set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$OUT/gpu.txt" 2>&1
-timeout "${TESTS_TIMEOUT:-145}" python3 -m pytest -q tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
+timeout "${TESTS_TIMEOUT:-145}" python3 -m pytest -v -rfE tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
 echo "test_cuda exit $?" >> "$OUT/test_cuda.txt"
 timeout "${KERNELS_TIMEOUT:-80}" python3 bench/gpu_kernels.py --json "$OUT/gpu_kernels.json" > "$OUT/gpu_kernels.txt" 2>&1
 echo "gpu_kernels exit $?" >> "$OUT/gpu_kernels.txt"
