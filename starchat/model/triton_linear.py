@@ -66,8 +66,8 @@ if triton is not None:
             accumulator += tl.load(bias_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
         if GELU_TANH:
             # gelu(a) = a/2 (1 + tanh(u)) = a / (1 + exp(-2u)), u = sqrt(2/pi) (a + 0.044715 a^3).
-            # The exponent is capped so that it stays finite (a / 5.5e34 is 0 to float32 anyway);
-            # this form keeps the fewest values live beside the tile (Triton 3.6 spilled the tanh form).
+            # The exponent is capped so that it stays finite (where the cap acts, a / (1 + e^80) and
+            # the exact value are both below 1e-30). This form keeps few values live beside the tile.
             u = accumulator * (0.7978845608028654 + 0.035677408136300125 * accumulator * accumulator)
             accumulator = accumulator / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
         tl.store(out_ptr + rows[:, None] * stride_out + columns[None, :], accumulator.to(out_ptr.dtype.element_ty),
