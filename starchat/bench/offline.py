@@ -63,24 +63,16 @@ def interleave(measurements: dict[str, Callable[[], Result]], rounds: int) -> di
 
 
 def whole_sequence_latency(greedy: Callable[[list[int], int], object], new_tokens: int, prompt_len: int,
-                           weight_bytes: int, repeats: int = 3) -> LatencyResult:
-    """Batch-1 figures of a baseline that generates whole sequences (`greedy(prompt_ids, count)`):
-    ms/token from the difference between new_tokens + 1 tokens and 1 (so prefill cancels out),
-    time to first token from one token after a prompt_len-token prompt; medians of `repeats`."""
+                           weight_bytes: int, repeats: int = 3, device: torch.device = torch.device("cpu")) -> LatencyResult:
+    """Batch-1 figures of a side that generates whole sequences (`greedy(prompt_ids, count)`):
+    ms/token from the difference between new_tokens + 1 tokens and 1 (so prefill and the first
+    token cancel out), time to first token from one token after a prompt_len-token prompt;
+    medians of `repeats`, the device synchronized around each."""
     short, long = random_prompts(1, 8)[0], random_prompts(1, prompt_len, seed=1)[0]
-
-    def median_seconds(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     greedy(short, 8)  # warm-up
-    one = median_seconds(lambda: greedy(short, 1))
-    many = median_seconds(lambda: greedy(short, new_tokens + 1))
-    ttft = median_seconds(lambda: greedy(long, 1))
+    one = _median_time(lambda: greedy(short, 1), device, repeats)
+    many = _median_time(lambda: greedy(short, new_tokens + 1), device, repeats)
+    ttft = _median_time(lambda: greedy(long, 1), device, repeats)
     per_token = (many - one) / new_tokens
     return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
 
@@ -213,15 +205,11 @@ def _median_time(fn, device, repeats: int) -> float:
 
 
 def ours_latency(llm: LLM, new_tokens: int, prompt_len: int, repeats: int = 3) -> LatencyResult:
-    device = llm.engine.device
-    short, long = random_prompts(1, 8)[0], random_prompts(1, prompt_len, seed=1)[0]
-    llm.generate([short], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
-    one = _median_time(lambda: llm.generate([short], SamplingParams(max_new_tokens=1, ignore_eos=True)), device, repeats)
-    many = _median_time(lambda: llm.generate([short], SamplingParams(max_new_tokens=new_tokens + 1, ignore_eos=True)), device, repeats)
-    ttft = _median_time(lambda: llm.generate([long], SamplingParams(max_new_tokens=1, ignore_eos=True)), device, repeats)
-    per_token = (many - one) / new_tokens  # decode steps only: the prefill and first token cancel out
-    weight_bytes = weight_bytes_read_per_token(llm.engine.runner.model)
-    return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
+    def greedy(prompt: list[int], count: int):
+        return llm.generate([prompt], SamplingParams(max_new_tokens=count, ignore_eos=True))
+
+    return whole_sequence_latency(greedy, new_tokens, prompt_len, weight_bytes_read_per_token(llm.engine.runner.model),
+                                  repeats, llm.engine.device)
 
 
 def ours_throughput(llm: LLM, num_prompts: int, prompt_len: int, new_tokens: int) -> ThroughputResult:
@@ -252,14 +240,8 @@ class HFBaseline:
                                        pad_token_id=0)
 
     def latency(self, new_tokens: int, prompt_len: int, repeats: int = 3) -> LatencyResult:
-        short, long = random_prompts(1, 8), random_prompts(1, prompt_len, seed=1)
-        self.generate(short, 8)
-        one = _median_time(lambda: self.generate(short, 1), self.device, repeats)
-        many = _median_time(lambda: self.generate(short, new_tokens + 1), self.device, repeats)
-        ttft = _median_time(lambda: self.generate(long, 1), self.device, repeats)
-        per_token = (many - one) / new_tokens
-        weight_bytes = weight_bytes_read_per_token(self.model)
-        return LatencyResult(1e3 * per_token, 1 / per_token, 1e3 * ttft, weight_bytes, weight_bytes / per_token / 1e9)
+        return whole_sequence_latency(lambda prompt, count: self.generate([prompt], count), new_tokens, prompt_len,
+                                      weight_bytes_read_per_token(self.model), repeats, self.device)
 
     def throughput(self, num_prompts: int, prompt_len: int, new_tokens: int) -> ThroughputResult:
         prompts = random_prompts(num_prompts, prompt_len, seed=2)
