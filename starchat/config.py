@@ -45,6 +45,11 @@ class ModelConfig:
         """Width of one cached key (or value) row: all KV heads of one token."""
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def gelu_tanh(self) -> bool:
+        """gelu_pytorch_tanh, gelu_new and gelu_fast are all the tanh approximation; "gelu" is exact."""
+        return self.activation_function != "gelu"
+
     def num_parameters(self) -> int:
         per_layer = (
             2 * self.n_embd  # ln_1

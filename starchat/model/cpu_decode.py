@@ -69,7 +69,7 @@ class FusedCpuDecode:
         self._model = Model(
             layers=len(layers), embed=config.n_embd, inner=config.n_inner, qkv=attention.q_size + 2 * attention.kv_size,
             vocab=self.vocab_size, heads=attention.num_heads, kv_heads=attention.num_kv_heads,
-            head_dim=attention.head_dim, gelu_tanh=int(config.activation_function != "gelu"),
+            head_dim=attention.head_dim, gelu_tanh=int(config.gelu_tanh),
             eps=config.layer_norm_epsilon, scale=attention.scale,
             token_table=token_table, token_type=token_type, token_table_packed=token_packed, token_rows=token_rows,
             position_table=position_table, position_type=position_type, position_rows=position_rows,

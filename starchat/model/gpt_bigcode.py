@@ -18,11 +18,8 @@ from starchat.model import triton_layer_norm
 from starchat.model.attention import AttentionMetadata, paged_attention
 
 
-def activation(name: str):
-    if name == "gelu":
-        return lambda x: F.gelu(x)
-    # gelu_pytorch_tanh, gelu_new and gelu_fast are all the tanh approximation.
-    return lambda x: F.gelu(x, approximate="tanh")
+def activation(config: ModelConfig):
+    return (lambda x: F.gelu(x, approximate="tanh")) if config.gelu_tanh else F.gelu
 
 
 def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +60,8 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
-        self.act = activation(config.activation_function)
-        self.gelu_tanh = config.activation_function != "gelu"
+        self.act = activation(config)
+        self.gelu_tanh = config.gelu_tanh
         # Set on a GPU by tuned_linear.fuse_gelu_into_products: c_fc then applies the GELU in its
         # product's epilogue (no separate pass over the widest activations of the block).
         self.fused_activation = False
