@@ -77,7 +77,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
         """x @ dequantized weight.T + bias, then the tanh GELU if `gelu_tanh` (in the GPU kernel's
         epilogue where it runs)."""
-        # The kernel takes CPU tensors only under Triton's interpreter (the tests)
+        # The kernel takes CPU tensors only under Triton's interpreter (the tests). Read here, not
+        # through triton_support.interpreting(): importing that module imports Triton, slow on CPUs.
         on_gpu_path = x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
         kernels = _gpu_kernels() if on_gpu_path else None
         if kernels is not None and kernels.supports(x):
