@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     llm = LLM(args.model or str(random_checkpoint(args.shape)), dtype=args.dtype, device="cpu", quantize=args.quantize,
-              progress=False)
+              progress=False, enable_prefix_caching=False)
     engine, runner = llm.engine, llm.engine.runner
     model = runner.model
     targets = {"whole step": (engine, "step"), "prepare (prefill steps)": (runner, "prepare"),

@@ -165,7 +165,8 @@ def main() -> None:
             started = time.perf_counter()
             state["llm"] = LLM(str(model_dir), dtype="bfloat16" if device.type == "cuda" else "float32", device=str(device),
                                load_format="random", quantize=quantize, progress=False,
-                               max_num_seqs=max(args.concurrent), max_num_batched_tokens=4096)
+                               max_num_seqs=max(args.concurrent), max_num_batched_tokens=4096,
+                               enable_prefix_caching=False)  # the prefill figure repeats one prompt
             results.setdefault("load_seconds", {})[quantize or "bf16"] = time.perf_counter() - started
             weight_bytes = weight_bytes_read_per_token(state["llm"].engine.runner.model)
             results.setdefault("weight_bytes_per_token", {})[quantize or "bf16"] = weight_bytes

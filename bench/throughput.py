@@ -71,8 +71,10 @@ def main() -> None:
 
 def _measure(args, model_dir: Path, dtype: str, quantize: str | None) -> dict:
     """One dtype's figures, every side loaded at once (they are freed when this returns)."""
+    # Prefix caching off: every prompt token is computed, as by the baselines (a repeated prompt
+    # would otherwise be found cached and its time to first token be that of its last block)
     llm = LLM(str(model_dir), dtype=dtype, device=args.device, progress=False, max_num_seqs=max(64, *args.concurrent),
-              quantize=quantize)
+              quantize=quantize, enable_prefix_caching=False)
     # Every side stays loaded so that the batch-1 figures can be taken in turns (offline.interleave).
     sides = {"ours": lambda: ours_latency(llm, args.new_tokens, args.prompt_len)}
     baseline = hf = None

@@ -181,4 +181,8 @@ class EngineConfig:
     # out one step() later, the tokens are the same
     overlap_host_work: bool | None = None
     load_format: str = "auto"  # auto: the checkpoint's weights; random: seeded random weights of its config (benchmarks)
+    # Reuse the cached keys and values of a prompt's longest already-computed prefix, in whole
+    # cache blocks (engine/kv_cache.py): a shared system prompt or a chat's earlier turns are
+    # computed once
+    enable_prefix_caching: bool = True
     extra: dict = field(default_factory=dict)

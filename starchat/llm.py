@@ -90,4 +90,4 @@ class _Collector:
         last = self.last
         return Completion(text="".join(self.text_parts), token_ids=self.token_ids, finish_reason=last.finish_reason,
                           prompt_token_ids=self.prompt_token_ids, logprobs=self.logprobs,
-                          stop_reason=last.stop_reason, seed=last.seed)
+                          stop_reason=last.stop_reason, seed=last.seed, num_cached_tokens=last.num_cached_tokens)

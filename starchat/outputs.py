@@ -34,6 +34,7 @@ class Completion:
     # The stop string or token id that ended generation, when one did.
     stop_reason: str | int | None = None
     seed: int | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -55,3 +56,4 @@ class StreamDelta:
     num_generated_tokens: int
     stop_reason: str | int | None = None
     seed: int | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache

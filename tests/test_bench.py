@@ -122,3 +122,39 @@ def test_quality_comparison_of_a_model_with_itself_and_hf_perplexity(tiny_model_
     assert 0 < drifted.mean_kl and 0 < drifted.max_relative_drift < 0.2
     assert drifted.candidate_perplexity != drifted.reference_perplexity == same.reference_perplexity
     assert 0 <= drifted.greedy_common_prefix <= 6 and 0 <= drifted.greedy_identical <= 1
+
+
+def test_prefix_cache_scenarios_reuse_the_conversation_and_the_system_prompt(tiny_model_dir):
+    from starchat.bench.offline import random_prompts
+    from starchat.bench.prefix_cache import chat, shared_prefix
+    from starchat.config import EngineConfig
+    from starchat.engine.engine import LLMEngine
+
+    system = random_prompts(1, 40, seed=1)[0]
+    turns = random_prompts(3, 10, seed=2)
+    questions = random_prompts(4, 10, seed=3)
+    results = {}
+    for caching in (True, False):
+        engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu",
+                                        enable_prefix_caching=caching), progress=False)
+        results[caching] = (chat(engine, system, turns, reply_tokens=6), shared_prefix(engine, system, questions, 6))
+    for on, off in zip(*results.values()):
+        assert [r.prompt_tokens for r in on.requests] == [r.prompt_tokens for r in off.requests]
+        assert off.cached_tokens == 0 and all(0 < r.time_to_first_token <= r.total for r in on.requests)
+    (chat_on, burst_on), _ = results.values()
+    # Turn k's prompt holds turn k-1's prompt and reply: its computed whole blocks are found.
+    assert [r.prompt_tokens for r in chat_on.requests] == [50, 66, 82]
+    assert [r.cached_tokens for r in chat_on.requests] == [0, 48, 64]  # (50 + 6 - 1) // 16 * 16, ...
+    assert [r.cached_tokens for r in burst_on.requests] == [32] * 4  # the warm-up's two full blocks
+
+
+def test_speed_benchmarks_compute_every_prompt_token(tiny_model_dir):
+    """`starchat bench` measures computing prompts, as its baselines do: a prompt it repeats (the
+    time-to-first-token figure does) must not be found in the prefix cache."""
+    from starchat.cli.bench import _setup
+    from starchat.sampling_params import SamplingParams
+
+    _, llm, _ = _setup(str(tiny_model_dir), "tiny_starcoder", "float32", "cpu", None, 4)
+    prompt = list(range(1000, 1100))
+    first, second = (llm.generate([prompt], SamplingParams(max_new_tokens=1))[0] for _ in range(2))
+    assert first.num_cached_tokens == second.num_cached_tokens == 0

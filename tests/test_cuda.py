@@ -157,6 +157,20 @@ def test_chunked_prefill_over_cached_context_equals_one_chunk(checkpoint):
     assert greedy(chunked, PROMPTS) == greedy(whole, PROMPTS)
 
 
+def test_prefix_caching_on_gpu_gives_the_tokens_of_computing_everything(checkpoint):
+    """Cached blocks shared by later requests (decodes through CUDA graphs read them by block table)."""
+    system = "# Utilities for reading, validating and writing configuration files in several formats.\n" * 4
+    prompts = [system + question for question in ("def load(path):", "class Schema:", "import json\n")]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    cached = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
+    plain = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, enable_prefix_caching=False)
+    first = cached.generate(prompts[:1], params)
+    rest = cached.generate(prompts[1:], params)
+    assert first[0].num_cached_tokens == 0 and all(c.num_cached_tokens >= 48 for c in rest)
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
+    assert [c.token_ids for c in first + rest] == expected
+
+
 def test_gelu_in_the_mlp_up_projection_on_gpu(checkpoint):
     from starchat.model import triton_linear, tuned_linear
 

@@ -20,7 +20,10 @@ def _setup(model: Optional[str], shape: str, dtype: str, device: str, quantize: 
     from starchat.llm import LLM
 
     model_dir = Path(model) if model else random_checkpoint(shape)
-    llm = LLM(str(model_dir), dtype=dtype, device=device, quantize=quantize, progress=False, max_num_seqs=max_num_seqs)
+    # Prefix caching off: the figures are those of computing every token (the latency figures
+    # repeat one prompt, which would otherwise be found cached), as the HF baseline does.
+    llm = LLM(str(model_dir), dtype=dtype, device=device, quantize=quantize, progress=False, max_num_seqs=max_num_seqs,
+              enable_prefix_caching=False)
     machine = describe_machine(resolve_device(device))
     typer.echo(f"machine: {machine}")
     typer.echo(f"model: {model_dir} dtype {llm.engine.dtype} device {llm.engine.device} quantize {quantize}")

@@ -52,6 +52,10 @@ def serve_command(
                    "computed in chunks. Default: 512 on a CPU, 2048 on a GPU." + _env("max_num_batched_tokens")),
     quantize: Optional[str] = typer.Option(None, help="int8: weight-only int8 weights (a quarter of float32's memory)."
                                            + _env("quantize")),
+    prefix_caching: Optional[bool] = typer.Option(
+        None, "--prefix-caching/--no-prefix-caching",
+        help="Reuse the KV cache of prompts' already-computed prefixes (a shared system prompt, a chat's earlier "
+             "turns); default on." + _env("prefix_caching")),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error; default AZUREML_LOG_LEVEL or "
                                                        "info." + _env("log_level")),
     log_format: Optional[str] = typer.Option(None, help="auto (text on a terminal, else JSON lines), text or json."

@@ -45,6 +45,8 @@ class EngineStats:
     kv_cache_used_blocks: int
     kv_cache_total_blocks: int
     num_preemptions: int
+    prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found there (not computed again)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -96,7 +98,7 @@ class LLMEngine:
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.enable_static_decode(config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs,
-                                   self.max_num_batched_tokens)
+                                   self.max_num_batched_tokens, prefix_caching=config.enable_prefix_caching)
         self._tracked: dict[str, _Tracked] = {}
         # Tokens recorded but not yet turned into deltas, and deltas made but not yet handed out.
         self._pending: list[tuple[_Tracked, int, object, str | None]] = []
@@ -206,8 +208,10 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         allocator = self.scheduler.allocator
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                           allocator.num_used_blocks, allocator.num_blocks, self.scheduler.num_preemptions)
+        scheduler = self.scheduler
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), allocator.num_used_blocks,
+                           allocator.num_blocks, scheduler.num_preemptions, scheduler.prefix_cache_queries,
+                           scheduler.prefix_cache_hits)
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -230,6 +234,12 @@ class LLMEngine:
             request.num_computed_tokens += length
         for request in batch.decodes:
             request.num_computed_tokens += 1
+        if self.scheduler.prefix_caching:
+            register = self.scheduler.register_computed_blocks
+            for request in batch.decodes:
+                register(request)
+            for request, _ in batch.prefills:
+                register(request)
         if sampler_output is not None:
             self._record_tokens(sampling, sampler_output)
         if not self.overlap_host_work:
@@ -299,6 +309,7 @@ class LLMEngine:
             finished=request.finished,
             finish_reason=request.finish_reason,
             num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=request.num_cached_tokens or 0,
             num_generated_tokens=len(request.output_token_ids),
             stop_reason=request.stop_reason,
             seed=request.seed,

@@ -41,6 +41,12 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    # Prefix caching (kv_cache.py): hashes of the sequence's full blocks so far (they depend on
+    # the tokens only, so they outlive a preemption), how many of block_ids are registered, and
+    # the prompt tokens found cached when the request was first admitted.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

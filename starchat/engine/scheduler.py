@@ -5,6 +5,8 @@ then prompt chunks of running requests, then newly admitted requests, each chunk
 the budget has left: a long prompt is prefilled over several steps while the others keep
 decoding. Admission takes cache blocks only for the chunk it computes; when a decode cannot
 get a block, the newest running request is preempted (its blocks freed, to be recomputed).
+With prefix caching, an admitted request first takes the cached blocks of its longest cached
+prefix (kv_cache.py) and computes only the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from starchat.engine.kv_cache import BlockAllocator
+from starchat.engine.kv_cache import BlockAllocator, block_hashes
 from starchat.engine.request import Request, RequestStatus
 
 
@@ -31,13 +33,18 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefix_caching: bool = False):
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Tokens of admitted requests looked up in the prefix cache, and those found there.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -53,6 +60,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.allocator.release(request.block_ids)
+        request.num_registered_blocks = 0
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -90,10 +98,18 @@ class Scheduler:
 
         # 3. Admit waiting requests while budget, batch slots and cache blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting[0]  # new or preempted: nothing computed, no blocks
+            if self.prefix_caching:
+                self._take_cached_prefix(request)
             chunk = min(request.num_pending_tokens, budget)
             if not self.allocator.grow(request.block_ids, request.num_computed_tokens + chunk):
+                self._drop_blocks(request)
                 break
+            if self.prefix_caching:
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += request.num_computed_tokens
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = min(request.num_computed_tokens, len(request.prompt_token_ids))
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -101,10 +117,34 @@ class Scheduler:
             budget -= chunk
         return batch
 
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
+    def _take_cached_prefix(self, request: Request) -> None:
+        # At most num_tokens - 1 tokens come from the cache: the last one is computed to get the
+        # logits of the next, and whole blocks only, so no cached block is ever written to.
+        size = self.allocator.block_size
+        hashes = block_hashes(request.block_hashes, request.token_at, size, (request.num_tokens - 1) // size)
+        request.block_ids = self.allocator.take_cached(hashes)
+        request.num_registered_blocks = len(request.block_ids)
+        request.num_computed_tokens = len(request.block_ids) * size
+
+    def register_computed_blocks(self, request: Request) -> None:
+        """After a step: offer the request's newly completed blocks to later requests."""
+        size = self.allocator.block_size
+        full = request.num_computed_tokens // size
+        if not self.prefix_caching or full <= request.num_registered_blocks:
+            return
+        hashes = block_hashes(request.block_hashes, request.token_at, size, full)
+        for index in range(request.num_registered_blocks, full):
+            self.allocator.register(request.block_ids[index], hashes[index])
+        request.num_registered_blocks = full
+
+    def _drop_blocks(self, request: Request) -> None:
         self.allocator.release(request.block_ids)
         request.num_computed_tokens = 0
+        request.num_registered_blocks = 0
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._drop_blocks(request)
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)

@@ -69,9 +69,17 @@ class _EngineCollector:
         yield _gauge("starchat_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1).", stats.kv_cache_usage)
         yield _gauge("starchat_kv_cache_used_blocks", "KV-cache blocks in use.", stats.kv_cache_used_blocks)
         yield _gauge("starchat_kv_cache_total_blocks", "KV-cache blocks in all.", stats.kv_cache_total_blocks)
-        preemptions = CounterMetricFamily("starchat_num_preemptions", "Sequences preempted for lack of cache.")
-        preemptions.add_metric([], stats.num_preemptions)
-        yield preemptions
+        yield _counter("starchat_num_preemptions", "Sequences preempted for lack of cache.", stats.num_preemptions)
+        yield _counter("starchat_prefix_cache_queries", "Tokens of admitted requests (prompts; and outputs, for "
+                       "preempted ones) looked up in the prefix cache.", stats.prefix_cache_queries)
+        yield _counter("starchat_prefix_cache_hits", "Of those, tokens found in the prefix cache (their keys and "
+                       "values reused, not computed).", stats.prefix_cache_hits)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    counter = CounterMetricFamily(name, documentation)
+    counter.add_metric([], value)
+    return counter
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -270,6 +270,7 @@ class Generated:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     seed: int | None = None
+    num_cached_tokens: int = 0
 
     def add(self, delta: StreamDelta) -> None:
         self.text += delta.text
@@ -280,3 +281,4 @@ class Generated:
             self.finish_reason = delta.finish_reason
             self.stop_reason = delta.stop_reason
             self.seed = delta.seed
+            self.num_cached_tokens = delta.num_cached_tokens

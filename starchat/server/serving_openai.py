@@ -78,9 +78,10 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """`cached_tokens`: prompt tokens the prefix cache had computed before (OpenAI's name)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _stream_error(error: Exception, ctx: ServingContext) -> str:
@@ -149,9 +150,11 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
         logprobs = _completion_logprobs(result.logprobs, len(echo)) if body.logprobs is not None else None
         choices.append({"index": index, "text": echo + result.text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
+    # n samples of a prompt count it once, with the cached tokens of its first sample
     prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs[:: body.n])
+    cached_tokens = sum(result.num_cached_tokens for result in results[:: body.n])
     return {"id": response_id, "object": "text_completion", "created": created, "model": ctx.model_name,
-            "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results))}
+            "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results), cached_tokens)}
 
 
 async def _completion_events(ctx: ServingContext, body: CompletionRequest, jobs: list[Prepared], echoes: list[str],
@@ -161,6 +164,7 @@ async def _completion_events(ctx: ServingContext, body: CompletionRequest, jobs:
     extra = {"usage": None} if include_usage else {}
     offsets = [len(echo) for echo in echoes] if echoes else [0] * len(jobs)
     completion_tokens = 0
+    cached_tokens = [0] * len(jobs)
     try:
         for index, echo in enumerate(echoes):
             yield _sse({**base, "choices": [{"index": index, "text": echo, "logprobs": None, "finish_reason": None}],
@@ -175,12 +179,14 @@ async def _completion_events(ctx: ServingContext, body: CompletionRequest, jobs:
                 continue
             if delta.finished:
                 completion_tokens += delta.num_generated_tokens
+                cached_tokens[index] = delta.num_cached_tokens
             choice = {"index": index, "text": delta.text, "logprobs": logprobs,
                       "finish_reason": delta.finish_reason if delta.finished else None}
             yield _sse({**base, "choices": [choice], **extra})
         if include_usage:
             prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs[:: body.n])
-            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens,
+                                                               sum(cached_tokens[:: body.n]))})
         yield "data: [DONE]\n\n"
     except Exception as error:  # headers are sent: the error travels as an event
         yield _stream_error(error, ctx)
@@ -234,7 +240,8 @@ async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, req
                 "logprobs": _chat_logprobs(result.logprobs) if body.logprobs else None,
                 "finish_reason": result.finish_reason} for index, result in enumerate(results)]
     return {"id": response_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
-            "choices": choices, "usage": _usage(len(job.prompt_token_ids), sum(len(r.token_ids) for r in results))}
+            "choices": choices, "usage": _usage(len(job.prompt_token_ids), sum(len(r.token_ids) for r in results),
+                                                results[0].num_cached_tokens)}
 
 
 async def _chat_events(ctx: ServingContext, body: ChatCompletionRequest, jobs: list[Prepared], response_id: str,
@@ -243,7 +250,7 @@ async def _chat_events(ctx: ServingContext, body: ChatCompletionRequest, jobs: l
     base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
     extra = {"usage": None} if include_usage else {}
     started = [False] * len(jobs)  # the reply is left-stripped: drop whitespace until the first text
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     try:
         for index in range(len(jobs)):
             choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -258,13 +265,16 @@ async def _chat_events(ctx: ServingContext, body: ChatCompletionRequest, jobs: l
             logprobs = _chat_logprobs(delta.logprobs) if body.logprobs and delta.logprobs else None
             if delta.finished:
                 completion_tokens += delta.num_generated_tokens
+                if index == 0:
+                    cached_tokens = delta.num_cached_tokens
             if not (text or delta.finished or logprobs):
                 continue
             choice = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                       "finish_reason": delta.finish_reason if delta.finished else None}
             yield _sse({**base, "choices": [choice], **extra})
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(len(jobs[0].prompt_token_ids), completion_tokens)})
+            yield _sse({**base, "choices": [], "usage": _usage(len(jobs[0].prompt_token_ids), completion_tokens,
+                                                               cached_tokens)})
         yield "data: [DONE]\n\n"
     except Exception as error:
         yield _stream_error(error, ctx)

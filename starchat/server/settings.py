@@ -45,6 +45,7 @@ class ServerSettings:
     kv_cache_memory_bytes: int | None = None
     max_num_batched_tokens: int | None = None  # tokens per engine step; default 512 on a CPU, 2048 on a GPU
     quantize: str | None = None  # None | "int8": weight-only int8
+    prefix_caching: bool = True  # reuse the cache of prompts' already-computed prefixes
 
     # ---- derived ----------------------------------------------------------------------------
 
@@ -76,7 +77,8 @@ class ServerSettings:
         return EngineConfig(model=self.model, dtype=self.dtype, device=self.device,
                             max_model_len=self.max_total_tokens, max_num_seqs=self.max_concurrent_requests,
                             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-                            max_num_batched_tokens=self.max_num_batched_tokens, quantize=self.quantize)
+                            max_num_batched_tokens=self.max_num_batched_tokens, quantize=self.quantize,
+                            enable_prefix_caching=self.prefix_caching)
 
     def validate(self) -> "ServerSettings":
         def positive(name: str, value, allow_zero: bool = False) -> None:
@@ -147,7 +149,19 @@ def _field_type(name: str):
         return float
     if name == "cors_origins":
         return _split_origins
+    if name == "prefix_caching":
+        return boolean
     return str
+
+
+def boolean(text: str) -> bool:
+    """true/false, 1/0, yes/no, on/off."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 def _split_origins(text: str) -> tuple[str, ...]:

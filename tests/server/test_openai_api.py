@@ -6,6 +6,7 @@ import httpx
 import openai
 import pytest
 
+from server_harness import metric_value
 from starchat.chat_template import fim_prompt
 
 
@@ -95,6 +96,40 @@ def test_chat_streamed_equals_whole_and_logprobs(client):
                                                    logprobs=True, top_logprobs=2)
     content = with_logprobs.choices[0].logprobs.content
     assert len(content) == 3 and all(len(entry.top_logprobs) == 2 for entry in content)
+
+
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, server):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: a system prompt sent again is reused in
+    whole cache blocks, and /metrics counts the tokens looked up and found."""
+    system = "You answer questions about Python packaging, briefly and with one example each. " * 4
+    metrics = lambda: httpx.get(server.url + "/metrics").text  # noqa: E731
+    hits_before = metric_value(metrics(), "starchat_prefix_cache_hits_total")
+    queries_before = metric_value(metrics(), "starchat_prefix_cache_queries_total")
+    turns = []
+    for question in ("What is a wheel?", "What is an sdist?"):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        turns.append((whole.usage, chunks[-1].usage))
+    (first, first_streamed), (second, second_streamed) = turns
+    engine = server.ctx.engine.engine
+    block = engine.config.kv_block_size
+    shared = len(engine.tokenizer.encode("<|system|>\n" + system))
+    assert first.prompt_tokens_details.cached_tokens == 0 or first.prompt_tokens_details.cached_tokens % block == 0
+    # The streamed request repeats the whole prompt: all of it but the last partial block and token.
+    assert first_streamed.prompt_tokens_details.cached_tokens == (first.prompt_tokens - 1) // block * block
+    assert second.prompt_tokens_details.cached_tokens >= shared // block * block - block
+    assert 0 < second.prompt_tokens_details.cached_tokens < second.prompt_tokens
+    assert second_streamed.prompt_tokens_details.cached_tokens == (second.prompt_tokens - 1) // block * block
+    completion = client.completions.create(model="tiny", prompt=system, max_tokens=2, temperature=0)
+    assert completion.usage.prompt_tokens_details.cached_tokens is not None
+    text = metrics()
+    found = sum(usage.prompt_tokens_details.cached_tokens for pair in turns for usage in pair)
+    found += completion.usage.prompt_tokens_details.cached_tokens
+    assert metric_value(text, "starchat_prefix_cache_hits_total") - hits_before == found
+    assert metric_value(text, "starchat_prefix_cache_queries_total") - queries_before == (
+        sum(usage.prompt_tokens for pair in turns for usage in pair) + completion.usage.prompt_tokens)
 
 
 @pytest.mark.parametrize("kwargs, param", [

@@ -31,7 +31,8 @@ def test_health_and_metrics(server):
     for name in ("starchat_http_requests_total", "starchat_time_to_first_token_seconds_bucket",
                  "starchat_inter_token_latency_seconds_bucket", "starchat_e2e_request_latency_seconds_bucket",
                  "starchat_prompt_tokens_total", "starchat_generation_tokens_total", "starchat_num_requests_running",
-                 "starchat_num_requests_waiting", "starchat_kv_cache_usage_ratio"):
+                 "starchat_num_requests_waiting", "starchat_kv_cache_usage_ratio", "starchat_prefix_cache_queries_total",
+                 "starchat_prefix_cache_hits_total"):
         assert name in text, name
     assert metric_value(text, "starchat_http_requests_total",
                         'method="POST",route="/v1/completions",status="200"') >= 1
@@ -182,6 +183,11 @@ def test_settings_precedence_and_validation(tmp_path):
     budget = ServerSettings.from_sources({}, {"STARCHAT_MAX_NUM_BATCHED_TOKENS": "1024"})
     assert budget.engine_config().max_num_batched_tokens == 1024
     assert ServerSettings.from_sources({"max_num_batched_tokens": 256}, {}).engine_config().max_num_batched_tokens == 256
+    assert ServerSettings().engine_config().enable_prefix_caching
+    assert not ServerSettings.from_sources({}, {"STARCHAT_PREFIX_CACHING": "false"}).engine_config().enable_prefix_caching
+    assert not ServerSettings.from_sources({"prefix_caching": False}, {"STARCHAT_PREFIX_CACHING": "1"}).prefix_caching
+    with pytest.raises(SettingsError, match="STARCHAT_PREFIX_CACHING='maybe': not a valid boolean"):
+        ServerSettings.from_sources({}, {"STARCHAT_PREFIX_CACHING": "maybe"})
     key_file = tmp_path / "keys"
     key_file.write_text("# rotated keys\nkey-one\nkey-two\n")
     assert ServerSettings(api_key_file=str(key_file)).api_keys() == ["key-one", "key-two"]

@@ -29,7 +29,7 @@ def serve_process(tiny_model_dir):
     port = _free_port()
     command = [sys.executable, "-m", "starchat.cli.serve", "--model", str(tiny_model_dir), "--port", str(port),
                "--served-model-name", "tiny", "--kv-cache-memory-bytes", str(1 << 20), "--device", "cpu",
-               "--log-format", "json", "--shutdown-grace", "20"]
+               "--log-format", "json", "--shutdown-grace", "20", "--no-prefix-caching"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -55,6 +55,10 @@ def serve_process(tiny_model_dir):
 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(serve_process):
     process, url = serve_process
+    # The flags reach the engine: with --no-prefix-caching a prompt sent twice is computed twice.
+    repeated = {"model": "tiny", "prompt": "# a prompt of more than one cache block " * 8, "max_tokens": 1}
+    usages = [httpx.post(url + "/v1/completions", json=repeated, timeout=60).json()["usage"] for _ in range(2)]
+    assert usages[1]["prompt_tokens"] > 32 and usages[1]["prompt_tokens_details"]["cached_tokens"] == 0
     scored: dict = {}
 
     def score() -> None:

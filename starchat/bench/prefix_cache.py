@@ -1,0 +1,94 @@
+"""What prefix caching saves: a multi-turn chat, and requests that share a system prompt.
+
+Both scenarios drive an `LLMEngine` step by step (the scheduler, chunked prefill and the cache as
+the server runs them) and time each request from `add_request` to its first token and to its
+end. Prompts are token ids, so that nothing but the engine is timed.
+
+- chat: each turn's prompt is the previous prompt, the model's reply to it and a new user
+  message, as a chat client re-sends the conversation every turn. Each engine continues its own
+  replies (greedy), so both engines see prompts of the same lengths.
+- shared prefix: one request with the system prompt warms the cache (untimed), then `requests`
+  prompts made of that system prompt and a question each arrive at once.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+from starchat.engine.engine import LLMEngine
+from starchat.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestTiming:
+    prompt_tokens: int
+    cached_tokens: int
+    time_to_first_token: float  # seconds
+    total: float  # seconds, until the last token
+
+
+@dataclass
+class ScenarioResult:
+    requests: list[RequestTiming] = field(default_factory=list)
+    wall: float = 0.0  # seconds for the whole scenario
+
+    @property
+    def mean_time_to_first_token(self) -> float:
+        return statistics.fmean(r.time_to_first_token for r in self.requests)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.requests)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(r.cached_tokens for r in self.requests)
+
+    def summary(self) -> dict:
+        return {"wall_s": self.wall, "mean_time_to_first_token_s": self.mean_time_to_first_token,
+                "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "requests": [asdict(r) for r in self.requests]}
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[RequestTiming], list[list[int]]]:
+    """Submit `prompts` at once, step until all finish; their timings and generated tokens."""
+    start = time.perf_counter()
+    ids = [engine.add_request(prompt, params) for prompt in prompts]
+    first: dict[str, float] = {}
+    done: dict[str, tuple[float, int]] = {}
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in ids}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            now = time.perf_counter() - start
+            if delta.token_ids:
+                first.setdefault(delta.request_id, now)
+                tokens[delta.request_id].extend(delta.token_ids)
+            if delta.finished:
+                done[delta.request_id] = (now, delta.num_cached_tokens)
+    timings = [RequestTiming(len(prompt), done[request_id][1], first[request_id], done[request_id][0])
+               for request_id, prompt in zip(ids, prompts)]
+    return timings, [tokens[request_id] for request_id in ids]
+
+
+def chat(engine: LLMEngine, system: list[int], user_turns: list[list[int]], reply_tokens: int) -> ScenarioResult:
+    params = SamplingParams(max_new_tokens=reply_tokens, ignore_eos=True)
+    result = ScenarioResult()
+    conversation = list(system)
+    start = time.perf_counter()
+    for user in user_turns:
+        conversation += user
+        (timing,), (reply,) = run_requests(engine, [conversation], params)
+        result.requests.append(timing)
+        conversation = conversation + reply
+    result.wall = time.perf_counter() - start
+    return result
+
+
+def shared_prefix(engine: LLMEngine, system: list[int], questions: list[list[int]], reply_tokens: int) -> ScenarioResult:
+    params = SamplingParams(max_new_tokens=reply_tokens, ignore_eos=True)
+    run_requests(engine, [system], SamplingParams(max_new_tokens=1, ignore_eos=True))  # earlier traffic
+    start = time.perf_counter()
+    timings, _ = run_requests(engine, [system + question for question in questions], params)
+    return ScenarioResult(timings, time.perf_counter() - start)
