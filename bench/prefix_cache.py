@@ -1,5 +1,5 @@
 """Prefix caching on against off, in the same run: a multi-turn chat and a burst of requests that
-share a system prompt (scenarios: starchat/bench/prefix_cache.py).
+share a system prompt, seen before (warm) or not (cold) (scenarios: starchat/bench/prefix_cache.py).
 
     python bench/prefix_cache.py [--model DIR | --shape tiny_starcoder] [--dtype bfloat16] [--rounds 3]
                                  [--system-tokens 512] [--turns 6] [--user-tokens 48] [--reply-tokens 32]
@@ -30,6 +30,9 @@ from starchat.config import EngineConfig  # noqa: E402
 from starchat.engine.engine import LLMEngine  # noqa: E402
 
 
+SCENARIOS = ("chat", "shared_prefix", "shared_prefix_cold")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
@@ -56,17 +59,20 @@ def main() -> None:
     rounds = []
     for round_index in range(args.rounds):
         seed = 1000 * (round_index + 1)
-        system = random_prompts(1, args.system_tokens, seed=seed)[0]
+        system, cold_system = random_prompts(2, args.system_tokens, seed=seed)
         turns = random_prompts(args.turns, args.user_tokens, seed=seed + 1)
         questions = random_prompts(args.requests, args.user_tokens, seed=seed + 2)
         measured = {}
         for name, engine in engines.items():
-            measured[name] = {"chat": chat(engine, system, turns, args.reply_tokens).summary(),
-                              "shared_prefix": shared_prefix(engine, system, questions, args.reply_tokens).summary()}
+            measured[name] = {
+                "chat": chat(engine, system, turns, args.reply_tokens).summary(),
+                "shared_prefix": shared_prefix(engine, system, questions, args.reply_tokens).summary(),
+                "shared_prefix_cold": shared_prefix(engine, cold_system, questions, args.reply_tokens, warm=False).summary(),
+            }
         rounds.append(measured)
         print(f"round {round_index + 1}: " + "; ".join(
             f"{scenario}: on {measured['on'][scenario]['wall_s']:.2f} s, off {measured['off'][scenario]['wall_s']:.2f} s"
-            for scenario in ("chat", "shared_prefix")), flush=True)
+            for scenario in SCENARIOS), flush=True)
 
     def median(name: str, scenario: str, key: str) -> float:
         return statistics.median(r[name][scenario][key] for r in rounds)
@@ -75,7 +81,7 @@ def main() -> None:
         return statistics.median(r["off"][scenario][key] / r["on"][scenario][key] for r in rounds)
 
     summary = {}
-    for scenario in ("chat", "shared_prefix"):
+    for scenario in SCENARIOS:
         summary[scenario] = {
             "mean_time_to_first_token_s": {name: median(name, scenario, "mean_time_to_first_token_s") for name in engines},
             "wall_s": {name: median(name, scenario, "wall_s") for name in engines},
@@ -89,7 +95,8 @@ def main() -> None:
     print(f"model: {model} ({args.dtype}, {args.device}); system prompt {args.system_tokens} tokens, "
           f"{args.user_tokens}-token user messages, {args.reply_tokens}-token replies")
     for scenario, figures in summary.items():
-        detail = (f"{args.turns} turns" if scenario == "chat" else f"{args.requests} requests at once")
+        detail = f"{args.turns} turns" if scenario == "chat" else f"{args.requests} requests at once"
+        detail += ", system prompt not seen before" if scenario.endswith("cold") else ""
         print(f"{scenario} ({detail}, {figures['prompt_tokens']} prompt tokens, "
               f"{figures['cached_tokens']['on']} of them cached):")
         ttft, wall = figures["mean_time_to_first_token_s"], figures["wall_s"]

@@ -27,6 +27,13 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from a token's logit once if it occurs in the output so far (presence),
+    # and once per occurrence (frequency); -2..2, 0 = off. Prompt tokens do not count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias): -100..100,
+    # where -100 bans a token and 100 all but forces it.
+    logit_bias: dict[int, float] = field(default_factory=dict)
     do_sample: bool = False
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -46,6 +53,7 @@ class SamplingParams:
         """A copy with `changes` applied; list fields are copied, never shared."""
         changes.setdefault("stop", list(self.stop))
         changes.setdefault("stop_token_ids", list(self.stop_token_ids))
+        changes.setdefault("logit_bias", dict(self.logit_bias))
         return replace(self, **changes)
 
     def validate(self, max_new_tokens_limit: int | None = None) -> "SamplingParams":
@@ -71,6 +79,18 @@ class SamplingParams:
         _check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise SamplingParamsError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise SamplingParamsError(name, f"must be in [-2, 2], got {value}")
+        if not isinstance(self.logit_bias, dict):
+            raise SamplingParamsError("logit_bias", "must map token ids to biases")
+        for token_id, bias in self.logit_bias.items():
+            _check_int("logit_bias", token_id, minimum=0)
+            _check_number("logit_bias", bias)
+            if not -100.0 <= bias <= 100.0:
+                raise SamplingParamsError("logit_bias", f"biases must be in [-100, 100], got {bias} for token {token_id}")
         if not isinstance(self.do_sample, bool):
             raise SamplingParamsError("do_sample", f"must be true or false, got {self.do_sample!r}")
         if self.seed is not None:

@@ -137,15 +137,17 @@ def test_prefix_cache_scenarios_reuse_the_conversation_and_the_system_prompt(tin
     for caching in (True, False):
         engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu",
                                         enable_prefix_caching=caching), progress=False)
-        results[caching] = (chat(engine, system, turns, reply_tokens=6), shared_prefix(engine, system, questions, 6))
+        cold = shared_prefix(engine, random_prompts(1, 40, seed=4)[0], questions, 6, warm=False)
+        results[caching] = (chat(engine, system, turns, reply_tokens=6), shared_prefix(engine, system, questions, 6), cold)
     for on, off in zip(*results.values()):
         assert [r.prompt_tokens for r in on.requests] == [r.prompt_tokens for r in off.requests]
         assert off.cached_tokens == 0 and all(0 < r.time_to_first_token <= r.total for r in on.requests)
-    (chat_on, burst_on), _ = results.values()
+    (chat_on, burst_on, cold_on), _ = results.values()
     # Turn k's prompt holds turn k-1's prompt and reply: its computed whole blocks are found.
     assert [r.prompt_tokens for r in chat_on.requests] == [50, 66, 82]
     assert [r.cached_tokens for r in chat_on.requests] == [0, 48, 64]  # (50 + 6 - 1) // 16 * 16, ...
     assert [r.cached_tokens for r in burst_on.requests] == [32] * 4  # the warm-up's two full blocks
+    assert [r.cached_tokens for r in cold_on.requests] == [0, 32, 32, 32]  # the first one's, in the same step
 
 
 def test_speed_benchmarks_compute_every_prompt_token(tiny_model_dir):

@@ -171,6 +171,51 @@ def test_a_shared_prefix_is_computed_once_and_tokens_equal_hf(tiny_model_dir, re
     assert engine.stats().kv_cache_used_blocks == 0  # cached blocks held by nobody count as free
 
 
+def test_requests_admitted_together_share_what_the_first_computes(tiny_model_dir, reference):
+    """n samples of one prompt (OpenAI's `n`), or a burst of requests with one system prompt:
+    the first request's blocks are registered when its step is scheduled, and the others, admitted
+    in the same step, read them from the cache after that step has written them."""
+    engine, counter = make_engine(tiny_model_dir)
+    system = engine.tokenizer.encode(SYSTEM)
+    same = system + engine.tokenizer.encode(QUESTIONS[0])
+    prompts = {"same-0": same, "same-1": same, "same-2": same,
+               "other": system + engine.tokenizer.encode(QUESTIONS[1])}
+    out = run(engine, prompts)
+    assert engine.stats().num_running == 0
+    whole_blocks = (len(same) - 1) // BLOCK * BLOCK
+    assert [out[key][1].num_cached_tokens for key in prompts] == [0, whole_blocks, whole_blocks,
+                                                                  len(system) // BLOCK * BLOCK]
+    prefill = len(same) + 2 * (len(same) - whole_blocks) + len(prompts["other"]) - len(system) // BLOCK * BLOCK
+    assert counter.computed == prefill + 4 * (GREEDY.max_new_tokens - 1)
+    expected = hf_greedy(reference, same, GREEDY.max_new_tokens)
+    assert out["same-0"][0] == out["same-1"][0] == out["same-2"][0] == expected
+    assert out["other"][0] == hf_greedy(reference, prompts["other"], GREEDY.max_new_tokens)
+
+
+def test_a_failed_step_forgets_the_cache(tiny_model_dir, reference):
+    engine, _ = make_engine(tiny_model_dir)
+    prompt = engine.tokenizer.encode(SYSTEM)
+    run(engine, {"warm": prompt})
+    assert engine.scheduler.allocator.num_cached_blocks > 0
+    launch = engine.runner.launch
+
+    def failing(batch):
+        launch(batch)  # the kernels ran, or some of them: the blocks' contents are unknown
+        raise RuntimeError("device lost")
+
+    engine.runner.launch = failing
+    engine.add_request(prompt + [5], GREEDY, request_id="fails")
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    engine.abort_request("fails")
+    engine.runner.launch = launch
+    allocator = engine.scheduler.allocator
+    assert allocator.num_cached_blocks == 0 and allocator.num_used_blocks == 0
+    again = run(engine, {"again": prompt})["again"]
+    assert again[1].num_cached_tokens == 0
+    assert again[0] == hf_greedy(reference, prompt, GREEDY.max_new_tokens)
+
+
 def test_a_whole_cached_prompt_still_computes_its_last_token(tiny_model_dir, reference):
     engine, counter = make_engine(tiny_model_dir)
     prompt = engine.tokenizer.encode(SYSTEM)[: 3 * BLOCK]  # exactly three blocks

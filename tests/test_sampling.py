@@ -24,6 +24,10 @@ def llm(tiny_model_dir):
     (dict(logprobs=100), "logprobs"),
     (dict(stop=[""]), "stop"),
     (dict(seed=-1), "seed"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(logit_bias={5: 101.0}), "logit_bias"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias"),
 ])
 def test_invalid_parameters_name_the_field(llm, bad, field):
     with pytest.raises(SamplingParamsError) as error:
@@ -37,6 +41,9 @@ def test_engine_level_checks_name_the_field(llm):
     with pytest.raises(SamplingParamsError) as error:
         llm.generate(["def f():"], SamplingParams(stop_token_ids=[10**6]))
     assert error.value.field == "stop_token_ids"
+    with pytest.raises(SamplingParamsError, match="outside the vocabulary") as error:
+        llm.generate(["def f():"], SamplingParams(logit_bias={10**6: 1.0}))
+    assert error.value.field == "logit_bias"
     with pytest.raises(RequestError) as error:
         llm.generate(["\ud800 lone surrogate"], SamplingParams())
     assert error.value.field == "prompt"
@@ -185,3 +192,60 @@ def test_sampler_takes_given_greedy_tokens_only_for_unchanged_logits():
     assert penalised.token_ids == [9, 3]  # 5 / 100 falls below 1: the penalised row chose again
     blocked = Sampler(eos_token_id=3)(logits, [request(min_new_tokens=2), request(min_new_tokens=2)], greedy_tokens=given)
     assert blocked.token_ids == [9, 9]  # the end token is barred before min_new_tokens
+
+
+def openai_reference(reference, prompt_ids: list[int], new_tokens: int, presence: float, frequency: float,
+                     bias: dict[int, float]) -> list[int]:
+    """Greedy decoding written from OpenAI's description of the parameters, on HF transformers'
+    logits: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counts over the tokens
+    generated so far, then logit[j] += bias[j]."""
+    import torch
+
+    ids = list(prompt_ids)
+    generated: list[int] = []
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            logits = reference(torch.tensor([ids])).logits[0, -1].double().tolist()
+        for token in set(generated):
+            count = generated.count(token)
+            logits[token] -= count * frequency + presence
+        for token, value in bias.items():
+            logits[token] += value
+        chosen = max(range(len(logits)), key=logits.__getitem__)
+        generated.append(chosen)
+        ids.append(chosen)
+    return generated
+
+
+@pytest.mark.parametrize("presence, frequency, bias", [
+    (0.0, 2.0, {}),
+    (1.5, 0.0, {}),
+    (-0.5, 0.7, {}),
+    (0.0, 0.0, "ban the first two greedy tokens, favour a third"),
+])
+def test_presence_frequency_and_logit_bias_follow_openai_on_hf_logits(llm, tiny_model_dir, presence, frequency, bias):
+    import torch
+    from transformers import GPTBigCodeForCausalLM as HFModel
+
+    reference = HFModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt = llm.tokenizer.encode("def repeat(items):\n    for item in items:")
+    plain = llm.generate([prompt], SamplingParams(max_new_tokens=24, ignore_eos=True))[0].token_ids
+    if isinstance(bias, str):
+        bias = {plain[0]: -100.0, plain[1]: -100.0, 1234: 3.0}
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, presence_penalty=presence, frequency_penalty=frequency,
+                            logit_bias=bias)
+    ours = llm.generate([prompt], params)[0].token_ids
+    assert ours == openai_reference(reference, prompt, 24, presence, frequency, bias)
+    assert ours != plain  # the parameters did something here (the cases are chosen so)
+    # Alongside other requests in one batch: the same tokens (penalties are per row).
+    batched = llm.generate([prompt, prompt, "x = 1"], [params, SamplingParams(max_new_tokens=24, ignore_eos=True),
+                                                        params])
+    assert batched[0].token_ids == ours and batched[1].token_ids == plain
+
+
+def test_logit_bias_of_100_forces_a_token_and_logprobs_stay_the_models(llm):
+    forced = llm.generate(["def f():"], SamplingParams(max_new_tokens=5, logit_bias={42: 100.0}, logprobs=0))[0]
+    assert forced.token_ids == [42] * 5
+    unbiased = llm.generate(["def f():"], SamplingParams(max_new_tokens=1, logprobs=1))[0]
+    # The reported log-probability of token 42 is the model's, not the biased one (near 0).
+    assert forced.logprobs[0].logprob < unbiased.logprobs[0].logprob

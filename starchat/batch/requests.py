@@ -81,6 +81,9 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
                   top_k=body.get("top_k") or 0,
                   min_new_tokens=body.get("min_tokens") or 0,
                   repetition_penalty=body.get("repetition_penalty") or 1.0,
+                  presence_penalty=body.get("presence_penalty") or 0.0,
+                  frequency_penalty=body.get("frequency_penalty") or 0.0,
+                  logit_bias=_logit_bias(body.get("logit_bias")),
                   seed=body.get("seed"))
     values["do_sample"] = isinstance(values["temperature"], (int, float)) and values["temperature"] > 0
     stop = body.get("stop")
@@ -113,11 +116,6 @@ def _refuse_unsupported(body: dict, url: str) -> None:
             raise RowRequestError(f"body.{name}", "only 1 completion per line is supported; repeat the line instead")
     if body.get("stream"):
         raise RowRequestError("body.stream", "batch lines cannot stream; leave stream out or false")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise RowRequestError(f"body.{name}", "is not supported; use repetition_penalty")
-    if body.get("logit_bias"):
-        raise RowRequestError("body.logit_bias", "is not supported")
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
         raise RowRequestError("body.logprobs", "log-probabilities are not supported in batch output yet")
     if body.get("tools"):
@@ -125,6 +123,15 @@ def _refuse_unsupported(body: dict, url: str) -> None:
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
         raise RowRequestError("body.response_format", "only {\"type\": \"text\"} is supported")
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """OpenAI's {"token id": bias} (JSON keys are strings)."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or not all(isinstance(key, str) and key.strip().isdigit() for key in bias):
+        raise RowRequestError("body.logit_bias", "must map token ids (integers as strings) to biases")
+    return {int(key): value for key, value in bias.items()}
 
 
 def _completion_prompt(prompt):

@@ -7,8 +7,9 @@ end. Prompts are token ids, so that nothing but the engine is timed.
 - chat: each turn's prompt is the previous prompt, the model's reply to it and a new user
   message, as a chat client re-sends the conversation every turn. Each engine continues its own
   replies (greedy), so both engines see prompts of the same lengths.
-- shared prefix: one request with the system prompt warms the cache (untimed), then `requests`
-  prompts made of that system prompt and a question each arrive at once.
+- shared prefix: `requests` prompts made of one system prompt and a question each arrive at
+  once; `warm`: after one request with the system prompt alone (untimed, earlier traffic), else
+  into a cache that has never seen it (the first admitted request computes it for the others).
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ def chat(engine: LLMEngine, system: list[int], user_turns: list[list[int]], repl
     return result
 
 
-def shared_prefix(engine: LLMEngine, system: list[int], questions: list[list[int]], reply_tokens: int) -> ScenarioResult:
+def shared_prefix(engine: LLMEngine, system: list[int], questions: list[list[int]], reply_tokens: int,
+                  warm: bool = True) -> ScenarioResult:
     params = SamplingParams(max_new_tokens=reply_tokens, ignore_eos=True)
-    run_requests(engine, [system], SamplingParams(max_new_tokens=1, ignore_eos=True))  # earlier traffic
+    if warm:
+        run_requests(engine, [system], SamplingParams(max_new_tokens=1, ignore_eos=True))  # earlier traffic
     start = time.perf_counter()
     timings, _ = run_requests(engine, [system + question for question in questions], params)
     return ScenarioResult(timings, time.perf_counter() - start)

@@ -145,6 +145,9 @@ class LLMEngine:
         bad_stop = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
         if bad_stop is not None:
             raise SamplingParamsError("stop_token_ids", f"token id {bad_stop} is outside the vocabulary (0..{vocab - 1})")
+        bad_bias = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
+        if bad_bias is not None:
+            raise SamplingParamsError("logit_bias", f"token id {bad_bias} is outside the vocabulary (0..{vocab - 1})")
         prompt_len = len(prompt_token_ids)
         if prompt_len >= self.max_model_len:
             raise RequestError("prompt", f"{prompt_len} tokens do not fit the context of {self.max_model_len} tokens "
@@ -222,24 +225,23 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return deltas + self._process_outputs()
-        launched = self.runner.launch(batch)
+        try:
+            launched = self.runner.launch(batch)
+        except BaseException:
+            self.scheduler.forget_scheduled_blocks()
+            raise
         if self.overlap_host_work:
             deltas += self._process_outputs()
         try:
             sampling, sampler_output = launched.result()
         except BaseException:
+            self.scheduler.forget_scheduled_blocks()
             self._ready = deltas  # made already: the next step hands them out
             raise
         for request, length in batch.prefills:
             request.num_computed_tokens += length
         for request in batch.decodes:
             request.num_computed_tokens += 1
-        if self.scheduler.prefix_caching:
-            register = self.scheduler.register_computed_blocks
-            for request in batch.decodes:
-                register(request)
-            for request, _ in batch.prefills:
-                register(request)
         if sampler_output is not None:
             self._record_tokens(sampling, sampler_output)
         if not self.overlap_host_work:

@@ -3,10 +3,10 @@
 A request owns a list of blocks; token t of a request lives in slot
 `block_ids[t // block_size] * block_size + t % block_size`.
 
-Prefix caching: a block whose tokens are all computed is registered under a hash of its tokens
-and of every token before it (`block_hashes`); a later request whose prompt starts with the same
-tokens takes those blocks as they are (reference-counted, read-only: a request writes only
-positions past its cached prefix) and computes from there. Keys and values depend on the
+Prefix caching: a block is registered, once a step that fills it is scheduled, under a hash of
+its tokens and of every token before it (`block_hashes`); a later request whose prompt starts with
+the same tokens takes those blocks as they are (reference-counted, read-only: a request writes
+only positions past its cached prefix) and computes from there. Keys and values depend on the
 absolute position, and the hash chain fixes it. A registered block nobody holds stays filled,
 in least-recently-released order, until a block is needed and no empty one is left.
 """
@@ -107,6 +107,13 @@ class BlockAllocator:
             self._holders[block] += 1
             blocks.append(block)
         return blocks
+
+    def forget_cached(self) -> None:
+        """Unregister every block: idle ones become empty, held ones are freed as unregistered."""
+        self._empty.extend(self._idle)
+        self._idle.clear()
+        self._block_of_hash.clear()
+        self._hash_of_block.clear()
 
     def register(self, block: int, block_hash: bytes) -> None:
         """Offer a held, fully computed block for reuse. A block already cached under that hash

@@ -1,4 +1,9 @@
-"""Next-token choice for a whole batch at once: penalties, temperature, top-k, top-p, seeds.
+"""Next-token choice for a whole batch at once: penalties, biases, temperature, top-k, top-p, seeds.
+
+The logits are changed in this order: repetition penalty (HF's, multiplicative), presence and
+frequency penalties (OpenAI's, subtracted), logit biases (added), min_new_tokens (stop tokens
+banned); then greedy argmax, or temperature, top-k, top-p and a draw. Log-probabilities are those
+of the model, before any of it.
 
 Everything is a tensor operation over the batch except drawing the random numbers, which uses
 each request's own generator so that a seed gives the same tokens whatever else is batched.
@@ -68,6 +73,8 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
         logits = self._apply_repetition_penalty(logits, requests)
+        logits = self._apply_output_penalties(logits, requests)
+        logits = self._apply_logit_bias(logits, requests)
         logits = self._apply_min_new_tokens(logits, requests)
 
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
@@ -104,6 +111,33 @@ class Sampler:
         penalised = torch.where(selected < 0, selected * penalty, selected / penalty)
         logits = logits.clone()
         logits[row_index] = logits[row_index].scatter(1, padded, penalised)
+        return logits
+
+    def _apply_output_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(requests) if r.params.presence_penalty or r.params.frequency_penalty]
+        if not rows:
+            return logits
+        device, vocab = logits.device, logits.shape[-1]
+        outputs = [requests[i].output_token_ids for i in rows]
+        width = max(1, max(len(o) for o in outputs))
+        padded = torch.tensor([o + [vocab] * (width - len(o)) for o in outputs], device=device)  # pad: an extra column
+        counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+        counts = counts[:, :vocab]  # (R, V) occurrences of each token in the output so far
+        frequency = torch.tensor([requests[i].params.frequency_penalty for i in rows], device=device)[:, None]
+        presence = torch.tensor([requests[i].params.presence_penalty for i in rows], device=device)[:, None]
+        row_index = torch.tensor(rows, device=device)
+        logits = logits.clone()
+        logits[row_index] -= frequency * counts + presence * (counts > 0)
+        return logits
+
+    def _apply_logit_bias(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [(i, r.params.logit_bias) for i, r in enumerate(requests) if r.params.logit_bias]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i, bias in rows:
+            ids = torch.tensor(list(bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
         return logits
 
     def _apply_min_new_tokens(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

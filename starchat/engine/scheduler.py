@@ -6,7 +6,11 @@ the budget has left: a long prompt is prefilled over several steps while the oth
 decoding. Admission takes cache blocks only for the chunk it computes; when a decode cannot
 get a block, the newest running request is preempted (its blocks freed, to be recomputed).
 With prefix caching, an admitted request first takes the cached blocks of its longest cached
-prefix (kv_cache.py) and computes only the rest.
+prefix (kv_cache.py) and computes only the rest. Blocks are registered when they are scheduled to
+be filled, so a request admitted later in the same step finds them too: in every layer the step
+writes all its new keys and values before any prompt chunk attends (attention.py), and a chunk
+after cached tokens reads them from the cache. (If the step fails, `forget_scheduled_blocks`
+drops the registrations.)
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class Scheduler:
                     break
             else:
                 batch.decodes.append(request)
+                self._register_blocks(request, request.num_tokens)
                 budget -= 1
                 index += 1
                 continue
@@ -94,6 +99,7 @@ class Scheduler:
                 if not self.allocator.grow(request.block_ids, request.num_computed_tokens + chunk):
                     break
                 batch.prefills.append((request, chunk))
+                self._register_blocks(request, request.num_computed_tokens + chunk)
                 budget -= chunk
 
         # 3. Admit waiting requests while budget, batch slots and cache blocks allow.
@@ -114,6 +120,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.prefills.append((request, chunk))
+            self._register_blocks(request, request.num_computed_tokens + chunk)
             budget -= chunk
         return batch
 
@@ -126,16 +133,20 @@ class Scheduler:
         request.num_registered_blocks = len(request.block_ids)
         request.num_computed_tokens = len(request.block_ids) * size
 
-    def register_computed_blocks(self, request: Request) -> None:
-        """After a step: offer the request's newly completed blocks to later requests."""
-        size = self.allocator.block_size
-        full = request.num_computed_tokens // size
+    def _register_blocks(self, request: Request, computed_after_step: int) -> None:
+        """Offer the blocks this step fills to later requests (this step's included)."""
+        full = computed_after_step // self.allocator.block_size
         if not self.prefix_caching or full <= request.num_registered_blocks:
             return
-        hashes = block_hashes(request.block_hashes, request.token_at, size, full)
+        hashes = block_hashes(request.block_hashes, request.token_at, self.allocator.block_size, full)
         for index in range(request.num_registered_blocks, full):
             self.allocator.register(request.block_ids[index], hashes[index])
         request.num_registered_blocks = full
+
+    def forget_scheduled_blocks(self) -> None:
+        """After a failed step: its blocks may hold anything, and which blocks were registered
+        before it does not matter enough to track, so no registered block is offered any more."""
+        self.allocator.forget_cached()
 
     def _drop_blocks(self, request: Request) -> None:
         self.allocator.release(request.block_ids)

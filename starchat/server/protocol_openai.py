@@ -1,8 +1,7 @@
 """OpenAI request bodies (`/v1/completions`, `/v1/chat/completions`), as the `openai` client sends them.
 
-Every OpenAI field is declared; values this server cannot honour (penalties other than 0,
-logit_bias, tools, JSON mode) are refused by name rather than silently ignored, and unknown
-fields are refused too. Extensions in vLLM's style: top_k, repetition_penalty, min_tokens,
+Every OpenAI field is declared; values this server cannot honour (tools, JSON mode) are refused
+by name rather than silently ignored, and unknown fields are refused too. Extensions in vLLM's style: top_k, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids.
 """
 
@@ -35,9 +34,11 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 16 stop sequences.")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported (must be empty).")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Subtracted from the logit of every token "
+                                           "already in the output.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Subtracted from a token's logit once per "
+                                            "occurrence in the output.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias (-100..100) added to its logit.")
     user: str | None = None
     # Extensions (vLLM's names).
     top_k: int | None = Field(None, ge=0, description="Extension: sample among the k most likely tokens (0 = off).")

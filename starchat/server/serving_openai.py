@@ -41,11 +41,9 @@ def _check_common(ctx: ServingContext, body: _SamplingFields, num_prompts: int) 
     if not ctx.accepts_model(body.model):
         raise ApiError(404, f"model: {body.model!r} is not served here; this server serves {ctx.model_name!r}",
                        kind="not_found", field="model", code="model_not_found")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise bad_request(name, "only 0 is supported (use repetition_penalty, an extension, instead)")
-    if body.logit_bias:
-        raise bad_request("logit_bias", "is not supported")
+    for key in body.logit_bias or {}:
+        if not key.strip().isdigit():
+            raise bad_request("logit_bias", f"keys are token ids (integers as strings), got {key!r}")
     if isinstance(body.stop, list) and len(body.stop) > MAX_STOP_SEQUENCES:
         raise bad_request("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(body.stop)}")
     limit = ctx.settings.max_inputs_per_request
@@ -60,6 +58,8 @@ def _params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None)
         max_new_tokens=max_tokens or 16, min_new_tokens=body.min_tokens, temperature=temperature,
         top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias={int(key): bias for key, bias in (body.logit_bias or {}).items()},
         do_sample=temperature > 0, seed=body.seed,
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         stop_token_ids=list(body.stop_token_ids or []), logprobs=logprobs, ignore_eos=body.ignore_eos,

@@ -25,6 +25,10 @@ def openai_lines() -> list[dict]:
         line("echo-1", "/v1/completions", {"prompt": ["import os"], "max_tokens": 3, "temperature": 0, "echo": True}),
         line("fim-1", "/v1/completions", {"prompt": "def f(x):\n    ", "suffix": "\n    return y", "max_tokens": 4,
                                           "temperature": 0, "stop": ["\n\n"]}),
+        line("penalised-1", "/v1/completions", {"prompt": "def f():", "max_tokens": 6, "temperature": 0,
+                                                "frequency_penalty": 1.5, "presence_penalty": 0.5,
+                                                "logit_bias": {"42": 100, "7": -100}}),
+        line("bad-bias", "/v1/completions", {"prompt": "x", "logit_bias": {"forty-two": 1}}),
     ]
 
 
@@ -33,11 +37,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 4, 1)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 5, 2)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 5
+    assert len({line["id"] for line in output}) == 7
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -56,10 +60,16 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     params.stop = ["\n\n"]
     assert fim == reference.generate([fim_prompt("def f(x):\n    ", "\n    return y")], params)[0].text
 
+    penalised = Completion.model_validate(by_id["penalised-1"]["response"]["body"]).choices[0].text
+    params = greedy(6)
+    params.frequency_penalty, params.presence_penalty, params.logit_bias = 1.5, 0.5, {42: 100.0, 7: -100.0}
+    assert penalised == reference.generate(["def f():"], params)[0].text
+    assert "body.logit_bias" in by_id["bad-bias"]["response"]["body"]["error"]["message"]
+
     bad = by_id["bad-n"]
     assert bad["response"]["status_code"] == 400 and "body.n" in bad["response"]["body"]["error"]["message"]
     assert "body.n" in BatchError.model_validate(bad["error"]).message
-    assert [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()] == ["bad-n"]
+    assert [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()] == ["bad-n", "bad-bias"]
 
 
 def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):

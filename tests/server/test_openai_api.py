@@ -132,6 +132,23 @@ def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, server
         sum(usage.prompt_tokens for pair in turns for usage in pair) + completion.usage.prompt_tokens)
 
 
+def test_logit_bias_and_penalties(client, server):
+    token_42 = server.ctx.engine.engine.tokenizer.token_text(42)
+    forced = client.completions.create(model="tiny", prompt="def f():", max_tokens=4, temperature=0,
+                                       logit_bias={"42": 100}, logprobs=0)
+    assert forced.choices[0].logprobs.tokens == [token_42] * 4
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={"42": 100}, logprobs=True)
+    assert [entry.token for entry in chat.choices[0].logprobs.content] == [token_42] * 3
+    plain = client.completions.create(model="tiny", prompt="def f():", max_tokens=24, temperature=0)
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        whole = client.completions.create(model="tiny", prompt="def f():", max_tokens=24, temperature=0, **penalty)
+        chunks = list(client.completions.create(model="tiny", prompt="def f():", max_tokens=24, temperature=0,
+                                                stream=True, **penalty))
+        assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
+        assert whole.choices[0].text != plain.choices[0].text
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"max_tokens": "8"}, "max_tokens"),  # wrong type
     ({"temperature": -1}, "temperature"),  # out of range
@@ -140,7 +157,10 @@ def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, server
     ({"prompt": ""}, "prompt"),  # empty
     ({"extra_body": {"bogus": 1}}, "bogus"),  # unknown field
     ({"echo": True, "logprobs": 1}, "echo"),  # not computable here
-    ({"presence_penalty": 0.5}, "presence_penalty"),  # not supported
+    ({"presence_penalty": 2.5}, "presence_penalty"),  # out of range
+    ({"logit_bias": {"token": 1}}, "logit_bias"),  # keys are token ids
+    ({"logit_bias": {"12": 250}}, "logit_bias"),  # out of range
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),  # outside the vocabulary
     ({"n": 1000}, "n"),  # too many
     ({"extra_body": {"stop_token_ids": [10**9]}}, "stop_token_ids"),  # outside the vocabulary
     ({"min_tokens": 5, "max_tokens": 2, "extra_body": {}}, "min_tokens"),
