@@ -77,6 +77,7 @@ class _Collector:
         self.text_parts: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs = None
+        self.prompt_logprobs = None
         self.last: StreamDelta | None = None
 
     def add(self, delta: StreamDelta) -> None:
@@ -84,10 +85,13 @@ class _Collector:
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.last = delta
 
     def completion(self) -> Completion:
         last = self.last
         return Completion(text="".join(self.text_parts), token_ids=self.token_ids, finish_reason=last.finish_reason,
                           prompt_token_ids=self.prompt_token_ids, logprobs=self.logprobs,
-                          stop_reason=last.stop_reason, seed=last.seed, num_cached_tokens=last.num_cached_tokens)
+                          stop_reason=last.stop_reason, seed=last.seed, num_cached_tokens=last.num_cached_tokens,
+                          prompt_logprobs=self.prompt_logprobs)

@@ -35,6 +35,9 @@ class Completion:
     stop_reason: str | int | None = None
     seed: int | None = None
     num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (None for the first); on a
+    # stream, in the first delta only
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -57,3 +60,6 @@ class StreamDelta:
     stop_reason: str | int | None = None
     seed: int | None = None
     num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (None for the first); on a
+    # stream, in the first delta only
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -39,6 +39,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None
+    # Log-probabilities of the prompt's tokens (each given the tokens before it) with the top-n
+    # alternatives, in the first delta; such a prompt is computed whole (no prefix-cache reuse).
+    prompt_logprobs: int | None = None
     # Benchmarks force a fixed output length; users normally leave this off.
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -109,6 +112,11 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, minimum=0)
             if self.logprobs > self.MAX_LOGPROBS:
                 raise SamplingParamsError("logprobs", f"at most {self.MAX_LOGPROBS} alternatives, got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0)
+            if self.prompt_logprobs > self.MAX_LOGPROBS:
+                raise SamplingParamsError("prompt_logprobs",
+                                          f"at most {self.MAX_LOGPROBS} alternatives, got {self.prompt_logprobs}")
         return self
 
 

@@ -77,6 +77,32 @@ def test_greedy_tokens_and_logprobs_match_hf(checkpoint):
         torch.testing.assert_close(ours_logprobs, hf_logprobs, rtol=1e-4, atol=1e-4)
 
 
+def test_prompt_logprobs_match_hf_in_one_chunk_and_in_many(checkpoint, tmp_path):
+    """Every prompt token's log-probability given the tokens before it, and the top alternatives,
+    equal HF's log-softmax at the position before; a prompt computed in 16-token chunks (each
+    chunk's last row scores the next chunk's first token) gives the same."""
+    reference, ours = checkpoint
+    chunked = LLM(ours.engine.config.model, dtype="float32", device="cpu", progress=False, max_num_batched_tokens=16)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True, prompt_logprobs=3)
+    prompts = [ours.tokenizer.encode(prompt) for prompt in PROMPTS]
+    for llm in (ours, chunked):
+        completions = llm.generate(prompts, params)
+        for ids, completion in zip(prompts, completions):
+            with torch.no_grad():
+                hf = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)  # rows 0..n-2
+            scored = completion.prompt_logprobs
+            assert len(scored) == len(ids) and scored[0] is None
+            assert [entry.token_id for entry in scored[1:]] == ids[1:]
+            expected = hf.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+            torch.testing.assert_close(torch.tensor([entry.logprob for entry in scored[1:]]), expected,
+                                       rtol=1e-4, atol=1e-4)
+            top_values, top_ids = hf.topk(3, dim=-1)
+            assert [[t for t, _, _ in entry.top] for entry in scored[1:]] == top_ids.tolist()
+            ours_top = torch.tensor([[lp for _, _, lp in entry.top] for entry in scored[1:]]).reshape(-1, 3)
+            torch.testing.assert_close(ours_top, top_values, rtol=1e-4, atol=1e-4)
+            assert completion.token_ids == hf_greedy(reference, ids, 2)  # generation goes on as usual
+
+
 def _reshard(source_dir, target_dir, kind: str) -> None:
     """Rewrite a checkpoint as two shards plus an index: `.bin` (torch.save) or `.safetensors`."""
     import json

@@ -124,10 +124,13 @@ def make_engine(model_dir, **options) -> tuple[LLMEngine, TokenCounter]:
 def run(engine: LLMEngine, prompts: dict[str, list[int]], params: SamplingParams = GREEDY) -> dict[str, list]:
     for request_id, prompt in prompts.items():
         engine.add_request(prompt, params, request_id=request_id)
-    out: dict[str, list] = {request_id: [[], None] for request_id in prompts}
+    out: dict[str, list] = {request_id: [[], None, None] for request_id in prompts}  # tokens, last delta, prompt logprobs
     while engine.has_unfinished_requests():
         for delta in engine.step():
             out[delta.request_id][0].extend(delta.token_ids)
+            if delta.prompt_logprobs is not None:
+                assert out[delta.request_id][2] is None  # once
+                out[delta.request_id][2] = delta.prompt_logprobs
             if delta.finished:
                 out[delta.request_id][1] = delta
     return out
@@ -290,3 +293,25 @@ def test_an_admission_that_does_not_fit_gives_its_cached_blocks_back(tiny_model_
     while engine.has_unfinished_requests():
         engine.step()
     assert allocator.num_used_blocks == 0
+
+
+def test_prompt_logprobs_score_every_position_even_when_cached_and_preempted(tiny_model_dir):
+    """A request for prompt log-probabilities computes its whole prompt (a cached prefix has no
+    logits to score with); preempted and recomputed, it still reports each position once."""
+    per_token = 2 * 2 * 16 * 4
+    crowded, _ = make_engine(tiny_model_dir, kv_cache_memory_bytes=per_token * BLOCK * 12, max_num_batched_tokens=32)
+    roomy, _ = make_engine(tiny_model_dir, enable_prefix_caching=False)
+    system = crowded.tokenizer.encode(SYSTEM)
+    scoring = SamplingParams(max_new_tokens=30, ignore_eos=True, prompt_logprobs=1)
+    prompts = {f"{i}": system[:60] + crowded.tokenizer.encode(question) for i, question in enumerate(QUESTIONS)}
+    run(crowded, {"warm": system[:60]})  # the shared part is cached
+    ours = run(crowded, prompts, scoring)
+    expected = run(roomy, prompts, scoring)
+    assert crowded.stats().num_preemptions > 0
+    for key in prompts:
+        delta = ours[key][1]
+        assert delta.num_cached_tokens == 0
+        assert [e.token_id for e in ours[key][2][1:]] == [e.token_id for e in expected[key][2][1:]]
+        torch.testing.assert_close(torch.tensor([e.logprob for e in ours[key][2][1:]]),
+                                   torch.tensor([e.logprob for e in expected[key][2][1:]]), rtol=1e-4, atol=1e-4)
+        assert len(ours[key][2]) == len(prompts[key]) and ours[key][0] == expected[key][0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,6 +60,9 @@ class _Tracked:
     request: Request
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
+    # Prompt log-probabilities by position (when asked for), and whether a delta has carried them
+    prompt_logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
+    prompt_logprobs_sent: bool = False
 
 
 class LLMEngine:
@@ -242,6 +245,10 @@ class LLMEngine:
             request.num_computed_tokens += length
         for request in batch.decodes:
             request.num_computed_tokens += 1
+        for scores in launched.prompt_scores:
+            by_position = self._tracked[scores.request.request_id].prompt_logprobs
+            for position, logprob, alternatives in scores.result():
+                by_position.setdefault(position, (logprob, alternatives))  # a recomputed prompt: the first
         if sampler_output is not None:
             self._record_tokens(sampling, sampler_output)
         if not self.overlap_host_work:
@@ -288,7 +295,11 @@ class LLMEngine:
                 text = tracked.detokenizer.add([token_id])
             if request.finished and not isinstance(request.stop_reason, str):
                 text += tracked.stop_matcher.flush()  # text held back as a possible stop-string start
-            deltas.append(self._delta(request, text, [token_id], token_logprobs))
+            delta = self._delta(request, text, [token_id], token_logprobs)
+            if request.params.prompt_logprobs is not None and not tracked.prompt_logprobs_sent:
+                delta.prompt_logprobs = self._prompt_logprobs(request, tracked.prompt_logprobs)
+                tracked.prompt_logprobs_sent = True
+            deltas.append(delta)
             if request.finished:
                 del self._tracked[request.request_id]
         return deltas
@@ -297,6 +308,11 @@ class LLMEngine:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason.value
         request.stop_reason = stop_reason
+
+    def _prompt_logprobs(self, request: Request, by_position: dict) -> list[TokenLogprob | None]:
+        """One entry per prompt token; the first has nothing before it to be scored on (None)."""
+        prompt = request.prompt_token_ids
+        return [None] + [self._token_logprob(prompt[position], *by_position[position]) for position in range(1, len(prompt))]
 
     def _token_logprob(self, token_id: int, logprob: float, alternatives: list[tuple[int, float]]) -> TokenLogprob:
         text = self.tokenizer.token_text

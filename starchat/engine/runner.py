@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ class StepInputs:
     metadata: AttentionMetadata
     sampling: list[Request]  # requests that get a next token this step, in logits-row order
     logits_rows: torch.Tensor  # (N,) rows of the hidden states whose logits are sampled
+    # (request, first row, first position, count): rows whose logits score the prompt token
+    # after them, for requests that asked for prompt log-probabilities
+    prompt_scoring: list[tuple[Request, int, int, int]]
 
 
 class ModelRunner:
@@ -93,8 +96,14 @@ class ModelRunner:
                                          decode_mask=torch.from_numpy(mask)[:, None, None, :].to(self.device))
 
         chunks: list[PrefillChunk] = []
+        prompt_scoring: list[tuple[Request, int, int, int]] = []
         for request, length in batch.prefills:
             start = request.num_computed_tokens
+            if request.params.prompt_logprobs is not None:
+                # Row of position p scores prompt token p + 1 (the last prompt token is scored by no row).
+                count = min(start + length, len(request.prompt_token_ids) - 1) - start
+                if count > 0:
+                    prompt_scoring.append((request, len(token_ids), start, count))
             all_ids = request.all_token_ids
             chunk_start = len(token_ids)
             token_ids.extend(all_ids[start:start + length])
@@ -121,6 +130,7 @@ class ModelRunner:
             metadata=metadata,
             sampling=sampling,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            prompt_scoring=prompt_scoring,
         )
 
     @torch.inference_mode()
@@ -141,16 +151,44 @@ class ModelRunner:
                 return PendingStep(decodes, self.sampler.launch(logits, decodes, greedy_tokens=greedy))
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
+        scored = [self._score_prompt(hidden, *piece) for piece in inputs.prompt_scoring]
         if not inputs.sampling:
-            return PendingStep(inputs.sampling, None)
+            return PendingStep(inputs.sampling, None, scored)
         logits = self.model.compute_logits(hidden[inputs.logits_rows])  # (N, V)
-        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling))
+        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored)
+
+    def _score_prompt(self, hidden: torch.Tensor, request: Request, row: int, first: int, count: int) -> "PromptScores":
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]), dim=-1)  # (count, V)
+        targets = torch.tensor(request.prompt_token_ids[first + 1:first + 1 + count], device=self.device)
+        chosen = logprobs.gather(1, targets[:, None]).squeeze(1)
+        top_n = request.params.prompt_logprobs
+        top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
+        return PromptScores(request, first + 1, chosen, top_values, top_ids)
+
+
+@dataclass
+class PromptScores:
+    """Log-probabilities of prompt tokens first_position.. of one request, as device tensors."""
+
+    request: Request
+    first_position: int
+    chosen: torch.Tensor  # (count,) log-probability of each prompt token given those before it
+    top_values: torch.Tensor | None  # (count, n) the n most likely tokens at each position
+    top_ids: torch.Tensor | None
+
+    def result(self) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """[(position, logprob, [(token id, logprob)] alternatives)]"""
+        chosen = self.chosen.tolist()
+        values = self.top_values.tolist() if self.top_values is not None else [[]] * len(chosen)
+        ids = self.top_ids.tolist() if self.top_ids is not None else [[]] * len(chosen)
+        return [(self.first_position + i, chosen[i], list(zip(ids[i], values[i]))) for i in range(len(chosen))]
 
 
 @dataclass
 class PendingStep:
     sampling: list[Request]  # requests that get a next token from this step, in row order
     sample: PendingSample | None  # None when no request gets one (prompt chunks only)
+    prompt_scores: list[PromptScores] = field(default_factory=list)
 
     def result(self) -> tuple[list[Request], SamplerOutput | None]:
         """Wait for the step; its requests and their tokens."""

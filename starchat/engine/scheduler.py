@@ -105,13 +105,15 @@ class Scheduler:
         # 3. Admit waiting requests while budget, batch slots and cache blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]  # new or preempted: nothing computed, no blocks
-            if self.prefix_caching:
+            # (a request for prompt log-probabilities computes, and so scores, every position)
+            look_up = self.prefix_caching and request.params.prompt_logprobs is None
+            if look_up:
                 self._take_cached_prefix(request)
             chunk = min(request.num_pending_tokens, budget)
             if not self.allocator.grow(request.block_ids, request.num_computed_tokens + chunk):
                 self._drop_blocks(request)
                 break
-            if self.prefix_caching:
+            if look_up:
                 self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += request.num_computed_tokens
                 if request.num_cached_tokens is None:

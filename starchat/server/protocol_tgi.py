@@ -29,7 +29,8 @@ class TGIParameters(BaseModel):
     details: bool | None = Field(None, description="Return token ids, texts, logprobs, finish reason and seed.")
     return_full_text: bool | None = Field(None, description="Prepend the prompt (default false).")
     top_n_tokens: int | None = Field(None, ge=0, le=20, description="Also return the n most likely tokens.")
-    decoder_input_details: bool | None = Field(None, description="Not supported: prompt log-probabilities.")
+    decoder_input_details: bool | None = Field(None, description="With details: each prompt token and its "
+                                               "log-probability in details.prefill (not when streaming).")
     best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
     typical_p: float | None = Field(None, description="Not supported.")
     watermark: bool | None = Field(None, description="Not supported.")

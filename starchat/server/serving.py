@@ -271,12 +271,15 @@ class Generated:
     stop_reason: str | int | None = None
     seed: int | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, delta: StreamDelta) -> None:
         self.text += delta.text
         self.token_ids += delta.token_ids
         if delta.logprobs:
             self.logprobs += delta.logprobs
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             self.finish_reason = delta.finish_reason
             self.stop_reason = delta.stop_reason

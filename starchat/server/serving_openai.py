@@ -96,14 +96,32 @@ def _stream_error(error: Exception, ctx: ServingContext) -> str:
 # ---- /v1/completions ------------------------------------------------------------------------
 
 
-def _completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict:
-    text_offset = []
+def _completion_logprobs(tokens: list[TokenLogprob], offset: int, prompt: dict | None = None) -> dict:
+    """OpenAI's completion logprobs; `prompt`: the echoed prompt's (`_prompt_logprobs`), first."""
+    out = {key: list(values) for key, values in (prompt or {}).items()} or \
+        {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token in tokens:
-        text_offset.append(offset)
+        out["text_offset"].append(offset)
         offset += len(token.token)
-    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{t.token: t.logprob, **{text: lp for _, text, lp in t.top}} for t in tokens],
-            "text_offset": text_offset}
+        out["tokens"].append(token.token)
+        out["token_logprobs"].append(token.logprob)
+        out["top_logprobs"].append({token.token: token.logprob, **{text: lp for _, text, lp in token.top}})
+    return out
+
+
+def _prompt_logprobs(ctx: ServingContext, prompt_token_ids: list[int], scored: list[TokenLogprob | None]) -> dict:
+    """The prompt's tokens as echoed: the first has no log-probability (None), as OpenAI's."""
+    token_text = ctx.ready_engine().tokenizer.token_text
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token_id, entry in zip(prompt_token_ids, scored):
+        text = token_text(token_id)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(entry.logprob if entry else None)
+        out["top_logprobs"].append({text: entry.logprob, **{t: lp for _, t, lp in entry.top}} if entry else None)
+    return out
 
 
 async def completions(ctx: ServingContext, body: CompletionRequest, request: Request):
@@ -117,12 +135,14 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
     _check_common(ctx, body, len(prompts))
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of", "only best_of equal to n is supported")
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo", "echo with logprobs needs the prompt's log-probabilities, which this server does "
-                                  "not compute; drop one of them")
     if body.suffix is not None and not all(isinstance(p, str) for p in prompts):
         raise bad_request("suffix", "needs text prompts (fill-in-the-middle is built from text)")
+    score_prompt = body.echo and body.logprobs is not None
+    if score_prompt and body.suffix is not None:
+        raise bad_request("echo", "echo with logprobs scores the prompt as given; it cannot be combined with suffix")
     params = _params(body, body.max_tokens, body.logprobs)
+    if score_prompt:  # the echoed prompt comes with its tokens' log-probabilities
+        params.prompt_logprobs = body.logprobs
     names = FieldNames("prompt", {**_ENGINE_NAMES, "max_new_tokens": "max_tokens"})
     jobs: list[Prepared] = []
     echoes: list[str] = []
@@ -147,7 +167,10 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
     choices = []
     for index, result in enumerate(results):
         echo = echoes[index] if body.echo else ""
-        logprobs = _completion_logprobs(result.logprobs, len(echo)) if body.logprobs is not None else None
+        logprobs = None
+        if body.logprobs is not None:
+            prompt = _prompt_logprobs(ctx, jobs[index].prompt_token_ids, result.prompt_logprobs) if body.echo else None
+            logprobs = _completion_logprobs(result.logprobs, len(echo), prompt)
         choices.append({"index": index, "text": echo + result.text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
     # n samples of a prompt count it once, with the cached tokens of its first sample
@@ -165,12 +188,18 @@ async def _completion_events(ctx: ServingContext, body: CompletionRequest, jobs:
     offsets = [len(echo) for echo in echoes] if echoes else [0] * len(jobs)
     completion_tokens = 0
     cached_tokens = [0] * len(jobs)
+    # With logprobs, an echo waits for its prompt's log-probabilities (in the first delta).
+    echo_later = bool(echoes) and body.logprobs is not None
     try:
-        for index, echo in enumerate(echoes):
+        for index, echo in enumerate(echoes if not echo_later else []):
             yield _sse({**base, "choices": [{"index": index, "text": echo, "logprobs": None, "finish_reason": None}],
                         **extra})
         deadline = ctx.deadline(arrival)
         async for index, delta in merge_streams([ctx.stream(job, arrival, deadline) for job in jobs]):
+            if echo_later and delta.prompt_logprobs is not None:
+                prompt = _prompt_logprobs(ctx, jobs[index].prompt_token_ids, delta.prompt_logprobs)
+                choice = {"index": index, "text": echoes[index], "logprobs": prompt, "finish_reason": None}
+                yield _sse({**base, "choices": [choice], **extra})
             logprobs = None
             if body.logprobs is not None and delta.logprobs:
                 logprobs = _completion_logprobs(delta.logprobs, offsets[index])

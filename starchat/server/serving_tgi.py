@@ -66,8 +66,6 @@ def sampling_params(parameters: TGIParameters) -> SamplingParams:
         raise refuse("grammar", "guided generation is not supported")
     if parameters.adapter_id is not None:
         raise refuse("adapter_id", "adapters are not supported")
-    if parameters.decoder_input_details:
-        raise refuse("decoder_input_details", "prompt log-probabilities are not computed by this server")
     stop = list(parameters.stop or [])
     if len(stop) > MAX_STOP_SEQUENCES:
         raise refuse("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stop)}")
@@ -82,6 +80,7 @@ def sampling_params(parameters: TGIParameters) -> SamplingParams:
         repetition_penalty=1.0 if parameters.repetition_penalty is None else parameters.repetition_penalty,
         do_sample=do_sample, seed=parameters.seed, stop=stop,
         logprobs=parameters.top_n_tokens or 0,  # TGI reports every token's logprob
+        prompt_logprobs=0 if parameters.decoder_input_details else None,
     )
 
 
@@ -124,10 +123,11 @@ async def generate(ctx: ServingContext, body: GenerateRequest, request: Request)
         (result,) = await ctx.run_to_completion(request.receive, [job], arrival)
     except RequestTimeout:
         raise timeout_error(ctx) from None
-    return _answer(ctx, body, parameters, result)
+    return _answer(ctx, body, parameters, result, job.prompt_token_ids)
 
 
-def _answer(ctx: ServingContext, body: GenerateRequest, parameters: TGIParameters, result: Generated) -> dict:
+def _answer(ctx: ServingContext, body: GenerateRequest, parameters: TGIParameters, result: Generated,
+            prompt_token_ids: list[int]) -> dict:
     text = body.inputs + result.text if parameters.return_full_text else result.text
     answer: dict = {"generated_text": text}
     if parameters.details:
@@ -137,7 +137,7 @@ def _answer(ctx: ServingContext, body: GenerateRequest, parameters: TGIParameter
             "finish_reason": _finish_reason(result.finish_reason, result.stop_reason),
             "generated_tokens": len(result.token_ids),
             "seed": result.seed,
-            "prefill": [],
+            "prefill": _prefill(ctx, prompt_token_ids, result.prompt_logprobs) if parameters.decoder_input_details else [],
             "tokens": [_token(ctx, token_id, token_text(token_id), lp.logprob if lp else None)
                        for token_id, lp in zip(result.token_ids, logprobs)],
         }
@@ -145,6 +145,13 @@ def _answer(ctx: ServingContext, body: GenerateRequest, parameters: TGIParameter
             details["top_tokens"] = [_top_tokens(ctx, lp) for lp in result.logprobs]
         answer["details"] = details
     return answer
+
+
+def _prefill(ctx: ServingContext, prompt_token_ids: list[int], scored: list[TokenLogprob | None]) -> list[dict]:
+    """TGI's decoder input details: each prompt token with its log-probability (none for the first)."""
+    token_text = ctx.ready_engine().tokenizer.token_text
+    return [{"id": token_id, "text": token_text(token_id), "logprob": entry.logprob if entry else None}
+            for token_id, entry in zip(prompt_token_ids, scored)]
 
 
 def generate_stream(ctx: ServingContext, job: Prepared, body: GenerateRequest, parameters: TGIParameters,
@@ -162,6 +169,8 @@ async def compat(ctx: ServingContext, body, request: Request):
 
 async def stream(ctx: ServingContext, body: GenerateRequest, request: Request) -> EventStreamResponse:
     arrival = time.perf_counter()
+    if body.parameters.decoder_input_details:  # as TGI
+        raise bad_request("parameters.decoder_input_details", "is not supported when streaming tokens", status=422)
     job, parameters = await _prepare(ctx, body)
     return generate_stream(ctx, job, body, parameters, arrival)
 

@@ -8,6 +8,7 @@ import pytest
 
 from server_harness import metric_value
 from starchat.chat_template import fim_prompt
+from starchat.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,41 @@ def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, server
         sum(usage.prompt_tokens for pair in turns for usage in pair) + completion.usage.prompt_tokens)
 
 
+def test_echo_with_logprobs_scores_the_prompt_like_hf(client, tiny_model_dir):
+    """The legacy evaluation request (echo, logprobs, a few tokens): each prompt token's
+    log-probability given those before it, the first None, then the generated tokens'."""
+    import torch
+    from transformers import GPTBigCodeForCausalLM
+
+    prompt = "import os\n\ndef main():\n    print(os.getcwd())"
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    logprobs = whole.choices[0].logprobs
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, logprobs=2)
+    generated = len(plain.choices[0].logprobs.tokens)
+    prompt_tokens = logprobs.tokens[:-generated]
+    assert "".join(prompt_tokens) == prompt and whole.choices[0].text.startswith(prompt)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.tokens[-generated:] == plain.choices[0].logprobs.tokens
+    assert logprobs.token_logprobs[-generated:] == plain.choices[0].logprobs.token_logprobs
+    assert logprobs.text_offset[:3] == [0, len(prompt_tokens[0]), len(prompt_tokens[0]) + len(prompt_tokens[1])]
+    assert logprobs.text_offset[len(prompt_tokens)] == len(prompt)
+    reference = GPTBigCodeForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = Tokenizer.from_dir(tiny_model_dir).encode(prompt)
+    assert len(ids) == len(prompt_tokens) == whole.usage.prompt_tokens
+    with torch.no_grad():
+        hf = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1], dim=-1)
+    expected = hf.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:len(ids)]), expected, rtol=1e-4, atol=1e-4)
+    # Each position: the prompt token and the 2 most likely (it may be one of them).
+    assert all(token in top and len(top) in (2, 3) for token, top in zip(prompt_tokens[1:], logprobs.top_logprobs[1:]))
+    # Streamed: the echo arrives with the prompt's log-probabilities, then the tokens.
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    streamed = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].logprobs]
+    assert streamed[0].text == prompt and streamed[0].logprobs.token_logprobs == logprobs.token_logprobs[:len(ids)]
+    assert "".join(choice.text for choice in streamed) == whole.choices[0].text
+
+
 def test_logit_bias_and_penalties(client, server):
     token_42 = server.ctx.engine.engine.tokenizer.token_text(42)
     forced = client.completions.create(model="tiny", prompt="def f():", max_tokens=4, temperature=0,
@@ -156,7 +192,7 @@ def test_logit_bias_and_penalties(client, server):
     ({"prompt": "word " * 600}, "prompt"),  # longer than the context
     ({"prompt": ""}, "prompt"),  # empty
     ({"extra_body": {"bogus": 1}}, "bogus"),  # unknown field
-    ({"echo": True, "logprobs": 1}, "echo"),  # not computable here
+    ({"echo": True, "logprobs": 1, "suffix": "x"}, "echo"),  # the prompt scored is not the one echoed
     ({"presence_penalty": 2.5}, "presence_penalty"),  # out of range
     ({"logit_bias": {"token": 1}}, "logit_bias"),  # keys are token ids
     ({"logit_bias": {"12": 250}}, "logit_bias"),  # out of range

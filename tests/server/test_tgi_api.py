@@ -53,6 +53,25 @@ def test_generate_routes_full_text_stop_and_top_tokens(server):
     assert isinstance(compat.json(), list) and set(compat.json()[0]) == {"generated_text"}
 
 
+def test_decoder_input_details_score_the_prompt_like_hf(client, tiny_model_dir):
+    import torch
+    from transformers import GPTBigCodeForCausalLM
+
+    output = client.text_generation("def add(a, b):\n    return", details=True, decoder_input_details=True,
+                                    do_sample=False, max_new_tokens=3)
+    prefill = output.details.prefill
+    ids = [token.id for token in prefill]
+    assert prefill[0].logprob is None and len(ids) > 5
+    reference = GPTBigCodeForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1], dim=-1)
+    expected = logprobs.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor([token.logprob for token in prefill[1:]]), expected, rtol=1e-4, atol=1e-4)
+    assert "".join(token.text for token in prefill) == "def add(a, b):\n    return"
+    with pytest.raises(ValidationError, match="decoder_input_details"):  # as TGI: not when streaming
+        list(client.text_generation("x", details=True, decoder_input_details=True, stream=True, max_new_tokens=2))
+
+
 def test_info(server):
     info = httpx.get(server.url + "/info").json()
     assert info["model_id"] == "tiny"
