@@ -185,4 +185,10 @@ class EngineConfig:
     # cache blocks (engine/kv_cache.py): a shared system prompt or a chat's earlier turns are
     # computed once
     enable_prefix_caching: bool = True
+    # Speculative decoding with n-gram drafts from the sequence itself (engine/speculative.py): up
+    # to this many drafted tokens verified per step for greedy requests; 0 = off. Only while at
+    # most `speculative_max_running` requests run (beyond, a step is no longer bound by reading
+    # the weights, and verifying drafts costs compute the batch needs).
+    num_speculative_tokens: int = 0
+    speculative_max_running: int = 4
     extra: dict = field(default_factory=dict)

@@ -25,6 +25,7 @@ from starchat.engine.request import Request, RequestStatus
 from starchat.engine.runner import ModelRunner
 from starchat.errors import FieldError
 from starchat.engine.scheduler import Scheduler
+from starchat.engine.speculative import accepted_tokens
 from starchat.model.loader import load_model, resolve_model_dir
 from starchat.outputs import FinishReason, StreamDelta, TokenLogprob
 from starchat.sampling_params import SamplingParams, SamplingParamsError
@@ -47,6 +48,8 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there (not computed again)
+    spec_decode_draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
+    spec_decode_accepted_tokens: int = 0  # of those, accepted
 
     @property
     def kv_cache_usage(self) -> float:
@@ -101,10 +104,12 @@ class LLMEngine:
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.enable_static_decode(config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs,
-                                   self.max_num_batched_tokens, prefix_caching=config.enable_prefix_caching)
+                                   self.max_num_batched_tokens, prefix_caching=config.enable_prefix_caching,
+                                   num_speculative_tokens=config.num_speculative_tokens,
+                                   speculative_max_running=config.speculative_max_running)
         self._tracked: dict[str, _Tracked] = {}
         # Tokens recorded but not yet turned into deltas, and deltas made but not yet handed out.
-        self._pending: list[tuple[_Tracked, int, object, str | None]] = []
+        self._pending: list[tuple[_Tracked, int, object, str | None, bool]] = []
         self._ready: list[StreamDelta] = []
         # On a GPU a step's kernels run while the host detokenizes the previous step's tokens;
         # on a CPU the same cores do both, so deltas come out in the step that made them.
@@ -217,7 +222,7 @@ class LLMEngine:
         scheduler = self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting), allocator.num_used_blocks,
                            allocator.num_blocks, scheduler.num_preemptions, scheduler.prefix_cache_queries,
-                           scheduler.prefix_cache_hits)
+                           scheduler.prefix_cache_hits, scheduler.num_draft_tokens, scheduler.num_accepted_tokens)
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -231,14 +236,14 @@ class LLMEngine:
         try:
             launched = self.runner.launch(batch)
         except BaseException:
-            self.scheduler.forget_scheduled_blocks()
+            self._step_failed(batch)
             raise
         if self.overlap_host_work:
             deltas += self._process_outputs()
         try:
             sampling, sampler_output = launched.result()
         except BaseException:
-            self.scheduler.forget_scheduled_blocks()
+            self._step_failed(batch)
             self._ready = deltas  # made already: the next step hands them out
             raise
         for request, length in batch.prefills:
@@ -251,9 +256,24 @@ class LLMEngine:
                 by_position.setdefault(position, (logprob, alternatives))  # a recomputed prompt: the first
         if sampler_output is not None:
             self._record_tokens(sampling, sampler_output)
+        for request, targets in zip(launched.verifying, launched.verified_targets()):
+            drafts, request.draft_token_ids = request.draft_token_ids, []
+            tokens = accepted_tokens(drafts, targets)
+            # The last token and the accepted drafts are computed; the model's own next token is not.
+            request.num_computed_tokens += len(tokens)
+            for token_id in tokens:
+                self._record_token(request, token_id, None)
+                if request.finished:
+                    break
+            self.scheduler.record_verified(request, len(drafts), len(tokens) - 1)
         if not self.overlap_host_work:
             deltas += self._process_outputs()
         return deltas
+
+    def _step_failed(self, batch) -> None:
+        self.scheduler.forget_scheduled_blocks()
+        for request in batch.speculative:
+            request.draft_token_ids = []
 
     def _record_tokens(self, sampling: list[Request], sampler_output) -> None:
         """What the next step's scheduling needs, now: each request's new token, and whether it has
@@ -261,29 +281,33 @@ class LLMEngine:
         their text and deltas wait in _pending for _process_outputs. Only requests with stop
         strings are detokenized here, since their text decides whether they go on."""
         for request, token_id, logprob in zip(sampling, sampler_output.token_ids, sampler_output.logprobs):
-            tracked = self._tracked[request.request_id]
-            request.output_token_ids.append(token_id)
-            text = None  # None: still to detokenize
-            if token_id in request.stop_token_ids:
-                self._finish(request, FinishReason.STOP, token_id)
-                text = ""
-            else:
-                if request.params.stop:
-                    text, matched = tracked.stop_matcher.feed(tracked.detokenizer.add([token_id]))
-                    if matched is not None:
-                        self._finish(request, FinishReason.STOP, matched)
-                if not request.finished and (len(request.output_token_ids) >= request.params.max_new_tokens
-                                             or request.num_tokens >= request.max_total_tokens):
-                    self._finish(request, FinishReason.LENGTH, None)
-            if request.finished:
-                self.scheduler.remove(request)
-            self._pending.append((tracked, token_id, logprob, text))
+            self._record_token(request, token_id, logprob)
+
+    def _record_token(self, request: Request, token_id: int, logprob) -> None:
+        tracked = self._tracked[request.request_id]
+        request.output_token_ids.append(token_id)
+        text = None  # None: still to detokenize
+        if token_id in request.stop_token_ids:
+            self._finish(request, FinishReason.STOP, token_id)
+            text = ""
+        else:
+            if request.params.stop:
+                text, matched = tracked.stop_matcher.feed(tracked.detokenizer.add([token_id]))
+                if matched is not None:
+                    self._finish(request, FinishReason.STOP, matched)
+            if not request.finished and (len(request.output_token_ids) >= request.params.max_new_tokens
+                                         or request.num_tokens >= request.max_total_tokens):
+                self._finish(request, FinishReason.LENGTH, None)
+        if request.finished:
+            self.scheduler.remove(request)
+        # `request.finished` now: whether this token ends it (a speculative step records several)
+        self._pending.append((tracked, token_id, logprob, text, request.finished))
 
     def _process_outputs(self) -> list[StreamDelta]:
         """Text and deltas of the recorded tokens (detokenizing, held-back stop-string text, logprobs)."""
         pending, self._pending = self._pending, []
         deltas = []
-        for tracked, token_id, logprob, text in pending:
+        for tracked, token_id, logprob, text, last in pending:
             request = tracked.request
             if self._tracked.get(request.request_id) is not tracked:
                 continue  # cancelled since: its abort delta has been sent
@@ -293,14 +317,14 @@ class LLMEngine:
                 request.output_logprobs.extend(token_logprobs)
             if text is None:
                 text = tracked.detokenizer.add([token_id])
-            if request.finished and not isinstance(request.stop_reason, str):
+            if last and not isinstance(request.stop_reason, str):
                 text += tracked.stop_matcher.flush()  # text held back as a possible stop-string start
-            delta = self._delta(request, text, [token_id], token_logprobs)
+            delta = self._delta(request, text, [token_id], token_logprobs, last)
             if request.params.prompt_logprobs is not None and not tracked.prompt_logprobs_sent:
                 delta.prompt_logprobs = self._prompt_logprobs(request, tracked.prompt_logprobs)
                 tracked.prompt_logprobs_sent = True
             deltas.append(delta)
-            if request.finished:
+            if last:
                 del self._tracked[request.request_id]
         return deltas
 
@@ -318,17 +342,18 @@ class LLMEngine:
         text = self.tokenizer.token_text
         return TokenLogprob(token_id, text(token_id), logprob, [(t, text(t), lp) for t, lp in alternatives])
 
-    def _delta(self, request: Request, text: str, token_ids: list[int], logprobs) -> StreamDelta:
+    def _delta(self, request: Request, text: str, token_ids: list[int], logprobs, last: bool = True) -> StreamDelta:
+        """`last`: the request's final delta (its finish reason goes with it)."""
         return StreamDelta(
             request_id=request.request_id,
             text=text,
             token_ids=token_ids,
             logprobs=logprobs,
-            finished=request.finished,
-            finish_reason=request.finish_reason,
+            finished=last,
+            finish_reason=request.finish_reason if last else None,
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=request.num_cached_tokens or 0,
             num_generated_tokens=len(request.output_token_ids),
-            stop_reason=request.stop_reason,
+            stop_reason=request.stop_reason if last else None,
             seed=request.seed,
         )

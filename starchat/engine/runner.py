@@ -10,7 +10,7 @@ import torch
 from starchat.engine.cuda_graphs import DecodeGraphs
 from starchat.engine.kv_cache import allocate_kv_cache
 from starchat.engine.request import Request
-from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput
+from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput, argmax_rows
 from starchat.engine.scheduler import ScheduledBatch
 from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention, triton_support
 from starchat.model.tuned_linear import fuse_gelu_into_products, tune_decode_products
@@ -26,6 +26,9 @@ class StepInputs:
     # (request, first row, first position, count): rows whose logits score the prompt token
     # after them, for requests that asked for prompt log-probabilities
     prompt_scoring: list[tuple[Request, int, int, int]]
+    # Speculative decodes, in order, and the rows of their last token and drafts, concatenated
+    verifying: list[Request]
+    verify_rows: torch.Tensor
 
 
 class ModelRunner:
@@ -96,6 +99,18 @@ class ModelRunner:
                                          decode_mask=torch.from_numpy(mask)[:, None, None, :].to(self.device))
 
         chunks: list[PrefillChunk] = []
+        verify_rows: list[int] = []
+        for request in batch.speculative:
+            # The last token and its drafts: a chunk after the cached context, every row's logits kept.
+            start, drafts = request.num_computed_tokens, request.draft_token_ids
+            chunk_start = len(token_ids)
+            token_ids.extend([request.token_at(start)] + drafts)
+            positions.extend(range(start, start + 1 + len(drafts)))
+            slot_mapping.extend(self._slots(request, start, start + 1 + len(drafts)))
+            gather = torch.tensor(self._slots(request, 0, start + 1 + len(drafts)), dtype=torch.long, device=self.device)
+            chunks.append(PrefillChunk(chunk_start, 1 + len(drafts), start, gather))
+            verify_rows.extend(range(chunk_start, chunk_start + 1 + len(drafts)))
+
         prompt_scoring: list[tuple[Request, int, int, int]] = []
         for request, length in batch.prefills:
             start = request.num_computed_tokens
@@ -131,12 +146,15 @@ class ModelRunner:
             sampling=sampling,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
             prompt_scoring=prompt_scoring,
+            verifying=list(batch.speculative),
+            verify_rows=torch.tensor(verify_rows, dtype=torch.long, device=self.device),
         )
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> "PendingStep":
         """Queue the step's work and its sampling; on a GPU this returns before they have run."""
-        if batch.decodes and not batch.prefills and (self.decode_graphs is not None or self.model.fused_decode is not None):
+        if (batch.decodes and not batch.prefills and not batch.speculative
+                and (self.decode_graphs is not None or self.model.fused_decode is not None)):
             # A decode-only step: CUDA graphs on a GPU, the one-call native step on a CPU.
             decodes = list(batch.decodes)
             positions = [request.num_computed_tokens for request in decodes]
@@ -152,10 +170,14 @@ class ModelRunner:
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
         scored = [self._score_prompt(hidden, *piece) for piece in inputs.prompt_scoring]
+        verified = None
+        if inputs.verifying:  # greedy choices after the last token and after each draft
+            verified = argmax_rows(self.model.compute_logits(hidden[inputs.verify_rows]))
         if not inputs.sampling:
-            return PendingStep(inputs.sampling, None, scored)
+            return PendingStep(inputs.sampling, None, scored, inputs.verifying, verified)
         logits = self.model.compute_logits(hidden[inputs.logits_rows])  # (N, V)
-        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored)
+        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored, inputs.verifying,
+                           verified)
 
     def _score_prompt(self, hidden: torch.Tensor, request: Request, row: int, first: int, count: int) -> "PromptScores":
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]), dim=-1)  # (count, V)
@@ -189,6 +211,18 @@ class PendingStep:
     sampling: list[Request]  # requests that get a next token from this step, in row order
     sample: PendingSample | None  # None when no request gets one (prompt chunks only)
     prompt_scores: list[PromptScores] = field(default_factory=list)
+    verifying: list[Request] = field(default_factory=list)  # speculative decodes, in row order
+    verified: torch.Tensor | None = None  # (sum of 1 + drafts,) their rows' greedy choices
+
+    def verified_targets(self) -> list[list[int]]:
+        """Per speculative decode, the greedy choice after its last token and after each draft."""
+        if not self.verifying:
+            return []
+        flat, out, row = self.verified.tolist(), [], 0
+        for request in self.verifying:
+            out.append(flat[row:row + 1 + len(request.draft_token_ids)])
+            row += 1 + len(request.draft_token_ids)
+        return out
 
     def result(self) -> tuple[list[Request], SamplerOutput | None]:
         """Wait for the step; its requests and their tokens."""

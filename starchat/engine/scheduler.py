@@ -20,29 +20,37 @@ from dataclasses import dataclass, field
 
 from starchat.engine.kv_cache import BlockAllocator, block_hashes
 from starchat.engine.request import Request, RequestStatus
+from starchat.engine.speculative import can_speculate, propose_drafts
 
 
 @dataclass
 class ScheduledBatch:
     decodes: list[Request] = field(default_factory=list)  # one new token each
     prefills: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
+    # Decodes with drafts (request.draft_token_ids): their last token and drafts are computed together
+    speculative: list[Request] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not self.decodes and not self.prefills and not self.speculative
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return (len(self.decodes) + sum(n for _, n in self.prefills)
+                + sum(1 + len(r.draft_token_ids) for r in self.speculative))
 
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, num_speculative_tokens: int = 0, speculative_max_running: int = 4):
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max(max_num_batched_tokens, max_num_seqs)
         self.prefix_caching = prefix_caching
+        self.num_speculative_tokens = num_speculative_tokens
+        self.speculative_max_running = speculative_max_running
+        self.num_draft_tokens = 0  # drafted and verified so far
+        self.num_accepted_tokens = 0  # of those, accepted
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -71,10 +79,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
 
         # 1. Decodes of running requests, oldest first; preempt the newest when blocks run out.
+        speculate = self.num_speculative_tokens > 0 and len(self.running) <= self.speculative_max_running
         index = 0
         while index < len(self.running):
             request = self.running[index]
             if request.num_pending_tokens != 1:
+                index += 1
+                continue
+            if speculate and self._schedule_drafts(request, budget):
+                batch.speculative.append(request)
+                self._register_blocks(request, request.num_tokens)  # verified tokens only, not the drafts
+                budget -= 1 + len(request.draft_token_ids)
                 index += 1
                 continue
             while not self.allocator.grow(request.block_ids, request.num_tokens):
@@ -125,6 +140,29 @@ class Scheduler:
             self._register_blocks(request, request.num_computed_tokens + chunk)
             budget -= chunk
         return batch
+
+    def _schedule_drafts(self, request: Request, budget: int) -> bool:
+        """Draft tokens for a decode, and cache slots for them; False: decode it plainly."""
+        if not can_speculate(request):
+            return False
+        room = min(self.num_speculative_tokens, budget - 1,
+                   request.params.max_new_tokens - len(request.output_token_ids) - 1,  # the step adds one more
+                   request.max_total_tokens - request.num_tokens - 1)
+        drafts = propose_drafts(request.all_token_ids, room) if room > 0 else []
+        if not drafts or not self.allocator.grow(request.block_ids, request.num_tokens + len(drafts)):
+            return False
+        request.draft_token_ids = drafts
+        return True
+
+    def record_verified(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """After a speculative step: count, and free the blocks only rejected drafts reached."""
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        keep = self.allocator.blocks_needed(request.num_tokens)
+        if not request.finished and len(request.block_ids) > keep:
+            surplus = request.block_ids[keep:]
+            del request.block_ids[keep:]
+            self.allocator.release(surplus)
 
     def _take_cached_prefix(self, request: Request) -> None:
         # At most num_tokens - 1 tokens come from the cache: the last one is computed to get the

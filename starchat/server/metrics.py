@@ -74,6 +74,10 @@ class _EngineCollector:
                        "preempted ones) looked up in the prefix cache.", stats.prefix_cache_queries)
         yield _counter("starchat_prefix_cache_hits", "Of those, tokens found in the prefix cache (their keys and "
                        "values reused, not computed).", stats.prefix_cache_hits)
+        yield _counter("starchat_spec_decode_num_draft_tokens", "Speculative decoding: tokens drafted and verified.",
+                       stats.spec_decode_draft_tokens)
+        yield _counter("starchat_spec_decode_num_accepted_tokens", "Speculative decoding: drafted tokens accepted.",
+                       stats.spec_decode_accepted_tokens)
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

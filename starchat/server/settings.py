@@ -46,6 +46,7 @@ class ServerSettings:
     max_num_batched_tokens: int | None = None  # tokens per engine step; default 512 on a CPU, 2048 on a GPU
     quantize: str | None = None  # None | "int8": weight-only int8
     prefix_caching: bool = True  # reuse the cache of prompts' already-computed prefixes
+    num_speculative_tokens: int = 0  # n-gram drafts verified per step for greedy requests; 0 = off
 
     # ---- derived ----------------------------------------------------------------------------
 
@@ -78,7 +79,8 @@ class ServerSettings:
                             max_model_len=self.max_total_tokens, max_num_seqs=self.max_concurrent_requests,
                             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                             max_num_batched_tokens=self.max_num_batched_tokens, quantize=self.quantize,
-                            enable_prefix_caching=self.prefix_caching)
+                            enable_prefix_caching=self.prefix_caching,
+                            num_speculative_tokens=self.num_speculative_tokens)
 
     def validate(self) -> "ServerSettings":
         def positive(name: str, value, allow_zero: bool = False) -> None:
@@ -93,6 +95,7 @@ class ServerSettings:
                      "request_timeout", "max_body_bytes", "kv_cache_memory_bytes", "max_num_batched_tokens"):
             positive(name, getattr(self, name))
         positive("max_queue", self.max_queue, allow_zero=True)
+        positive("num_speculative_tokens", self.num_speculative_tokens, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
         if self.max_input_tokens and self.max_total_tokens and self.max_input_tokens >= self.max_total_tokens:
             raise SettingsError("--max-input-tokens: must be below --max-total-tokens (leave room for one new token)")
@@ -143,7 +146,8 @@ def env_var(name: str) -> str:
 
 def _field_type(name: str):
     if name in ("port", "max_concurrent_requests", "max_queue", "max_input_tokens", "max_total_tokens",
-                "max_inputs_per_request", "max_body_bytes", "kv_cache_memory_bytes", "max_num_batched_tokens"):
+                "max_inputs_per_request", "max_body_bytes", "kv_cache_memory_bytes", "max_num_batched_tokens",
+                "num_speculative_tokens"):
         return int
     if name in ("request_timeout", "shutdown_grace"):
         return float

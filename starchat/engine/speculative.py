@@ -1,0 +1,53 @@
+"""Speculative decoding with drafts looked up in the sequence itself (n-gram / prompt lookup).
+
+Code assistants repeat what they have read: an edited function copies most of the original, a
+test reuses the names of the code under test, a loop body echoes the one before. When the last
+few tokens of a sequence occurred earlier in it, the tokens that followed that occurrence are a
+cheap guess of what comes next. One step then computes the last token and the guesses together
+(a memory-bound decode step reads the weights once whatever the row count), and keeps the
+guesses that greedy decoding confirms plus the model's own next token, so a step yields 1 to
+k + 1 tokens, exactly those that one-token-at-a-time greedy decoding gives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from starchat.engine.request import Request
+
+
+def propose_drafts(tokens: list[int], num_drafts: int, max_ngram: int = 3) -> list[int]:
+    """Up to `num_drafts` tokens that followed the latest earlier occurrence of the sequence's
+    last n tokens (n = max_ngram down to 1: the longest match wins); [] when none occurred."""
+    if num_drafts <= 0 or len(tokens) < 2:
+        return []
+    sequence = np.asarray(tokens)
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        pattern = sequence[-n:]
+        # Starts of earlier occurrences, each followed by at least one token before the suffix itself.
+        candidates = np.flatnonzero(sequence[:-n] == pattern[0])
+        for offset in range(1, n):
+            candidates = candidates[sequence[candidates + offset] == pattern[offset]]
+        if candidates.size:
+            start = int(candidates[-1]) + n
+            return sequence[start:start + num_drafts].tolist()
+    return []
+
+
+def can_speculate(request: Request) -> bool:
+    """Greedy requests whose next tokens depend on the logits alone: penalties, biases, a
+    min_new_tokens block and log-probabilities would change or need each row separately."""
+    params = request.params
+    return (params.greedy and params.logprobs is None and params.repetition_penalty == 1.0
+            and not params.presence_penalty and not params.frequency_penalty and not params.logit_bias
+            and len(request.output_token_ids) >= params.min_new_tokens)
+
+
+def accepted_tokens(drafts: list[int], targets: list[int]) -> list[int]:
+    """The tokens a verified step yields: the drafts that equal the model's greedy choice at their
+    position, then the model's choice after the last of them. targets[i] is the argmax after
+    drafts[:i] (len(targets) = len(drafts) + 1)."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+        accepted += 1
+    return drafts[:accepted] + [targets[accepted]]
