@@ -20,9 +20,10 @@ GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 def test_drafts_follow_the_latest_occurrence_of_the_longest_suffix():
     assert propose_drafts([1, 2, 3, 4, 5, 1, 2, 3], 3) == [4, 5, 1]  # "1 2 3" seen before
     assert propose_drafts([7, 2, 3, 9, 5, 2, 3], 2) == [9, 5]  # "2 3" seen, "5 2 3" not
-    assert propose_drafts([4, 1, 8, 1, 6, 1], 1) == [6]  # the latest "1" before the suffix
+    assert propose_drafts([4, 1, 8, 1, 6, 1], 1, min_ngram=1) == [6]  # the latest "1" before the suffix
+    assert propose_drafts([4, 1, 8, 1, 6, 1], 1) == []  # one token is not enough by default
     assert propose_drafts([1, 2, 1, 2, 1, 2], 4) == [1, 2]  # cut by the sequence's end
-    assert propose_drafts([5, 6, 7], 3) == [] and propose_drafts([5], 3) == [] and propose_drafts([1, 1], 0) == []
+    assert propose_drafts([5, 6, 7], 3) == [] and propose_drafts([5], 3) == [] and propose_drafts([1, 2, 1, 2], 0) == []
 
 
 def test_accepted_tokens_are_the_agreeing_drafts_and_the_models_next():
@@ -133,13 +134,18 @@ def test_with_prefix_caching_only_verified_tokens_are_shared(tiny_model_dir, ref
     assert tokens(again) == hf_greedy(reference, follow_up, 20)
 
 
-def test_rejected_drafts_leave_no_trace_on_a_trained_model():
+@pytest.mark.parametrize("verify_in", ["native decode step", "module path"])
+def test_rejected_drafts_leave_no_trace_on_a_trained_model(verify_in):
     """starchat-nano writes real code, so many drafts are wrong (a random model only loops): the
-    rejected ones' cache slots are overwritten and the tokens stay HF's greedy tokens."""
+    rejected ones' cache slots are overwritten and the tokens stay HF's greedy tokens. Verified in
+    the CPU's one-call decode step (a row per draft), or as a prompt chunk through the module path
+    (what a GPU does)."""
     from starchat.model.loader import EMBEDDED_MODEL_DIR
 
     reference = HFModel.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32).eval()
     engine = make_engine(EMBEDDED_MODEL_DIR, num_speculative_tokens=5)
+    if verify_in == "module path":
+        engine.runner.model.fused_decode = None
     prompts = ["def add(a, b):\n    return a + b\n\n\ndef subtract(a, b):\n", "import os\nimport sys\nimport",
                "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
                "        self.items.append(item)\n\n    def pop(self):\n"]
@@ -155,6 +161,8 @@ def test_rejected_drafts_leave_no_trace_on_a_trained_model():
     config = engine.model_config
     per_token = config.n_layer * 2 * config.kv_dim * 4
     crowded = make_engine(EMBEDDED_MODEL_DIR, num_speculative_tokens=5, kv_cache_memory_bytes=per_token * 16 * 12)
+    if verify_in == "module path":
+        crowded.runner.model.fused_decode = None
     out, _ = run(crowded, ids, params)
     assert [tokens(deltas) for deltas in out] == expected
     assert crowded.stats().num_preemptions > 0 and crowded.stats().spec_decode_accepted_tokens > 0

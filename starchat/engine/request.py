@@ -49,6 +49,8 @@ class Request:
     num_cached_tokens: int | None = None
     # Speculative decoding: tokens guessed to follow, verified by the step scheduled with them.
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_misses: int = 0  # verify steps in a row that accepted no draft
+    drafts_resume_at: int = 0  # no drafts before the sequence has this many tokens (backing off after misses)
 
     @property
     def num_tokens(self) -> int:

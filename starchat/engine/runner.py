@@ -153,6 +153,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> "PendingStep":
         """Queue the step's work and its sampling; on a GPU this returns before they have run."""
+        if batch.speculative and not batch.prefills and self.model.fused_decode is not None:
+            return self._fused_verify(batch)
         if (batch.decodes and not batch.prefills and not batch.speculative
                 and (self.decode_graphs is not None or self.model.fused_decode is not None)):
             # A decode-only step: CUDA graphs on a GPU, the one-call native step on a CPU.
@@ -178,6 +180,28 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_rows])  # (N, V)
         return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored, inputs.verifying,
                            verified)
+
+    def _fused_verify(self, batch: ScheduledBatch) -> "PendingStep":
+        """Decodes and speculative decodes in the CPU's one-call decode step: a speculative decode
+        becomes one row per token (its last token, then each draft at the next position, all on the
+        request's block table). The native step writes every row's keys and values to the cache
+        before any row attends, so each row sees the drafts before it; its greedy output is the
+        verification. (The GPU's decode kernel writes and attends row by row in parallel, so there
+        the drafts go through the general path as a prompt chunk.)"""
+        token_ids, positions, block_tables = [], [], []
+        for request in batch.decodes:
+            token_ids.append(request.token_at(request.num_computed_tokens))
+            positions.append(request.num_computed_tokens)
+            block_tables.append(request.block_ids)
+        for request in batch.speculative:
+            start = request.num_computed_tokens
+            token_ids += [request.token_at(start)] + request.draft_token_ids
+            positions += range(start, start + 1 + len(request.draft_token_ids))
+            block_tables += [request.block_ids] * (1 + len(request.draft_token_ids))
+        logits, greedy = self.model.fused_decode.step(token_ids, positions, block_tables, self.kv_cache, self.block_size)
+        plain = len(batch.decodes)
+        sample = self.sampler.launch(logits[:plain], batch.decodes, greedy_tokens=greedy[:plain]) if plain else None
+        return PendingStep(list(batch.decodes), sample, [], list(batch.speculative), greedy[plain:])
 
     def _score_prompt(self, hidden: torch.Tensor, request: Request, row: int, first: int, count: int) -> "PromptScores":
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]), dim=-1)  # (count, V)

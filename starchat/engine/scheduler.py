@@ -143,7 +143,7 @@ class Scheduler:
 
     def _schedule_drafts(self, request: Request, budget: int) -> bool:
         """Draft tokens for a decode, and cache slots for them; False: decode it plainly."""
-        if not can_speculate(request):
+        if not can_speculate(request) or request.num_tokens < request.drafts_resume_at:
             return False
         room = min(self.num_speculative_tokens, budget - 1,
                    request.params.max_new_tokens - len(request.output_token_ids) - 1,  # the step adds one more
@@ -158,6 +158,11 @@ class Scheduler:
         """After a speculative step: count, and free the blocks only rejected drafts reached."""
         self.num_draft_tokens += num_drafts
         self.num_accepted_tokens += num_accepted
+        # A verify step costs more than a plain one (it computes every draft's row): after steps
+        # that accept nothing, stop drafting for this request for 2, 4, ... up to 64 tokens.
+        request.draft_misses = 0 if num_accepted else request.draft_misses + 1
+        if request.draft_misses:
+            request.drafts_resume_at = request.num_tokens + 2 ** min(request.draft_misses, 3)
         keep = self.allocator.blocks_needed(request.num_tokens)
         if not request.finished and len(request.block_ids) > keep:
             surplus = request.block_ids[keep:]

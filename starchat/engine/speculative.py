@@ -16,13 +16,15 @@ import numpy as np
 from starchat.engine.request import Request
 
 
-def propose_drafts(tokens: list[int], num_drafts: int, max_ngram: int = 3) -> list[int]:
+def propose_drafts(tokens: list[int], num_drafts: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
     """Up to `num_drafts` tokens that followed the latest earlier occurrence of the sequence's
-    last n tokens (n = max_ngram down to 1: the longest match wins); [] when none occurred."""
-    if num_drafts <= 0 or len(tokens) < 2:
+    last n tokens (n = max_ngram down to min_ngram: the longest match wins); [] when none
+    occurred. (A single matching token is weak evidence: measured, its drafts were mostly
+    rejected, and a rejected draft costs a verify step.)"""
+    if num_drafts <= 0 or len(tokens) < min_ngram + 1:
         return []
     sequence = np.asarray(tokens)
-    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
         pattern = sequence[-n:]
         # Starts of earlier occurrences, each followed by at least one token before the suffix itself.
         candidates = np.flatnonzero(sequence[:-n] == pattern[0])

@@ -1,0 +1,115 @@
+"""Speculative decoding with n-gram drafts, on against off, in the same run.
+
+    python bench/speculative.py [--model DIR] [--dtype auto] [--windows 20] [--prompt-tokens 256]
+                                [--new-tokens 64] [--drafts 5] [--concurrent 1] [--json PATH]
+
+Prompts: the first --prompt-tokens tokens of Python standard-library modules (every k-th in name
+order), continued greedily for --new-tokens tokens, --concurrent at a time. The model defaults to
+the embedded starchat-nano: acceptance depends on what a model writes, and a random-weight model
+only repeats one token (every draft accepted), which would flatter the method. Two engines stay
+loaded, the same but for `num_speculative_tokens`, and each group of prompts runs on both in
+turns. Prints output tokens/s of each, their ratio, the share of drafts accepted, tokens per
+verified step, and how many continuations are identical (float32: all of them; 16-bit: the
+verify step computes the same sums in another order, so a near-tie can flip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from starchat.bench.machine import describe_machine  # noqa: E402
+from starchat.config import EngineConfig  # noqa: E402
+from starchat.engine.engine import LLMEngine  # noqa: E402
+from starchat.model.loader import EMBEDDED_MODEL_DIR  # noqa: E402
+from starchat.sampling_params import SamplingParams  # noqa: E402
+
+
+def stdlib_prompts(engine: LLMEngine, count: int, tokens: int) -> list[list[int]]:
+    modules = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    prompts = []
+    for path in modules[:: max(1, len(modules) // (2 * count))]:
+        ids = engine.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= tokens:
+            prompts.append(ids[:tokens])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    ids = [engine.add_request(prompt, params) for prompt in prompts]
+    out = {request_id: [] for request_id in ids}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            out[delta.request_id] += delta.token_ids
+    return time.perf_counter() - start, [out[request_id] for request_id in ids]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(EMBEDDED_MODEL_DIR))
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--drafts", type=int, default=5)
+    parser.add_argument("--concurrent", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    def engine(drafts: int) -> LLMEngine:
+        # Prefix caching off: the sides see the same prompts, and neither should find them cached.
+        return LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, enable_prefix_caching=False,
+                                      num_speculative_tokens=drafts, speculative_max_running=max(4, args.concurrent)),
+                         progress=False)
+
+    engines = {"on": engine(args.drafts), "off": engine(0)}
+    prompts = stdlib_prompts(engines["on"], args.windows, args.prompt_tokens)
+    for side in engines.values():  # warm-up
+        generate(side, prompts[:1], 8)
+    seconds = {"on": 0.0, "off": 0.0}
+    outputs = {"on": [], "off": []}
+    for start in range(0, len(prompts), args.concurrent):
+        group = prompts[start:start + args.concurrent]
+        for name, side in engines.items():
+            elapsed, tokens = generate(side, group, args.new_tokens)
+            seconds[name] += elapsed
+            outputs[name] += tokens
+    stats = engines["on"].stats()
+    drafted, accepted = stats.spec_decode_draft_tokens, stats.spec_decode_accepted_tokens
+    total = len(prompts) * args.new_tokens
+    identical = sum(a == b for a, b in zip(outputs["on"], outputs["off"]))
+    figures = {
+        "output_tokens_per_s": {name: total / seconds[name] for name in seconds},
+        "speedup_on_over_off": seconds["off"] / seconds["on"],
+        "draft_tokens": drafted, "accepted_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "identical_continuations": identical, "continuations": len(prompts),
+    }
+    machine = describe_machine(args.device)
+    print(f"machine: {machine}")
+    print(f"model: {args.model} ({engines['on'].dtype}, {args.device}); {len(prompts)} stdlib prompts of "
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each, {args.concurrent} at a time, "
+          f"up to {args.drafts} drafts")
+    rate = figures["output_tokens_per_s"]
+    print(f"output tokens/s: speculative {rate['on']:.1f}, plain {rate['off']:.1f} -> x{figures['speedup_on_over_off']:.2f}")
+    print(f"drafts accepted: {accepted} of {drafted} ({100 * figures['acceptance_rate']:.0f}%); "
+          f"identical continuations: {identical} of {len(prompts)}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "figures": figures}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
