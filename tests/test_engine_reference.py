@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPTBigCodeForCausalLM as HFModel
 
-from reference_checkpoints import write_hf_checkpoint
+from reference_checkpoints import hf_greedy, write_hf_checkpoint
 from starchat import LLM, SamplingParams
 from starchat.model import AttentionMetadata, PrefillChunk
 
@@ -30,13 +30,6 @@ def checkpoint(request, tmp_path_factory):
     reference = HFModel.from_pretrained(path, dtype=torch.float32).eval()
     ours = LLM(str(path), dtype="float32", device="cpu", progress=False)
     return reference, ours
-
-
-def hf_greedy(reference, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    input_ids = torch.tensor([prompt_ids])
-    output = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return output[0, len(prompt_ids):].tolist()
 
 
 def our_prompt_logits(llm: LLM, prompt_ids: list[int]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GPTBigCodeForCausalLM as HFModel
 
+from reference_checkpoints import hf_greedy
 from starchat import SamplingParams
 from starchat.config import EngineConfig
 from starchat.engine.engine import LLMEngine
@@ -139,13 +140,6 @@ def run(engine: LLMEngine, prompts: dict[str, list[int]], params: SamplingParams
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     return HFModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-def hf_greedy(reference, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    input_ids = torch.tensor([prompt_ids])
-    output = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return output[0, len(prompt_ids):].tolist()
 
 
 def test_a_shared_prefix_is_computed_once_and_tokens_equal_hf(tiny_model_dir, reference):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GPTBigCodeForCausalLM as HFModel
 
+from reference_checkpoints import hf_greedy
 from starchat import SamplingParams
 from starchat.config import EngineConfig
 from starchat.engine.engine import LLMEngine
@@ -35,15 +36,6 @@ def test_accepted_tokens_are_the_agreeing_drafts_and_the_models_next():
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     return HFModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-def hf_greedy(reference, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    input_ids = torch.tensor([prompt_ids])
-    # repetition_penalty=1: starchat-nano's generation_config.json asks for 1.1 by default
-    output = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                repetition_penalty=1.0)
-    return output[0, len(prompt_ids):].tolist()
 
 
 def make_engine(model_dir, **options) -> LLMEngine:
