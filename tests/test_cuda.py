@@ -171,6 +171,22 @@ def test_prefix_caching_on_gpu_gives_the_tokens_of_computing_everything(checkpoi
     assert [c.token_ids for c in first + rest] == expected
 
 
+def test_speculative_decoding_and_prompt_logprobs_on_gpu(checkpoint):
+    """Drafts verified as a prompt chunk on the GPU give the plain engine's tokens; prompt
+    log-probabilities on the GPU equal the CPU's."""
+    repetitive = ["x = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "def f():\n    return 1\n\ndef f():\n"] + PROMPTS[:1]
+    speculative = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, num_speculative_tokens=4)
+    plain = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
+    assert greedy(speculative, repetitive) == greedy(plain, repetitive)
+    assert speculative.engine.stats().spec_decode_draft_tokens > 0
+    scoring = SamplingParams(max_new_tokens=1, prompt_logprobs=2)
+    cpu = LLM(str(checkpoint), dtype="float32", device="cpu", progress=False)
+    for on_gpu, on_cpu in zip(plain.generate(PROMPTS, scoring), cpu.generate(PROMPTS, scoring)):
+        assert [e and e.token_id for e in on_gpu.prompt_logprobs] == [e and e.token_id for e in on_cpu.prompt_logprobs]
+        torch.testing.assert_close(torch.tensor([e.logprob for e in on_gpu.prompt_logprobs[1:]]),
+                                   torch.tensor([e.logprob for e in on_cpu.prompt_logprobs[1:]]), rtol=1e-3, atol=1e-3)
+
+
 def test_gelu_in_the_mlp_up_projection_on_gpu(checkpoint):
     from starchat.model import triton_linear, tuned_linear
 
