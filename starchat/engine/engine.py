@@ -256,6 +256,7 @@ class LLMEngine:
                 by_position.setdefault(position, (logprob, alternatives))  # a recomputed prompt: the first
         if sampler_output is not None:
             self._record_tokens(sampling, sampler_output)
+        # (verified_targets() runs once, before the loop clears each request's drafts)
         for request, targets in zip(launched.verifying, launched.verified_targets()):
             drafts, request.draft_token_ids = request.draft_token_ids, []
             tokens = accepted_tokens(drafts, targets)
