@@ -148,43 +148,12 @@ def test_triton_decode_attention_and_norm_on_gpu():
         torch.testing.assert_close(normed.double(), expected, rtol=tolerance, atol=tolerance * 10)
 
 
-
 def test_chunked_prefill_over_cached_context_equals_one_chunk(checkpoint):
     """Chunks after the first attend to the cache with SDPA's bottom-right causal bias."""
     whole = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, max_num_batched_tokens=2048)
     chunked = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, max_num_seqs=4,
                   max_num_batched_tokens=16)
     assert greedy(chunked, PROMPTS) == greedy(whole, PROMPTS)
-
-
-def test_prefix_caching_on_gpu_gives_the_tokens_of_computing_everything(checkpoint):
-    """Cached blocks shared by later requests (decodes through CUDA graphs read them by block table)."""
-    system = "# Utilities for reading, validating and writing configuration files in several formats.\n" * 4
-    prompts = [system + question for question in ("def load(path):", "class Schema:", "import json\n")]
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    cached = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
-    plain = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, enable_prefix_caching=False)
-    first = cached.generate(prompts[:1], params)
-    rest = cached.generate(prompts[1:], params)
-    assert first[0].num_cached_tokens == 0 and all(c.num_cached_tokens >= 48 for c in rest)
-    expected = [c.token_ids for c in plain.generate(prompts, params)]
-    assert [c.token_ids for c in first + rest] == expected
-
-
-def test_speculative_decoding_and_prompt_logprobs_on_gpu(checkpoint):
-    """Drafts verified as a prompt chunk on the GPU give the plain engine's tokens; prompt
-    log-probabilities on the GPU equal the CPU's."""
-    repetitive = ["x = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "def f():\n    return 1\n\ndef f():\n"] + PROMPTS[:1]
-    speculative = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, num_speculative_tokens=4)
-    plain = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
-    assert greedy(speculative, repetitive) == greedy(plain, repetitive)
-    assert speculative.engine.stats().spec_decode_draft_tokens > 0
-    scoring = SamplingParams(max_new_tokens=1, prompt_logprobs=2)
-    cpu = LLM(str(checkpoint), dtype="float32", device="cpu", progress=False)
-    for on_gpu, on_cpu in zip(plain.generate(PROMPTS, scoring), cpu.generate(PROMPTS, scoring)):
-        assert [e and e.token_id for e in on_gpu.prompt_logprobs] == [e and e.token_id for e in on_cpu.prompt_logprobs]
-        torch.testing.assert_close(torch.tensor([e.logprob for e in on_gpu.prompt_logprobs[1:]]),
-                                   torch.tensor([e.logprob for e in on_cpu.prompt_logprobs[1:]]), rtol=1e-3, atol=1e-3)
 
 
 def test_gelu_in_the_mlp_up_projection_on_gpu(checkpoint):
@@ -238,3 +207,37 @@ def test_step_memory_is_measured_before_the_cache_is_sized(checkpoint):
     assert small is not None and large is not None and 0 < small < large
     long_prompt = list(range(100, 100 + model.config.n_positions - 8))  # one step of nearly the whole context
     assert len(llm.generate([long_prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].token_ids) == 4
+
+
+# Engine features on the GPU (last: the kernel and numerics checks above come first when the
+# device stage's time limit cuts the run short).
+
+
+def test_prefix_caching_on_gpu_gives_the_tokens_of_computing_everything(checkpoint):
+    """Cached blocks shared by later requests (decodes through CUDA graphs read them by block table)."""
+    system = "# Utilities for reading, validating and writing configuration files in several formats.\n" * 4
+    prompts = [system + question for question in ("def load(path):", "class Schema:", "import json\n")]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    cached = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
+    plain = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, enable_prefix_caching=False)
+    first = cached.generate(prompts[:1], params)
+    rest = cached.generate(prompts[1:], params)
+    assert first[0].num_cached_tokens == 0 and all(c.num_cached_tokens >= 48 for c in rest)
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
+    assert [c.token_ids for c in first + rest] == expected
+
+
+def test_speculative_decoding_and_prompt_logprobs_on_gpu(checkpoint):
+    """Drafts verified as a prompt chunk on the GPU give the plain engine's tokens; prompt
+    log-probabilities on the GPU equal the CPU's."""
+    repetitive = ["x = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "def f():\n    return 1\n\ndef f():\n"] + PROMPTS[:1]
+    speculative = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, num_speculative_tokens=4)
+    plain = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
+    assert greedy(speculative, repetitive) == greedy(plain, repetitive)
+    assert speculative.engine.stats().spec_decode_draft_tokens > 0
+    scoring = SamplingParams(max_new_tokens=1, prompt_logprobs=2)
+    cpu = LLM(str(checkpoint), dtype="float32", device="cpu", progress=False)
+    for on_gpu, on_cpu in zip(plain.generate(PROMPTS, scoring), cpu.generate(PROMPTS, scoring)):
+        assert [e and e.token_id for e in on_gpu.prompt_logprobs] == [e and e.token_id for e in on_cpu.prompt_logprobs]
+        torch.testing.assert_close(torch.tensor([e.logprob for e in on_gpu.prompt_logprobs[1:]]),
+                                   torch.tensor([e.logprob for e in on_cpu.prompt_logprobs[1:]]), rtol=1e-3, atol=1e-3)
