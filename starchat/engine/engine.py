@@ -1,7 +1,8 @@
 """The synchronous engine: add requests, call `step()` until done, read the deltas.
 
-One step: `scheduler.schedule()` -> `runner.launch()` -> its `result()` -> `_record_tokens()` (what
-the next schedule needs) -> `_process_outputs()` (text and deltas). On a GPU the last one runs for
+One step: `scheduler.schedule()` -> `runner.launch()` -> its `result()` -> `_record_tokens()` and,
+for speculative decodes, `_record_verified()` (what the next schedule needs) -> `_process_outputs()`
+(text and deltas). On a GPU the last one runs for
 the previous step's tokens while this step's kernels run (`overlap_host_work`).
 Both the offline `LLM` and the server's `AsyncLLM` drive this class; neither touches the
 model or the cache.
@@ -256,6 +257,14 @@ class LLMEngine:
                 by_position.setdefault(position, (logprob, alternatives))  # a recomputed prompt: the first
         if sampler_output is not None:
             self._record_tokens(sampling, sampler_output)
+        self._record_verified(launched)
+        if not self.overlap_host_work:
+            deltas += self._process_outputs()
+        return deltas
+
+    def _record_verified(self, launched) -> None:
+        """Speculative decodes: the accepted drafts and the model's next token, one at a time, so
+        that a stop condition met among them ends the request right there."""
         # (verified_targets() runs once, before the loop clears each request's drafts)
         for request, targets in zip(launched.verifying, launched.verified_targets()):
             drafts, request.draft_token_ids = request.draft_token_ids, []
@@ -267,9 +276,6 @@ class LLMEngine:
                 if request.finished:
                     break
             self.scheduler.record_verified(request, len(drafts), len(tokens) - 1)
-        if not self.overlap_host_work:
-            deltas += self._process_outputs()
-        return deltas
 
     def _step_failed(self, batch) -> None:
         self.scheduler.forget_scheduled_blocks()
