@@ -111,7 +111,7 @@ def generate_rows(engine, source: TaskSource, *, max_in_flight: int, max_retries
                 if delta.finished:
                     del in_flight[delta.request_id]
                     yield success_record(state.task, state.prepared, "".join(state.text_parts), delta.finish_reason,
-                                         delta.num_generated_tokens, state.attempts)
+                                         delta.num_generated_tokens, state.attempts, delta.num_cached_tokens)
             if on_step is not None:
                 on_step(new_tokens)
     finally:

@@ -152,11 +152,12 @@ def _check_openai(engine, ids: list[int], params: SamplingParams) -> None:
 # ---- result records -----------------------------------------------------------------------------
 
 def success_record(task: dict, prepared: PreparedRequest, text: str, finish_reason: str | None,
-                   completion_tokens: int, attempts: int) -> dict:
+                   completion_tokens: int, attempts: int, cached_tokens: int = 0) -> dict:
+    """`cached_tokens`: prompt tokens taken from the engine's prefix cache."""
     reply = text.lstrip() if prepared.strip_reply else text
     return {**_record_head(task), "ok": True, "prediction": prepared.prefix + reply, "finish_reason": finish_reason,
             "prompt_tokens": len(prepared.prompt_token_ids), "completion_tokens": completion_tokens,
-            "attempts": attempts, "url": prepared.url, "model": prepared.model, "created": int(time.time())}
+            "cached_tokens": cached_tokens, "attempts": attempts, "url": prepared.url, "model": prepared.model, "created": int(time.time())}
 
 
 def failure_record(task: dict, message: str, attempts: int, status_code: int = 400) -> dict:

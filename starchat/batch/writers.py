@@ -106,7 +106,9 @@ def openai_output_line(record: dict, job_hash: str) -> dict:
                 "response": {"status_code": record.get("status_code", 400), "request_id": f"req_{token}", "body": body},
                 "error": {"code": error_type, "message": record["error"]}}
     usage = {"prompt_tokens": record["prompt_tokens"], "completion_tokens": record["completion_tokens"],
-             "total_tokens": record["prompt_tokens"] + record["completion_tokens"]}
+             "total_tokens": record["prompt_tokens"] + record["completion_tokens"],
+             # (records journaled before prefix caching have no count)
+             "prompt_tokens_details": {"cached_tokens": record.get("cached_tokens", 0)}}
     if record.get("url") == CHAT_URL:
         body = {"id": f"chatcmpl-{token}", "object": "chat.completion", "created": record["created"], "model": record["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": record["prediction"]},

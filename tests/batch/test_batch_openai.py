@@ -12,6 +12,7 @@ from starchat.batch import run_batch
 from starchat.chat_template import fim_prompt
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about tests."}]
+SHARED = "# A prompt long enough to fill two blocks of the engine's KV cache, sent twice.\n" * 3
 
 
 def openai_lines() -> list[dict]:
@@ -29,6 +30,8 @@ def openai_lines() -> list[dict]:
                                                 "frequency_penalty": 1.5, "presence_penalty": 0.5,
                                                 "logit_bias": {"42": 100, "7": -100}}),
         line("bad-bias", "/v1/completions", {"prompt": "x", "logit_bias": {"forty-two": 1}}),
+        line("shared-1", "/v1/completions", {"prompt": SHARED, "max_tokens": 2, "temperature": 0}),
+        line("shared-2", "/v1/completions", {"prompt": SHARED, "max_tokens": 2, "temperature": 0}),
     ]
 
 
@@ -37,11 +40,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 5, 2)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 7, 2)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 7
+    assert len({line["id"] for line in output}) == 9
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -65,6 +68,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     params.frequency_penalty, params.presence_penalty, params.logit_bias = 1.5, 0.5, {42: 100.0, 7: -100.0}
     assert penalised == reference.generate(["def f():"], params)[0].text
     assert "body.logit_bias" in by_id["bad-bias"]["response"]["body"]["error"]["message"]
+    # The second of two equal prompts finds the first's blocks in the prefix cache.
+    shared = [Completion.model_validate(by_id[key]["response"]["body"]).usage for key in ("shared-1", "shared-2")]
+    assert shared[0].prompt_tokens == shared[1].prompt_tokens > 32
+    assert shared[0].prompt_tokens_details.cached_tokens == 0
+    assert shared[1].prompt_tokens_details.cached_tokens == (shared[1].prompt_tokens - 1) // 16 * 16
 
     bad = by_id["bad-n"]
     assert bad["response"]["status_code"] == 400 and "body.n" in bad["response"]["body"]["error"]["message"]
