@@ -309,3 +309,29 @@ def test_prompt_logprobs_score_every_position_even_when_cached_and_preempted(tin
         torch.testing.assert_close(torch.tensor([e.logprob for e in ours[key][2][1:]]),
                                    torch.tensor([e.logprob for e in expected[key][2][1:]]), rtol=1e-4, atol=1e-4)
         assert len(ours[key][2]) == len(prompts[key]) and ours[key][0] == expected[key][0]
+
+
+def test_cancelling_a_request_leaves_the_blocks_it_shares_intact(tiny_model_dir, reference):
+    engine, _ = make_engine(tiny_model_dir)
+    system = engine.tokenizer.encode(SYSTEM)
+    first, second = (system + engine.tokenizer.encode(question) for question in QUESTIONS[:2])
+    tokens: dict[str, list[int]] = {"first": [], "second": []}
+
+    def step() -> None:
+        for delta in engine.step():
+            tokens[delta.request_id] += delta.token_ids
+
+    engine.add_request(first, GREEDY, request_id="first")
+    step()  # first's prompt computed (and its blocks registered)
+    engine.add_request(second, GREEDY, request_id="second")
+    step()  # second admitted on first's cached blocks
+    shared = engine.scheduler.running[1].block_ids[:len(system) // BLOCK]
+    assert shared and shared == engine.scheduler.running[0].block_ids[:len(shared)]
+    engine.abort_request("first")
+    while engine.has_unfinished_requests():
+        step()
+    assert tokens["second"] == hf_greedy(reference, second, GREEDY.max_new_tokens)
+    assert engine.stats().kv_cache_used_blocks == 0
+    again = run(engine, {"again": second})["again"]  # the shared blocks are still cached
+    assert again[1].num_cached_tokens >= len(shared) * BLOCK
+    assert again[0] == tokens["second"]
