@@ -81,3 +81,38 @@ def test_streamed_text_equals_the_whole_decode(engine):
     deltas = asyncio.run(main())
     token_ids = [t for d in deltas for t in d.token_ids]
     assert "".join(d.text for d in deltas) == engine.tokenizer.decode(token_ids)
+
+
+def test_speculative_streams_with_a_cancellation(tiny_model_dir):
+    """Through the streaming API with speculative decoding: several tokens can come out of one
+    engine step; each still arrives as its own delta, a stream left early frees its blocks, and
+    the others get the plain engine's tokens."""
+    prompts = ["x = [1, 2, 3, 1, 2, 3, 1, 2,", "import os\nimport sys\nimport", "def f():\n    pass\n\ndef f():"]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    expected = LLM(str(tiny_model_dir), dtype="float32", progress=False).generate(prompts, params)
+    engine = AsyncLLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", num_speculative_tokens=4),
+                      progress=False)
+
+    async def cancelled():
+        stream = engine.generate("while True:\n    while True:\n", SamplingParams(max_new_tokens=400, ignore_eos=True))
+        async for delta in stream:
+            if delta.num_generated_tokens >= 5:
+                break
+        await stream.aclose()
+
+    async def main():
+        return await asyncio.gather(cancelled(), *(collect(engine, p, params) for p in prompts))
+
+    try:
+        _, *results = asyncio.run(main())
+        for deltas, completion in zip(results, expected):
+            assert [t for d in deltas for t in d.token_ids] == completion.token_ids
+            assert all(len(d.token_ids) == 1 for d in deltas) and [d.finished for d in deltas].count(True) == 1
+        assert engine.stats().spec_decode_accepted_tokens > 0
+        for _ in range(200):
+            if engine.stats().kv_cache_used_blocks == 0:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert engine.stats().kv_cache_used_blocks == 0
+    finally:
+        engine.shutdown()
