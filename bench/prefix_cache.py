@@ -5,9 +5,11 @@ share a system prompt, seen before (warm) or not (cold) (scenarios: starchat/ben
                                  [--system-tokens 512] [--turns 6] [--user-tokens 48] [--reply-tokens 32]
                                  [--requests 16] [--json PATH]
 
-Both engines stay loaded (same checkpoint, same settings but `enable_prefix_caching`) and are
-measured in turns, each round with new random prompts (so that no round finds the previous
-one's tokens cached). A figure is the median over the rounds, a ratio the median of the rounds'
+One engine runs every scenario twice per round, with prefix caching on and off (the scheduler's
+switch; the order alternates by round), each round with new random prompts (so that no round
+finds the previous one's tokens cached; with caching off nothing is registered either). Two
+engines loaded side by side differ by themselves (on this host the first-loaded one decoded
+10-15% slower, whatever its settings), which would bias the ratios. A figure is the median over the rounds, a ratio the median of the rounds'
 ratios (off / on: how many times faster with the cache).
 """
 
@@ -49,12 +51,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model = args.model or str(random_checkpoint(args.shape))
-    engines = {name: LLMEngine(EngineConfig(model=model, dtype=args.dtype, device=args.device,
-                                            enable_prefix_caching=name == "on"), progress=False)
-               for name in ("on", "off")}
-    for engine in engines.values():  # warm-up: first steps of each shape
-        shared_prefix(engine, random_prompts(1, 64, seed=99)[0],
-                      random_prompts(2, 8, seed=98), 4)
+    engine = LLMEngine(EngineConfig(model=model, dtype=args.dtype, device=args.device), progress=False)
+    shared_prefix(engine, random_prompts(1, 64, seed=99)[0], random_prompts(2, 8, seed=98), 4)  # warm-up
+    sides = ("on", "off")
 
     rounds = []
     for round_index in range(args.rounds):
@@ -63,7 +62,8 @@ def main() -> None:
         turns = random_prompts(args.turns, args.user_tokens, seed=seed + 1)
         questions = random_prompts(args.requests, args.user_tokens, seed=seed + 2)
         measured = {}
-        for name, engine in engines.items():
+        for name in (sides if round_index % 2 == 0 else sides[::-1]):
+            engine.scheduler.prefix_caching = name == "on"
             measured[name] = {
                 "chat": chat(engine, system, turns, args.reply_tokens).summary(),
                 "shared_prefix": shared_prefix(engine, system, questions, args.reply_tokens).summary(),
@@ -83,10 +83,10 @@ def main() -> None:
     summary = {}
     for scenario in SCENARIOS:
         summary[scenario] = {
-            "mean_time_to_first_token_s": {name: median(name, scenario, "mean_time_to_first_token_s") for name in engines},
-            "wall_s": {name: median(name, scenario, "wall_s") for name in engines},
+            "mean_time_to_first_token_s": {name: median(name, scenario, "mean_time_to_first_token_s") for name in sides},
+            "wall_s": {name: median(name, scenario, "wall_s") for name in sides},
             "prompt_tokens": rounds[0]["on"][scenario]["prompt_tokens"],
-            "cached_tokens": {name: rounds[0][name][scenario]["cached_tokens"] for name in engines},
+            "cached_tokens": {name: rounds[0][name][scenario]["cached_tokens"] for name in sides},
             "time_to_first_token_ratio_off_over_on": ratio(scenario, "mean_time_to_first_token_s"),
             "wall_ratio_off_over_on": ratio(scenario, "wall_s"),
         }

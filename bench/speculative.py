@@ -5,10 +5,10 @@
 
 Prompts: the first --prompt-tokens tokens of Python standard-library modules (every k-th in name
 order), continued greedily for --new-tokens tokens, --concurrent at a time. The model defaults to
-the embedded starchat-nano: acceptance depends on what a model writes, and a random-weight model
-only repeats one token (every draft accepted), which would flatter the method. Two engines stay
-loaded, the same but for `num_speculative_tokens`, and each group of prompts runs on both in
-turns. Prints output tokens/s of each, their ratio, the share of drafts accepted, tokens per
+the embedded starchat-nano: acceptance depends on what a model writes. One engine runs each
+group of prompts twice in turns, with drafting on and off (the scheduler's
+`num_speculative_tokens`): two engines loaded side by side differ by themselves (on this host the
+first-loaded one decoded 10-15% slower, whatever its settings), which would bias the ratio. Prints output tokens/s of each, their ratio, the share of drafts accepted, tokens per
 verified step, and how many continuations are identical (float32: all of them; 16-bit: the
 verify step computes the same sums in another order, so a near-tie can flip).
 """
@@ -68,25 +68,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    def engine(drafts: int) -> LLMEngine:
-        # Prefix caching off: the sides see the same prompts, and neither should find them cached.
-        return LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, enable_prefix_caching=False,
-                                      num_speculative_tokens=drafts, speculative_max_running=max(4, args.concurrent)),
-                         progress=False)
-
-    engines = {"on": engine(args.drafts), "off": engine(0)}
-    prompts = stdlib_prompts(engines["on"], args.windows, args.prompt_tokens)
-    for side in engines.values():  # warm-up
-        generate(side, prompts[:1], 8)
+    # Prefix caching off: both passes see the same prompts, and the second should not find them cached.
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, enable_prefix_caching=False,
+                                    num_speculative_tokens=args.drafts,
+                                    speculative_max_running=max(4, args.concurrent)), progress=False)
+    drafts = {"on": args.drafts, "off": 0}
+    prompts = stdlib_prompts(engine, args.windows, args.prompt_tokens)
+    generate(engine, prompts[:1], 8)  # warm-up
     seconds = {"on": 0.0, "off": 0.0}
     outputs = {"on": [], "off": []}
-    for start in range(0, len(prompts), args.concurrent):
+    for index, start in enumerate(range(0, len(prompts), args.concurrent)):
         group = prompts[start:start + args.concurrent]
-        for name, side in engines.items():
-            elapsed, tokens = generate(side, group, args.new_tokens)
+        for name in (("on", "off") if index % 2 == 0 else ("off", "on")):
+            engine.scheduler.num_speculative_tokens = drafts[name]
+            elapsed, tokens = generate(engine, group, args.new_tokens)
             seconds[name] += elapsed
             outputs[name] += tokens
-    stats = engines["on"].stats()
+    stats = engine.stats()
     drafted, accepted = stats.spec_decode_draft_tokens, stats.spec_decode_accepted_tokens
     total = len(prompts) * args.new_tokens
     identical = sum(a == b for a, b in zip(outputs["on"], outputs["off"]))
@@ -99,7 +97,7 @@ def main() -> None:
     }
     machine = describe_machine(args.device)
     print(f"machine: {machine}")
-    print(f"model: {args.model} ({engines['on'].dtype}, {args.device}); {len(prompts)} stdlib prompts of "
+    print(f"model: {args.model} ({engine.dtype}, {args.device}); {len(prompts)} stdlib prompts of "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each, {args.concurrent} at a time, "
           f"up to {args.drafts} drafts")
     rate = figures["output_tokens_per_s"]
