@@ -18,6 +18,24 @@ def engine(tiny_model_dir):
     engine.shutdown()
 
 
+async def leave_after(engine, prompt: str, tokens: int) -> None:
+    """Stream a long generation and leave the loop once `tokens` tokens have come."""
+    stream = engine.generate(prompt, SamplingParams(max_new_tokens=500, ignore_eos=True))
+    async for delta in stream:
+        if delta.num_generated_tokens >= tokens:
+            break
+    await stream.aclose()
+
+
+async def wait_until_freed(engine):
+    for _ in range(200):  # the engine thread frees it before its next step
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.kv_cache_used_blocks == 0:
+            break
+        await asyncio.sleep(0.01)
+    return engine.stats()
+
+
 async def collect(engine, prompt, params, request_id=None):
     deltas = []
     async for delta in engine.generate(prompt, params, request_id=request_id):
@@ -41,17 +59,8 @@ def test_concurrent_streams_equal_offline_results(engine, tiny_model_dir):
 
 def test_leaving_the_loop_cancels_and_frees_the_cache(engine):
     async def main():
-        stream = engine.generate("def f():", SamplingParams(max_new_tokens=500, ignore_eos=True))
-        async for delta in stream:
-            if delta.num_generated_tokens >= 3:
-                break
-        await stream.aclose()
-        for _ in range(200):  # the engine thread frees it before its next step
-            stats = engine.stats()
-            if stats.num_running == 0 and stats.kv_cache_used_blocks == 0:
-                return stats
-            await asyncio.sleep(0.01)
-        return engine.stats()
+        await leave_after(engine, "def f():", 3)
+        return await wait_until_freed(engine)
 
     stats = asyncio.run(main())
     assert stats.num_running == 0 and stats.kv_cache_used_blocks == 0
@@ -93,15 +102,9 @@ def test_speculative_streams_with_a_cancellation(tiny_model_dir):
     engine = AsyncLLM(EngineConfig(model=str(tiny_model_dir), dtype="float32", num_speculative_tokens=4),
                       progress=False)
 
-    async def cancelled():
-        stream = engine.generate("while True:\n    while True:\n", SamplingParams(max_new_tokens=400, ignore_eos=True))
-        async for delta in stream:
-            if delta.num_generated_tokens >= 5:
-                break
-        await stream.aclose()
-
     async def main():
-        return await asyncio.gather(cancelled(), *(collect(engine, p, params) for p in prompts))
+        return await asyncio.gather(leave_after(engine, "while True:\n    while True:\n", 5),
+                                    *(collect(engine, p, params) for p in prompts))
 
     try:
         _, *results = asyncio.run(main())
@@ -109,10 +112,6 @@ def test_speculative_streams_with_a_cancellation(tiny_model_dir):
             assert [t for d in deltas for t in d.token_ids] == completion.token_ids
             assert all(len(d.token_ids) == 1 for d in deltas) and [d.finished for d in deltas].count(True) == 1
         assert engine.stats().spec_decode_accepted_tokens > 0
-        for _ in range(200):
-            if engine.stats().kv_cache_used_blocks == 0:
-                break
-            asyncio.run(asyncio.sleep(0.01))
-        assert engine.stats().kv_cache_used_blocks == 0
+        assert asyncio.run(wait_until_freed(engine)).kv_cache_used_blocks == 0
     finally:
         engine.shutdown()
