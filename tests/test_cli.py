@@ -24,6 +24,16 @@ def test_generate_json_equals_python_api(tiny_model_dir):
     assert printed == {"text": expected.text, "token_ids": expected.token_ids, "finish_reason": expected.finish_reason}
 
 
+def test_generate_with_speculative_decoding_prints_the_same_text():
+    # starchat-nano writes code that repeats itself, so drafts are found (and some rejected).
+    args = ["generate", "--max-new-tokens", "48", "--dtype", "float32", "--json",
+            "def add(a, b):\n    return a + b\n\n\ndef subtract(a, b):\n"]
+    plain, speculative = starchat(*args), starchat(*args, "--num-speculative-tokens", "4")
+    assert plain.returncode == speculative.returncode == 0, speculative.stderr
+    assert json.loads(speculative.stdout) == json.loads(plain.stdout)
+    assert starchat(*args, "--num-speculative-tokens", "-1").returncode != 0
+
+
 def test_embedded_model_says_what_it_is_first():
     result = starchat("generate", "--max-new-tokens", "3", "hello")
     assert result.returncode == 0, result.stderr
