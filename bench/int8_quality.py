@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,23 +24,9 @@ sys.path.insert(0, str(REPO))
 from starchat import LLM  # noqa: E402
 from starchat.bench.checkpoints import random_checkpoint  # noqa: E402
 from starchat.bench.machine import describe_machine  # noqa: E402
-from starchat.bench.quality import compare  # noqa: E402
+from starchat.bench.quality import compare, stdlib_windows  # noqa: E402
 from starchat.config import NAMED_SHAPES  # noqa: E402
 from starchat.model.loader import EMBEDDED_MODEL_DIR  # noqa: E402
-
-
-def stdlib_windows(llm: LLM, count: int, tokens: int) -> tuple[list[list[int]], list[str]]:
-    modules = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    windows, names = [], []
-    step = max(1, len(modules) // (2 * count))
-    for path in modules[::step]:
-        ids = llm.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
-        if len(ids) >= tokens:
-            windows.append(ids[:tokens])
-            names.append(path.name)
-        if len(windows) == count:
-            break
-    return windows, names
 
 
 def main() -> None:
@@ -58,7 +43,7 @@ def main() -> None:
     for name, model_dir in (("starchat-nano", EMBEDDED_MODEL_DIR), (f"{args.shape} (random)", random_checkpoint(args.shape))):
         reference = LLM(str(model_dir), dtype="bfloat16", device="cpu", progress=False)
         candidate = LLM(str(model_dir), dtype="bfloat16", device="cpu", quantize="int8", progress=False)
-        windows, modules = stdlib_windows(reference, args.windows, args.window_tokens)
+        windows, modules = stdlib_windows(reference.tokenizer, args.windows, args.window_tokens)
         report = compare(reference, candidate, windows, args.prompt_tokens, args.new_tokens).as_dict()
         results["models"][name] = report | {"modules": modules}
         print(f"{name}: perplexity bf16 {report['reference_perplexity']:.3f} int8 {report['candidate_perplexity']:.3f} "

@@ -18,41 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import sysconfig
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from starchat.bench.machine import describe_machine  # noqa: E402
+from starchat.bench.offline import run_requests  # noqa: E402
+from starchat.bench.quality import stdlib_windows  # noqa: E402
 from starchat.config import EngineConfig  # noqa: E402
 from starchat.engine.engine import LLMEngine  # noqa: E402
 from starchat.model.loader import EMBEDDED_MODEL_DIR  # noqa: E402
 from starchat.sampling_params import SamplingParams  # noqa: E402
-
-
-def stdlib_prompts(engine: LLMEngine, count: int, tokens: int) -> list[list[int]]:
-    modules = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    prompts = []
-    for path in modules[:: max(1, len(modules) // (2 * count))]:
-        ids = engine.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
-        if len(ids) >= tokens:
-            prompts.append(ids[:tokens])
-        if len(prompts) == count:
-            break
-    return prompts
-
-
-def generate(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    ids = [engine.add_request(prompt, params) for prompt in prompts]
-    out = {request_id: [] for request_id in ids}
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            out[delta.request_id] += delta.token_ids
-    return time.perf_counter() - start, [out[request_id] for request_id in ids]
 
 
 def main() -> None:
@@ -73,16 +50,17 @@ def main() -> None:
                                     num_speculative_tokens=args.drafts,
                                     speculative_max_running=max(4, args.concurrent)), progress=False)
     drafts = {"on": args.drafts, "off": 0}
-    prompts = stdlib_prompts(engine, args.windows, args.prompt_tokens)
-    generate(engine, prompts[:1], 8)  # warm-up
+    prompts, _ = stdlib_windows(engine.tokenizer, args.windows, args.prompt_tokens)
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    run_requests(engine, prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     seconds = {"on": 0.0, "off": 0.0}
     outputs = {"on": [], "off": []}
     for index, start in enumerate(range(0, len(prompts), args.concurrent)):
         group = prompts[start:start + args.concurrent]
         for name in (("on", "off") if index % 2 == 0 else ("off", "on")):
             engine.scheduler.num_speculative_tokens = drafts[name]
-            elapsed, tokens = generate(engine, group, args.new_tokens)
-            seconds[name] += elapsed
+            timings, tokens = run_requests(engine, group, params)
+            seconds[name] += max(timing.total for timing in timings)
             outputs[name] += tokens
     stats = engine.stats()
     drafted, accepted = stats.spec_decode_draft_tokens, stats.spec_decode_accepted_tokens

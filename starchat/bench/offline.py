@@ -17,6 +17,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from starchat.bench.machine import synchronize
+from starchat.engine.engine import LLMEngine
 from starchat.llm import LLM
 from starchat.sampling_params import SamplingParams
 
@@ -248,3 +249,31 @@ class HFBaseline:
         self.generate(prompts[:2], 4)
         seconds = _median_time(lambda: self.generate(prompts, new_tokens), self.device, 1)
         return ThroughputResult(num_prompts, num_prompts * new_tokens / seconds, seconds)
+
+
+@dataclass
+class RequestTiming:
+    prompt_tokens: int
+    cached_tokens: int
+    time_to_first_token: float  # seconds
+    total: float  # seconds, until the last token
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[RequestTiming], list[list[int]]]:
+    """Submit `prompts` at once, step until all finish; their timings and generated tokens."""
+    start = time.perf_counter()
+    ids = [engine.add_request(prompt, params) for prompt in prompts]
+    first: dict[str, float] = {}
+    done: dict[str, tuple[float, int]] = {}
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in ids}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            now = time.perf_counter() - start
+            if delta.token_ids:
+                first.setdefault(delta.request_id, now)
+                tokens[delta.request_id].extend(delta.token_ids)
+            if delta.finished:
+                done[delta.request_id] = (now, delta.num_cached_tokens)
+    timings = [RequestTiming(len(prompt), done[request_id][1], first[request_id], done[request_id][0])
+               for request_id, prompt in zip(ids, prompts)]
+    return timings, [tokens[request_id] for request_id in ids]

@@ -18,16 +18,9 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+from starchat.bench.offline import RequestTiming, run_requests
 from starchat.engine.engine import LLMEngine
 from starchat.sampling_params import SamplingParams
-
-
-@dataclass
-class RequestTiming:
-    prompt_tokens: int
-    cached_tokens: int
-    time_to_first_token: float  # seconds
-    total: float  # seconds, until the last token
 
 
 @dataclass
@@ -51,26 +44,6 @@ class ScenarioResult:
         return {"wall_s": self.wall, "mean_time_to_first_token_s": self.mean_time_to_first_token,
                 "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
                 "requests": [asdict(r) for r in self.requests]}
-
-
-def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[RequestTiming], list[list[int]]]:
-    """Submit `prompts` at once, step until all finish; their timings and generated tokens."""
-    start = time.perf_counter()
-    ids = [engine.add_request(prompt, params) for prompt in prompts]
-    first: dict[str, float] = {}
-    done: dict[str, tuple[float, int]] = {}
-    tokens: dict[str, list[int]] = {request_id: [] for request_id in ids}
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            now = time.perf_counter() - start
-            if delta.token_ids:
-                first.setdefault(delta.request_id, now)
-                tokens[delta.request_id].extend(delta.token_ids)
-            if delta.finished:
-                done[delta.request_id] = (now, delta.num_cached_tokens)
-    timings = [RequestTiming(len(prompt), done[request_id][1], first[request_id], done[request_id][0])
-               for request_id, prompt in zip(ids, prompts)]
-    return timings, [tokens[request_id] for request_id in ids]
 
 
 def chat(engine: LLMEngine, system: list[int], user_turns: list[list[int]], reply_tokens: int) -> ScenarioResult:

@@ -8,11 +8,14 @@ prompt takes), so every position is scored; greedy continuations go through `LLM
 from __future__ import annotations
 
 import math
+import sysconfig
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from starchat.llm import LLM
+from starchat.tokenizer import Tokenizer
 from starchat.model import AttentionMetadata, PrefillChunk
 from starchat.sampling_params import SamplingParams
 
@@ -81,3 +84,19 @@ def compare(reference: LLM, candidate: LLM, windows: list[list[int]], prompt_tok
         top1_agreement=agree / positions, greedy_prompts=len(prompts), greedy_new_tokens=new_tokens,
         greedy_identical=sum(x == y for x, y in zip(ours, theirs)) / len(prompts),
         greedy_common_prefix=sum(prefixes) / len(prefixes))
+
+
+def stdlib_windows(tokenizer: Tokenizer, count: int, tokens: int) -> tuple[list[list[int]], list[str]]:
+    """The first `tokens` tokens of `count` Python standard-library modules (every k-th in name
+    order, skipping those shorter than that), and the modules' names: code, the models' domain,
+    on every machine that runs the benchmarks."""
+    modules = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    windows, names = [], []
+    for path in modules[::max(1, len(modules) // (2 * count))]:
+        ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= tokens:
+            windows.append(ids[:tokens])
+            names.append(path.name)
+        if len(windows) == count:
+            break
+    return windows, names

@@ -265,9 +265,8 @@ class LLMEngine:
     def _record_verified(self, launched) -> None:
         """Speculative decodes: the accepted drafts and the model's next token, one at a time, so
         that a stop condition met among them ends the request right there."""
-        # (verified_targets() runs once, before the loop clears each request's drafts)
-        for request, targets in zip(launched.verifying, launched.verified_targets()):
-            drafts, request.draft_token_ids = request.draft_token_ids, []
+        for (request, drafts), targets in zip(launched.verifying, launched.verified_targets()):
+            request.draft_token_ids = []
             tokens = accepted_tokens(drafts, targets)
             # The last token and the accepted drafts are computed; the model's own next token is not.
             request.num_computed_tokens += len(tokens)

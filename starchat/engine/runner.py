@@ -26,8 +26,7 @@ class StepInputs:
     # (request, first row, first position, count): rows whose logits score the prompt token
     # after them, for requests that asked for prompt log-probabilities
     prompt_scoring: list[tuple[Request, int, int, int]]
-    # Speculative decodes, in order, and the rows of their last token and drafts, concatenated
-    verifying: list[Request]
+    # Rows of the speculative decodes' last tokens and drafts, concatenated in batch order
     verify_rows: torch.Tensor
 
 
@@ -146,44 +145,37 @@ class ModelRunner:
             sampling=sampling,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
             prompt_scoring=prompt_scoring,
-            verifying=list(batch.speculative),
             verify_rows=torch.tensor(verify_rows, dtype=torch.long, device=self.device),
         )
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> "PendingStep":
         """Queue the step's work and its sampling; on a GPU this returns before they have run."""
-        if batch.speculative and not batch.prefills and self.model.fused_decode is not None:
-            return self._fused_verify(batch)
-        if (batch.decodes and not batch.prefills and not batch.speculative
-                and (self.decode_graphs is not None or self.model.fused_decode is not None)):
-            # A decode-only step: CUDA graphs on a GPU, the one-call native step on a CPU.
+        if batch.decodes and not batch.prefills and not batch.speculative and self.decode_graphs is not None:
+            # A decode-only step on a GPU: replayed as a CUDA graph when its shape is captured.
             decodes = list(batch.decodes)
             positions = [request.num_computed_tokens for request in decodes]
-            token_ids = [request.token_at(position) for request, position in zip(decodes, positions)]
-            block_tables = [request.block_ids for request in decodes]
-            if self.decode_graphs is not None and self.decode_graphs.supports(len(decodes), max(positions) + 1):
-                logits = self.decode_graphs.run(token_ids, positions, block_tables)
+            if self.decode_graphs.supports(len(decodes), max(positions) + 1):
+                token_ids = [request.token_at(position) for request, position in zip(decodes, positions)]
+                logits = self.decode_graphs.run(token_ids, positions, [request.block_ids for request in decodes])
                 return PendingStep(decodes, self.sampler.launch(logits, decodes))
-            if self.model.fused_decode is not None:
-                logits, greedy = self.model.fused_decode.step(token_ids, positions, block_tables, self.kv_cache,
-                                                              self.block_size)
-                return PendingStep(decodes, self.sampler.launch(logits, decodes, greedy_tokens=greedy))
+        if not batch.prefills and self.model.fused_decode is not None:
+            return self._fused_decode(batch)  # decodes (and drafts) on a CPU: one native call
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
         scored = [self._score_prompt(hidden, *piece) for piece in inputs.prompt_scoring]
         verified = None
-        if inputs.verifying:  # greedy choices after the last token and after each draft
+        if batch.speculative:  # greedy choices after the last token and after each draft
             verified = argmax_rows(self.model.compute_logits(hidden[inputs.verify_rows]))
         if not inputs.sampling:
-            return PendingStep(inputs.sampling, None, scored, inputs.verifying, verified)
+            return PendingStep(inputs.sampling, None, scored, _with_drafts(batch), verified)
         logits = self.model.compute_logits(hidden[inputs.logits_rows])  # (N, V)
-        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored, inputs.verifying,
+        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored, _with_drafts(batch),
                            verified)
 
-    def _fused_verify(self, batch: ScheduledBatch) -> "PendingStep":
-        """Decodes and speculative decodes in the CPU's one-call decode step: a speculative decode
-        becomes one row per token (its last token, then each draft at the next position, all on the
+    def _fused_decode(self, batch: ScheduledBatch) -> "PendingStep":
+        """Decodes and speculative decodes in the CPU's one-call decode step: a decode is a row; a
+        speculative decode becomes one row per token (its last token, then each draft at the next position, all on the
         request's block table). The native step writes every row's keys and values to the cache
         before any row attends, so each row sees the drafts before it; its greedy output is the
         verification. (The GPU's decode kernel writes and attends row by row in parallel, so there
@@ -201,7 +193,7 @@ class ModelRunner:
         logits, greedy = self.model.fused_decode.step(token_ids, positions, block_tables, self.kv_cache, self.block_size)
         plain = len(batch.decodes)
         sample = self.sampler.launch(logits[:plain], batch.decodes, greedy_tokens=greedy[:plain]) if plain else None
-        return PendingStep(list(batch.decodes), sample, [], list(batch.speculative), greedy[plain:])
+        return PendingStep(list(batch.decodes), sample, [], _with_drafts(batch), greedy[plain:])
 
     def _score_prompt(self, hidden: torch.Tensor, request: Request, row: int, first: int, count: int) -> "PromptScores":
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]), dim=-1)  # (count, V)
@@ -210,6 +202,10 @@ class ModelRunner:
         top_n = request.params.prompt_logprobs
         top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
         return PromptScores(request, first + 1, chosen, top_values, top_ids)
+
+
+def _with_drafts(batch: ScheduledBatch) -> list[tuple[Request, list[int]]]:
+    return [(request, request.draft_token_ids) for request in batch.speculative]
 
 
 @dataclass
@@ -235,7 +231,8 @@ class PendingStep:
     sampling: list[Request]  # requests that get a next token from this step, in row order
     sample: PendingSample | None  # None when no request gets one (prompt chunks only)
     prompt_scores: list[PromptScores] = field(default_factory=list)
-    verifying: list[Request] = field(default_factory=list)  # speculative decodes, in row order
+    # Speculative decodes in row order, each with the drafts it was launched with
+    verifying: list[tuple[Request, list[int]]] = field(default_factory=list)
     verified: torch.Tensor | None = None  # (sum of 1 + drafts,) their rows' greedy choices
 
     def verified_targets(self) -> list[list[int]]:
@@ -243,9 +240,9 @@ class PendingStep:
         if not self.verifying:
             return []
         flat, out, row = self.verified.tolist(), [], 0
-        for request in self.verifying:
-            out.append(flat[row:row + 1 + len(request.draft_token_ids)])
-            row += 1 + len(request.draft_token_ids)
+        for _, drafts in self.verifying:
+            out.append(flat[row:row + 1 + len(drafts)])
+            row += 1 + len(drafts)
         return out
 
     def result(self) -> tuple[list[Request], SamplerOutput | None]:
