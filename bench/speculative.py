@@ -1,16 +1,18 @@
 """Speculative decoding with n-gram drafts, on against off, in the same run.
 
     python bench/speculative.py [--model DIR] [--dtype auto] [--windows 20] [--prompt-tokens 256]
-                                [--new-tokens 64] [--drafts 5] [--concurrent 1] [--json PATH]
+                                [--new-tokens 64] [--drafts 5] [--concurrent 1] [--sampling] [--json PATH]
 
 Prompts: the first --prompt-tokens tokens of Python standard-library modules (every k-th in name
-order), continued greedily for --new-tokens tokens, --concurrent at a time. The model defaults to
+order), continued greedily for --new-tokens tokens, --concurrent at a time (--sampling: with the
+playground's sampling instead: temperature 0.2, top-p 0.95, top-k 50, repetition penalty 1.2). The model defaults to
 the embedded starchat-nano: acceptance depends on what a model writes. One engine runs each
 group of prompts twice in turns, with drafting on and off (the scheduler's
 `num_speculative_tokens`): two engines loaded side by side differ by themselves (on this host the
 first-loaded one decoded 10-15% slower, whatever its settings), which would bias the ratio. Prints output tokens/s of each, their ratio, the share of drafts accepted, tokens per
-verified step, and how many continuations are identical (float32: all of them; 16-bit: the
-verify step computes the same sums in another order, so a near-tie can flip).
+verified step, and how many continuations are identical (greedy in float32: all of them; 16-bit:
+the verify step computes the same sums in another order, so a near-tie can flip; sampled: each
+draw differs, so only the speed is compared).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--drafts", type=int, default=5)
     parser.add_argument("--concurrent", type=int, default=1)
+    parser.add_argument("--sampling", action="store_true", help="the playground's sampling instead of greedy decoding")
+    parser.add_argument("--repetition-penalty", type=float, help="instead of the playground's (with --sampling)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -52,6 +56,13 @@ def main() -> None:
     drafts = {"on": args.drafts, "off": 0}
     prompts, _ = stdlib_windows(engine.tokenizer, args.windows, args.prompt_tokens)
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    if args.sampling:
+        from starchat.server.playground import GENERATION_DEFAULTS as playground
+
+        params = params.copy(do_sample=True, temperature=playground["temperature"], top_p=playground["top_p"],
+                             top_k=playground["top_k"], repetition_penalty=playground["repetition_penalty"])
+    if args.repetition_penalty is not None:
+        params = params.copy(repetition_penalty=args.repetition_penalty)
     run_requests(engine, prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     seconds = {"on": 0.0, "off": 0.0}
     outputs = {"on": [], "off": []}
@@ -77,7 +88,7 @@ def main() -> None:
     print(f"machine: {machine}")
     print(f"model: {args.model} ({engine.dtype}, {args.device}); {len(prompts)} stdlib prompts of "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each, {args.concurrent} at a time, "
-          f"up to {args.drafts} drafts")
+          f"up to {args.drafts} drafts, {'sampled as the playground does' if args.sampling else 'greedy'}")
     rate = figures["output_tokens_per_s"]
     print(f"output tokens/s: speculative {rate['on']:.1f}, plain {rate['off']:.1f} -> x{figures['speedup_on_over_off']:.2f}")
     print(f"drafts accepted: {accepted} of {drafted} ({100 * figures['acceptance_rate']:.0f}%); "

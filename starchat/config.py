@@ -186,7 +186,8 @@ class EngineConfig:
     # computed once
     enable_prefix_caching: bool = True
     # Speculative decoding with n-gram drafts from the sequence itself (engine/speculative.py): up
-    # to this many drafted tokens verified per step for greedy requests; 0 = off. Only while at
+    # to this many drafted tokens verified per step (greedy requests, and sampling ones without a
+    # seed: a seed's draws are only reproducible without drafts); 0 = off. Only while at
     # most `speculative_max_running` requests run (beyond, a step is no longer bound by reading
     # the weights, and verifying drafts costs compute the batch needs).
     num_speculative_tokens: int = 0

@@ -31,12 +31,12 @@ def write_hf_checkpoint(path: Path, seed: int = 0, safe_serialization: bool = Tr
     return Path(path)
 
 
-def hf_greedy(reference, prompt_ids: list[int], new_tokens: int) -> list[int]:
+def hf_greedy(reference, prompt_ids: list[int], new_tokens: int, repetition_penalty: float = 1.0) -> list[int]:
     """HF transformers' greedy continuation of exactly `new_tokens` tokens (the reference)."""
     input_ids = torch.tensor([prompt_ids])
-    # repetition_penalty=1: a checkpoint's generation_config.json may ask for another by default
-    # (starchat-nano's asks for 1.1)
+    # repetition_penalty given always: a checkpoint's generation_config.json may ask for another by
+    # default (starchat-nano's asks for 1.1)
     output = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                                 min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                repetition_penalty=1.0)
+                                repetition_penalty=repetition_penalty)
     return output[0, len(prompt_ids):].tolist()

@@ -1,8 +1,10 @@
 """Speculative decoding with n-gram drafts: fewer steps, exactly the tokens of greedy decoding
-(HF transformers' `generate` is the reference), stop conditions honoured inside a verified run."""
+(HF transformers' `generate` is the reference), stop conditions honoured inside a verified run,
+sampled tokens distributed as without drafts."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPTBigCodeForCausalLM as HFModel
@@ -11,6 +13,8 @@ from reference_checkpoints import hf_greedy
 from starchat import SamplingParams
 from starchat.config import EngineConfig
 from starchat.engine.engine import LLMEngine
+from starchat.engine.request import Request
+from starchat.engine.sampler import Sampler
 from starchat.engine.speculative import accepted_tokens, propose_drafts
 
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(a, b):", "x = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2,",
@@ -106,10 +110,14 @@ def test_other_requests_are_not_changed_and_a_full_batch_does_not_speculate(tiny
     ours, _ = run(speculative, prompts, params)
     expected, _ = run(plain, prompts, params)
     assert [tokens(d) for d in ours] == [tokens(d) for d in expected]
+    # The logprobs one speculated too: its logprobs come from the verified rows.
     assert [lp.logprob for d in ours[2] for lp in d.logprobs] == pytest.approx(
         [lp.logprob for d in expected[2] for lp in d.logprobs], abs=1e-4)
+    assert [[alt[0] for lp in d.logprobs for alt in lp.top] for d in ours[2]] == \
+        [[alt[0] for lp in d.logprobs for alt in lp.top] for d in expected[2]]
+    assert ours[1][-1].seed == 5  # seeded sampling is not drafted for: the seed still gives its tokens
     drafted = speculative.stats().spec_decode_draft_tokens
-    assert drafted > 0  # the greedy one speculated
+    assert drafted > 0
     run(speculative, prompts + prompts[:1], [GREEDY] * 4)  # 4 running > 3: no speculation
     assert speculative.stats().spec_decode_draft_tokens == drafted
 
@@ -126,15 +134,22 @@ def test_with_prefix_caching_only_verified_tokens_are_shared(tiny_model_dir, ref
     assert tokens(again) == hf_greedy(reference, follow_up, 20)
 
 
+@pytest.fixture(scope="module")
+def embedded_reference():
+    from starchat.model.loader import EMBEDDED_MODEL_DIR
+
+    return HFModel.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32).eval()
+
+
 @pytest.mark.parametrize("verify_in", ["native decode step", "module path"])
-def test_rejected_drafts_leave_no_trace_on_a_trained_model(verify_in):
+def test_rejected_drafts_leave_no_trace_on_a_trained_model(verify_in, embedded_reference):
     """starchat-nano writes real code, so many drafts are wrong (a random model only loops): the
     rejected ones' cache slots are overwritten and the tokens stay HF's greedy tokens. Verified in
     the CPU's one-call decode step (a row per draft), or as a prompt chunk through the module path
     (what a GPU does)."""
     from starchat.model.loader import EMBEDDED_MODEL_DIR
 
-    reference = HFModel.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32).eval()
+    reference = embedded_reference
     engine = make_engine(EMBEDDED_MODEL_DIR, num_speculative_tokens=5)
     if verify_in == "module path":
         engine.runner.model.fused_decode = None
@@ -159,3 +174,100 @@ def test_rejected_drafts_leave_no_trace_on_a_trained_model(verify_in):
     assert [tokens(deltas) for deltas in out] == expected
     assert crowded.stats().num_preemptions > 0 and crowded.stats().spec_decode_accepted_tokens > 0
     assert crowded.stats().kv_cache_used_blocks == 0
+
+
+def reference_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> np.ndarray:
+    """softmax(logits / T), cut to the smallest most-likely set reaching top_p, renormalised."""
+    probs = np.exp(logits.double().numpy() / temperature)
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    kept = order[:int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)]
+    out = np.zeros_like(probs)
+    out[kept] = probs[kept]
+    return out / out.sum()
+
+
+def test_sampled_verification_keeps_the_models_distribution():
+    """20,000 requests verify the same two drafts against the same three rows of logits: the first
+    token is distributed as the first row says; given that it was the first draft, the second as
+    the second row says; given both drafts, the third as the third row says. (Keeping a draft
+    whenever it is possible, or drawing from the whole row after a rejection, moves the first
+    token's distribution by 0.1 or more here.)"""
+    vocab, trials = 8, 20_000
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    params = SamplingParams(do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=8)
+    expected = [reference_distribution(row, params.temperature, params.top_p) for row in logits]
+    drafts = [int(np.argsort(-expected[0])[1]), int(np.argmax(expected[1]))]  # a likely and a likelier guess
+    requests = [Request(str(i), [1, 2], params, frozenset(), 64, generator=torch.Generator().manual_seed(i))
+                for i in range(trials)]
+    outputs = Sampler(eos_token_id=0).verify(logits.repeat(trials, 1), None, [(r, drafts) for r in requests])
+    results = [output.token_ids for output in outputs]
+    assert all(1 <= len(tokens) <= 3 and tokens[:-1] == drafts[:len(tokens) - 1] for tokens in results)
+
+    def total_variation(samples: list[int], probs: np.ndarray) -> float:
+        counts = np.bincount(samples, minlength=vocab) / len(samples)
+        assert counts[probs == 0].sum() == 0  # nothing outside top-p
+        return 0.5 * np.abs(counts - probs).sum()
+
+    first = [tokens[0] for tokens in results]
+    second = [tokens[1] for tokens in results if tokens[0] == drafts[0]]  # the first draft kept
+    third = [tokens[2] for tokens in results if tokens[:2] == drafts]
+    assert len(second) > 2_000 and len(third) > 600
+    assert total_variation(first, expected[0]) < 0.02
+    assert total_variation(second, expected[1]) < 0.03
+    assert total_variation(third, expected[2]) < 0.05
+
+
+def test_each_row_is_penalised_for_the_drafts_before_it():
+    """OpenAI's frequency penalty by hand: token 5 leads every row by 3 logits; it was generated
+    once before and is drafted twice. Row 0 (count 1, minus 2) keeps it, row 1 (count 2 with the
+    first draft, minus 4) does not: the step yields [5, the runner-up of row 1]."""
+    logits = torch.zeros(3, 8)
+    logits[:, 5] = 3.0
+    logits[1, 2] = 0.5  # row 1's runner-up
+    params = SamplingParams(max_new_tokens=8, frequency_penalty=2.0)
+    request = Request("r", [1, 2], params, frozenset(), 64, output_token_ids=[5])
+    (output,) = Sampler(eos_token_id=0).verify(logits, logits.argmax(dim=-1), [(request, [5, 5])])
+    assert output.token_ids == [5, 2]
+
+
+def test_sampling_and_penalties_verify_row_by_row_like_hf(embedded_reference):
+    """Sampling with top_k=1 keeps a draft exactly when it is the row's argmax (p = 1, else 0), and
+    penalties must count the drafts before each row: greedy and sampled requests with a repetition
+    penalty give HF's greedy tokens with that penalty, drafts accepted and rejected."""
+    from starchat.model.loader import EMBEDDED_MODEL_DIR
+
+    engine = make_engine(EMBEDDED_MODEL_DIR, num_speculative_tokens=4)
+    prompts = ["import os\nimport sys\nimport", "def add(a, b):\n    return a + b\n\n\ndef subtract(a, b):\n"]
+    ids = [engine.tokenizer.encode(prompt) for prompt in prompts]
+    greedy = SamplingParams(max_new_tokens=40, ignore_eos=True, repetition_penalty=1.2)
+    top1 = SamplingParams(max_new_tokens=40, ignore_eos=True, repetition_penalty=1.2, do_sample=True, top_k=1)
+    out, _ = run(engine, ids + ids, [greedy, greedy, top1, top1])
+    expected = [hf_greedy(embedded_reference, prompt_ids, 40, repetition_penalty=1.2) for prompt_ids in ids]
+    assert [tokens(deltas) for deltas in out] == expected + expected
+    stats = engine.stats()
+    assert 0 < stats.spec_decode_accepted_tokens < stats.spec_decode_draft_tokens
+    assert out[2][-1].seed is None  # drafted for: no seed reproduces these draws
+
+    # Drafts come from the sequence, so a once-per-token penalty has already hit them; a frequency
+    # penalty counts each occurrence, the drafts before a row included (reference: the plain engine,
+    # whose penalties test_sampling checks against OpenAI's formula).
+    counted = SamplingParams(max_new_tokens=40, ignore_eos=True, frequency_penalty=0.4, presence_penalty=0.2)
+    plain = make_engine(EMBEDDED_MODEL_DIR)
+    drafted = engine.stats().spec_decode_draft_tokens
+    out, _ = run(engine, ids, counted)
+    assert [tokens(deltas) for deltas in out] == [tokens(deltas) for deltas in run(plain, ids, counted)[0]]
+    assert engine.stats().spec_decode_draft_tokens > drafted
+
+
+def test_sampled_requests_are_drafted_for_and_stream_whole():
+    from starchat.model.loader import EMBEDDED_MODEL_DIR
+
+    # (A random model's next-token distributions are nearly flat: sampled, it never repeats itself.)
+    engine = make_engine(EMBEDDED_MODEL_DIR, num_speculative_tokens=5)
+    prompt = engine.tokenizer.encode("import os\nimport sys\nimport")
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True, do_sample=True, temperature=0.3, logprobs=1)
+    (deltas,), steps = run(engine, [prompt], params)
+    assert engine.stats().spec_decode_accepted_tokens > 0 and steps < 40
+    assert len(tokens(deltas)) == 40 and all(len(d.token_ids) == 1 and len(d.logprobs) == 1 for d in deltas)
+    assert "".join(d.text for d in deltas) == engine.tokenizer.decode(tokens(deltas))

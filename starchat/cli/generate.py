@@ -27,9 +27,10 @@ def generate_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     quantize: Optional[str] = typer.Option(None, help="int8: weight-only int8 (a quarter of float32's memory)."),
     num_speculative_tokens: int = typer.Option(
-        0, min=0, help="Greedy decoding with up to this many drafted tokens verified per step (drafts: what followed "
-                       "earlier occurrences of the last tokens). Same text, faster when the output repeats its "
-                       "context. 0 = off."),
+        0, min=0, help="Speculative decoding: up to this many drafted tokens verified per step (drafts: what "
+                       "followed earlier occurrences of the last tokens). Greedy: the same text; sampling (without "
+                       "--seed, which turns drafting off): text of the same distribution. Faster when the output "
+                       "repeats its context. 0 = off."),
 ):
     """Complete PROMPT and print the generated text."""
     import sys

@@ -53,9 +53,10 @@ def serve_command(
     quantize: Optional[str] = typer.Option(None, help="int8: weight-only int8 weights (a quarter of float32's memory)."
                                            + _env("quantize")),
     num_speculative_tokens: Optional[int] = typer.Option(
-        None, help="Speculative decoding for greedy requests: up to this many tokens, drafted from earlier "
-                   "occurrences of the sequence's last tokens (n-gram lookup), verified per step while at most 4 "
-                   "requests run. Same tokens, fewer steps when the output repeats its context. Default 0 (off)."
+        None, help="Speculative decoding: up to this many tokens, drafted from earlier occurrences of the "
+                   "sequence's last tokens (n-gram lookup), verified per step while at most 4 requests run. Greedy "
+                   "requests get the same tokens, sampled ones tokens of the same distribution (requests with a seed "
+                   "are not drafted for), in fewer steps when the output repeats its context. Default 0 (off)."
                    + _env("num_speculative_tokens")),
     prefix_caching: Optional[bool] = typer.Option(
         None, "--prefix-caching/--no-prefix-caching",

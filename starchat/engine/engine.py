@@ -26,7 +26,6 @@ from starchat.engine.request import Request, RequestStatus
 from starchat.engine.runner import ModelRunner
 from starchat.errors import FieldError
 from starchat.engine.scheduler import Scheduler
-from starchat.engine.speculative import accepted_tokens
 from starchat.model.loader import load_model, resolve_model_dir
 from starchat.outputs import FinishReason, StreamDelta, TokenLogprob
 from starchat.sampling_params import SamplingParams, SamplingParamsError
@@ -263,18 +262,21 @@ class LLMEngine:
         return deltas
 
     def _record_verified(self, launched) -> None:
-        """Speculative decodes: the accepted drafts and the model's next token, one at a time, so
+        """Speculative decodes: the accepted drafts and the token after them, one at a time, so
         that a stop condition met among them ends the request right there."""
-        for (request, drafts), targets in zip(launched.verifying, launched.verified_targets()):
+        if launched.verification is None:
+            return
+        for request, drafts, output in launched.verification.result():
             request.draft_token_ids = []
-            tokens = accepted_tokens(drafts, targets)
-            # The last token and the accepted drafts are computed; the model's own next token is not.
-            request.num_computed_tokens += len(tokens)
-            for token_id in tokens:
-                self._record_token(request, token_id, None)
+            if not request.params.greedy:
+                request.seed = None  # its tokens no longer follow one seed's draws: report none
+            # The last token and the accepted drafts are computed; the token after them is not.
+            request.num_computed_tokens += len(output.token_ids)
+            for token_id, logprob in zip(output.token_ids, output.logprobs):
+                self._record_token(request, token_id, logprob)
                 if request.finished:
                     break
-            self.scheduler.record_verified(request, len(drafts), len(tokens) - 1)
+            self.scheduler.record_verified(request, len(drafts), len(output.token_ids) - 1)
 
     def _step_failed(self, batch) -> None:
         self.scheduler.forget_scheduled_blocks()

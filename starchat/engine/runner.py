@@ -10,7 +10,7 @@ import torch
 from starchat.engine.cuda_graphs import DecodeGraphs
 from starchat.engine.kv_cache import allocate_kv_cache
 from starchat.engine.request import Request
-from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput, argmax_rows
+from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput
 from starchat.engine.scheduler import ScheduledBatch
 from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention, triton_support
 from starchat.model.tuned_linear import fuse_gelu_into_products, tune_decode_products
@@ -164,14 +164,13 @@ class ModelRunner:
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
         scored = [self._score_prompt(hidden, *piece) for piece in inputs.prompt_scoring]
-        verified = None
-        if batch.speculative:  # greedy choices after the last token and after each draft
-            verified = argmax_rows(self.model.compute_logits(hidden[inputs.verify_rows]))
+        verification = None
+        if batch.speculative:  # the distributions after the last token and after each draft
+            verification = self._verification(batch, self.model.compute_logits(hidden[inputs.verify_rows]), None)
         if not inputs.sampling:
-            return PendingStep(inputs.sampling, None, scored, _with_drafts(batch), verified)
+            return PendingStep(inputs.sampling, None, scored, verification)
         logits = self.model.compute_logits(hidden[inputs.logits_rows])  # (N, V)
-        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored, _with_drafts(batch),
-                           verified)
+        return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored, verification)
 
     def _fused_decode(self, batch: ScheduledBatch) -> "PendingStep":
         """Decodes and speculative decodes in the CPU's one-call decode step: a decode is a row; a
@@ -193,7 +192,13 @@ class ModelRunner:
         logits, greedy = self.model.fused_decode.step(token_ids, positions, block_tables, self.kv_cache, self.block_size)
         plain = len(batch.decodes)
         sample = self.sampler.launch(logits[:plain], batch.decodes, greedy_tokens=greedy[:plain]) if plain else None
-        return PendingStep(list(batch.decodes), sample, [], _with_drafts(batch), greedy[plain:])
+        verification = self._verification(batch, logits[plain:], greedy[plain:]) if batch.speculative else None
+        return PendingStep(list(batch.decodes), sample, [], verification)
+
+    def _verification(self, batch: ScheduledBatch, logits: torch.Tensor, greedy: torch.Tensor | None) -> "PendingVerify":
+        # The drafts are taken now: the engine clears them from the requests before reading the step.
+        return PendingVerify(self.sampler, [(request, request.draft_token_ids) for request in batch.speculative],
+                             logits, greedy)
 
     def _score_prompt(self, hidden: torch.Tensor, request: Request, row: int, first: int, count: int) -> "PromptScores":
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]), dim=-1)  # (count, V)
@@ -202,10 +207,6 @@ class ModelRunner:
         top_n = request.params.prompt_logprobs
         top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
         return PromptScores(request, first + 1, chosen, top_values, top_ids)
-
-
-def _with_drafts(batch: ScheduledBatch) -> list[tuple[Request, list[int]]]:
-    return [(request, request.draft_token_ids) for request in batch.speculative]
 
 
 @dataclass
@@ -231,20 +232,24 @@ class PendingStep:
     sampling: list[Request]  # requests that get a next token from this step, in row order
     sample: PendingSample | None  # None when no request gets one (prompt chunks only)
     prompt_scores: list[PromptScores] = field(default_factory=list)
-    # Speculative decodes in row order, each with the drafts it was launched with
-    verifying: list[tuple[Request, list[int]]] = field(default_factory=list)
-    verified: torch.Tensor | None = None  # (sum of 1 + drafts,) their rows' greedy choices
-
-    def verified_targets(self) -> list[list[int]]:
-        """Per speculative decode, the greedy choice after its last token and after each draft."""
-        if not self.verifying:
-            return []
-        flat, out, row = self.verified.tolist(), [], 0
-        for _, drafts in self.verifying:
-            out.append(flat[row:row + 1 + len(drafts)])
-            row += 1 + len(drafts)
-        return out
+    verification: "PendingVerify | None" = None  # speculative decodes, when the step has some
 
     def result(self) -> tuple[list[Request], SamplerOutput | None]:
         """Wait for the step; its requests and their tokens."""
         return self.sampling, self.sample.result() if self.sample is not None else None
+
+
+@dataclass
+class PendingVerify:
+    """A step's speculative decodes (in row order, each with the drafts it was launched with) and
+    the logits of their rows, as device tensors; `result()` decides which drafts are kept."""
+
+    sampler: Sampler
+    verifying: list[tuple[Request, list[int]]]
+    logits: torch.Tensor  # (sum of 1 + drafts, V) after the last token and after each draft
+    greedy_tokens: torch.Tensor | None  # their argmax, where the step computed it
+
+    def result(self) -> list[tuple[Request, list[int], SamplerOutput]]:
+        """Per speculative decode: the request, its drafts, and the tokens (with logprobs) it gets."""
+        outputs = self.sampler.verify(self.logits, self.greedy_tokens, self.verifying)
+        return [(request, drafts, output) for (request, drafts), output in zip(self.verifying, outputs)]

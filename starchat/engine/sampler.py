@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from starchat.engine.request import Request
+from starchat.engine.speculative import accepted_tokens, draft_rows
 
 
 @dataclass
@@ -72,10 +74,7 @@ class Sampler:
         want_logprobs = [r.params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        logits = self._apply_repetition_penalty(logits, requests)
-        logits = self._apply_output_penalties(logits, requests)
-        logits = self._apply_logit_bias(logits, requests)
-        logits = self._apply_min_new_tokens(logits, requests)
+        logits = self._process(logits, requests)
 
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
         sample_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -97,20 +96,99 @@ class Sampler:
                 pending.top_values, pending.top_ids = raw_logprobs.topk(top_n, dim=-1)
         return pending
 
+    def _process(self, logits: torch.Tensor, requests) -> torch.Tensor:
+        """The logits each request's next token is chosen from (the input itself when nothing applies)."""
+        logits = self._apply_repetition_penalty(logits, requests)
+        logits = self._apply_output_penalties(logits, requests)
+        logits = self._apply_logit_bias(logits, requests)
+        return self._apply_min_new_tokens(logits, requests)
+
+    @torch.inference_mode()
+    def verify(self, logits: torch.Tensor, greedy_tokens: torch.Tensor | None,
+               verifying: list[tuple[Request, list[int]]]) -> list[SamplerOutput]:
+        """Speculative decodes: which drafts to keep, and the token after them, per request.
+
+        `logits` has a row per verified position, each request's rows in order: after its last
+        token, then after each draft. A row is processed as if the drafts before it were accepted
+        (penalties and min_new_tokens see them). Greedy requests keep the drafts that equal the
+        row's argmax, then take the next argmax. Sampling requests keep draft d with probability
+        p(d) (the row's distribution after temperature, top-k and top-p) and, at the first
+        rejection, draw from p with d removed: a drafter that proposes one token with certainty
+        makes that the standard speculative-sampling rule, so every token is distributed as
+        without drafts (not the same draws: a seed's tokens differ, which is why seeded requests
+        are not drafted for)."""
+        rows = [row for request, drafts in verifying for row in draft_rows(request, drafts)]
+        processed = self._process(logits, rows)
+        targets: dict[int, int] = {}  # greedy rows' choices by row
+        greedy = [i for i, row in enumerate(rows) if row.params.greedy]
+        if greedy:
+            if greedy_tokens is None or processed is not logits:
+                greedy_tokens = argmax_rows(processed[torch.tensor(greedy, device=logits.device)])
+            else:
+                greedy_tokens = greedy_tokens[greedy]
+            targets = dict(zip(greedy, greedy_tokens.tolist()))
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if sampled:
+            probs, candidate_ids = self._distribution(processed[torch.tensor(sampled, device=logits.device)],
+                                                      [rows[i] for i in sampled])
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+            # Each sampled row's probability of the draft that follows it (the last row has none: -1).
+            next_draft = torch.tensor([rows[i].next_draft for i in sampled], device=logits.device)
+            draft_probs = (probs * (candidate_ids == next_draft[:, None])).sum(dim=-1).tolist()
+            sampled_at = {row: k for k, row in enumerate(sampled)}
+        want_logprobs = any(row.params.logprobs is not None for row in rows)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        top_n = max(row.params.logprobs or 0 for row in rows)
+
+        outputs, first = [], 0
+        for request, drafts in verifying:
+            if request.params.greedy:
+                tokens = accepted_tokens(drafts, [targets[row] for row in range(first, first + len(drafts) + 1)])
+            else:
+                k = sampled_at[first]
+                tokens = self._accept_sampled(drafts, draft_probs[k:k + len(drafts)], probs[k:k + len(drafts) + 1],
+                                              candidate_ids[k:k + len(drafts) + 1], request.generator)
+            logprobs = [None] * len(tokens)
+            if request.params.logprobs is not None:
+                row_ids = torch.arange(first, first + len(tokens), device=logits.device)
+                pending = PendingSample([request] * len(tokens), torch.tensor(tokens, device=logits.device),
+                                        raw_logprobs[row_ids].gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1))
+                if top_n:
+                    pending.top_values, pending.top_ids = raw_logprobs[row_ids].topk(top_n, dim=-1)
+                logprobs = pending.result().logprobs
+            outputs.append(SamplerOutput(tokens, logprobs))
+            first += len(drafts) + 1
+        return outputs
+
+    @staticmethod
+    def _accept_sampled(drafts: list[int], draft_probs: list[float], probs: torch.Tensor, candidate_ids: torch.Tensor,
+                        generator: torch.Generator) -> list[int]:
+        """probs/candidate_ids: (len(drafts) + 1, K) normalised distributions of the request's rows."""
+        uniform = torch.rand(len(drafts), generator=generator, device=generator.device).tolist()
+        accepted = 0
+        while accepted < len(drafts) and uniform[accepted] < draft_probs[accepted]:
+            accepted += 1
+        row_probs, row_ids = probs[accepted], candidate_ids[accepted]
+        if accepted < len(drafts):  # rejected: the rest of the distribution, the draft taken out
+            row_probs = row_probs.masked_fill(row_ids == drafts[accepted], 0.0)
+        noise = torch.empty_like(row_probs).exponential_(generator=generator)
+        return drafts[:accepted] + [int(row_ids[(row_probs / noise).argmax()])]
+
     def _apply_repetition_penalty(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
         if not rows:
             return logits
-        # As transformers does: every token of prompt and output so far is penalised once.
-        histories = [requests[i].all_token_ids for i in rows]
-        width = max(len(h) for h in histories)
-        padded = torch.tensor([h + [h[-1]] * (width - len(h)) for h in histories], device=logits.device)  # (R, W)
-        penalty = torch.tensor([requests[i].params.repetition_penalty for i in rows], device=logits.device)[:, None]
-        row_index = torch.tensor(rows, device=logits.device)
-        selected = logits[row_index].gather(1, padded)
-        penalised = torch.where(selected < 0, selected * penalty, selected / penalty)
+        # As transformers does: every token of prompt and output so far is penalised once. The
+        # (row, token) pairs are indexed directly: a token seen twice writes the same value twice.
+        histories = [np.asarray(requests[i].all_token_ids, dtype=np.int64) for i in rows]
+        lengths = [len(history) for history in histories]
+        row_index = torch.from_numpy(np.repeat(np.asarray(rows, dtype=np.int64), lengths)).to(logits.device)
+        token_index = torch.from_numpy(np.concatenate(histories)).to(logits.device)
+        penalties = [requests[i].params.repetition_penalty for i in rows]
+        penalty = torch.from_numpy(np.repeat(np.asarray(penalties, dtype=np.float32), lengths)).to(logits.device)
+        selected = logits[row_index, token_index]
         logits = logits.clone()
-        logits[row_index] = logits[row_index].scatter(1, padded, penalised)
+        logits[row_index, token_index] = torch.where(selected < 0, selected * penalty, selected / penalty)
         return logits
 
     def _apply_output_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -151,6 +229,17 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:  # (S, V) -> (S,)
+        probs, candidate_ids = self._distribution(logits, requests)
+        noise = torch.empty_like(probs)
+        for row, request in enumerate(requests):
+            noise[row].exponential_(generator=request.generator)
+        picked = (probs / noise).argmax(dim=-1, keepdim=True)  # (S, 1)
+        return candidate_ids.gather(1, picked).squeeze(1)
+
+    @staticmethod
+    def _distribution(logits: torch.Tensor, requests) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's distribution after temperature, top-k and top-p, over its top-K candidates:
+        (S, K) probabilities (not renormalised after top-p: the draw does not need it) and token ids."""
         device = logits.device
         vocab = logits.shape[-1]
         temperature = torch.tensor([r.params.temperature for r in requests], device=device)[:, None]
@@ -164,12 +253,7 @@ class Sampler:
         top_p = torch.tensor([r.params.top_p for r in requests], device=device)[:, None]
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         mass_before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)
-        noise = torch.empty_like(probs)
-        for row, request in enumerate(requests):
-            noise[row].exponential_(generator=request.generator)
-        picked = (probs / noise).argmax(dim=-1, keepdim=True)  # (S, 1)
-        return candidate_ids.gather(1, picked).squeeze(1)
+        return probs.masked_fill(mass_before >= top_p, 0.0), candidate_ids
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

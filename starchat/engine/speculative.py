@@ -6,14 +6,19 @@ few tokens of a sequence occurred earlier in it, the tokens that followed that o
 cheap guess of what comes next. One step then computes the last token and the guesses together
 (a memory-bound decode step reads the weights once whatever the row count), and keeps the
 guesses that greedy decoding confirms plus the model's own next token, so a step yields 1 to
-k + 1 tokens, exactly those that one-token-at-a-time greedy decoding gives.
+k + 1 tokens, exactly those that one-token-at-a-time greedy decoding gives. Sampling requests
+keep each guess with the probability the model gives it (`Sampler.verify`), so their tokens are
+distributed as without guesses.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from starchat.engine.request import Request
+from starchat.sampling_params import SamplingParams
 
 
 def propose_drafts(tokens: list[int], num_drafts: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
@@ -37,12 +42,31 @@ def propose_drafts(tokens: list[int], num_drafts: int, max_ngram: int = 3, min_n
 
 
 def can_speculate(request: Request) -> bool:
-    """Greedy requests whose next tokens depend on the logits alone: penalties, biases, a
-    min_new_tokens block and log-probabilities would change or need each row separately."""
-    params = request.params
-    return (params.greedy and params.logprobs is None and params.repetition_penalty == 1.0
-            and not params.presence_penalty and not params.frequency_penalty and not params.logit_bias
-            and len(request.output_token_ids) >= params.min_new_tokens)
+    """Every request but a seeded sampling one: verification draws its own random numbers (to
+    accept or reject drafts), so a seed would no longer give the tokens it gives without drafts."""
+    return request.params.greedy or request.params.seed is None
+
+
+@dataclass
+class DraftRow:
+    """A speculative decode at one of its verified rows: the request as if the drafts before the
+    row were accepted (the sampler's penalties and min_new_tokens read these fields)."""
+
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    next_draft: int  # the draft this row's distribution verifies; -1 after the last
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+
+def draft_rows(request: Request, drafts: list[int]) -> list[DraftRow]:
+    return [DraftRow(request.params, request.stop_token_ids, request.prompt_token_ids,
+                     request.output_token_ids + drafts[:i], drafts[i] if i < len(drafts) else -1)
+            for i in range(len(drafts) + 1)]
 
 
 def accepted_tokens(drafts: list[int], targets: list[int]) -> list[int]:

@@ -46,7 +46,7 @@ class ServerSettings:
     max_num_batched_tokens: int | None = None  # tokens per engine step; default 512 on a CPU, 2048 on a GPU
     quantize: str | None = None  # None | "int8": weight-only int8
     prefix_caching: bool = True  # reuse the cache of prompts' already-computed prefixes
-    num_speculative_tokens: int = 0  # n-gram drafts verified per step for greedy requests; 0 = off
+    num_speculative_tokens: int = 0  # n-gram drafts verified per step (not for seeded sampling); 0 = off
 
     # ---- derived ----------------------------------------------------------------------------
 
