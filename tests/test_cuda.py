@@ -235,6 +235,13 @@ def test_speculative_decoding_and_prompt_logprobs_on_gpu(checkpoint):
     plain = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
     assert greedy(speculative, repetitive) == greedy(plain, repetitive)
     assert speculative.engine.stats().spec_decode_draft_tokens > 0
+    # Sampled verification on the GPU (its random draws on the request's CUDA generator): top_k=1
+    # keeps exactly the drafts greedy keeps.
+    top1 = SamplingParams(max_new_tokens=32, ignore_eos=True, do_sample=True, top_k=1, repetition_penalty=1.1)
+    drafted = speculative.engine.stats().spec_decode_draft_tokens
+    assert ([c.token_ids for c in speculative.generate(repetitive, top1)]
+            == [c.token_ids for c in plain.generate(repetitive, top1.copy(do_sample=False))])
+    assert speculative.engine.stats().spec_decode_draft_tokens > drafted
     scoring = SamplingParams(max_new_tokens=1, prompt_logprobs=2)
     cpu = LLM(str(checkpoint), dtype="float32", device="cpu", progress=False)
     for on_gpu, on_cpu in zip(plain.generate(PROMPTS, scoring), cpu.generate(PROMPTS, scoring)):
