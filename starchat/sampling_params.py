@@ -17,7 +17,7 @@ class SamplingParams:
     """How to generate one completion.
 
     Greedy decoding is used when `do_sample` is False or `temperature` is 0.
-    `top_k=0` and `top_p=1.0` switch those filters off. `logprobs=None` returns no
+    `top_k=0`, `top_p=1.0` and `typical_p=1.0` switch those filters off. `logprobs=None` returns no
     log-probabilities; `logprobs=n` returns the chosen token's plus the top-n alternatives.
     """
 
@@ -26,6 +26,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # Locally typical sampling (HF's `typical_p`, TGI's): keep the tokens whose surprise is closest
+    # to the distribution's entropy, up to this much probability mass; after top-k and top-p.
+    typical_p: float = 1.0
     repetition_penalty: float = 1.0
     # OpenAI's: subtracted from a token's logit once if it occurs in the output so far (presence),
     # and once per occurrence (frequency); -2..2, 0 = off. Prompt tokens do not count.
@@ -79,6 +82,9 @@ class SamplingParams:
         _check_number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p}")
+        _check_number("typical_p", self.typical_p)
+        if not 0.0 < self.typical_p <= 1.0:
+            raise SamplingParamsError("typical_p", f"must be in (0, 1], got {self.typical_p}")
         _check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise SamplingParamsError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from starchat import LLM, SamplingParams, SamplingParamsError
 from starchat.chat_template import fim_prompt
@@ -18,6 +19,8 @@ def llm(tiny_model_dir):
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),
+    (dict(typical_p=0.0), "typical_p"),
+    (dict(typical_p=float("nan")), "typical_p"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(min_new_tokens=10, max_new_tokens=5), "min_new_tokens"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
@@ -147,7 +150,6 @@ def test_stream_deltas_concatenate_to_the_completion(llm):
 
 
 def test_sampler_greedy_rows_equal_torch_argmax_with_ties_and_nan():
-    import torch
 
     from starchat.engine.request import Request
     from starchat.engine.sampler import Sampler
@@ -173,7 +175,6 @@ def test_sampler_greedy_rows_equal_torch_argmax_with_ties_and_nan():
 def test_sampler_takes_given_greedy_tokens_only_for_unchanged_logits():
     """The CPU decode step hands the sampler each row's argmax; a repetition penalty or a
     min_new_tokens block changes the logits, and then the sampler chooses again."""
-    import torch
 
     from starchat.engine.request import Request
     from starchat.engine.sampler import Sampler
@@ -199,7 +200,6 @@ def openai_reference(reference, prompt_ids: list[int], new_tokens: int, presence
     """Greedy decoding written from OpenAI's description of the parameters, on HF transformers'
     logits: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counts over the tokens
     generated so far, then logit[j] += bias[j]."""
-    import torch
 
     ids = list(prompt_ids)
     generated: list[int] = []
@@ -224,7 +224,6 @@ def openai_reference(reference, prompt_ids: list[int], new_tokens: int, presence
     (0.0, 0.0, "ban the first two greedy tokens, favour a third"),
 ])
 def test_presence_frequency_and_logit_bias_follow_openai_on_hf_logits(llm, tiny_model_dir, presence, frequency, bias):
-    import torch
     from transformers import GPTBigCodeForCausalLM as HFModel
 
     reference = HFModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -249,3 +248,32 @@ def test_logit_bias_of_100_forces_a_token_and_logprobs_stay_the_models(llm):
     unbiased = llm.generate(["def f():"], SamplingParams(max_new_tokens=1, logprobs=1))[0]
     # The reported log-probability of token 42 is the model's, not the biased one (near 0).
     assert forced.logprobs[0].logprob < unbiased.logprobs[0].logprob
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, typical_p", [
+    (0.7, 0, 1.0, 1.0), (1.0, 50, 1.0, 1.0), (0.8, 0, 0.9, 1.0), (1.3, 0, 1.0, 0.7), (0.6, 40, 0.95, 0.5),
+    (1.0, 0, 0.8, 0.2)])
+def test_sampling_distribution_equals_hf_warpers(temperature, top_k, top_p, typical_p):
+    """The distribution a sampled token is drawn from equals the one HF's warpers leave
+    (temperature, top-k, top-p, typical-p, in HF's order), on peaked and flat logits, and with
+    ties where no top-k or top-p cut runs through them (top-k keeps exactly k tokens where HF keeps
+    every token equal to the k-th; among equal logits top-p's order is unspecified in both)."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
+
+    from starchat.engine.request import Request
+    from starchat.engine.sampler import Sampler
+
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.cat([torch.randn(2, 1000, generator=generator) * 3, torch.randn(2, 1000, generator=generator) * 0.3])
+    if top_k == 0 and top_p == 1.0:
+        logits = torch.cat([logits, torch.randn(1, 1000, generator=generator).round()])  # many equal logits
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) \
+        + ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + ([TypicalLogitsWarper(typical_p)] if typical_p < 1 else [])
+    expected = torch.softmax(LogitsProcessorList(warpers)(None, logits.clone()), dim=-1)
+
+    params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p)
+    requests = [Request(str(i), [1], params, frozenset(), 16) for i in range(len(logits))]
+    probs, candidate_ids = Sampler(eos_token_id=0)._distribution(logits, requests)
+    ours = torch.zeros_like(logits).scatter(1, candidate_ids, probs)
+    torch.testing.assert_close(ours / ours.sum(dim=-1, keepdim=True), expected, atol=1e-6, rtol=1e-5)

@@ -2,7 +2,8 @@
 
 The logits are changed in this order: repetition penalty (HF's, multiplicative), presence and
 frequency penalties (OpenAI's, subtracted), logit biases (added), min_new_tokens (stop tokens
-banned); then greedy argmax, or temperature, top-k, top-p and a draw. Log-probabilities are those
+banned); then greedy argmax, or temperature, top-k, top-p, typical-p (HF's warpers' order) and a
+draw. Log-probabilities are those
 of the model, before any of it.
 
 Everything is a tensor operation over the batch except drawing the random numbers, which uses
@@ -253,7 +254,26 @@ class Sampler:
         top_p = torch.tensor([r.params.top_p for r in requests], device=device)[:, None]
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         mass_before = probs.cumsum(dim=-1) - probs
-        return probs.masked_fill(mass_before >= top_p, 0.0), candidate_ids
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+        if any(r.params.typical_p < 1.0 for r in requests):
+            probs = _typical_filter(probs, torch.tensor([r.params.typical_p for r in requests], device=device))
+        return probs, candidate_ids
+
+
+def _typical_filter(probs: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al.; HF's TypicalLogitsWarper): rank the candidates by
+    how far their surprise -log p is from the entropy of the distribution (renormalised over what
+    top-k and top-p left), and keep the closest ones until their mass reaches typical_p (at least
+    one). probs (S, K) as _distribution has them; rows with typical_p = 1 stay as they are."""
+    p = probs / probs.sum(dim=-1, keepdim=True)
+    log_p = torch.log(p)  # -inf where a filter removed the token
+    entropy = -torch.where(p > 0, p * log_p, 0.0).sum(dim=-1, keepdim=True)
+    distance = torch.where(p > 0, (-log_p - entropy).abs(), float("inf"))
+    sorted_distance, order = distance.sort(dim=-1)  # nearest the entropy first
+    mass = p.gather(1, order).cumsum(dim=-1)
+    last = (mass < typical_p[:, None]).sum(dim=-1, keepdim=True).clamp(max=probs.shape[1] - 1)
+    remove = (distance > sorted_distance.gather(1, last)) & (typical_p < 1.0)[:, None]
+    return probs.masked_fill(remove, 0.0)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

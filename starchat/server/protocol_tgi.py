@@ -1,8 +1,9 @@
 """Text Generation Inference bodies: `/generate`, `/generate_stream` and the compatibility route `POST /`.
 
 Every parameter `huggingface_hub.InferenceClient.text_generation` can send is declared; those
-this server cannot honour (grammar, watermark, typical_p, best_of > 1, adapters, prompt
-log-probabilities) are refused by name with 422, as TGI refuses what it cannot do.
+this server cannot honour (grammar, watermark, best_of > 1, adapters, a nonzero
+frequency_penalty, prompt log-probabilities when streaming) are refused by name with 422, as
+TGI refuses what it cannot do.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class TGIParameters(BaseModel):
     decoder_input_details: bool | None = Field(None, description="With details: each prompt token and its "
                                                "log-probability in details.prefill (not when streaming).")
     best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
-    typical_p: float | None = Field(None, description="Not supported.")
+    typical_p: float | None = Field(None, gt=0, le=1, description="Locally typical sampling: keep the tokens "
+                                   "whose surprise is nearest the entropy, up to this mass (1 = off).")
     watermark: bool | None = Field(None, description="Not supported.")
     frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
     grammar: dict[str, Any] | None = Field(None, description="Not supported.")

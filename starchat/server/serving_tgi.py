@@ -56,8 +56,6 @@ def sampling_params(parameters: TGIParameters) -> SamplingParams:
 
     if parameters.best_of not in (None, 1):
         raise refuse("best_of", "only 1 is supported")
-    if parameters.typical_p is not None and parameters.typical_p < 1.0:
-        raise refuse("typical_p", "typical sampling is not supported")
     if parameters.watermark:
         raise refuse("watermark", "watermarking is not supported")
     if parameters.frequency_penalty:
@@ -69,14 +67,14 @@ def sampling_params(parameters: TGIParameters) -> SamplingParams:
     stop = list(parameters.stop or [])
     if len(stop) > MAX_STOP_SEQUENCES:
         raise refuse("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stop)}")
-    temperature, top_p = parameters.temperature, parameters.top_p
-    # As TGI: any sampling warper (temperature, top_k, top_p) switches sampling on.
+    temperature, top_p, typical_p = parameters.temperature, parameters.top_p, parameters.typical_p
+    # As TGI: any sampling warper (temperature, top_k, top_p, typical_p) switches sampling on.
     do_sample = bool(parameters.do_sample) or (temperature not in (None, 1.0)) or bool(parameters.top_k) \
-        or (top_p not in (None, 1.0))
+        or (top_p not in (None, 1.0)) or (typical_p not in (None, 1.0))
     return SamplingParams(
         max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=1.0 if temperature is None else temperature, top_k=parameters.top_k or 0,
-        top_p=1.0 if top_p is None else top_p,
+        top_p=1.0 if top_p is None else top_p, typical_p=1.0 if typical_p is None else typical_p,
         repetition_penalty=1.0 if parameters.repetition_penalty is None else parameters.repetition_penalty,
         do_sample=do_sample, seed=parameters.seed, stop=stop,
         logprobs=parameters.top_n_tokens or 0,  # TGI reports every token's logprob

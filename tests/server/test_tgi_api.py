@@ -72,6 +72,21 @@ def test_decoder_input_details_score_the_prompt_like_hf(client, tiny_model_dir):
         list(client.text_generation("x", details=True, decoder_input_details=True, stream=True, max_new_tokens=2))
 
 
+def test_typical_p_switches_sampling_on_and_filters(client, tiny_model_dir):
+    """typical_p is a sampling warper as in TGI (sampling on, a seed reported) and reaches the
+    sampler: the tokens are those the engine draws with typical_p and that seed, not those it
+    draws without (test_sampling checks the filter against HF's TypicalLogitsWarper)."""
+    from starchat import LLM, SamplingParams
+
+    output = client.text_generation("def f():", typical_p=0.3, seed=5, details=True, max_new_tokens=8)
+    assert output.details.seed == 5
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    params = SamplingParams(do_sample=True, typical_p=0.3, seed=5, max_new_tokens=8)
+    expected = llm.generate(["def f():"], params)[0].token_ids
+    unfiltered = llm.generate(["def f():"], params.copy(typical_p=1.0))[0].token_ids
+    assert [token.id for token in output.details.tokens] == expected != unfiltered
+
+
 def test_info(server):
     info = httpx.get(server.url + "/info").json()
     assert info["model_id"] == "tiny"
@@ -83,6 +98,7 @@ def test_info(server):
     ({"watermark": True}, "watermark"),
     ({"top_p": 1.5}, "top_p"),
     ({"best_of": 2}, "best_of"),
+    ({"typical_p": 0.0}, "typical_p"),
 ])
 def test_bad_input_is_a_validation_error(client, kwargs, field):
     request = {"max_new_tokens": 2, **kwargs}
