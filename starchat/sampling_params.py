@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 
 from starchat.errors import FieldError
@@ -10,6 +11,35 @@ from starchat.errors import FieldError
 class SamplingParamsError(FieldError):
     """A generation parameter is out of range; `field` names the offending parameter."""
 
+
+
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """Output constrained to a language: every token is chosen among those that keep the text a
+    prefix of a sentence of it, and the text ends when a sentence is complete.
+
+    kind: `json_schema` (spec: the schema as JSON text), `json_object` (any JSON object; spec
+    unused), `regex` (the whole output matches it), `choice` (spec: a JSON list of the allowed
+    strings), `grammar` (spec: a Lark grammar, llguidance's dialect)."""
+
+    kind: str
+    spec: str = ""
+
+    def validate(self) -> None:
+        if self.kind not in GUIDED_KINDS:
+            raise SamplingParamsError("guided", f"kind must be one of {', '.join(GUIDED_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.spec, str) or (not self.spec and self.kind != "json_object"):
+            raise SamplingParamsError("guided", f"{self.kind} needs its {'schema' if self.kind == 'json_schema' else self.kind} as text")
+        if self.kind in ("json_schema", "choice"):
+            try:
+                value = json.loads(self.spec)
+            except ValueError as error:
+                raise SamplingParamsError("guided", f"{self.kind} is not valid JSON: {error}") from None
+            if self.kind == "choice" and not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                raise SamplingParamsError("guided", "choice must be a non-empty list of strings")
 
 
 @dataclass
@@ -45,6 +75,8 @@ class SamplingParams:
     # Log-probabilities of the prompt's tokens (each given the tokens before it) with the top-n
     # alternatives, in the first delta; such a prompt is computed whole (no prefix-cache reuse).
     prompt_logprobs: int | None = None
+    # Structured output (a JSON schema, a regex, a grammar); None = free text.
+    guided: GuidedDecoding | None = None
     # Benchmarks force a fixed output length; users normally leave this off.
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -123,6 +155,10 @@ class SamplingParams:
             if self.prompt_logprobs > self.MAX_LOGPROBS:
                 raise SamplingParamsError("prompt_logprobs",
                                           f"at most {self.MAX_LOGPROBS} alternatives, got {self.prompt_logprobs}")
+        if self.guided is not None:
+            if not isinstance(self.guided, GuidedDecoding):
+                raise SamplingParamsError("guided", "must be a GuidedDecoding")
+            self.guided.validate()
         return self
 
 

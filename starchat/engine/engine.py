@@ -22,6 +22,7 @@ from starchat.config import EngineConfig, ModelConfig
 from starchat.engine.devices import (default_batched_tokens, default_kv_cache_bytes, profile_step_bytes, resolve_device,
                                      resolve_dtype)
 from starchat.engine.kv_cache import BlockAllocator, kv_bytes_per_token
+from starchat.engine.guided import GrammarCompiler
 from starchat.engine.request import Request, RequestStatus
 from starchat.engine.runner import ModelRunner
 from starchat.errors import FieldError
@@ -78,6 +79,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_file(self.model_dir / "config.json")
         self.dtype = resolve_dtype(config.dtype, self.device, config.quantize, self.model_config.torch_dtype)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.chat_template = ChatTemplate.from_model_dir(self.model_dir)
         self.end_token_id = self.tokenizer.token_id(END_TOKEN)
         model = load_model(self.model_dir, self.dtype, self.device, progress=progress, quantize=config.quantize,
@@ -156,6 +158,8 @@ class LLMEngine:
         bad_bias = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
         if bad_bias is not None:
             raise SamplingParamsError("logit_bias", f"token id {bad_bias} is outside the vocabulary (0..{vocab - 1})")
+        if params.guided is not None:
+            self.grammars.compile(params.guided)  # SamplingParamsError("guided") when it does not compile
         prompt_len = len(prompt_token_ids)
         if prompt_len >= self.max_model_len:
             raise RequestError("prompt", f"{prompt_len} tokens do not fit the context of {self.max_model_len} tokens "
@@ -173,6 +177,7 @@ class LLMEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._tracked:
             raise RequestError("request_id", f"{request_id} is already running")
+        grammar = self.grammars.compile(params.guided) if params.guided is not None else None
         seed = generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -188,6 +193,7 @@ class LLMEngine:
             max_total_tokens=self.max_model_len,
             generator=generator,
             seed=seed,
+            grammar=grammar,
         )
         self._tracked[request_id] = _Tracked(
             request,
@@ -299,6 +305,8 @@ class LLMEngine:
             self._finish(request, FinishReason.STOP, token_id)
             text = ""
         else:
+            if request.grammar is not None and request.grammar.accept(token_id):
+                self._finish(request, FinishReason.STOP, None)  # the structured output is complete
             if request.params.stop:
                 text, matched = tracked.stop_matcher.feed(tracked.detokenizer.add([token_id]))
                 if matched is not None:

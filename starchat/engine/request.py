@@ -7,6 +7,7 @@ from enum import Enum
 
 import torch
 
+from starchat.engine.guided import GrammarState
 from starchat.outputs import TokenLogprob
 from starchat.sampling_params import SamplingParams
 
@@ -51,6 +52,8 @@ class Request:
     draft_token_ids: list[int] = field(default_factory=list)
     draft_misses: int = 0  # verify steps in a row that accepted no draft
     drafts_resume_at: int = 0  # no drafts before the sequence has this many tokens (backing off after misses)
+    # Structured output: where the output stands in its grammar (engine/guided.py); None = free text
+    grammar: "GrammarState | None" = None
 
     @property
     def num_tokens(self) -> int:

@@ -2,7 +2,7 @@
 
 The logits are changed in this order: repetition penalty (HF's, multiplicative), presence and
 frequency penalties (OpenAI's, subtracted), logit biases (added), min_new_tokens (stop tokens
-banned); then greedy argmax, or temperature, top-k, top-p, typical-p (HF's warpers' order) and a
+banned), a structured-output grammar (tokens that would leave it banned); then greedy argmax, or temperature, top-k, top-p, typical-p (HF's warpers' order) and a
 draw. Log-probabilities are those
 of the model, before any of it.
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from starchat.engine.guided import allowed_tokens
 from starchat.engine.request import Request
 from starchat.engine.speculative import accepted_tokens, draft_rows
 
@@ -102,7 +103,18 @@ class Sampler:
         logits = self._apply_repetition_penalty(logits, requests)
         logits = self._apply_output_penalties(logits, requests)
         logits = self._apply_logit_bias(logits, requests)
-        return self._apply_min_new_tokens(logits, requests)
+        logits = self._apply_min_new_tokens(logits, requests)
+        return self._apply_grammar(logits, requests)
+
+    def _apply_grammar(self, logits: torch.Tensor, requests) -> torch.Tensor:
+        rows = [i for i, r in enumerate(requests) if getattr(r, "grammar", None) is not None]
+        if not rows:
+            return logits
+        allowed = allowed_tokens([requests[i].grammar for i in rows], logits.shape[1]).to(logits.device)
+        row_index = torch.tensor(rows, device=logits.device)
+        logits = logits.clone()
+        logits[row_index] = logits[row_index].masked_fill(~allowed, float("-inf"))
+        return logits
 
     @torch.inference_mode()
     def verify(self, logits: torch.Tensor, greedy_tokens: torch.Tensor | None,

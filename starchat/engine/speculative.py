@@ -42,8 +42,11 @@ def propose_drafts(tokens: list[int], num_drafts: int, max_ngram: int = 3, min_n
 
 
 def can_speculate(request: Request) -> bool:
-    """Every request but a seeded sampling one: verification draws its own random numbers (to
-    accept or reject drafts), so a seed would no longer give the tokens it gives without drafts."""
+    """Every request but a seeded sampling one (verification draws its own random numbers to
+    accept or reject drafts, so a seed would no longer give the tokens it gives without drafts)
+    and a structured-output one."""
+    if request.grammar is not None:  # a grammar's mask follows the tokens one at a time
+        return False
     return request.params.greedy or request.params.seed is None
 
 

@@ -1,8 +1,10 @@
 """OpenAI request bodies (`/v1/completions`, `/v1/chat/completions`), as the `openai` client sends them.
 
-Every OpenAI field is declared; values this server cannot honour (tools, JSON mode) are refused
-by name rather than silently ignored, and unknown fields are refused too. Extensions in vLLM's style: top_k, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids.
+Every OpenAI field is declared; values this server cannot honour (tools) are refused by name
+rather than silently ignored, and unknown fields are refused too. Extensions in vLLM's style:
+top_k, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, and structured output by
+guided_json / guided_regex / guided_choice / guided_grammar besides OpenAI's response_format
+(on both endpoints).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0, description="Extension: fewest tokens before a stop may end the text.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-text (benchmarks).")
     stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end the text.")
+    response_format: ResponseFormat | None = Field(None, description="Structured output: a JSON object, or one "
+                                                   "following a JSON schema.")
+    guided_json: dict[str, Any] | str | None = Field(None, description="Extension (vLLM's): a JSON schema the output follows.")
+    guided_regex: str | None = Field(None, description="Extension: a regular expression the whole output matches.")
+    guided_choice: list[str] | None = Field(None, description="Extension: the output is one of these strings.")
+    guided_grammar: str | None = Field(None, description="Extension: a Lark grammar (llguidance's dialect) of the output.")
 
 
 class CompletionRequest(_SamplingFields):
@@ -83,10 +91,21 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+    name: str = Field(..., description="The schema's name.")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema", description="The JSON schema the output follows.")
+    strict: bool | None = Field(None, description="Accepted; the output always follows the schema.")
+
+
 class ResponseFormat(BaseModel):
     model_config = _STRICT
 
-    type: Literal["text"] = Field("text", description="Only plain text is supported.")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        "text", description="text, json_object (any JSON object) or json_schema (one that follows json_schema.schema).")
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -95,7 +114,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported (must be empty).")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' is supported.")
     parallel_tool_calls: bool | None = None

@@ -1,7 +1,7 @@
 """Text Generation Inference bodies: `/generate`, `/generate_stream` and the compatibility route `POST /`.
 
 Every parameter `huggingface_hub.InferenceClient.text_generation` can send is declared; those
-this server cannot honour (grammar, watermark, best_of > 1, adapters, a nonzero
+this server cannot honour (watermark, best_of > 1, adapters, a nonzero
 frequency_penalty, prompt log-probabilities when streaming) are refused by name with 422, as
 TGI refuses what it cannot do.
 """
@@ -37,7 +37,8 @@ class TGIParameters(BaseModel):
                                    "whose surprise is nearest the entropy, up to this mass (1 = off).")
     watermark: bool | None = Field(None, description="Not supported.")
     frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
-    grammar: dict[str, Any] | None = Field(None, description="Not supported.")
+    grammar: dict[str, Any] | None = Field(None, description='Structured output: {"type": "json", "value": '
+                                           '<JSON schema>} or {"type": "regex", "value": "<regex>"}.')
     adapter_id: str | None = Field(None, description="Not supported.")
 
 

@@ -12,7 +12,7 @@ from fastapi import Request
 
 from starchat.chat_template import ChatFormatError, fim_prompt
 from starchat.outputs import TokenLogprob
-from starchat.sampling_params import SamplingParams
+from starchat.sampling_params import GuidedDecoding, SamplingParams
 from starchat.server.errors import ApiError, bad_request, error_body
 from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
@@ -52,9 +52,34 @@ def _check_common(ctx: ServingContext, body: _SamplingFields, num_prompts: int) 
                                "completions per request")
 
 
+def _guided(body: _SamplingFields) -> tuple[GuidedDecoding | None, str]:
+    """The structured-output constraint and the field that asked for it (at most one may)."""
+    given = []
+    format_ = body.response_format
+    if format_ is not None and format_.type != "text":
+        if format_.type == "json_object":
+            given.append(("response_format", GuidedDecoding("json_object")))
+        elif format_.json_schema is None:
+            raise bad_request("response_format.json_schema", "type json_schema needs json_schema.schema")
+        else:
+            given.append(("response_format", GuidedDecoding("json_schema", json.dumps(format_.json_schema.schema_))))
+    if body.guided_json is not None:
+        schema = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
+        given.append(("guided_json", GuidedDecoding("json_schema", schema)))
+    if body.guided_regex is not None:
+        given.append(("guided_regex", GuidedDecoding("regex", body.guided_regex)))
+    if body.guided_choice is not None:
+        given.append(("guided_choice", GuidedDecoding("choice", json.dumps(body.guided_choice))))
+    if body.guided_grammar is not None:
+        given.append(("guided_grammar", GuidedDecoding("grammar", body.guided_grammar)))
+    if len(given) > 1:
+        raise bad_request(given[1][0], f"give one structured-output constraint; {given[0][0]} is given already")
+    return (given[0][1], given[0][0]) if given else (None, "response_format")
+
+
 def _params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI samples by default
-    return SamplingParams(
+    return SamplingParams(guided=_guided(body)[0],
         max_new_tokens=max_tokens or 16, min_new_tokens=body.min_tokens, temperature=temperature,
         top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
@@ -143,7 +168,7 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
     params = _params(body, body.max_tokens, body.logprobs)
     if score_prompt:  # the echoed prompt comes with its tokens' log-probabilities
         params.prompt_logprobs = body.logprobs
-    names = FieldNames("prompt", {**_ENGINE_NAMES, "max_new_tokens": "max_tokens"})
+    names = FieldNames("prompt", {**_ENGINE_NAMES, "max_new_tokens": "max_tokens", "guided": _guided(body)[1]})
     jobs: list[Prepared] = []
     echoes: list[str] = []
     for index, prompt in enumerate(prompts):
@@ -253,7 +278,8 @@ async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, req
         prompt, chat_params = engine.chat_request(messages, params)
     except ChatFormatError as error:
         raise bad_request(error.field, error.message) from None
-    names = FieldNames("messages", {**_ENGINE_NAMES, "max_new_tokens": max_tokens_name, "logprobs": "top_logprobs"})
+    names = FieldNames("messages", {**_ENGINE_NAMES, "max_new_tokens": max_tokens_name, "logprobs": "top_logprobs",
+                                    "guided": _guided(body)[1]})
     job = await ctx.prepare(prompt, chat_params, names, max_new_tokens_given=max_tokens is not None)
     jobs = _fan_out(job, body.n)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -11,7 +11,7 @@ from fastapi import Request
 
 import starchat
 from starchat.outputs import StreamDelta, TokenLogprob
-from starchat.sampling_params import SamplingParams
+from starchat.sampling_params import GuidedDecoding, SamplingParams
 from starchat.server.errors import ApiError, bad_request, error_body
 from starchat.server.protocol_tgi import GenerateRequest, TGIParameters
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
@@ -22,7 +22,7 @@ logger = logging.getLogger("starchat.server")
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 MAX_STOP_SEQUENCES = 16
 NAMES = FieldNames("inputs", {name: f"parameters.{name}" for name in TGIParameters.model_fields}
-                   | {"logprobs": "parameters.top_n_tokens"}, status=422)
+                   | {"logprobs": "parameters.top_n_tokens", "guided": "parameters.grammar"}, status=422)
 
 
 def info(ctx: ServingContext) -> dict:
@@ -60,8 +60,7 @@ def sampling_params(parameters: TGIParameters) -> SamplingParams:
         raise refuse("watermark", "watermarking is not supported")
     if parameters.frequency_penalty:
         raise refuse("frequency_penalty", "only 0 is supported (use repetition_penalty)")
-    if parameters.grammar is not None:
-        raise refuse("grammar", "guided generation is not supported")
+    guided = _guided(parameters.grammar, refuse)
     if parameters.adapter_id is not None:
         raise refuse("adapter_id", "adapters are not supported")
     stop = list(parameters.stop or [])
@@ -78,8 +77,24 @@ def sampling_params(parameters: TGIParameters) -> SamplingParams:
         repetition_penalty=1.0 if parameters.repetition_penalty is None else parameters.repetition_penalty,
         do_sample=do_sample, seed=parameters.seed, stop=stop,
         logprobs=parameters.top_n_tokens or 0,  # TGI reports every token's logprob
-        prompt_logprobs=0 if parameters.decoder_input_details else None,
+        prompt_logprobs=0 if parameters.decoder_input_details else None, guided=guided,
     )
+
+
+def _guided(grammar: dict | None, refuse) -> GuidedDecoding | None:
+    """TGI's grammar: {"type": "json", "value": schema (an object or its JSON text)} or
+    {"type": "regex", "value": pattern}."""
+    if grammar is None:
+        return None
+    kind, value = grammar.get("type"), grammar.get("value")
+    unknown = sorted(set(grammar) - {"type", "value"})
+    if unknown:
+        raise refuse("grammar", f"unknown key {unknown[0]!r}; a grammar has 'type' and 'value'")
+    if kind == "json" and isinstance(value, (dict, str)):
+        return GuidedDecoding("json_schema", value if isinstance(value, str) else json.dumps(value))
+    if kind == "regex" and isinstance(value, str):
+        return GuidedDecoding("regex", value)
+    raise refuse("grammar", 'expected {"type": "json", "value": <JSON schema>} or {"type": "regex", "value": <string>}')
 
 
 def _finish_reason(reason: str | None, stop_reason) -> str:

@@ -1,0 +1,102 @@
+"""Structured output: a grammar's matcher per request masks the tokens that would leave its language.
+
+llguidance (the Rust library behind several serving stacks' structured output) compiles a JSON
+schema, a regex or a Lark grammar against the vocabulary once per request, and for each next
+token computes the set of tokens that keep the text a prefix of a sentence of the language (a
+bitmask over the vocabulary, microseconds to a few milliseconds). The sampler bans every other
+token before it chooses; the engine feeds each chosen token back to the matcher and ends the
+request when the sentence is complete. The matcher works on token ids, so it agrees with the
+tokenizer on every byte of the text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import llguidance
+import llguidance.numpy
+import numpy as np
+import torch
+
+from starchat.sampling_params import GuidedDecoding, SamplingParamsError
+from starchat.tokenizer import Tokenizer
+
+
+# JSON laid out as json.dumps does by default: a small model given free whitespace between tokens
+# tends to fill its token budget with it.
+_JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
+def grammar_text(guided: GuidedDecoding) -> str:
+    """llguidance's grammar for a request's constraint."""
+    if guided.kind in ("json_object", "json_schema"):
+        schema = json.loads(guided.spec) if guided.kind == "json_schema" else {"type": "object"}
+        if isinstance(schema, dict):
+            schema = {**schema, "x-guidance": {**_JSON_LAYOUT, **schema.get("x-guidance", {})}}
+        return llguidance.grammar_from("json_schema", json.dumps(schema))
+    if guided.kind == "regex":
+        return llguidance.grammar_from("regex", guided.spec)
+    if guided.kind == "choice":
+        return llguidance.grammar_from("choice", guided.spec)
+    return llguidance.grammar_from("lark", guided.spec)
+
+
+class GrammarCompiler:
+    """Builds matchers for one tokenizer (its llguidance view is made on first use: about 0.5 s)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self._tokenizer = tokenizer
+        # The model's logits may have more rows than the tokenizer has tokens (padded embedding
+        # tables) or, for benchmark shapes, fewer; the mask covers both and is cut to the logits.
+        self.vocab_size = max(vocab_size, tokenizer.vocab_size)
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+
+    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self.vocab_size,
+                                                        eos_token=self._tokenizer.eos_token_id)
+        return self._ll_tokenizer
+
+    def compile(self, guided: GuidedDecoding) -> "GrammarState":
+        """A fresh matcher; SamplingParamsError (field `guided`) when the grammar does not compile."""
+        try:
+            grammar = grammar_text(guided)
+        except (ValueError, TypeError) as error:
+            raise SamplingParamsError("guided", f"{guided.kind}: {error}") from None
+        matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise SamplingParamsError("guided", f"{guided.kind} does not compile: {matcher.get_error().strip()}")
+        return GrammarState(matcher, self.vocab_size, self._tokenizer.eos_token_id)
+
+
+@dataclass
+class GrammarState:
+    """One request's position in its grammar."""
+
+    matcher: "llguidance.LLMatcher"
+    vocab_size: int
+    eos_token_id: int
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past a chosen token; True when the text is a complete sentence that nothing may
+        follow (the request ends there)."""
+        self.matcher.consume_token(token_id)
+        return self.matcher.is_stopped()
+
+
+def allowed_tokens(states: list[GrammarState], width: int) -> torch.Tensor:
+    """(len(states), width) bool: the tokens each state allows next (end-of-text alone for a
+    matcher in an error state, which the masks should make impossible)."""
+    bitmask = llguidance.numpy.allocate_token_bitmask(len(states), states[0].vocab_size)
+    for row, state in enumerate(states):
+        llguidance.numpy.fill_next_token_bitmask(state.matcher, bitmask, row)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :width]
+    if bits.shape[1] < width:  # logits past the mask's end: never allowed
+        bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
+    allowed = torch.from_numpy(bits.astype(bool))
+    for row, state in enumerate(states):
+        if state.matcher.is_error() or not allowed[row].any():
+            allowed[row] = False
+            allowed[row, state.eos_token_id] = True
+    return allowed

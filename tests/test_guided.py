@@ -1,0 +1,126 @@
+"""Structured output: every text follows its constraint, checked by independent judges (Python's
+`re`, `json` and the `jsonschema` validator), on the trained starchat-nano, greedy and sampled,
+batched with free-text requests, preempted; bad constraints name the field."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from starchat import LLM, SamplingParams, SamplingParamsError
+from starchat.model.loader import EMBEDDED_MODEL_DIR
+from starchat.sampling_params import GuidedDecoding
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "year": {"type": "integer", "minimum": 1980, "maximum": 2030},
+        "typed": {"type": "boolean"},
+        "keywords": {"type": "array", "items": {"type": "string", "enum": ["def", "class", "lambda", "yield"]},
+                     "maxItems": 3},
+    },
+    "required": ["name", "year", "typed", "keywords"],
+    "additionalProperties": False,
+}
+FUNCTION_HEADER = r"def [a-z_]{1,16}\(([a-z_]{1,8}(, [a-z_]{1,8}){0,3})?\):"
+PROMPTS = ["Describe the Python language as JSON:\n", "# A function that adds two numbers\n", "Is Python typed?"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(str(EMBEDDED_MODEL_DIR), dtype="float32", device="cpu", progress=False)
+
+
+def guided(kind: str, spec: str = "", **options) -> SamplingParams:
+    return SamplingParams(max_new_tokens=96, guided=GuidedDecoding(kind, spec), **options)
+
+
+SAMPLED = dict(do_sample=True, temperature=0.9, seed=11)
+
+
+@pytest.mark.parametrize("options", [{}, SAMPLED], ids=["greedy", "sampled"])
+def test_each_kind_of_constraint_holds(llm, options):
+    lark = 'start: "x = " expr\nexpr: NUMBER | NUMBER " + " NUMBER | "(" NUMBER " * " NUMBER ")"\nNUMBER: /[0-9]{1,3}/'
+    cases = [
+        (guided("json_schema", json.dumps(SCHEMA), **options), lambda text: jsonschema.validate(json.loads(text), SCHEMA)),
+        (guided("regex", FUNCTION_HEADER, **options), lambda text: re.fullmatch(FUNCTION_HEADER, text) or pytest.fail(text)),
+        (guided("choice", json.dumps(["yes", "no", "it depends"]), **options),
+         lambda text: text in ("yes", "no", "it depends") or pytest.fail(text)),
+        (guided("grammar", lark, **options), lambda text: re.fullmatch(r"x = ([0-9]{1,3}( \+ [0-9]{1,3})?|\([0-9]{1,3} \* [0-9]{1,3}\))", text)
+         or pytest.fail(text)),
+    ]
+    for params, check in cases:
+        for completion in llm.generate(PROMPTS, params):
+            assert completion.finish_reason == "stop", (params.guided.kind, completion.text)
+            check(completion.text)
+    # Any JSON object: nothing bounds its strings, and this small model can loop inside one until
+    # the budget ends; the objects it closes must parse.
+    json_prompts = PROMPTS + ['{"id": 1, "ok": true}\n', 'config = {"name": "app", "debug": true}\nsettings = ']
+    completions = llm.generate(json_prompts, guided("json_object", **options).copy(max_new_tokens=200))
+    closed = [c.text for c in completions if c.finish_reason == "stop"]
+    assert closed and all(isinstance(json.loads(text), dict) for text in closed)
+    assert all(c.text.startswith("{") for c in completions)
+
+
+def test_json_is_laid_out_compactly_and_ends_with_the_object(llm):
+    (completion,) = llm.generate(PROMPTS[:1], guided("json_schema", json.dumps(SCHEMA)))
+    value = json.loads(completion.text)
+    assert completion.text == json.dumps(value)  # json.dumps' separators, nothing after the closing brace
+    assert completion.token_ids[-1] != llm.engine.tokenizer.eos_token_id
+
+
+def test_free_requests_batched_with_guided_ones_are_unchanged(llm):
+    free = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    alone = [c.token_ids for c in llm.generate(PROMPTS, free)]
+    mixed = llm.generate(PROMPTS + PROMPTS, [free] * 3 + [guided("regex", FUNCTION_HEADER)] * 3)
+    assert [c.token_ids for c in mixed[:3]] == alone
+    assert all(re.fullmatch(FUNCTION_HEADER, c.text) for c in mixed[3:])
+
+
+def test_a_short_budget_leaves_a_prefix_of_the_language(llm):
+    (completion,) = llm.generate(PROMPTS[:1], SamplingParams(max_new_tokens=5, guided=GuidedDecoding(
+        "json_schema", json.dumps(SCHEMA))))
+    assert completion.finish_reason == "length" and completion.text.startswith('{"name": "')
+
+
+def test_preempted_requests_keep_their_place_in_the_grammar():
+    """A cache too small for every request: preempted requests recompute their tokens, and their
+    matchers must neither replay nor lose them (greedy: the same texts as without preemption)."""
+    roomy = LLM(str(EMBEDDED_MODEL_DIR), dtype="float32", device="cpu", progress=False)
+    config = roomy.engine.model_config
+    per_token = config.n_layer * 2 * config.kv_dim * 4
+    crowded = LLM(str(EMBEDDED_MODEL_DIR), dtype="float32", device="cpu", progress=False,
+                  kv_cache_memory_bytes=per_token * 16 * 8)
+    prompts = [f"{p} (variant {i})" for i in range(3) for p in PROMPTS]
+    params = guided("json_schema", json.dumps(SCHEMA))
+    expected = [c.text for c in roomy.generate(prompts, params)]
+    assert [c.text for c in crowded.generate(prompts, params)] == expected
+    assert crowded.engine.stats().num_preemptions > 0
+    for text in expected:
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_guided_requests_are_not_drafted_for():
+    llm = LLM(str(EMBEDDED_MODEL_DIR), dtype="float32", device="cpu", progress=False, num_speculative_tokens=4)
+    (completion,) = llm.generate(["x = [1, 2, 3, 1, 2, 3, 1, 2,"], guided("regex", r"( [0-9],){1,12}"))
+    assert re.fullmatch(r"( [0-9],){1,12}", completion.text)
+    assert llm.engine.stats().spec_decode_draft_tokens == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (GuidedDecoding("regex", "[a-"), "does not compile"),
+    (GuidedDecoding("json_schema", "{not json"), "not valid JSON"),
+    (GuidedDecoding("choice", '["a", 1]'), "list of strings"),
+    (GuidedDecoding("grammar", "start: missing_rule"), "does not compile"),
+    (GuidedDecoding("xml", "<a/>"), "kind must be one of"),
+    (GuidedDecoding("regex", ""), "needs its regex"),
+])
+def test_bad_constraints_name_the_field(llm, bad, message):
+    with pytest.raises(SamplingParamsError, match=message) as error:
+        llm.generate(["x"], SamplingParams(guided=bad))
+    assert error.value.field == "guided"
+    assert llm.generate(["x"], SamplingParams(max_new_tokens=2))  # the engine goes on
