@@ -1,9 +1,9 @@
 """starchat: a serving stack for StarChat-beta and the GPTBigCode family."""
 
 from starchat.outputs import Completion, FinishReason, StreamDelta, TokenLogprob
-from starchat.sampling_params import SamplingParams, SamplingParamsError
+from starchat.sampling_params import GuidedDecoding, SamplingParams, SamplingParamsError
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "SamplingParamsError", "Completion", "StreamDelta", "TokenLogprob",
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "SamplingParamsError", "GuidedDecoding", "Completion", "StreamDelta", "TokenLogprob",
            "FinishReason", "EngineConfig"]
 __version__ = "0.1.0"
 

@@ -16,6 +16,7 @@ from starchat.azureml_params import merge_azureml_parameters, sampling_params_fr
 from starchat.chat_template import fim_prompt
 from starchat.errors import FieldError
 from starchat.sampling_params import SamplingParams, SamplingParamsError
+from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
 
 COMPLETIONS_URL, CHAT_URL = "/v1/completions", "/v1/chat/completions"
 
@@ -61,9 +62,10 @@ def _checked_ids(engine, prompt, params: SamplingParams) -> list[int]:
 
 _COMMON_KEYS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                 "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs",
-                "top_k", "min_tokens", "repetition_penalty"}  # the last three: vLLM's extra sampling fields
+                "top_k", "min_tokens", "repetition_penalty",  # vLLM's extra sampling fields
+                *GUIDED_FIELDS}
 _COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "suffix", "echo", "best_of"}
-_CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+_CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                              "tool_choice", "parallel_tool_calls"}
 _RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
@@ -86,6 +88,10 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
                   logit_bias=_logit_bias(body.get("logit_bias")),
                   seed=body.get("seed"))
     values["do_sample"] = isinstance(values["temperature"], (int, float)) and values["temperature"] > 0
+    try:
+        values["guided"] = guided_from_openai(body)[0]
+    except SamplingParamsError as error:
+        raise RowRequestError(f"body.{error.field}", error.message) from None
     stop = body.get("stop")
     params = SamplingParams(**values, stop=[stop] if isinstance(stop, str) else list(stop or []))
     model = body.get("model") or engine.model_name
@@ -97,7 +103,7 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
             prompt = fim_prompt(prompt, body["suffix"])
         params.max_new_tokens = 16 if max_tokens is None else max_tokens  # OpenAI's default for completions
         ids = engine.tokenize_prompt(prompt)
-        _check_openai(engine, ids, params)
+        _check_openai(engine, ids, params, body)
         prefix = ""
         if body.get("echo"):
             prefix = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
@@ -106,7 +112,7 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
     ids = engine.tokenize_prompt(prompt)
     # Chat's default is "as long as the context allows" (what vLLM does).
     params.max_new_tokens = max(1, engine.max_model_len - len(ids)) if max_tokens is None else max_tokens
-    _check_openai(engine, ids, params)
+    _check_openai(engine, ids, params, body)
     return PreparedRequest(ids, params, "", True, url, model)
 
 
@@ -120,9 +126,6 @@ def _refuse_unsupported(body: dict, url: str) -> None:
         raise RowRequestError("body.logprobs", "log-probabilities are not supported in batch output yet")
     if body.get("tools"):
         raise RowRequestError("body.tools", "tool calls are not supported by StarChat")
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise RowRequestError("body.response_format", "only {\"type\": \"text\"} is supported")
 
 
 def _logit_bias(bias) -> dict[int, float]:
@@ -142,11 +145,12 @@ def _completion_prompt(prompt):
     raise RowRequestError("body.prompt", "must be one string or one list of token ids (one prompt per line)")
 
 
-def _check_openai(engine, ids: list[int], params: SamplingParams) -> None:
+def _check_openai(engine, ids: list[int], params: SamplingParams, body: dict) -> None:
     try:
         engine.check_request(ids, params)
     except SamplingParamsError as error:
-        raise RowRequestError(f"body.{_RENAMED.get(error.field, error.field)}", error.message) from None
+        field = guided_from_openai(body)[1] if error.field == "guided" else _RENAMED.get(error.field, error.field)
+        raise RowRequestError(f"body.{field}", error.message) from None
 
 
 # ---- result records -----------------------------------------------------------------------------

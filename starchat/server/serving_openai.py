@@ -12,10 +12,11 @@ from fastapi import Request
 
 from starchat.chat_template import ChatFormatError, fim_prompt
 from starchat.outputs import TokenLogprob
-from starchat.sampling_params import GuidedDecoding, SamplingParams
+from starchat.sampling_params import GuidedDecoding, SamplingParams, SamplingParamsError
 from starchat.server.errors import ApiError, bad_request, error_body
 from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
+from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
 from starchat.server.streaming import EventStreamResponse, merge_streams
 
 logger = logging.getLogger("starchat.server")
@@ -54,27 +55,11 @@ def _check_common(ctx: ServingContext, body: _SamplingFields, num_prompts: int) 
 
 def _guided(body: _SamplingFields) -> tuple[GuidedDecoding | None, str]:
     """The structured-output constraint and the field that asked for it (at most one may)."""
-    given = []
-    format_ = body.response_format
-    if format_ is not None and format_.type != "text":
-        if format_.type == "json_object":
-            given.append(("response_format", GuidedDecoding("json_object")))
-        elif format_.json_schema is None:
-            raise bad_request("response_format.json_schema", "type json_schema needs json_schema.schema")
-        else:
-            given.append(("response_format", GuidedDecoding("json_schema", json.dumps(format_.json_schema.schema_))))
-    if body.guided_json is not None:
-        schema = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
-        given.append(("guided_json", GuidedDecoding("json_schema", schema)))
-    if body.guided_regex is not None:
-        given.append(("guided_regex", GuidedDecoding("regex", body.guided_regex)))
-    if body.guided_choice is not None:
-        given.append(("guided_choice", GuidedDecoding("choice", json.dumps(body.guided_choice))))
-    if body.guided_grammar is not None:
-        given.append(("guided_grammar", GuidedDecoding("grammar", body.guided_grammar)))
-    if len(given) > 1:
-        raise bad_request(given[1][0], f"give one structured-output constraint; {given[0][0]} is given already")
-    return (given[0][1], given[0][0]) if given else (None, "response_format")
+    fields = body.model_dump(include=set(GUIDED_FIELDS), by_alias=True, exclude_none=True)
+    try:
+        return guided_from_openai(fields)
+    except SamplingParamsError as error:
+        raise bad_request(error.field, error.message) from None
 
 
 def _params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:

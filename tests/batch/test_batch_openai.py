@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import jsonschema
 
 from openai.types import BatchError, Completion
 from openai.types.chat import ChatCompletion
@@ -12,6 +15,10 @@ from starchat.batch import run_batch
 from starchat.chat_template import fim_prompt
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about tests."}]
+HAIKU_SCHEMA = {"type": "object", "required": ["lines"], "additionalProperties": False,
+                "properties": {"lines": {"type": "array", "minItems": 3, "maxItems": 3,
+                                         "items": {"type": "string", "maxLength": 8}}}}
+VERSION = r"v[0-9]\.[0-9]{1,2}\.[0-9]{1,2}"
 SHARED = "# A prompt long enough to fill two blocks of the engine's KV cache, sent twice.\n" * 3
 
 
@@ -32,6 +39,11 @@ def openai_lines() -> list[dict]:
         line("bad-bias", "/v1/completions", {"prompt": "x", "logit_bias": {"forty-two": 1}}),
         line("shared-1", "/v1/completions", {"prompt": SHARED, "max_tokens": 2, "temperature": 0}),
         line("shared-2", "/v1/completions", {"prompt": SHARED, "max_tokens": 2, "temperature": 0}),
+        line("json-1", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 40, "temperature": 0,
+                                                "response_format": {"type": "json_schema", "json_schema": {
+                                                    "name": "haiku", "schema": HAIKU_SCHEMA}}}),
+        line("regex-1", "/v1/completions", {"prompt": "Version:", "max_tokens": 12, "guided_regex": VERSION}),
+        line("bad-regex", "/v1/completions", {"prompt": "x", "guided_regex": "[a-"}),
     ]
 
 
@@ -40,11 +52,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 7, 2)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 9, 3)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 9
+    assert len({line["id"] for line in output}) == 12
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -74,10 +86,17 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     assert shared[0].prompt_tokens_details.cached_tokens == 0
     assert shared[1].prompt_tokens_details.cached_tokens == (shared[1].prompt_tokens - 1) // 16 * 16
 
+    # Structured output, judged by jsonschema and re.
+    haiku = ChatCompletion.model_validate(by_id["json-1"]["response"]["body"]).choices[0]
+    jsonschema.validate(json.loads(haiku.message.content), HAIKU_SCHEMA)
+    assert haiku.finish_reason == "stop"
+    assert re.fullmatch(VERSION, Completion.model_validate(by_id["regex-1"]["response"]["body"]).choices[0].text)
+    assert "body.guided_regex" in by_id["bad-regex"]["response"]["body"]["error"]["message"]
+
     bad = by_id["bad-n"]
     assert bad["response"]["status_code"] == 400 and "body.n" in bad["response"]["body"]["error"]["message"]
     assert "body.n" in BatchError.model_validate(bad["error"]).message
-    assert [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()] == ["bad-n", "bad-bias"]
+    assert [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()] == ["bad-n", "bad-bias", "bad-regex"]
 
 
 def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):

@@ -200,6 +200,10 @@ def test_logit_bias_and_penalties(client, server):
     ({"n": 1000}, "n"),  # too many
     ({"extra_body": {"stop_token_ids": [10**9]}}, "stop_token_ids"),  # outside the vocabulary
     ({"min_tokens": 5, "max_tokens": 2, "extra_body": {}}, "min_tokens"),
+    ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),  # does not compile
+    ({"extra_body": {"guided_regex": "a+", "guided_choice": ["a"]}}, "guided_choice"),  # two constraints
+    ({"extra_body": {"response_format": {"type": "json_schema"}}}, "response_format.json_schema"),
+    ({"extra_body": {"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}}}, "guided_json"),
 ])
 def test_completion_bad_input_names_the_field(client, kwargs, param):
     request = {"model": "tiny", "prompt": "hello", "max_tokens": 4, **kwargs}
@@ -233,3 +237,47 @@ def test_malformed_json_gets_an_openai_error(server, client):
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]["message"]
     _good_completion(client)
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags", "size"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
+                         "size": {"type": "integer", "minimum": 0, "maximum": 999}}}
+
+
+def test_structured_output_through_the_openai_client(client):
+    """response_format (json_schema, json_object) and vLLM's guided_* fields: the texts follow
+    them, judged by json, jsonschema and re; streamed text is the same text."""
+    import json
+    import re
+
+    import jsonschema
+
+    messages = [{"role": "user", "content": "Describe a package as JSON."}]
+    response_format = {"type": "json_schema", "json_schema": {"name": "package", "schema": SCHEMA, "strict": True}}
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=120, temperature=0,
+                                          response_format=response_format)
+    assert chat.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(chat.choices[0].message.content), SCHEMA)
+    chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=120, temperature=0,
+                                            response_format=response_format, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == chat.choices[0].message.content
+
+    sampled = client.chat.completions.create(model="tiny", messages=messages, max_tokens=120, temperature=1.0, seed=3,
+                                             n=2, response_format=response_format)
+    for choice in sampled.choices:
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+    pattern = r"[0-9]{3}-[A-Z]{2,4}"
+    completion = client.completions.create(model="tiny", prompt="Order number:", max_tokens=16, temperature=0.8,
+                                           extra_body={"guided_regex": pattern})
+    assert re.fullmatch(pattern, completion.choices[0].text) and completion.choices[0].finish_reason == "stop"
+    choice = client.completions.create(model="tiny", prompt="Answer:", max_tokens=8,
+                                       extra_body={"guided_choice": ["left", "right"]})
+    assert choice.choices[0].text in ("left", "right")
+    json_object = client.chat.completions.create(model="tiny", messages=messages, max_tokens=64, temperature=0,
+                                                 response_format={"type": "json_object"})
+    content = json_object.choices[0].message.content
+    assert content.startswith("{")
+    if json_object.choices[0].finish_reason == "stop":  # a random model may write one string to the end of its budget
+        assert isinstance(json.loads(content), dict)

@@ -87,6 +87,25 @@ def test_typical_p_switches_sampling_on_and_filters(client, tiny_model_dir):
     assert [token.id for token in output.details.tokens] == expected != unfiltered
 
 
+def test_grammar_constrains_the_text(client):
+    """TGI's grammar (the huggingface_hub client's `grammar=`): a regex and a JSON schema."""
+    import json
+    import re
+
+    import jsonschema
+
+    pattern = r"(yes|no), because [a-z]{2,8}\."
+    output = client.text_generation("Is it?", grammar={"type": "regex", "value": pattern}, max_new_tokens=20,
+                                    details=True)
+    assert re.fullmatch(pattern, output.generated_text) and output.details.finish_reason == "eos_token"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99,
+                                                                              "minimum": 0}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    text = client.text_generation("JSON:", grammar={"type": "json", "value": schema}, max_new_tokens=30, seed=2,
+                                  do_sample=True)
+    jsonschema.validate(json.loads(text), schema)
+
+
 def test_info(server):
     info = httpx.get(server.url + "/info").json()
     assert info["model_id"] == "tiny"
@@ -99,6 +118,8 @@ def test_info(server):
     ({"top_p": 1.5}, "top_p"),
     ({"best_of": 2}, "best_of"),
     ({"typical_p": 0.0}, "typical_p"),
+    ({"grammar": {"type": "regex", "value": "[a-"}}, "grammar"),
+    ({"grammar": {"type": "xml", "value": "<a/>"}}, "grammar"),
 ])
 def test_bad_input_is_a_validation_error(client, kwargs, field):
     request = {"max_new_tokens": 2, **kwargs}
