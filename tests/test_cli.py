@@ -34,6 +34,22 @@ def test_generate_with_speculative_decoding_prints_the_same_text():
     assert starchat(*args, "--num-speculative-tokens", "-1").returncode != 0
 
 
+def test_generate_structured_output(tmp_path):
+    import re
+
+    pattern = r"def [a-z_]{1,12}\(\):"
+    result = starchat("generate", "--max-new-tokens", "24", "--json", "--regex", pattern, "# make a list\n")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(pattern, json.loads(result.stdout)["text"])
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    result = starchat("generate", "--max-new-tokens", "24", "--json-schema", str(tmp_path / "schema.json"), "Answer:")
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout)["ok"], bool)
+    bad = starchat("generate", "--regex", "[a-", "x")
+    assert bad.returncode == 1 and "does not compile" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_embedded_model_says_what_it_is_first():
     result = starchat("generate", "--max-new-tokens", "3", "hello")
     assert result.returncode == 0, result.stderr

@@ -22,6 +22,9 @@ def generate_command(
     repetition_penalty: float = typer.Option(1.0, help="Above 1 discourages repeating tokens."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling: the same seed gives the same text."),
     stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable); not included in the output."),
+    json_schema: Optional[str] = typer.Option(
+        None, help="Structured output: the text is a JSON value following this schema (a file, or the schema itself)."),
+    regex: Optional[str] = typer.Option(None, help="Structured output: the whole text matches this regular expression."),
     as_json: bool = typer.Option(False, "--json", help='Print {"text", "token_ids", "finish_reason"} as JSON.'),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16. auto on a CPU: a 16-bit checkpoint's own dtype (one stream decodes faster), else float32."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -41,10 +44,10 @@ def generate_command(
     print_notice(model)
     if prompt == "-":
         prompt = sys.stdin.read()
-    params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
-                            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                            do_sample=temperature > 0, stop=list(stop))
     with one_line_errors():
+        params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                do_sample=temperature > 0, stop=list(stop), guided=_guided(json_schema, regex))
         params.validate()
         dtype = _one_stream_dtype(dtype, device, resolve_model_dir(model), quantize)
         llm = LLM(model, dtype=dtype, device=device, quantize=quantize, progress=stderr_is_terminal(),
@@ -57,6 +60,22 @@ def generate_command(
         for delta in llm.stream(prompt, params):
             typer.echo(delta.text, nl=False)
         typer.echo()
+
+
+def _guided(json_schema: Optional[str], regex: Optional[str]):
+    from pathlib import Path
+
+    from starchat.sampling_params import GuidedDecoding, SamplingParamsError
+
+    if json_schema is not None and regex is not None:
+        raise SamplingParamsError("regex", "give --json-schema or --regex, not both")
+    if regex is not None:
+        return GuidedDecoding("regex", regex)
+    if json_schema is None:
+        return None
+    path = Path(json_schema)
+    return GuidedDecoding("json_schema", path.read_text() if not json_schema.lstrip().startswith("{") and path.is_file()
+                          else json_schema)
 
 
 _MODEL_DEFAULT = "Default: the model's generation_config.json"
