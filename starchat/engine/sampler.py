@@ -2,9 +2,9 @@
 
 The logits are changed in this order: repetition penalty (HF's, multiplicative), presence and
 frequency penalties (OpenAI's, subtracted), logit biases (added), min_new_tokens (stop tokens
-banned), a structured-output grammar (tokens that would leave it banned); then greedy argmax, or temperature, top-k, top-p, typical-p (HF's warpers' order) and a
-draw. Log-probabilities are those
-of the model, before any of it.
+banned), a structured-output grammar (tokens that would leave it banned); then greedy argmax, or
+temperature, top-k, top-p, typical-p (HF's warpers' order) and a draw. Log-probabilities are
+those of the model, before any of it.
 
 Everything is a tensor operation over the batch except drawing the random numbers, which uses
 each request's own generator so that a seed gives the same tokens whatever else is batched.
@@ -107,7 +107,7 @@ class Sampler:
         return self._apply_grammar(logits, requests)
 
     def _apply_grammar(self, logits: torch.Tensor, requests) -> torch.Tensor:
-        rows = [i for i, r in enumerate(requests) if getattr(r, "grammar", None) is not None]
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
         if not rows:
             return logits
         allowed = allowed_tokens([requests[i].grammar for i in rows], logits.shape[1]).to(logits.device)
@@ -125,7 +125,7 @@ class Sampler:
         token, then after each draft. A row is processed as if the drafts before it were accepted
         (penalties and min_new_tokens see them). Greedy requests keep the drafts that equal the
         row's argmax, then take the next argmax. Sampling requests keep draft d with probability
-        p(d) (the row's distribution after temperature, top-k and top-p) and, at the first
+        p(d) (the row's distribution after temperature, top-k, top-p and typical-p) and, at the first
         rejection, draw from p with d removed: a drafter that proposes one token with certainty
         makes that the standard speculative-sampling rule, so every token is distributed as
         without drafts (not the same draws: a seed's tokens differ, which is why seeded requests
@@ -151,7 +151,6 @@ class Sampler:
             sampled_at = {row: k for k, row in enumerate(sampled)}
         want_logprobs = any(row.params.logprobs is not None for row in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        top_n = max(row.params.logprobs or 0 for row in rows)
 
         outputs, first = [], 0
         for request, drafts in verifying:
@@ -162,13 +161,8 @@ class Sampler:
                 tokens = self._accept_sampled(drafts, draft_probs[k:k + len(drafts)], probs[k:k + len(drafts) + 1],
                                               candidate_ids[k:k + len(drafts) + 1], request.generator)
             logprobs = [None] * len(tokens)
-            if request.params.logprobs is not None:
-                row_ids = torch.arange(first, first + len(tokens), device=logits.device)
-                pending = PendingSample([request] * len(tokens), torch.tensor(tokens, device=logits.device),
-                                        raw_logprobs[row_ids].gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1))
-                if top_n:
-                    pending.top_values, pending.top_ids = raw_logprobs[row_ids].topk(top_n, dim=-1)
-                logprobs = pending.result().logprobs
+            if request.params.logprobs is not None:  # each token's from the row that chose it
+                logprobs = _chosen_logprobs(raw_logprobs[first:first + len(tokens)], tokens, request.params.logprobs)
             outputs.append(SamplerOutput(tokens, logprobs))
             first += len(drafts) + 1
         return outputs
@@ -251,7 +245,7 @@ class Sampler:
 
     @staticmethod
     def _distribution(logits: torch.Tensor, requests) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's distribution after temperature, top-k and top-p, over its top-K candidates:
+        """Each row's distribution after temperature, top-k, top-p and typical-p, over its top-K candidates:
         (S, K) probabilities (not renormalised after top-p: the draw does not need it) and token ids."""
         device = logits.device
         vocab = logits.shape[-1]
@@ -270,6 +264,15 @@ class Sampler:
         if any(r.params.typical_p < 1.0 for r in requests):
             probs = _typical_filter(probs, torch.tensor([r.params.typical_p for r in requests], device=device))
         return probs, candidate_ids
+
+
+def _chosen_logprobs(row_logprobs: torch.Tensor, tokens: list[int], top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """(chosen token's logprob, top_n alternatives) for each token, from its row of log-probabilities."""
+    chosen = row_logprobs.gather(1, torch.tensor(tokens, device=row_logprobs.device)[:, None]).squeeze(1).tolist()
+    if not top_n:
+        return [(logprob, []) for logprob in chosen]
+    values, ids = row_logprobs.topk(top_n, dim=-1)
+    return [(logprob, list(zip(row_ids, row_values))) for logprob, row_ids, row_values in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def _typical_filter(probs: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ class DraftRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     next_draft: int  # the draft this row's distribution verifies; -1 after the last
+    grammar = None  # structured-output requests are not drafted for
 
     @property
     def all_token_ids(self) -> list[int]:
