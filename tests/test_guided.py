@@ -73,6 +73,22 @@ def test_json_is_laid_out_compactly_and_ends_with_the_object(llm):
     assert completion.token_ids[-1] != llm.engine.tokenizer.eos_token_id
 
 
+def test_objects_with_listed_properties_get_no_others_unless_the_schema_allows_them(llm):
+    """JSON Schema allows extra properties by default; given the choice a model writes some, so a
+    schema's objects that list their properties are closed (as OpenAI's strict mode does) unless
+    they say otherwise."""
+    listed = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"]}
+    for prompt in PROMPTS:
+        (completion,) = llm.generate([prompt], guided("json_schema", json.dumps({"type": "array", "items": listed,
+                                                                                  "minItems": 1, "maxItems": 2})))
+        assert all(set(item) == {"name"} for item in json.loads(completion.text))
+    opened = {**listed, "additionalProperties": {"type": "integer", "maximum": 9, "minimum": 0}}
+    params = guided("json_schema", json.dumps(opened), do_sample=True, temperature=1.0)
+    texts = [c.text for seed in range(4) for c in llm.generate(PROMPTS, params.copy(seed=seed))]
+    values = [json.loads(text) for text in texts if text.endswith("}")]
+    assert all(jsonschema.validate(value, opened) is None for value in values)
+
+
 def test_free_requests_batched_with_guided_ones_are_unchanged(llm):
     free = SamplingParams(max_new_tokens=24, ignore_eos=True)
     alone = [c.token_ids for c in llm.generate(PROMPTS, free)]

@@ -28,10 +28,24 @@ from starchat.tokenizer import Tokenizer
 _JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
+def _closed_objects(node):
+    """The schema with every object that lists its properties closed to others unless it says
+    otherwise (JSON Schema allows any extra property by default, and a model, given the choice,
+    writes some: OpenAI's strict mode and other servers' default close them too)."""
+    if isinstance(node, list):
+        return [_closed_objects(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _closed_objects(value) for key, value in node.items()}
+    if "properties" in node and not {"additionalProperties", "unevaluatedProperties", "patternProperties"} & set(node):
+        node["additionalProperties"] = False
+    return node
+
+
 def grammar_text(guided: GuidedDecoding) -> str:
     """llguidance's grammar for a request's constraint."""
     if guided.kind in ("json_object", "json_schema"):
-        schema = json.loads(guided.spec) if guided.kind == "json_schema" else {"type": "object"}
+        schema = _closed_objects(json.loads(guided.spec)) if guided.kind == "json_schema" else {"type": "object"}
         if isinstance(schema, dict):
             schema = {**schema, "x-guidance": {**_JSON_LAYOUT, **schema.get("x-guidance", {})}}
         return llguidance.grammar_from("json_schema", json.dumps(schema))
