@@ -63,7 +63,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (default 16).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of the top-n tokens.")
     echo: bool = Field(False, description="Return the prompt before the completion.")
-    best_of: int | None = Field(None, ge=1, description="Only equal to n is supported.")
+    best_of: int | None = Field(None, ge=1, description="Generate this many completions per prompt and return "
+                                "the n with the highest log-probability per token (not when streaming).")
 
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
         {"model": "starchat-nano", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}]})

@@ -1,7 +1,7 @@
 """Text Generation Inference bodies: `/generate`, `/generate_stream` and the compatibility route `POST /`.
 
 Every parameter `huggingface_hub.InferenceClient.text_generation` can send is declared; those
-this server cannot honour (watermark, best_of > 1, adapters, a nonzero
+this server cannot honour (watermark, adapters, a nonzero
 frequency_penalty, prompt log-probabilities when streaming) are refused by name with 422, as
 TGI refuses what it cannot do.
 """
@@ -32,7 +32,9 @@ class TGIParameters(BaseModel):
     top_n_tokens: int | None = Field(None, ge=0, le=20, description="Also return the n most likely tokens.")
     decoder_input_details: bool | None = Field(None, description="With details: each prompt token and its "
                                                "log-probability in details.prefill (not when streaming).")
-    best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    best_of: int | None = Field(None, ge=1, description="Sample this many candidates and answer with the most "
+                                "likely (highest summed log-probability); the others in details.best_of_sequences. "
+                                "Needs sampling, no seed, no streaming.")
     typical_p: float | None = Field(None, gt=0, le=1, description="Locally typical sampling: keep the tokens "
                                    "whose surprise is nearest the entropy, up to this mass (1 = off).")
     watermark: bool | None = Field(None, description="Not supported.")

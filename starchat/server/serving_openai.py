@@ -38,7 +38,8 @@ def timeout_error(ctx: ServingContext) -> ApiError:
                          "and was cancelled", kind="timeout")
 
 
-def _check_common(ctx: ServingContext, body: _SamplingFields, num_prompts: int) -> None:
+def _check_common(ctx: ServingContext, body: _SamplingFields, num_prompts: int, candidates: int | None = None) -> None:
+    """`candidates`: completions generated per prompt (best_of, when more than n)."""
     if not ctx.accepts_model(body.model):
         raise ApiError(404, f"model: {body.model!r} is not served here; this server serves {ctx.model_name!r}",
                        kind="not_found", field="model", code="model_not_found")
@@ -48,9 +49,10 @@ def _check_common(ctx: ServingContext, body: _SamplingFields, num_prompts: int) 
     if isinstance(body.stop, list) and len(body.stop) > MAX_STOP_SEQUENCES:
         raise bad_request("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(body.stop)}")
     limit = ctx.settings.max_inputs_per_request
-    if num_prompts * body.n > limit:
-        raise bad_request("n", f"{num_prompts} prompt(s) x n={body.n} is more than the limit of {limit} "
-                               "completions per request")
+    count, name = (body.n, "n") if candidates is None or candidates <= body.n else (candidates, "best_of")
+    if num_prompts * count > limit:
+        raise bad_request(name, f"{num_prompts} prompt(s) x {name}={count} is more than the limit of {limit} "
+                                "completions per request")
 
 
 def _guided(body: _SamplingFields) -> tuple[GuidedDecoding | None, str]:
@@ -82,6 +84,19 @@ def _fan_out(job: Prepared, n: int) -> list[Prepared]:
         return [job]
     seed = job.params.seed
     return [Prepared(job.prompt_token_ids, job.params.copy(seed=None if seed is None else seed + i)) for i in range(n)]
+
+
+def _best(results: list[Generated], best_of: int, n: int) -> list[int]:
+    """Indices of the n best of each prompt's best_of candidates (consecutive in `results`), by
+    OpenAI's rule: the highest log-probability per token; the order of sampling among equals."""
+    def score(result: Generated) -> float:
+        return sum(t.logprob for t in result.logprobs) / len(result.logprobs) if result.logprobs else float("-inf")
+
+    picked = []
+    for first in range(0, len(results), best_of):
+        candidates = range(first, first + best_of)
+        picked += sorted(candidates, key=lambda i: -score(results[i]))[:n] if best_of > n else list(candidates)
+    return picked
 
 
 def _sse(data: dict) -> str:
@@ -142,15 +157,19 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
         prompts = [prompts]
     if not prompts:
         raise bad_request("prompt", "is empty; give a text, a list of texts or token ids")
-    _check_common(ctx, body, len(prompts))
-    if body.best_of is not None and body.best_of != body.n:
-        raise bad_request("best_of", "only best_of equal to n is supported")
+    best_of = body.n if body.best_of is None else body.best_of
+    _check_common(ctx, body, len(prompts), candidates=best_of)
+    if best_of < body.n:
+        raise bad_request("best_of", f"must be at least n ({body.n}), got {best_of}")
+    if best_of > body.n and body.stream:
+        raise bad_request("best_of", "the best of several completions cannot be streamed; leave best_of out or equal to n")
     if body.suffix is not None and not all(isinstance(p, str) for p in prompts):
         raise bad_request("suffix", "needs text prompts (fill-in-the-middle is built from text)")
     score_prompt = body.echo and body.logprobs is not None
     if score_prompt and body.suffix is not None:
         raise bad_request("echo", "echo with logprobs scores the prompt as given; it cannot be combined with suffix")
-    params = _params(body, body.max_tokens, body.logprobs)
+    # Ranking candidates needs their tokens' log-probabilities, returned only when asked for.
+    params = _params(body, body.max_tokens, body.logprobs if body.logprobs is not None or best_of == body.n else 0)
     if score_prompt:  # the echoed prompt comes with its tokens' log-probabilities
         params.prompt_logprobs = body.logprobs
     names = FieldNames("prompt", {**_ENGINE_NAMES, "max_new_tokens": "max_tokens", "guided": _guided(body)[1]})
@@ -160,10 +179,10 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
         text = fim_prompt(prompt, body.suffix) if body.suffix is not None else prompt
         job_names = names if len(prompts) == 1 else FieldNames(f"prompt[{index}]", names.mapping)
         job = await ctx.prepare(text, params, job_names, max_new_tokens_given=body.max_tokens is not None)
-        jobs += _fan_out(job, body.n)
+        jobs += _fan_out(job, best_of)
         if body.echo:
             echo = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
-            echoes += [echo] * body.n
+            echoes += [echo] * best_of
     response_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
@@ -175,17 +194,19 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
     except RequestTimeout:
         raise timeout_error(ctx) from None
     choices = []
-    for index, result in enumerate(results):
-        echo = echoes[index] if body.echo else ""
+    for index, picked in enumerate(_best(results, best_of, body.n)):
+        result = results[picked]
+        echo = echoes[picked] if body.echo else ""
         logprobs = None
         if body.logprobs is not None:
-            prompt = _prompt_logprobs(ctx, jobs[index].prompt_token_ids, result.prompt_logprobs) if body.echo else None
+            prompt = _prompt_logprobs(ctx, jobs[picked].prompt_token_ids, result.prompt_logprobs) if body.echo else None
             logprobs = _completion_logprobs(result.logprobs, len(echo), prompt)
         choices.append({"index": index, "text": echo + result.text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
-    # n samples of a prompt count it once, with the cached tokens of its first sample
-    prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs[:: body.n])
-    cached_tokens = sum(result.num_cached_tokens for result in results[:: body.n])
+    # The samples of a prompt count it once, with the cached tokens of its first sample; every
+    # candidate's tokens count (as OpenAI bills best_of).
+    prompt_tokens = sum(len(job.prompt_token_ids) for job in jobs[::best_of])
+    cached_tokens = sum(result.num_cached_tokens for result in results[::best_of])
     return {"id": response_id, "object": "text_completion", "created": created, "model": ctx.model_name,
             "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results), cached_tokens)}
 

@@ -21,6 +21,7 @@ logger = logging.getLogger("starchat.server")
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 MAX_STOP_SEQUENCES = 16
+MAX_BEST_OF = 4
 NAMES = FieldNames("inputs", {name: f"parameters.{name}" for name in TGIParameters.model_fields}
                    | {"logprobs": "parameters.top_n_tokens", "guided": "parameters.grammar"}, status=422)
 
@@ -36,7 +37,7 @@ def info(ctx: ServingContext) -> dict:
         "model_device_type": str(getattr(getattr(inner, "device", None), "type", ctx.settings.device)),
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": ctx.admission.capacity,
-        "max_best_of": 1,
+        "max_best_of": MAX_BEST_OF,
         "max_stop_sequences": MAX_STOP_SEQUENCES,
         "max_input_tokens": ctx.max_input_tokens if loaded else None,
         "max_input_length": ctx.max_input_tokens if loaded else None,
@@ -54,8 +55,8 @@ def sampling_params(parameters: TGIParameters) -> SamplingParams:
     def refuse(name: str, message: str) -> ApiError:
         return bad_request(f"parameters.{name}", message, status=422)
 
-    if parameters.best_of not in (None, 1):
-        raise refuse("best_of", "only 1 is supported")
+    if (parameters.best_of or 1) > MAX_BEST_OF:
+        raise refuse("best_of", f"at most {MAX_BEST_OF}, got {parameters.best_of}")
     if parameters.watermark:
         raise refuse("watermark", "watermarking is not supported")
     if parameters.frequency_penalty:
@@ -70,6 +71,11 @@ def sampling_params(parameters: TGIParameters) -> SamplingParams:
     # As TGI: any sampling warper (temperature, top_k, top_p, typical_p) switches sampling on.
     do_sample = bool(parameters.do_sample) or (temperature not in (None, 1.0)) or bool(parameters.top_k) \
         or (top_p not in (None, 1.0)) or (typical_p not in (None, 1.0))
+    if (parameters.best_of or 1) > 1:  # as TGI: candidates are sampled, each from its own seed
+        if not do_sample:
+            raise refuse("best_of", "best_of > 1 needs sampling (do_sample or a sampling parameter)")
+        if parameters.seed is not None:
+            raise refuse("seed", "must not be set when best_of > 1")
     return SamplingParams(
         max_new_tokens=parameters.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=1.0 if temperature is None else temperature, top_k=parameters.top_k or 0,
@@ -133,10 +139,18 @@ async def generate(ctx: ServingContext, body: GenerateRequest, request: Request)
     arrival = time.perf_counter()
     job, parameters = await _prepare(ctx, body)
     try:
-        (result,) = await ctx.run_to_completion(request.receive, [job], arrival)
+        results = await ctx.run_to_completion(request.receive, [job] * (parameters.best_of or 1), arrival)
     except RequestTimeout:
         raise timeout_error(ctx) from None
-    return _answer(ctx, body, parameters, result, job.prompt_token_ids)
+    # best_of: TGI answers with the candidate of the highest summed log-probability and lists the
+    # others in details.best_of_sequences.
+    ranked = sorted(results, key=lambda result: -sum(lp.logprob for lp in result.logprobs))
+    answer = _answer(ctx, body, parameters, ranked[0], job.prompt_token_ids)
+    if len(results) > 1 and parameters.details:
+        answer["details"]["best_of_sequences"] = [
+            {"generated_text": other["generated_text"], **other["details"]}
+            for other in (_answer(ctx, body, parameters, result, job.prompt_token_ids) for result in ranked[1:])]
+    return answer
 
 
 def _answer(ctx: ServingContext, body: GenerateRequest, parameters: TGIParameters, result: Generated,
@@ -184,6 +198,8 @@ async def stream(ctx: ServingContext, body: GenerateRequest, request: Request) -
     arrival = time.perf_counter()
     if body.parameters.decoder_input_details:  # as TGI
         raise bad_request("parameters.decoder_input_details", "is not supported when streaming tokens", status=422)
+    if (body.parameters.best_of or 1) > 1:
+        raise bad_request("parameters.best_of", "best_of > 1 is not supported when streaming tokens", status=422)
     job, parameters = await _prepare(ctx, body)
     return generate_stream(ctx, job, body, parameters, arrival)
 

@@ -281,3 +281,23 @@ def test_structured_output_through_the_openai_client(client):
     assert content.startswith("{")
     if json_object.choices[0].finish_reason == "stop":  # a random model may write one string to the end of its budget
         assert isinstance(json.loads(content), dict)
+
+
+def test_best_of_returns_the_candidates_with_the_highest_logprob_per_token(client):
+    """best_of candidates are the n samples (seed + i) of the same request: the answer is the one
+    of highest mean token log-probability among them, and usage counts every candidate."""
+    request = dict(model="tiny", prompt="def f(x):", max_tokens=6, temperature=1.0, seed=5)
+    candidates = client.completions.create(n=3, logprobs=0, **request)
+    means = [sum(choice.logprobs.token_logprobs) / len(choice.logprobs.token_logprobs) for choice in candidates.choices]
+    ranked = sorted(range(3), key=lambda i: -means[i])
+    best = client.completions.create(best_of=3, **request)
+    assert [choice.text for choice in best.choices] == [candidates.choices[ranked[0]].text]
+    assert best.choices[0].logprobs is None  # ranked on logprobs nobody asked to see
+    assert best.usage.completion_tokens == candidates.usage.completion_tokens
+    two = client.completions.create(best_of=3, n=2, logprobs=1, **request)
+    assert [choice.text for choice in two.choices] == [candidates.choices[i].text for i in ranked[:2]]
+    assert [choice.index for choice in two.choices] == [0, 1] and two.choices[0].logprobs is not None
+    for bad in (dict(best_of=1, n=2), dict(best_of=3, stream=True)):
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.completions.create(**{**request, **bad})
+        assert raised.value.body["param"] == "best_of"

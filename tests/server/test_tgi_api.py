@@ -106,6 +106,19 @@ def test_grammar_constrains_the_text(client):
     jsonschema.validate(json.loads(text), schema)
 
 
+def test_best_of_answers_with_the_most_likely_candidate(client, server):
+    output = client.text_generation("def f(x):", best_of=3, do_sample=True, temperature=1.0, details=True,
+                                    max_new_tokens=6)
+    others = output.details.best_of_sequences
+    assert len(others) == 2
+    best = sum(token.logprob for token in output.details.tokens)
+    assert all(best >= sum(token.logprob for token in other.tokens) for other in others)
+    assert all(other.generated_tokens == len(other.tokens) and other.seed is not None for other in others)
+    assert httpx.get(server.url + "/info").json()["max_best_of"] == 4
+    with pytest.raises(ValidationError, match="best_of"):
+        list(client.text_generation("x", best_of=2, do_sample=True, stream=True, max_new_tokens=2))
+
+
 def test_info(server):
     info = httpx.get(server.url + "/info").json()
     assert info["model_id"] == "tiny"
@@ -116,7 +129,9 @@ def test_info(server):
     ({"max_new_tokens": 10_000}, "max_new_tokens"),
     ({"watermark": True}, "watermark"),
     ({"top_p": 1.5}, "top_p"),
-    ({"best_of": 2}, "best_of"),
+    ({"best_of": 2}, "best_of"),  # without sampling
+    ({"best_of": 2, "do_sample": True, "seed": 1}, "seed"),
+    ({"best_of": 9, "do_sample": True}, "best_of"),  # over max_best_of
     ({"typical_p": 0.0}, "typical_p"),
     ({"grammar": {"type": "regex", "value": "[a-"}}, "grammar"),
     ({"grammar": {"type": "xml", "value": "<a/>"}}, "grammar"),
