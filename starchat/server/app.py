@@ -3,6 +3,7 @@
 - Azure ML scoring: `GET /` (liveness: `Healthy`), `POST /score`, `GET /swagger.json`
 - OpenAI: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 - TGI: `POST /generate`, `POST /generate_stream`, `GET /info`, `POST /` (compatibility route)
+- Tokens: `POST /tokenize` (TGI's or vLLM's body), `POST /detokenize` (vLLM's)
 - Operations: `GET /health` (200 once the model is loaded), `GET /metrics` (Prometheus)
 
 The model loads in a thread after the server starts listening, so probes get 503 (not a
@@ -14,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import Callable
+from typing import Any, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 import starchat
-from starchat.server import serving_azureml, serving_openai, serving_tgi
+from starchat.server import serving_azureml, serving_openai, serving_tgi, serving_tokenize
 from starchat.server.auth import ApiKeyMiddleware
 from starchat.server.errors import ApiError, install_error_handlers
 from starchat.server.metrics import ServerMetrics
@@ -216,6 +217,14 @@ def _add_routes(app: FastAPI, ctx: ServingContext) -> None:
     @app.get("/info", tags=[TGI], summary="Model and limits")
     async def info():
         return serving_tgi.info(ctx)
+
+    @app.post("/tokenize", tags=[TGI, OPENAI], summary="Tokens of a text: TGI's body {inputs} or vLLM's {prompt | messages}")
+    async def tokenize(body: Any = Body(...)):
+        return serving_tokenize.tokenize(ctx, body)
+
+    @app.post("/detokenize", tags=[OPENAI], summary="Text of token ids (vLLM's {tokens})")
+    async def detokenize(body: Any = Body(...)):
+        return serving_tokenize.detokenize(ctx, body)
 
     @app.post("/", tags=[TGI], summary="TGI compatibility route: a list with one answer, or a stream")
     async def compat_generate(body: CompatGenerateRequest, request: Request):

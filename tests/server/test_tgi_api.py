@@ -150,3 +150,36 @@ def test_bad_bodies_get_422_with_error_type(server):
         assert response.status_code == 422, body
         assert response.json()["error_type"] == "validation" and response.json()["error"]
     assert httpx.post(server.url + "/generate", json={"inputs": "ok", "parameters": {"max_new_tokens": 1}}).status_code == 200
+
+
+def test_tokenize_and_detokenize_in_both_dialects(server, tiny_model_dir):
+    """Token ids and character offsets as HF's tokenizer gives them; vLLM's count for a prompt
+    and for a chat as the chat route renders it; detokenize inverts; bad bodies in each API's
+    error format."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "def héllo(x):\n    return x  # ünïcode"
+    tokens = httpx.post(server.url + "/tokenize", json={"inputs": text}).json()
+    expected = reference(text, return_offsets_mapping=True, add_special_tokens=False)
+    assert [t["id"] for t in tokens] == expected["input_ids"]
+    assert [(t["start"], t["stop"]) for t in tokens] == [tuple(pair) for pair in expected["offset_mapping"]]
+    assert "".join(t["text"] for t in tokens) == text
+
+    counted = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()
+    assert counted["tokens"] == expected["input_ids"] and counted["count"] == len(tokens)
+    assert counted["max_model_len"] == 512
+    assert httpx.post(server.url + "/detokenize", json={"tokens": counted["tokens"]}).json() == {"prompt": text}
+
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    completion = httpx.post(server.url + "/v1/chat/completions",
+                            json={"messages": messages, "max_tokens": 1}).json()
+    assert chat["count"] == completion["usage"]["prompt_tokens"]
+
+    bad_tgi = httpx.post(server.url + "/tokenize", json={"inputs": 5})
+    assert bad_tgi.status_code == 422 and bad_tgi.json()["error_type"] == "validation"
+    bad_openai = httpx.post(server.url + "/tokenize", json={"prompt": "x", "messages": messages})
+    assert bad_openai.status_code == 400 and bad_openai.json()["error"]["param"] == "prompt"
+    bad_ids = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]})
+    assert bad_ids.status_code == 400 and bad_ids.json()["error"]["param"] == "tokens"
