@@ -47,7 +47,7 @@ class SamplingParams:
     """How to generate one completion.
 
     Greedy decoding is used when `do_sample` is False or `temperature` is 0.
-    `top_k=0`, `top_p=1.0` and `typical_p=1.0` switch those filters off. `logprobs=None` returns no
+    `top_k=0`, `top_p=1.0`, `min_p=0` and `typical_p=1.0` switch those filters off. `logprobs=None` returns no
     log-probabilities; `logprobs=n` returns the chosen token's plus the top-n alternatives.
     """
 
@@ -56,6 +56,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # Keep only tokens at least this fraction as likely as the most likely one (HF's and vLLM's
+    # `min_p`; 0 = off), after top-p.
+    min_p: float = 0.0
     # Locally typical sampling (HF's `typical_p`, TGI's): keep the tokens whose surprise is closest
     # to the distribution's entropy, up to this much probability mass; after top-k and top-p.
     typical_p: float = 1.0
@@ -114,6 +117,9 @@ class SamplingParams:
         _check_number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p}")
+        _check_number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingParamsError("min_p", f"must be in [0, 1], got {self.min_p}")
         _check_number("typical_p", self.typical_p)
         if not 0.0 < self.typical_p <= 1.0:
             raise SamplingParamsError("typical_p", f"must be in (0, 1], got {self.typical_p}")

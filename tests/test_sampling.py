@@ -20,6 +20,7 @@ def llm(tiny_model_dir):
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),
     (dict(typical_p=0.0), "typical_p"),
+    (dict(min_p=1.5), "min_p"),
     (dict(typical_p=float("nan")), "typical_p"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(min_new_tokens=10, max_new_tokens=5), "min_new_tokens"),
@@ -250,15 +251,16 @@ def test_logit_bias_of_100_forces_a_token_and_logprobs_stay_the_models(llm):
     assert forced.logprobs[0].logprob < unbiased.logprobs[0].logprob
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, typical_p", [
-    (0.7, 0, 1.0, 1.0), (1.0, 50, 1.0, 1.0), (0.8, 0, 0.9, 1.0), (1.3, 0, 1.0, 0.7), (0.6, 40, 0.95, 0.5),
-    (1.0, 0, 0.8, 0.2)])
-def test_sampling_distribution_equals_hf_warpers(temperature, top_k, top_p, typical_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p, typical_p", [
+    (0.7, 0, 1.0, 0.0, 1.0), (1.0, 50, 1.0, 0.0, 1.0), (0.8, 0, 0.9, 0.0, 1.0), (1.3, 0, 1.0, 0.0, 0.7),
+    (0.6, 40, 0.95, 0.0, 0.5), (1.0, 0, 0.8, 0.0, 0.2), (1.0, 0, 1.0, 0.1, 1.0), (1.0, 0, 1.0, 0.5, 0.6),
+    (0.9, 0, 0.9, 0.3, 0.6)])
+def test_sampling_distribution_equals_hf_warpers(temperature, top_k, top_p, min_p, typical_p):
     """The distribution a sampled token is drawn from equals the one HF's warpers leave
-    (temperature, top-k, top-p, typical-p, in HF's order), on peaked and flat logits, and with
+    (temperature, top-k, top-p, min-p, typical-p, in HF's order), on peaked and flat logits, and with
     ties where no top-k or top-p cut runs through them (top-k keeps exactly k tokens where HF keeps
     every token equal to the k-th; among equal logits top-p's order is unspecified in both)."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 
     from starchat.engine.request import Request
@@ -269,10 +271,12 @@ def test_sampling_distribution_equals_hf_warpers(temperature, top_k, top_p, typi
     if top_k == 0 and top_p == 1.0:
         logits = torch.cat([logits, torch.randn(1, 1000, generator=generator).round()])  # many equal logits
     warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) \
-        + ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + ([TypicalLogitsWarper(typical_p)] if typical_p < 1 else [])
+        + ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + ([MinPLogitsWarper(min_p)] if min_p > 0 else []) \
+        + ([TypicalLogitsWarper(typical_p)] if typical_p < 1 else [])
     expected = torch.softmax(LogitsProcessorList(warpers)(None, logits.clone()), dim=-1)
 
-    params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p)
+    params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            typical_p=typical_p)
     requests = [Request(str(i), [1], params, frozenset(), 16) for i in range(len(logits))]
     probs, candidate_ids = Sampler(eos_token_id=0)._distribution(logits, requests)
     ours = torch.zeros_like(logits).scatter(1, candidate_ids, probs)

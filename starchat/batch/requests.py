@@ -62,7 +62,7 @@ def _checked_ids(engine, prompt, params: SamplingParams) -> list[int]:
 
 _COMMON_KEYS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                 "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs",
-                "top_k", "min_tokens", "repetition_penalty",  # vLLM's extra sampling fields
+                "top_k", "min_p", "min_tokens", "repetition_penalty",  # vLLM's extra sampling fields
                 *GUIDED_FIELDS}
 _COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "suffix", "echo", "best_of"}
 _CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
@@ -81,6 +81,7 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
     values = dict(temperature=temperature if temperature is not None else 1.0,
                   top_p=body.get("top_p") if body.get("top_p") is not None else 1.0,
                   top_k=body.get("top_k") or 0,
+                  min_p=body.get("min_p") or 0.0,
                   min_new_tokens=body.get("min_tokens") or 0,
                   repetition_penalty=body.get("repetition_penalty") or 1.0,
                   presence_penalty=body.get("presence_penalty") or 0.0,

@@ -3,11 +3,12 @@
 The logits are changed in this order: repetition penalty (HF's, multiplicative), presence and
 frequency penalties (OpenAI's, subtracted), logit biases (added), min_new_tokens (stop tokens
 banned), a structured-output grammar (tokens that would leave it banned); then greedy argmax, or
-temperature, top-k, top-p, typical-p (HF's warpers' order) and a draw. Log-probabilities are
+temperature, top-k, top-p, min-p, typical-p (HF's warpers' order) and a draw. Log-probabilities are
 those of the model, before any of it.
 
 Everything is a tensor operation over the batch except drawing the random numbers, which uses
-each request's own generator so that a seed gives the same tokens whatever else is batched.
+each request's own generator so that a seed gives the same tokens whatever else is batched (up
+to the rounding of the step's arithmetic, which the batch's shape can change).
 Sampling draws `argmax(p / E)` with E ~ Exponential(1) (the Gumbel-max trick), which needs no
 normalised cumulative sum and no host synchronisation.
 """
@@ -125,7 +126,8 @@ class Sampler:
         token, then after each draft. A row is processed as if the drafts before it were accepted
         (penalties and min_new_tokens see them). Greedy requests keep the drafts that equal the
         row's argmax, then take the next argmax. Sampling requests keep draft d with probability
-        p(d) (the row's distribution after temperature, top-k, top-p and typical-p) and, at the first
+        p(d) (the row's distribution after temperature and the top-k, top-p, min-p and typical-p
+        filters) and, at the first
         rejection, draw from p with d removed: a drafter that proposes one token with certainty
         makes that the standard speculative-sampling rule, so every token is distributed as
         without drafts (not the same draws: a seed's tokens differ, which is why seeded requests
@@ -245,7 +247,7 @@ class Sampler:
 
     @staticmethod
     def _distribution(logits: torch.Tensor, requests) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's distribution after temperature, top-k, top-p and typical-p, over its top-K candidates:
+        """Each row's distribution after temperature and the top-k, top-p, min-p and typical-p filters, over its top-K candidates:
         (S, K) probabilities (not renormalised after top-p: the draw does not need it) and token ids."""
         device = logits.device
         vocab = logits.shape[-1]
@@ -261,6 +263,9 @@ class Sampler:
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
+        if any(r.params.min_p > 0.0 for r in requests):  # relative to the most likely token (column 0)
+            min_p = torch.tensor([r.params.min_p for r in requests], device=device)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
         if any(r.params.typical_p < 1.0 for r in requests):
             probs = _typical_filter(probs, torch.tensor([r.params.typical_p for r in requests], device=device))
         return probs, candidate_ids

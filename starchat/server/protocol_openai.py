@@ -2,7 +2,7 @@
 
 Every OpenAI field is declared; values this server cannot honour (tools) are refused by name
 rather than silently ignored, and unknown fields are refused too. Extensions in vLLM's style:
-top_k, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, and structured output by
+top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, and structured output by
 guided_json / guided_regex / guided_choice / guided_grammar besides OpenAI's response_format
 (on both endpoints).
 """
@@ -44,6 +44,8 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     # Extensions (vLLM's names).
     top_k: int | None = Field(None, ge=0, description="Extension: sample among the k most likely tokens (0 = off).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Extension: drop tokens less likely than min_p times "
+                                "the most likely one (0 = off).")
     repetition_penalty: float | None = Field(None, gt=0, description="Extension: above 1 discourages repeats.")
     min_tokens: int = Field(0, ge=0, description="Extension: fewest tokens before a stop may end the text.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-text (benchmarks).")

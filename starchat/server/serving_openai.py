@@ -68,7 +68,7 @@ def _params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None)
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI samples by default
     return SamplingParams(guided=_guided(body)[0],
         max_new_tokens=max_tokens or 16, min_new_tokens=body.min_tokens, temperature=temperature,
-        top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p, min_p=body.min_p or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias={int(key): bias for key, bias in (body.logit_bias or {}).items()},

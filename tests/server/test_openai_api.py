@@ -284,20 +284,44 @@ def test_structured_output_through_the_openai_client(client):
 
 
 def test_best_of_returns_the_candidates_with_the_highest_logprob_per_token(client):
-    """best_of candidates are the n samples (seed + i) of the same request: the answer is the one
-    of highest mean token log-probability among them, and usage counts every candidate."""
-    request = dict(model="tiny", prompt="def f(x):", max_tokens=6, temperature=1.0, seed=5)
-    candidates = client.completions.create(n=3, logprobs=0, **request)
-    means = [sum(choice.logprobs.token_logprobs) / len(choice.logprobs.token_logprobs) for choice in candidates.choices]
-    ranked = sorted(range(3), key=lambda i: -means[i])
+    """best_of candidates are sampled and ranked by mean token log-probability; usage counts
+    every candidate. (Which candidates a seed gives is not compared with a separate request:
+    requests arriving apart are batched differently, and the rounding of another kernel can flip
+    a near-tied draw of this random model.)"""
+    from starchat.server.serving import Generated
+    from starchat.server.serving_openai import _best
+    from starchat.outputs import TokenLogprob
+
+    request = dict(model="tiny", prompt="def f(x):", max_tokens=6, temperature=1.0, seed=5,
+                   extra_body={"ignore_eos": True})
     best = client.completions.create(best_of=3, **request)
-    assert [choice.text for choice in best.choices] == [candidates.choices[ranked[0]].text]
-    assert best.choices[0].logprobs is None  # ranked on logprobs nobody asked to see
-    assert best.usage.completion_tokens == candidates.usage.completion_tokens
-    two = client.completions.create(best_of=3, n=2, logprobs=1, **request)
-    assert [choice.text for choice in two.choices] == [candidates.choices[i].text for i in ranked[:2]]
-    assert [choice.index for choice in two.choices] == [0, 1] and two.choices[0].logprobs is not None
+    assert len(best.choices) == 1 and best.choices[0].logprobs is None  # ranked on logprobs nobody asked to see
+    assert best.usage.completion_tokens == 3 * 6
+    two = client.completions.create(best_of=3, n=2, logprobs=0, **request)
+    means = [sum(choice.logprobs.token_logprobs) / 6 for choice in two.choices]
+    assert [choice.index for choice in two.choices] == [0, 1] and means[0] >= means[1]
     for bad in (dict(best_of=1, n=2), dict(best_of=3, stream=True)):
         with pytest.raises(openai.BadRequestError) as raised:
             client.completions.create(**{**request, **bad})
         assert raised.value.body["param"] == "best_of"
+
+    def result(*logprobs: float) -> Generated:
+        return Generated(num_prompt_tokens=1, logprobs=[TokenLogprob(0, "", lp) for lp in logprobs])
+
+    # Per token, not summed: the longer candidate with the lower sum wins; equals keep their order.
+    results = [result(-3.0), result(-1.0, -1.0, -1.0, -1.0), result(-2.0, -2.0), result(-1.0), result(-0.5, -1.5)]
+    assert _best(results, 5, 2) == [1, 3] and _best(results, 5, 5) == [0, 1, 2, 3, 4]
+    assert _best(results[:4] + [result(-1.0), result(-9.0)], 3, 1) == [1, 3]
+
+
+def test_min_p_extension_reaches_the_sampler(client):
+    """min_p = 1 keeps only the most likely token: sampling then gives the greedy text whatever
+    the seed (test_sampling checks min_p against HF's MinPLogitsWarper)."""
+    request = dict(model="tiny", prompt="def f(x):", max_tokens=8)
+    greedy = client.completions.create(temperature=0, **request).choices[0].text
+    for seed in (1, 2):
+        sampled = client.completions.create(temperature=1.0, seed=seed, extra_body={"min_p": 1.0}, **request)
+        assert sampled.choices[0].text == greedy
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(extra_body={"min_p": 1.5}, **request)
+    assert raised.value.body["param"] == "min_p"
