@@ -53,6 +53,7 @@ class _InFlight:
     prepared: PreparedRequest
     attempts: int
     text_parts: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # TokenLogprobs, for rows that asked for them
 
 
 def generate_rows(engine, source: TaskSource, *, max_in_flight: int, max_retries: int = 3,
@@ -108,10 +109,12 @@ def generate_rows(engine, source: TaskSource, *, max_in_flight: int, max_retries
                     continue
                 new_tokens += len(delta.token_ids)
                 state.text_parts.append(delta.text)
+                state.logprobs += delta.logprobs or ()
                 if delta.finished:
                     del in_flight[delta.request_id]
                     yield success_record(state.task, state.prepared, "".join(state.text_parts), delta.finish_reason,
-                                         delta.num_generated_tokens, state.attempts, delta.num_cached_tokens)
+                                         delta.num_generated_tokens, state.attempts, delta.num_cached_tokens,
+                                         state.logprobs)
             if on_step is not None:
                 on_step(new_tokens)
     finally:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from starchat.azureml_params import merge_azureml_parameters, sampling_params_from_azureml
 from starchat.chat_template import fim_prompt
 from starchat.errors import FieldError
+from starchat.outputs import TokenLogprob
 from starchat.sampling_params import SamplingParams, SamplingParamsError
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
 
@@ -93,6 +94,7 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
         values["guided"] = guided_from_openai(body)[0]
     except SamplingParamsError as error:
         raise RowRequestError(f"body.{error.field}", error.message) from None
+    values["logprobs"] = _logprobs(body, url)
     stop = body.get("stop")
     params = SamplingParams(**values, stop=[stop] if isinstance(stop, str) else list(stop or []))
     model = body.get("model") or engine.model_name
@@ -123,10 +125,26 @@ def _refuse_unsupported(body: dict, url: str) -> None:
             raise RowRequestError(f"body.{name}", "only 1 completion per line is supported; repeat the line instead")
     if body.get("stream"):
         raise RowRequestError("body.stream", "batch lines cannot stream; leave stream out or false")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-        raise RowRequestError("body.logprobs", "log-probabilities are not supported in batch output yet")
+    if url == COMPLETIONS_URL and body.get("echo") and body.get("logprobs") is not None:
+        raise RowRequestError("body.echo", "echo with logprobs (scoring the prompt) is not supported in batch lines")
     if body.get("tools"):
         raise RowRequestError("body.tools", "tool calls are not supported by StarChat")
+
+
+def _logprobs(body: dict, url: str) -> int | None:
+    """SamplingParams.logprobs: completions' `logprobs` (top-n), chat's `logprobs` (a switch) with
+    `top_logprobs` (top-n); None when not asked for."""
+    if url == COMPLETIONS_URL:
+        return body.get("logprobs")  # checked by SamplingParams (named logprobs)
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted not in (None, True, False):
+        raise RowRequestError("body.logprobs", "must be true or false for chat")
+    if top is not None:
+        if not wanted:
+            raise RowRequestError("body.top_logprobs", "needs logprobs: true")
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= SamplingParams.MAX_LOGPROBS:
+            raise RowRequestError("body.top_logprobs", f"must be an integer in 0..{SamplingParams.MAX_LOGPROBS}")
+    return (top or 0) if wanted else None
 
 
 def _logit_bias(bias) -> dict[int, float]:
@@ -157,12 +175,26 @@ def _check_openai(engine, ids: list[int], params: SamplingParams, body: dict) ->
 # ---- result records -----------------------------------------------------------------------------
 
 def success_record(task: dict, prepared: PreparedRequest, text: str, finish_reason: str | None,
-                   completion_tokens: int, attempts: int, cached_tokens: int = 0) -> dict:
-    """`cached_tokens`: prompt tokens taken from the engine's prefix cache."""
+                   completion_tokens: int, attempts: int, cached_tokens: int = 0,
+                   logprobs: list[TokenLogprob] | None = None) -> dict:
+    """`cached_tokens`: prompt tokens taken from the engine's prefix cache; `logprobs`: the
+    generated tokens' (OpenAI rows that asked), journaled as [id, text, logprob, [[id, text, logprob]]]."""
     reply = text.lstrip() if prepared.strip_reply else text
-    return {**_record_head(task), "ok": True, "prediction": prepared.prefix + reply, "finish_reason": finish_reason,
-            "prompt_tokens": len(prepared.prompt_token_ids), "completion_tokens": completion_tokens,
-            "cached_tokens": cached_tokens, "attempts": attempts, "url": prepared.url, "model": prepared.model, "created": int(time.time())}
+    record = {**_record_head(task), "ok": True, "prediction": prepared.prefix + reply, "finish_reason": finish_reason,
+              "prompt_tokens": len(prepared.prompt_token_ids), "completion_tokens": completion_tokens,
+              "cached_tokens": cached_tokens, "attempts": attempts, "url": prepared.url, "model": prepared.model,
+              "created": int(time.time())}
+    if prepared.params.logprobs is not None:
+        record["logprobs"] = [[t.token_id, t.token, t.logprob, [list(alt) for alt in t.top]] for t in logprobs or []]
+    return record
+
+
+def record_logprobs(record: dict) -> list[TokenLogprob] | None:
+    """The TokenLogprobs a success record journaled, or None."""
+    entries = record.get("logprobs")
+    if entries is None:
+        return None
+    return [TokenLogprob(token_id, text, logprob, [tuple(alt) for alt in top]) for token_id, text, logprob, top in entries]
 
 
 def failure_record(task: dict, message: str, attempts: int, status_code: int = 400) -> dict:

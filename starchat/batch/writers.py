@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Iterable
 
 from starchat.batch.journal import AtomicFile
-from starchat.batch.requests import CHAT_URL
+from starchat.batch.requests import CHAT_URL, record_logprobs
+from starchat.openai_format import chat_logprobs, completion_logprobs
 
 OUTPUT_FORMATS = ("azureml", "openai", "jsonl")
 OUTPUT_ACTIONS = ("append_row", "summary_only")
@@ -109,14 +110,18 @@ def openai_output_line(record: dict, job_hash: str) -> dict:
              "total_tokens": record["prompt_tokens"] + record["completion_tokens"],
              # (records journaled before prefix caching have no count)
              "prompt_tokens_details": {"cached_tokens": record.get("cached_tokens", 0)}}
+    logprobs = record_logprobs(record)
     if record.get("url") == CHAT_URL:
         body = {"id": f"chatcmpl-{token}", "object": "chat.completion", "created": record["created"], "model": record["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": record["prediction"]},
-                             "logprobs": None, "finish_reason": record["finish_reason"]}],
+                             "logprobs": chat_logprobs(logprobs) if logprobs is not None else None,
+                             "finish_reason": record["finish_reason"]}],
                 "usage": usage}
     else:
         body = {"id": f"cmpl-{token}", "object": "text_completion", "created": record["created"], "model": record["model"],
-                "choices": [{"index": 0, "text": record["prediction"], "logprobs": None,
+                "choices": [{"index": 0, "text": record["prediction"],
+                             # (rows with logprobs echo nothing: the text starts at offset 0)
+                             "logprobs": completion_logprobs(logprobs, 0) if logprobs is not None else None,
                              "finish_reason": record["finish_reason"]}],
                 "usage": usage}
     return {"id": f"batch_req_{token}", "custom_id": custom_id,

@@ -16,6 +16,7 @@ from starchat.sampling_params import GuidedDecoding, SamplingParams, SamplingPar
 from starchat.server.errors import ApiError, bad_request, error_body
 from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
+from starchat.openai_format import chat_logprobs, completion_logprobs
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
 from starchat.server.streaming import EventStreamResponse, merge_streams
 
@@ -121,19 +122,6 @@ def _stream_error(error: Exception, ctx: ServingContext) -> str:
 # ---- /v1/completions ------------------------------------------------------------------------
 
 
-def _completion_logprobs(tokens: list[TokenLogprob], offset: int, prompt: dict | None = None) -> dict:
-    """OpenAI's completion logprobs; `prompt`: the echoed prompt's (`_prompt_logprobs`), first."""
-    out = {key: list(values) for key, values in (prompt or {}).items()} or \
-        {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token in tokens:
-        out["text_offset"].append(offset)
-        offset += len(token.token)
-        out["tokens"].append(token.token)
-        out["token_logprobs"].append(token.logprob)
-        out["top_logprobs"].append({token.token: token.logprob, **{text: lp for _, text, lp in token.top}})
-    return out
-
-
 def _prompt_logprobs(ctx: ServingContext, prompt_token_ids: list[int], scored: list[TokenLogprob | None]) -> dict:
     """The prompt's tokens as echoed: the first has no log-probability (None), as OpenAI's."""
     token_text = ctx.ready_engine().tokenizer.token_text
@@ -200,7 +188,7 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
         logprobs = None
         if body.logprobs is not None:
             prompt = _prompt_logprobs(ctx, jobs[picked].prompt_token_ids, result.prompt_logprobs) if body.echo else None
-            logprobs = _completion_logprobs(result.logprobs, len(echo), prompt)
+            logprobs = completion_logprobs(result.logprobs, len(echo), prompt)
         choices.append({"index": index, "text": echo + result.text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
     # The samples of a prompt count it once, with the cached tokens of its first sample; every
@@ -233,7 +221,7 @@ async def _completion_events(ctx: ServingContext, body: CompletionRequest, jobs:
                 yield _sse({**base, "choices": [choice], **extra})
             logprobs = None
             if body.logprobs is not None and delta.logprobs:
-                logprobs = _completion_logprobs(delta.logprobs, offsets[index])
+                logprobs = completion_logprobs(delta.logprobs, offsets[index])
                 offsets[index] += sum(len(t.token) for t in delta.logprobs)
             if not (delta.text or delta.finished or logprobs):
                 continue
@@ -253,14 +241,6 @@ async def _completion_events(ctx: ServingContext, body: CompletionRequest, jobs:
 
 
 # ---- /v1/chat/completions -------------------------------------------------------------------
-
-
-def _chat_logprobs(tokens: list[TokenLogprob]) -> dict:
-    def entry(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
-                        for t in tokens]}
 
 
 async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, request: Request):
@@ -298,7 +278,7 @@ async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, req
     except RequestTimeout:
         raise timeout_error(ctx) from None
     choices = [{"index": index, "message": {"role": "assistant", "content": result.text.lstrip()},
-                "logprobs": _chat_logprobs(result.logprobs) if body.logprobs else None,
+                "logprobs": chat_logprobs(result.logprobs) if body.logprobs else None,
                 "finish_reason": result.finish_reason} for index, result in enumerate(results)]
     return {"id": response_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
             "choices": choices, "usage": _usage(len(job.prompt_token_ids), sum(len(r.token_ids) for r in results),
@@ -323,7 +303,7 @@ async def _chat_events(ctx: ServingContext, body: ChatCompletionRequest, jobs: l
             if not started[index]:
                 text = text.lstrip()
                 started[index] = bool(text)
-            logprobs = _chat_logprobs(delta.logprobs) if body.logprobs and delta.logprobs else None
+            logprobs = chat_logprobs(delta.logprobs) if body.logprobs and delta.logprobs else None
             if delta.finished:
                 completion_tokens += delta.num_generated_tokens
                 if index == 0:

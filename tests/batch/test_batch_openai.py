@@ -6,6 +6,7 @@ import json
 import re
 
 import jsonschema
+import pytest
 
 from openai.types import BatchError, Completion
 from openai.types.chat import ChatCompletion
@@ -44,6 +45,11 @@ def openai_lines() -> list[dict]:
                                                     "name": "haiku", "schema": HAIKU_SCHEMA}}}),
         line("regex-1", "/v1/completions", {"prompt": "Version:", "max_tokens": 12, "guided_regex": VERSION}),
         line("bad-regex", "/v1/completions", {"prompt": "x", "guided_regex": "[a-"}),
+        line("logprobs-1", "/v1/completions", {"prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0,
+                                               "logprobs": 2}),
+        line("chat-logprobs", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0,
+                                                       "logprobs": True, "top_logprobs": 1}),
+        line("bad-top", "/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}),
     ]
 
 
@@ -52,11 +58,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 9, 3)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 11, 4)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 12
+    assert len({line["id"] for line in output}) == 15
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -93,10 +99,29 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     assert re.fullmatch(VERSION, Completion.model_validate(by_id["regex-1"]["response"]["body"]).choices[0].text)
     assert "body.guided_regex" in by_id["bad-regex"]["response"]["body"]["error"]["message"]
 
+    # Log-probabilities: the engine's, in OpenAI's shapes.
+    scored = Completion.model_validate(by_id["logprobs-1"]["response"]["body"]).choices[0].logprobs
+    params = greedy(5)
+    params.logprobs = 2
+    expected = reference.generate(["def add(a, b):"], params)[0]
+    # (to rounding: the batch computes other rows beside these)
+    assert scored.token_logprobs == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-4)
+    assert "".join(scored.tokens) == Completion.model_validate(by_id["logprobs-1"]["response"]["body"]).choices[0].text
+    assert all(len(top) >= 2 for top in scored.top_logprobs) and scored.text_offset[0] == 0
+    chat_scored = ChatCompletion.model_validate(by_id["chat-logprobs"]["response"]["body"]).choices[0]
+    params = greedy(6)
+    params.logprobs = 1
+    expected = reference.chat(MESSAGES, params)
+    assert [entry.logprob for entry in chat_scored.logprobs.content] == pytest.approx(
+        [t.logprob for t in expected.logprobs], abs=1e-4)
+    assert all(len(entry.top_logprobs) == 1 for entry in chat_scored.logprobs.content)
+    assert "body.top_logprobs" in by_id["bad-top"]["response"]["body"]["error"]["message"]
+    assert by_id["cmpl-1"]["response"]["body"]["choices"][0]["logprobs"] is None  # not asked for
+
     bad = by_id["bad-n"]
     assert bad["response"]["status_code"] == 400 and "body.n" in bad["response"]["body"]["error"]["message"]
     assert "body.n" in BatchError.model_validate(bad["error"]).message
-    assert [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()] == ["bad-n", "bad-bias", "bad-regex"]
+    assert [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()] == ["bad-n", "bad-bias", "bad-regex", "bad-top"]
 
 
 def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):

@@ -1,0 +1,28 @@
+"""OpenAI's log-probability objects, shared by the server and the batch runner's output lines."""
+
+from __future__ import annotations
+
+from starchat.outputs import TokenLogprob
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int, prompt: dict | None = None) -> dict:
+    """OpenAI's completion logprobs, text offsets from `offset`; `prompt`: the echoed prompt's
+    entries (the same keys), first."""
+    out = {key: list(values) for key, values in (prompt or {}).items()} or \
+        {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token in tokens:
+        out["text_offset"].append(offset)
+        offset += len(token.token)
+        out["tokens"].append(token.token)
+        out["token_logprobs"].append(token.logprob)
+        out["top_logprobs"].append({token.token: token.logprob, **{text: lp for _, text, lp in token.top}})
+    return out
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """OpenAI's chat logprobs: each token with its bytes and its top alternatives."""
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
+                        for t in tokens]}
