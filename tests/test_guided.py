@@ -140,3 +140,13 @@ def test_bad_constraints_name_the_field(llm, bad, message):
         llm.generate(["x"], SamplingParams(guided=bad))
     assert error.value.field == "guided"
     assert llm.generate(["x"], SamplingParams(max_new_tokens=2))  # the engine goes on
+
+
+def test_without_llguidance_free_text_runs_and_guided_requests_say_what_to_install(llm, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
+    assert llm.generate(["x"], SamplingParams(max_new_tokens=2))[0].token_ids
+    with pytest.raises(SamplingParamsError, match="pip install llguidance") as error:
+        llm.generate(["x"], guided("regex", "a+"))
+    assert error.value.field == "guided"

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import llguidance
-import llguidance.numpy
 import numpy as np
 import torch
 
@@ -42,8 +40,20 @@ def _closed_objects(node):
     return node
 
 
+def _llguidance():
+    """The library, imported on first use: free-text serving does not need it."""
+    try:
+        import llguidance
+        import llguidance.numpy
+    except ImportError as error:
+        raise SamplingParamsError("guided", f"structured output needs the llguidance package ({error}); "
+                                            "pip install llguidance") from None
+    return llguidance
+
+
 def grammar_text(guided: GuidedDecoding) -> str:
     """llguidance's grammar for a request's constraint."""
+    llguidance = _llguidance()
     if guided.kind in ("json_object", "json_schema"):
         schema = _closed_objects(json.loads(guided.spec)) if guided.kind == "json_schema" else {"type": "object"}
         if isinstance(schema, dict):
@@ -64,11 +74,11 @@ class GrammarCompiler:
         # The model's logits may have more rows than the tokenizer has tokens (padded embedding
         # tables) or, for benchmark shapes, fewer; the mask covers both and is cut to the logits.
         self.vocab_size = max(vocab_size, tokenizer.vocab_size)
-        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._ll_tokenizer = None  # llguidance.LLTokenizer, made on first use
 
-    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+    def _llg_tokenizer(self):
         if self._ll_tokenizer is None:
-            self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self.vocab_size,
+            self._ll_tokenizer = _llguidance().LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self.vocab_size,
                                                         eos_token=self._tokenizer.eos_token_id)
         return self._ll_tokenizer
 
@@ -78,7 +88,7 @@ class GrammarCompiler:
             grammar = grammar_text(guided)
         except (ValueError, TypeError) as error:
             raise SamplingParamsError("guided", f"{guided.kind}: {error}") from None
-        matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        matcher = _llguidance().LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise SamplingParamsError("guided", f"{guided.kind} does not compile: {matcher.get_error().strip()}")
         return GrammarState(matcher, self.vocab_size, self._tokenizer.eos_token_id)
@@ -102,9 +112,10 @@ class GrammarState:
 def allowed_tokens(states: list[GrammarState], width: int) -> torch.Tensor:
     """(len(states), width) bool: the tokens each state allows next (end-of-text alone for a
     matcher in an error state, which the masks should make impossible)."""
-    bitmask = llguidance.numpy.allocate_token_bitmask(len(states), states[0].vocab_size)
+    masks = _llguidance().numpy
+    bitmask = masks.allocate_token_bitmask(len(states), states[0].vocab_size)
     for row, state in enumerate(states):
-        llguidance.numpy.fill_next_token_bitmask(state.matcher, bitmask, row)
+        masks.fill_next_token_bitmask(state.matcher, bitmask, row)
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :width]
     if bits.shape[1] < width:  # logits past the mask's end: never allowed
         bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))

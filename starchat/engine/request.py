@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
-from starchat.engine.guided import GrammarState
 from starchat.outputs import TokenLogprob
 from starchat.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from starchat.engine.guided import GrammarState
 
 
 class RequestStatus(Enum):
