@@ -51,7 +51,8 @@ def _response_format(value) -> GuidedDecoding | None:
         return None
     if value["type"] == "json_object":
         return GuidedDecoding("json_object")
-    schema = (value.get("json_schema") or {}).get("schema") if isinstance(value.get("json_schema"), (dict, type(None))) else None
+    json_schema = value.get("json_schema")
+    schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
     if not isinstance(schema, dict):
         raise SamplingParamsError("response_format.json_schema", "type json_schema needs json_schema.schema (an object)")
     return GuidedDecoding("json_schema", json.dumps(schema))

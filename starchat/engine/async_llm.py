@@ -80,6 +80,9 @@ class AsyncLLM:
     def chat_request(self, messages: list[dict], params: SamplingParams | None = None, system: str | None = None):
         return self.engine.chat_request(messages, params, system)
 
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.engine.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+
     def check(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Validate without queueing: the prompt's token ids, or RequestError/SamplingParamsError."""
         prompt_token_ids = self.engine.tokenize_prompt(prompt)

@@ -123,11 +123,16 @@ class LLMEngine:
     def chat_request(self, messages: list[dict], params: SamplingParams | None = None,
                      system: str | None = None) -> tuple[str, SamplingParams]:
         """The StarChat prompt for `messages` and params that stop at the end of the assistant turn."""
-        prompt = self.chat_template.render(messages, system=resolve_system_prompt(system))
+        prompt = self.chat_prompt(messages, system)
         params = (params or SamplingParams()).copy()
         if self.end_token_id is not None and self.end_token_id not in params.stop_token_ids:
             params.stop_token_ids.append(self.end_token_id)
         return prompt, params
+
+    def chat_prompt(self, messages: list[dict], system: str | None = None, add_generation_prompt: bool = True) -> str:
+        """`messages` in the model's dialogue format (`system`: a named system prompt or its text)."""
+        return self.chat_template.render(messages, system=resolve_system_prompt(system),
+                                         add_generation_prompt=add_generation_prompt)
 
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -94,6 +94,11 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The chat template's {role, content} messages (OpenAI's developer role is the system's)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 

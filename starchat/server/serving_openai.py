@@ -14,7 +14,7 @@ from starchat.chat_template import ChatFormatError, fim_prompt
 from starchat.outputs import TokenLogprob
 from starchat.sampling_params import GuidedDecoding, SamplingParams, SamplingParamsError
 from starchat.server.errors import ApiError, bad_request, error_body
-from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields, template_messages
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
 from starchat.openai_format import chat_logprobs, completion_logprobs
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
@@ -65,10 +65,11 @@ def _guided(body: _SamplingFields) -> tuple[GuidedDecoding | None, str]:
         raise bad_request(error.field, error.message) from None
 
 
-def _params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None,
+            guided: GuidedDecoding | None) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI samples by default
-    return SamplingParams(guided=_guided(body)[0],
-        max_new_tokens=max_tokens or 16, min_new_tokens=body.min_tokens, temperature=temperature,
+    return SamplingParams(
+        guided=guided, max_new_tokens=max_tokens or 16, min_new_tokens=body.min_tokens, temperature=temperature,
         top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p, min_p=body.min_p or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
@@ -156,11 +157,13 @@ async def completions(ctx: ServingContext, body: CompletionRequest, request: Req
     score_prompt = body.echo and body.logprobs is not None
     if score_prompt and body.suffix is not None:
         raise bad_request("echo", "echo with logprobs scores the prompt as given; it cannot be combined with suffix")
+    guided, guided_field = _guided(body)
     # Ranking candidates needs their tokens' log-probabilities, returned only when asked for.
-    params = _params(body, body.max_tokens, body.logprobs if body.logprobs is not None or best_of == body.n else 0)
+    params = _params(body, body.max_tokens, body.logprobs if body.logprobs is not None or best_of == body.n else 0,
+                     guided)
     if score_prompt:  # the echoed prompt comes with its tokens' log-probabilities
         params.prompt_logprobs = body.logprobs
-    names = FieldNames("prompt", {**_ENGINE_NAMES, "max_new_tokens": "max_tokens", "guided": _guided(body)[1]})
+    names = FieldNames("prompt", {**_ENGINE_NAMES, "max_new_tokens": "max_tokens", "guided": guided_field})
     jobs: list[Prepared] = []
     echoes: list[str] = []
     for index, prompt in enumerate(prompts):
@@ -258,14 +261,14 @@ async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, req
         max_tokens, max_tokens_name = body.max_tokens, "max_tokens"
     elif body.max_tokens is not None and body.max_tokens != max_tokens:
         raise bad_request("max_tokens", "give max_tokens or max_completion_tokens, not two different values")
-    params = _params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    guided, guided_field = _guided(body)
+    params = _params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, guided)
     try:
-        prompt, chat_params = engine.chat_request(messages, params)
+        prompt, chat_params = engine.chat_request(template_messages(body.messages), params)
     except ChatFormatError as error:
         raise bad_request(error.field, error.message) from None
     names = FieldNames("messages", {**_ENGINE_NAMES, "max_new_tokens": max_tokens_name, "logprobs": "top_logprobs",
-                                    "guided": _guided(body)[1]})
+                                    "guided": guided_field})
     job = await ctx.prepare(prompt, chat_params, names, max_new_tokens_given=max_tokens is not None)
     jobs = _fan_out(job, body.n)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"

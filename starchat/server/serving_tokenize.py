@@ -14,9 +14,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from starchat.chat_template import ChatFormatError, resolve_system_prompt
+from starchat.chat_template import ChatFormatError
 from starchat.server.errors import ApiError, bad_request, error_body, validation_error
-from starchat.server.protocol_openai import ChatMessage
+from starchat.server.protocol_openai import ChatMessage, template_messages
 from starchat.server.serving import ServingContext
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
@@ -84,11 +84,8 @@ def _counted_tokens(ctx: ServingContext, body: Any) -> dict:
         raise bad_request("prompt", "give prompt (a text) or messages (a chat), one of them")
     text = request.prompt
     if request.messages is not None:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
-        try:
-            # As the chat route renders them (the same system prompt rule).
-            text = engine.chat_template.render(messages, system=resolve_system_prompt(None),
-                                               add_generation_prompt=request.add_generation_prompt)
+        try:  # as the chat route renders them
+            text = engine.chat_prompt(template_messages(request.messages), request.add_generation_prompt)
         except ChatFormatError as error:
             raise bad_request(error.field, error.message) from None
     tokens = engine.tokenizer.encode(text)
