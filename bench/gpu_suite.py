@@ -13,6 +13,8 @@ Figures, each for HF (`generate`, SDPA, greedy) and ours, in this order so both 
   over the decode-only steps (`host_ms_per_step.decode_tokens_per_s`: the rate that fixed-batch
   decode loops report, the issue's 128-sequence anchor among them);
 - prefill of one 2,048-token prompt: tokens/s (ours = time to first token);
+- a speculative decode's verify step (1 sequence, k drafts as k + 1 rows in CUDA graphs) against
+  a plain decode step, ms and ratio (`verify_steps`);
 - int8 weights (ours): batch-1 decode (`int8_kernel` says which product ran: Triton or dequantize).
 Every figure is printed as measured and written to --json with the machine's description.
 """
@@ -113,6 +115,35 @@ def ours_figures(llm: LLM, device: torch.device, args) -> dict:
     return figures
 
 
+def verify_step_costs(llm: LLM, device: torch.device, context: int = 256, drafts=(0, 1, 2, 4, 7)) -> dict:
+    """What a speculative decode's verify step costs against a plain decode step: one sequence at
+    `context` tokens, its last token and k drafts as k + 1 decode rows in the verify steps' own
+    CUDA graphs (rows padded to the batch bucket), k = 0 the plain step's graph. Speculation
+    gains wherever the accepted drafts per step exceed the extra time; the acceptance itself
+    depends on the model and the text, which random weights cannot stand for. Median of 30 replays."""
+    runner = llm.engine.runner
+    if runner.decode_graphs is None:
+        runner.enable_static_decode(8, llm.engine.max_model_len, capture=device.type == "cuda")
+    blocks = list(range(-(-(context + max(drafts) + 1) // runner.block_size)))  # any blocks: no request runs
+    figures = {}
+    for k in drafts:
+        rows = k + 1
+        token_ids = [7] * rows
+        positions = list(range(context, context + rows))
+
+        def step():
+            runner.decode_graphs.run(token_ids, positions, [blocks] * rows, rows_share_sequences=k > 0)
+
+        step()
+        times = sorted(timed(step, device) for _ in range(30))
+        figures[k] = {"rows": rows, "ms": 1e3 * times[len(times) // 2]}
+    for k in drafts:
+        figures[k]["x_plain_step"] = figures[k]["ms"] / figures[drafts[0]]["ms"]
+        print(f"verify step with {k} drafts: {figures[k]['ms']:.2f} ms (x{figures[k]['x_plain_step']:.3f} a plain step)",
+              flush=True)
+    return figures
+
+
 def int8_kernel(device: torch.device) -> str:
     """Which product the int8 decode steps run: starchat's Triton kernel, or dequantize + cuBLAS."""
     from starchat.model import triton_linear
@@ -185,7 +216,9 @@ def main() -> None:
 
         # The same-run baseline of starchat's Triton decode-attention and add+LayerNorm kernels:
         # the same CUDA-graph steps through PyTorch's kernels (STARCHAT_TRITON_KERNELS=0).
-        stages += [("ours_cuda_graphs", ours), ("ours_graphs_pytorch_kernels", lambda: ours(triton_kernels=False))]
+        stages += [("ours_cuda_graphs", ours),
+                   ("verify_steps", lambda: verify_step_costs(state["llm"], device)),
+                   ("ours_graphs_pytorch_kernels", lambda: ours(triton_kernels=False))]
         if args.eager:
             stages.append(("ours_eager", lambda: ours(graphs=False)))
         if not args.skip_int8:

@@ -228,13 +228,21 @@ def test_prefix_caching_on_gpu_gives_the_tokens_of_computing_everything(checkpoi
 
 
 def test_speculative_decoding_and_prompt_logprobs_on_gpu(checkpoint):
-    """Drafts verified as a prompt chunk on the GPU give the plain engine's tokens; prompt
-    log-probabilities on the GPU equal the CPU's."""
+    """Drafts verified as decode rows on the GPU (in CUDA graphs of their own, and eagerly) give
+    the plain engine's tokens, in float32 and bfloat16; prompt log-probabilities on the GPU equal
+    the CPU's."""
     repetitive = ["x = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "def f():\n    return 1\n\ndef f():\n"] + PROMPTS[:1]
-    speculative = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False, num_speculative_tokens=4)
-    plain = LLM(str(checkpoint), dtype="float32", device="cuda", progress=False)
-    assert greedy(speculative, repetitive) == greedy(plain, repetitive)
-    assert speculative.engine.stats().spec_decode_draft_tokens > 0
+    for dtype in ("bfloat16", "float32"):
+        plain = LLM(str(checkpoint), dtype=dtype, device="cuda", progress=False)
+        expected = greedy(plain, repetitive)
+        for cuda_graphs in (True, False):
+            speculative = LLM(str(checkpoint), dtype=dtype, device="cuda", progress=False, num_speculative_tokens=4,
+                              cuda_graphs=cuda_graphs)
+            assert greedy(speculative, repetitive) == expected, (dtype, cuda_graphs)
+            assert speculative.engine.stats().spec_decode_accepted_tokens > 0
+            if cuda_graphs:
+                steps = speculative.engine.runner.decode_graphs.steps
+                assert any(shared for _, _, shared in steps) and all(s.graph is not None for s in steps.values())
     # Sampled verification on the GPU (its random draws on the request's CUDA generator): top_k=1
     # keeps exactly the drafts greedy keeps.
     top1 = SamplingParams(max_new_tokens=32, ignore_eos=True, do_sample=True, top_k=1, repetition_penalty=1.1)

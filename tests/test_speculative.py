@@ -141,18 +141,25 @@ def embedded_reference():
     return HFModel.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("verify_in", ["native decode step", "module path"])
+def verify_through(engine: LLMEngine, path: str) -> None:
+    """Where the engine's verify steps run: the CPU's one-call decode step, the module path (as a
+    GPU runs steps eagerly), or the fixed-shape step that CUDA graphs replay, without capture."""
+    if path != "native decode step":
+        engine.runner.model.fused_decode = None
+    if path == "static step":
+        engine.runner.enable_static_decode(max_batch=32, max_context=engine.max_model_len, capture=False)
+
+
+@pytest.mark.parametrize("verify_in", ["native decode step", "module path", "static step"])
 def test_rejected_drafts_leave_no_trace_on_a_trained_model(verify_in, embedded_reference):
     """starchat-nano writes real code, so many drafts are wrong (a random model only loops): the
-    rejected ones' cache slots are overwritten and the tokens stay HF's greedy tokens. Verified in
-    the CPU's one-call decode step (a row per draft), or as a prompt chunk through the module path
-    (what a GPU does)."""
+    rejected ones' cache slots are overwritten and the tokens stay HF's greedy tokens. A draft is
+    a decode row that attends to the rows before it, verified in each kind of step."""
     from starchat.model.loader import EMBEDDED_MODEL_DIR
 
     reference = embedded_reference
     engine = make_engine(EMBEDDED_MODEL_DIR, num_speculative_tokens=5)
-    if verify_in == "module path":
-        engine.runner.model.fused_decode = None
+    verify_through(engine, verify_in)
     prompts = ["def add(a, b):\n    return a + b\n\n\ndef subtract(a, b):\n", "import os\nimport sys\nimport",
                "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
                "        self.items.append(item)\n\n    def pop(self):\n"]
@@ -168,12 +175,13 @@ def test_rejected_drafts_leave_no_trace_on_a_trained_model(verify_in, embedded_r
     config = engine.model_config
     per_token = config.n_layer * 2 * config.kv_dim * 4
     crowded = make_engine(EMBEDDED_MODEL_DIR, num_speculative_tokens=5, kv_cache_memory_bytes=per_token * 16 * 12)
-    if verify_in == "module path":
-        crowded.runner.model.fused_decode = None
+    verify_through(crowded, verify_in)
     out, _ = run(crowded, ids, params)
     assert [tokens(deltas) for deltas in out] == expected
     assert crowded.stats().num_preemptions > 0 and crowded.stats().spec_decode_accepted_tokens > 0
     assert crowded.stats().kv_cache_used_blocks == 0
+    if verify_in == "static step":  # verify steps had fixed-shape steps of their own
+        assert any(shared for _, _, shared in engine.runner.decode_graphs.steps)
 
 
 def reference_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> np.ndarray:

@@ -25,7 +25,7 @@ def test_static_decode_matches_eager(tiny_model_dir):
     assert greedy(llm, PROMPTS[:3], 40) == expected[:3]  # 3 sequences padded to a batch of 4
     assert [greedy(llm, [prompt], 40)[0] for prompt in PROMPTS] == expected
     graphs = llm.engine.runner.decode_graphs
-    assert {(4, 64), (4, 128), (1, 64), (1, 128)} <= set(graphs.steps)
+    assert {(4, 64, False), (4, 128, False), (1, 64, False), (1, 128, False)} <= set(graphs.steps)
 
 
 def test_static_decode_with_mha_and_sampling(tiny_mha_model_dir):
@@ -41,7 +41,7 @@ def test_static_decode_falls_back_beyond_its_buckets(tiny_model_dir):
     expected = greedy(llm, PROMPTS, 12)
     llm.engine.runner.enable_static_decode(max_batch=2, max_context=64, capture=False)
     assert greedy(llm, PROMPTS, 12) == expected  # 4 sequences > 2: the eager path runs those steps
-    assert all(batch <= 2 for batch, _ in llm.engine.runner.decode_graphs.steps)
+    assert all(batch <= 2 for batch, _, _ in llm.engine.runner.decode_graphs.steps)
 
 
 def test_input_buffer_holds_exactly_the_rows_of_each_step():
@@ -74,7 +74,7 @@ def test_input_buffer_holds_exactly_the_rows_of_each_step():
         positions = [rng.randrange((len(t) - 1) * block_size, len(t) * block_size) for t in batch]
         tokens = [rng.randrange(50000) for _ in batch]
         graphs.run(tokens, positions, batch)
-        step = graphs.steps[(_bucket(len(batch), graphs.batch_buckets), _bucket(max(positions) + 1, graphs.context_buckets))]
+        step = graphs.steps[(_bucket(len(batch), graphs.batch_buckets), _bucket(max(positions) + 1, graphs.context_buckets), False)]
         width = step.context // block_size
         expected = [[token, position] + t[:width] + [scratch] * (width - len(t[:width]))
                     for token, position, t in zip(tokens, positions, batch)]

@@ -93,6 +93,54 @@ def test_decode_attention_equals_reference_and_writes_the_new_token(dtype, num_h
     assert torch.equal(cache[:, untouched], before[:, untouched])
 
 
+def test_decode_rows_of_one_sequence_see_each_other():
+    """A speculative decode's rows (its last token, then each draft at the next position, on one
+    block table) in one launch: every row attends to the rows before it, whatever order the
+    programs run in. The rows are given here in shuffled order, so a row that read a slot
+    before another row's program wrote it would read the stale value left in the cache."""
+    from starchat.model import triton_attention
+    from starchat.model.attention import AttentionMetadata, paged_attention
+
+    num_heads, num_kv_heads, head_dim, block_size = 6, 1, 16, 16
+    kv_dim, cached, verified = num_kv_heads * head_dim, 70, 4
+    # Sequence 0: 70 cached tokens and 4 verified positions (70..73); sequence 1: a plain decode at 20.
+    query, key, value, cache, tables, _ = decode_case([cached + verified, 21], num_heads, num_kv_heads, head_dim,
+                                                      block_size, torch.float32, seed=4)
+    rows = [(0, cached + 3), (1, 20), (0, cached + 1), (0, cached), (0, cached + 2)]  # (sequence, position)
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(len(rows), num_heads * head_dim + 2 * kv_dim, generator=generator)
+    query, key, value = qkv.split((num_heads * head_dim, kv_dim, kv_dim), dim=1)
+    slots = [tables[seq, pos // block_size].item() * block_size + pos % block_size for seq, pos in rows]
+    before = cache.clone()
+    metadata = AttentionMetadata(slot_mapping=torch.tensor(slots), num_decode_tokens=len(rows), prefill_chunks=[],
+                                 block_size=block_size, decode_block_tables=tables[[seq for seq, _ in rows]],
+                                 decode_context_lens=torch.tensor([pos + 1 for _, pos in rows]),
+                                 decode_max_context=96, decode_rows_share_sequences=True)
+    scale = 1 / math.sqrt(head_dim)
+    assert triton_attention.supports(query.device, query.dtype)
+    out = paged_attention(query, key, value, cache, metadata, num_heads, num_kv_heads, scale)
+
+    # Reference in float64: each position's key/value from the row that computes it, else the cache.
+    expected = []
+    for seq, pos in rows:
+        keys, values = [], []
+        for t in range(pos + 1):
+            row = next((i for i, r in enumerate(rows) if r == (seq, t)), None)
+            slot = tables[seq, t // block_size].item() * block_size + t % block_size
+            keys.append(key[row] if row is not None else before[0][slot])
+            values.append(value[row] if row is not None else before[1][slot])
+        q = query[rows.index((seq, pos))].double().view(num_kv_heads, -1, head_dim)
+        k = torch.stack(keys).double().view(-1, num_kv_heads, head_dim)
+        v = torch.stack(values).double().view(-1, num_kv_heads, head_dim)
+        probs = torch.softmax(torch.einsum("hgd,lhd->hgl", q, k) * scale, dim=-1)
+        expected.append(torch.einsum("hgl,lhd->hgd", probs, v).reshape(-1))
+    torch.testing.assert_close(out.double(), torch.stack(expected), rtol=2e-5, atol=2e-5)
+    assert torch.equal(cache[0][slots], key) and torch.equal(cache[1][slots], value)
+    untouched = torch.ones(cache.shape[1], dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(cache[:, untouched], before[:, untouched])
+
+
 # ---- add + LayerNorm -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -172,6 +220,31 @@ def test_engine_with_the_kernels_gives_hf_greedy_tokens(model_fixture, static_de
         assert calls["product+gelu"] >= (new_tokens - 1) * num_layers
     else:
         assert calls["product+gelu"] == 0
+
+
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_speculative_decoding_with_the_kernels_gives_hf_greedy_tokens(tiny_model_dir, static_decode):
+    """Verify steps as on a GPU: the drafts are decode rows of the Triton kernel, eagerly or in the
+    fixed-shape step that verify CUDA graphs replay."""
+    from transformers import GPTBigCodeForCausalLM as HFModel
+
+    from starchat import LLM, SamplingParams
+
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False, max_num_seqs=4,
+              num_speculative_tokens=3)
+    runner = llm.engine.runner
+    assert runner.decode_kernel_reads_tables
+    runner.model.fused_decode = None
+    if static_decode:
+        runner.enable_static_decode(max_batch=16, max_context=llm.engine.max_model_len, capture=False)
+    reference = HFModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = ["x = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "def f():\n    return 1\n\ndef f():\n"]
+    prompt_ids = [llm.tokenizer.encode(prompt) for prompt in prompts]
+    completions = llm.generate(prompt_ids, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert [c.token_ids for c in completions] == [hf_greedy(reference, ids, 16) for ids in prompt_ids]
+    assert llm.engine.stats().spec_decode_accepted_tokens > 0
+    if static_decode:
+        assert any(shared for _, _, shared in runner.decode_graphs.steps)
 
 
 def test_a_failing_kernel_turns_the_kernels_off_and_the_engine_stays_right(tiny_model_dir, monkeypatch, caplog):

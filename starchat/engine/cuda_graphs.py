@@ -1,4 +1,4 @@
-"""Decode steps replayed as CUDA graphs: one graph per (batch bucket, context bucket).
+"""Decode steps replayed as CUDA graphs: one graph per (batch bucket, context bucket, kind).
 
 On a GPU a decode step is hundreds of small kernels (a dozen per layer); at small batch their
 launch cost exceeds their run time. A captured graph launches all of them at once. Graphs need
@@ -7,6 +7,10 @@ its position and its block table, padded to the bucket. The attention metadata (
 slots to read, the padding mask) is computed from that buffer inside the graph, so a step is one
 host-to-device copy, one replay and the logits. Padding rows decode token 0 at position 0 into a
 scratch block that no request owns.
+
+A speculative decode is one row per verified position (runner.decode_rows), so verify steps
+replay graphs too; theirs differ in one thing: every row's key and value are written to the cache
+before any row attends (a draft's row reads the rows before it), so they are captured apart.
 
 The same static step also runs without capture (`capture=False`): that is how the padding logic
 is tested on machines without a GPU, and the eager fallback stays the model's one forward path.
@@ -40,6 +44,7 @@ class _StaticStep:
     logits: torch.Tensor | None = None  # (B, V) float32, written by the graph
     graph: "torch.cuda.CUDAGraph | None" = None
     tables: list = field(default_factory=list)  # per row: the block list host_inputs holds, None for padding
+    rows_share_sequences: bool = False  # a verify step's graph (AttentionMetadata.decode_rows_share_sequences)
 
 
 class DecodeGraphs:
@@ -58,17 +63,20 @@ class DecodeGraphs:
             buckets.append(context)
             context *= 2
         self.context_buckets = buckets + [full]
-        self.steps: dict[tuple[int, int], _StaticStep] = {}
+        self.steps: dict[tuple[int, int, bool], _StaticStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def supports(self, num_seqs: int, max_context: int) -> bool:
         return num_seqs <= self.batch_buckets[-1] and max_context <= self.context_buckets[-1]
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits (n, V) float32 of one decode step for n sequences."""
+    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
+            rows_share_sequences: bool = False) -> torch.Tensor:
+        """Logits (n, V) float32 of one decode step of n rows (several rows of one sequence when
+        `rows_share_sequences`: a speculative decode's positions)."""
         n = len(token_ids)
-        step = self._step(_bucket(n, self.batch_buckets), _bucket(max(positions) + 1, self.context_buckets))
+        step = self._step(_bucket(n, self.batch_buckets), _bucket(max(positions) + 1, self.context_buckets),
+                          rows_share_sequences)
         host = step.host_inputs.numpy()
         host[:n, 0] = token_ids
         host[:n, 1] = positions
@@ -94,16 +102,18 @@ class DecodeGraphs:
             step.logits = self._forward(step)
         return step.logits[:n]
 
-    def _step(self, batch: int, context: int) -> _StaticStep:
-        step = self.steps.get((batch, context))
+    def _step(self, batch: int, context: int, rows_share_sequences: bool) -> _StaticStep:
+        key = (batch, context, rows_share_sequences)
+        step = self.steps.get(key)
         if step is None:
             shape = (batch, 2 + context // self.block_size)
             host = torch.zeros(shape, dtype=torch.long, pin_memory=self.capture)
             host[:, 2:] = self.scratch_block
-            step = _StaticStep(batch, context, host, host.to(self.device), tables=[None] * batch)
+            step = _StaticStep(batch, context, host, host.to(self.device), tables=[None] * batch,
+                               rows_share_sequences=rows_share_sequences)
             if self.capture:
                 self._capture(step)
-            self.steps[(batch, context)] = step
+            self.steps[key] = step
         return step
 
     def _forward(self, step: _StaticStep) -> torch.Tensor:
@@ -112,7 +122,8 @@ class DecodeGraphs:
         slot_mapping = block_table.gather(1, (positions // size)[:, None]).squeeze(1) * size + positions % size
         metadata = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=step.batch, prefill_chunks=[],
                                      block_size=size, decode_block_tables=block_table, decode_context_lens=positions + 1,
-                                     decode_max_context=step.context)
+                                     decode_max_context=step.context,
+                                     decode_rows_share_sequences=step.rows_share_sequences)
         hidden = self.model(tokens, positions, metadata, self.kv_cache)
         return self.model.compute_logits(hidden)
 

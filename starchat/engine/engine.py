@@ -104,7 +104,9 @@ class LLMEngine:
         self.kv_cache_memory_bytes = num_blocks * config.kv_block_size * per_token
         self.runner = ModelRunner(model, num_blocks, config.kv_block_size, self.dtype, self.device, self.tokenizer.eos_token_id)
         if self.device.type == "cuda" and config.cuda_graphs:
-            self.runner.enable_static_decode(config.max_num_seqs, self.max_model_len)
+            # A speculative step has a row per verified position of each request.
+            verify_rows = config.speculative_max_running * (1 + config.num_speculative_tokens) if config.num_speculative_tokens else 0
+            self.runner.enable_static_decode(max(config.max_num_seqs, verify_rows), self.max_model_len)
         self.scheduler = Scheduler(BlockAllocator(num_blocks, config.kv_block_size), config.max_num_seqs,
                                    self.max_num_batched_tokens, prefix_caching=config.enable_prefix_caching,
                                    num_speculative_tokens=config.num_speculative_tokens,

@@ -26,7 +26,7 @@ class StepInputs:
     # (request, first row, first position, count): rows whose logits score the prompt token
     # after them, for requests that asked for prompt log-probabilities
     prompt_scoring: list[tuple[Request, int, int, int]]
-    # Rows of the speculative decodes' last tokens and drafts, concatenated in batch order
+    # Rows of the speculative decodes' last tokens and drafts (decode rows after the plain decodes')
     verify_rows: torch.Tensor
 
 
@@ -68,48 +68,39 @@ class ModelRunner:
         sampling: list[Request] = []  # requests that get a next token this step, in logits-row order
         logits_rows: list[int] = []
 
-        decodes = batch.decodes
-        for request in decodes:
-            position = request.num_computed_tokens
-            token_ids.append(request.token_at(position))
-            positions.append(position)
-            logits_rows.append(len(slot_mapping))
-            slot_mapping.extend(self._slots(request, position, position + 1))
-            sampling.append(request)
+        # Decode rows: one per decode, then one per verified position of each speculative decode.
+        row_tokens, row_positions, row_blocks = decode_rows(batch)
+        num_rows = len(row_tokens)
+        token_ids.extend(row_tokens)
+        positions.extend(row_positions)
+        for blocks, position in zip(row_blocks, row_positions):
+            slot_mapping.append(blocks[position // self.block_size] * self.block_size + position % self.block_size)
+        logits_rows.extend(range(len(batch.decodes)))
+        sampling.extend(batch.decodes)
+        verify_rows = list(range(len(batch.decodes), num_rows))
         decode_addressing = {}
-        if decodes:
+        if num_rows:
             # Built in NumPy: PyTorch dispatches each of a dozen small operations, NumPy's cost
             # microseconds (measured: the whole step's inputs in 142-148 us instead of 225-246 at
             # batch 1, 285 instead of 366-386 at 32 sequences).
-            lengths = np.array([r.num_computed_tokens + 1 for r in decodes])
+            lengths = np.array(row_positions) + 1
             max_len = int(lengths.max())
             size = self.block_size
-            block_table = np.zeros((len(decodes), -(-max_len // size)), dtype=np.int64)  # (Bd, max_blocks)
-            for row, request in enumerate(decodes):
-                block_table[row, :len(request.block_ids)] = request.block_ids
+            block_table = np.zeros((num_rows, -(-max_len // size)), dtype=np.int64)  # (rows, max_blocks)
+            for row, blocks in enumerate(row_blocks):
+                block_table[row, :len(blocks)] = blocks
             decode_addressing = dict(decode_block_tables=torch.from_numpy(block_table).to(self.device),
                                      decode_context_lens=torch.from_numpy(lengths).to(self.device),
-                                     decode_max_context=max_len)
+                                     decode_max_context=max_len,
+                                     decode_rows_share_sequences=bool(batch.speculative))
             if not self.decode_kernel_reads_tables:
                 offsets = np.arange(max_len)
-                gather = block_table[:, offsets // size] * size + offsets % size  # (Bd, L)
+                gather = block_table[:, offsets // size] * size + offsets % size  # (rows, L)
                 mask = np.where(offsets[None, :] < lengths[:, None], np.float32(0), np.float32("-inf"))
                 decode_addressing.update(decode_gather_slots=torch.from_numpy(gather).to(self.device),
                                          decode_mask=torch.from_numpy(mask)[:, None, None, :].to(self.device))
 
         chunks: list[PrefillChunk] = []
-        verify_rows: list[int] = []
-        for request in batch.speculative:
-            # The last token and its drafts: a chunk after the cached context, every row's logits kept.
-            start, drafts = request.num_computed_tokens, request.draft_token_ids
-            chunk_start = len(token_ids)
-            token_ids.extend([request.token_at(start)] + drafts)
-            positions.extend(range(start, start + 1 + len(drafts)))
-            slot_mapping.extend(self._slots(request, start, start + 1 + len(drafts)))
-            gather = torch.tensor(self._slots(request, 0, start + 1 + len(drafts)), dtype=torch.long, device=self.device)
-            chunks.append(PrefillChunk(chunk_start, 1 + len(drafts), start, gather))
-            verify_rows.extend(range(chunk_start, chunk_start + 1 + len(drafts)))
-
         prompt_scoring: list[tuple[Request, int, int, int]] = []
         for request, length in batch.prefills:
             start = request.num_computed_tokens
@@ -133,7 +124,7 @@ class ModelRunner:
 
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
-            num_decode_tokens=len(decodes),
+            num_decode_tokens=num_rows,
             prefill_chunks=chunks,
             block_size=self.block_size,
             **decode_addressing,
@@ -151,16 +142,19 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> "PendingStep":
         """Queue the step's work and its sampling; on a GPU this returns before they have run."""
-        if batch.decodes and not batch.prefills and not batch.speculative and self.decode_graphs is not None:
-            # A decode-only step on a GPU: replayed as a CUDA graph when its shape is captured.
-            decodes = list(batch.decodes)
-            positions = [request.num_computed_tokens for request in decodes]
-            if self.decode_graphs.supports(len(decodes), max(positions) + 1):
-                token_ids = [request.token_at(position) for request, position in zip(decodes, positions)]
-                logits = self.decode_graphs.run(token_ids, positions, [request.block_ids for request in decodes])
-                return PendingStep(decodes, self.sampler.launch(logits, decodes))
+        if not batch.prefills and self.decode_graphs is not None:
+            # Decodes and speculative decodes only, on a GPU: replayed as a CUDA graph when its
+            # shape is captured.
+            token_ids, positions, block_tables = decode_rows(batch)
+            if self.decode_graphs.supports(len(token_ids), max(positions) + 1):
+                logits = self.decode_graphs.run(token_ids, positions, block_tables,
+                                                rows_share_sequences=bool(batch.speculative))
+                return self._decode_step(batch, logits, None)
         if not batch.prefills and self.model.fused_decode is not None:
-            return self._fused_decode(batch)  # decodes (and drafts) on a CPU: one native call
+            # Decodes and speculative decodes on a CPU: one native call, which writes every row's
+            # keys and values to the cache before any row attends.
+            logits, greedy = self.model.fused_decode.step(*decode_rows(batch), self.kv_cache, self.block_size)
+            return self._decode_step(batch, logits, greedy)
         inputs = self.prepare(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata, self.kv_cache)  # (T, C)
         scored = [self._score_prompt(hidden, *piece) for piece in inputs.prompt_scoring]
@@ -172,27 +166,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_rows])  # (N, V)
         return PendingStep(inputs.sampling, self.sampler.launch(logits, inputs.sampling), scored, verification)
 
-    def _fused_decode(self, batch: ScheduledBatch) -> "PendingStep":
-        """Decodes and speculative decodes in the CPU's one-call decode step: a decode is a row; a
-        speculative decode becomes one row per token (its last token, then each draft at the next position, all on the
-        request's block table). The native step writes every row's keys and values to the cache
-        before any row attends, so each row sees the drafts before it; its greedy output is the
-        verification. (The GPU's decode kernel writes and attends row by row in parallel, so there
-        the drafts go through the general path as a prompt chunk.)"""
-        token_ids, positions, block_tables = [], [], []
-        for request in batch.decodes:
-            token_ids.append(request.token_at(request.num_computed_tokens))
-            positions.append(request.num_computed_tokens)
-            block_tables.append(request.block_ids)
-        for request in batch.speculative:
-            start = request.num_computed_tokens
-            token_ids += [request.token_at(start)] + request.draft_token_ids
-            positions += range(start, start + 1 + len(request.draft_token_ids))
-            block_tables += [request.block_ids] * (1 + len(request.draft_token_ids))
-        logits, greedy = self.model.fused_decode.step(token_ids, positions, block_tables, self.kv_cache, self.block_size)
+    def _decode_step(self, batch: ScheduledBatch, logits: torch.Tensor, greedy: torch.Tensor | None) -> "PendingStep":
+        """Sampling and verification of a step of decode rows (`decode_rows`' order), with their
+        argmax where the step computed it."""
         plain = len(batch.decodes)
-        sample = self.sampler.launch(logits[:plain], batch.decodes, greedy_tokens=greedy[:plain]) if plain else None
-        verification = self._verification(batch, logits[plain:], greedy[plain:]) if batch.speculative else None
+        sample = None
+        if plain:
+            sample = self.sampler.launch(logits[:plain], batch.decodes,
+                                         greedy_tokens=greedy[:plain] if greedy is not None else None)
+        verification = None
+        if batch.speculative:
+            verification = self._verification(batch, logits[plain:], greedy[plain:] if greedy is not None else None)
         return PendingStep(list(batch.decodes), sample, [], verification)
 
     def _verification(self, batch: ScheduledBatch, logits: torch.Tensor, greedy: torch.Tensor | None) -> "PendingVerify":
@@ -207,6 +191,24 @@ class ModelRunner:
         top_n = request.params.prompt_logprobs
         top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
         return PromptScores(request, first + 1, chosen, top_values, top_ids)
+
+
+def decode_rows(batch: ScheduledBatch) -> tuple[list[int], list[int], list[list[int]]]:
+    """A step's decode rows as (token ids, positions, block tables): a row per decode, then per
+    speculative decode one for its last token and one for each draft, at the positions after it
+    and on the request's block table (which already holds the drafts' slots). Each row attends
+    to the positions up to its own, so a draft's row sees the drafts before it."""
+    token_ids, positions, block_tables = [], [], []
+    for request in batch.decodes:
+        token_ids.append(request.token_at(request.num_computed_tokens))
+        positions.append(request.num_computed_tokens)
+        block_tables.append(request.block_ids)
+    for request in batch.speculative:
+        start, drafts = request.num_computed_tokens, request.draft_token_ids
+        token_ids += [request.token_at(start)] + drafts
+        positions += range(start, start + 1 + len(drafts))
+        block_tables += [request.block_ids] * (1 + len(drafts))
+    return token_ids, positions, block_tables
 
 
 @dataclass

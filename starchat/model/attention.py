@@ -5,8 +5,9 @@ token, all KV heads of that token side by side (one head for multi-query checkpo
 never expands it to the query heads). Which slot holds which token is the engine's business;
 the model only sees, per step, where to write the new tokens and which slots to read.
 
-Token order in a step: all decode tokens first (one per sequence), then the prefill chunks one
-after another. Decodes are attended in one kernel that reads the cache rows in place (on a GPU
+Token order in a step: all decode tokens first (one per sequence, or for a speculative decode one
+per verified position: its last token, then each draft), then the prefill chunks one after
+another. Decodes are attended in one kernel that reads the cache rows in place (on a GPU
 starchat's Triton kernel, through the block tables; on a CPU its native kernel, through the
 gathered slot lists), else in one batched matmul over a gathered copy; each prefill chunk in one
 SDPA call.
@@ -52,6 +53,10 @@ class AttentionMetadata:
     decode_max_context: int = 0  # a bound on decode_context_lens known without reading the device
     decode_gather_slots: torch.Tensor | None = None  # (Bd, decode_max_context) slots to read for each sequence
     decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, decode_max_context) additive float mask: 0 keep, -inf padding
+    # Whether several decode rows belong to one sequence (a speculative decode: its last token and
+    # each draft at the next position, on the same block table), so that rows read keys and values
+    # that other rows of the step write.
+    decode_rows_share_sequences: bool = False
 
     def decode_reads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(decode_gather_slots, decode_mask), computed from the block tables on first use."""
@@ -86,7 +91,12 @@ def paged_attention(
     decoded = None
     if (num_decode and metadata.decode_block_tables is not None and layer_cache.dtype == query.dtype
             and triton_attention.supports(query.device, query.dtype)):
-        # One kernel for the decodes, which also writes their keys and values into the cache.
+        # One kernel for the decodes, which also writes their keys and values into the cache. Its
+        # programs run in parallel, each reading only slots before its own row's: rows that read
+        # other rows' keys (drafts) need every row's written first. (The kernel then stores the
+        # same bits again, so a program reading such a slot meanwhile reads the same value.)
+        if metadata.decode_rows_share_sequences:
+            write_kv_cache(layer_cache, key[:num_decode], value[:num_decode], metadata.slot_mapping[:num_decode])
         decoded = triton_attention.decode_attention(
             query[:num_decode], key[:num_decode], value[:num_decode], layer_cache, metadata.decode_block_tables,
             metadata.decode_context_lens, metadata.decode_max_context, metadata.block_size, num_heads, num_kv_heads, scale)
