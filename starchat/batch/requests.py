@@ -18,6 +18,7 @@ from starchat.errors import FieldError
 from starchat.outputs import TokenLogprob
 from starchat.sampling_params import SamplingParams, SamplingParamsError
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
+from starchat.tool_calls import ToolCalling, add_system_note, render_tool_turns, tool_calling_from_openai
 
 COMPLETIONS_URL, CHAT_URL = "/v1/completions", "/v1/chat/completions"
 
@@ -34,6 +35,7 @@ class PreparedRequest:
     strip_reply: bool  # chat replies are left-stripped (the model writes a newline after <|assistant|>)
     url: str  # the OpenAI endpoint whose response shape this row gets
     model: str
+    tools: ToolCalling | None = None  # an OpenAI chat line whose reply must be tool calls
 
 
 def prepare_request(engine, request: dict, job_parameters: dict | None = None) -> PreparedRequest:
@@ -91,9 +93,15 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
                   seed=body.get("seed"))
     values["do_sample"] = isinstance(values["temperature"], (int, float)) and values["temperature"] > 0
     try:
-        values["guided"] = guided_from_openai(body)[0]
+        values["guided"], guided_field = guided_from_openai(body)
+        tools = tool_calling_from_openai(body) if url == CHAT_URL else None
     except SamplingParamsError as error:
         raise RowRequestError(f"body.{error.field}", error.message) from None
+    if tools is not None:  # the calls' JSON schema constrains the reply
+        if values["guided"] is not None:
+            raise RowRequestError(f"body.{guided_field}", "the reply is tool calls (tool_choice), whose schema "
+                                                          "constrains it already; leave this out or set tool_choice 'none'")
+        values["guided"] = tools.guided()
     values["logprobs"] = _logprobs(body, url)
     stop = body.get("stop")
     params = SamplingParams(**values, stop=[stop] if isinstance(stop, str) else list(stop or []))
@@ -111,12 +119,17 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
         if body.get("echo"):
             prefix = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
         return PreparedRequest(ids, params, prefix, False, url, model)
-    prompt, params = engine.chat_request(body.get("messages"), params)
+    messages = body.get("messages")
+    if isinstance(messages, list) and all(isinstance(message, dict) for message in messages):
+        messages = render_tool_turns(messages)  # (anything else: chat_request says what is wrong)
+        if tools is not None:
+            messages = add_system_note(messages, tools.system_note())
+    prompt, params = engine.chat_request(messages, params)
     ids = engine.tokenize_prompt(prompt)
     # Chat's default is "as long as the context allows" (what vLLM does).
     params.max_new_tokens = max(1, engine.max_model_len - len(ids)) if max_tokens is None else max_tokens
-    _check_openai(engine, ids, params, body)
-    return PreparedRequest(ids, params, "", True, url, model)
+    _check_openai(engine, ids, params, body, tools)
+    return PreparedRequest(ids, params, "", True, url, model, tools)
 
 
 def _refuse_unsupported(body: dict, url: str) -> None:
@@ -127,8 +140,6 @@ def _refuse_unsupported(body: dict, url: str) -> None:
         raise RowRequestError("body.stream", "batch lines cannot stream; leave stream out or false")
     if url == COMPLETIONS_URL and body.get("echo") and body.get("logprobs") is not None:
         raise RowRequestError("body.echo", "echo with logprobs (scoring the prompt) is not supported in batch lines")
-    if body.get("tools"):
-        raise RowRequestError("body.tools", "tool calls are not supported by StarChat")
 
 
 def _logprobs(body: dict, url: str) -> int | None:
@@ -164,11 +175,13 @@ def _completion_prompt(prompt):
     raise RowRequestError("body.prompt", "must be one string or one list of token ids (one prompt per line)")
 
 
-def _check_openai(engine, ids: list[int], params: SamplingParams, body: dict) -> None:
+def _check_openai(engine, ids: list[int], params: SamplingParams, body: dict, tools: ToolCalling | None = None) -> None:
     try:
         engine.check_request(ids, params)
     except SamplingParamsError as error:
-        field = guided_from_openai(body)[1] if error.field == "guided" else _RENAMED.get(error.field, error.field)
+        field = _RENAMED.get(error.field, error.field)
+        if error.field == "guided":
+            field = "tools" if tools is not None else guided_from_openai(body)[1]
         raise RowRequestError(f"body.{field}", error.message) from None
 
 
@@ -184,6 +197,9 @@ def success_record(task: dict, prepared: PreparedRequest, text: str, finish_reas
               "prompt_tokens": len(prepared.prompt_token_ids), "completion_tokens": completion_tokens,
               "cached_tokens": cached_tokens, "attempts": attempts, "url": prepared.url, "model": prepared.model,
               "created": int(time.time())}
+    calls = prepared.tools.parse(reply) if prepared.tools is not None and finish_reason == "stop" else None
+    if calls:  # journaled as [name, arguments]; the writer gives them ids derived from the row
+        record["tool_calls"], record["finish_reason"] = [list(call) for call in calls], "tool_calls"
     if prepared.params.logprobs is not None:
         record["logprobs"] = [[t.token_id, t.token, t.logprob, [list(alt) for alt in t.top]] for t in logprobs or []]
     return record

@@ -23,6 +23,7 @@ from typing import Iterable
 from starchat.batch.journal import AtomicFile
 from starchat.batch.requests import CHAT_URL, record_logprobs
 from starchat.openai_format import chat_logprobs, completion_logprobs
+from starchat.tool_calls import tool_call
 
 OUTPUT_FORMATS = ("azureml", "openai", "jsonl")
 OUTPUT_ACTIONS = ("append_row", "summary_only")
@@ -112,8 +113,13 @@ def openai_output_line(record: dict, job_hash: str) -> dict:
              "prompt_tokens_details": {"cached_tokens": record.get("cached_tokens", 0)}}
     logprobs = record_logprobs(record)
     if record.get("url") == CHAT_URL:
+        message = {"role": "assistant", "content": record["prediction"]}
+        if record.get("tool_calls"):
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                tool_call(name, arguments, f"call_{hashlib.sha256(f'{token}:{i}'.encode()).hexdigest()[:24]}")
+                for i, (name, arguments) in enumerate(record["tool_calls"])]}
         body = {"id": f"chatcmpl-{token}", "object": "chat.completion", "created": record["created"], "model": record["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": record["prediction"]},
+                "choices": [{"index": 0, "message": message,
                              "logprobs": chat_logprobs(logprobs) if logprobs is not None else None,
                              "finish_reason": record["finish_reason"]}],
                 "usage": usage}

@@ -1,7 +1,7 @@
 """OpenAI request bodies (`/v1/completions`, `/v1/chat/completions`), as the `openai` client sends them.
 
-Every OpenAI field is declared; values this server cannot honour (tools) are refused by name
-rather than silently ignored, and unknown fields are refused too. Extensions in vLLM's style:
+Every OpenAI field is declared; values this server cannot honour (tool_choice "auto") are refused
+by name rather than silently ignored, and unknown fields are refused too. Extensions in vLLM's style:
 top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, and structured output by
 guided_json / guided_regex / guided_choice / guided_grammar besides OpenAI's response_format
 (on both endpoints).
@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from starchat.chat_template import ChatFormatError
+from starchat.tool_calls import render_tool_turns
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
@@ -79,12 +82,30 @@ class TextContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+
+    name: str
+    arguments: str = Field(..., description="The arguments as JSON text.")
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's calls (earlier turns).")
+    tool_call_id: str | None = Field(None, description="A tool message's call: the result it holds.")
+    refusal: str | None = Field(None, description="Accepted (an assistant message sent back as received); unused.")
 
     def text(self) -> str:
         if self.content is None:
@@ -95,8 +116,22 @@ class ChatMessage(BaseModel):
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """The chat template's {role, content} messages (OpenAI's developer role is the system's)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    """The chat template's {role, content} messages: OpenAI's developer role is the system's, and
+    tool turns (calls, results) become assistant and user turns (tool_calls.render_tool_turns).
+    Raises ChatFormatError naming the message field that cannot be rendered."""
+    plain = []
+    for index, message in enumerate(messages):
+        if message.tool_calls and message.role != "assistant":
+            raise ChatFormatError(f"messages[{index}].tool_calls", "only assistant messages carry tool calls")
+        if message.role == "tool" and message.tool_call_id is None:
+            raise ChatFormatError(f"messages[{index}].tool_call_id", "a tool message names the call it answers")
+        entry = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+        if message.tool_calls:
+            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        plain.append(entry)
+    return render_tool_turns(plain)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -116,15 +151,48 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(..., description="1-64 letters, digits, '_' or '-'.")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments object.")
+    strict: bool | None = Field(None, description="Accepted; the arguments always follow the schema.")
+
+
+class ToolDefinition(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default: what the context leaves).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (must be empty).")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' is supported.")
-    parallel_tool_calls: bool | None = None
+    tools: list[ToolDefinition] | None = Field(None, description="Functions the reply may call (with tool_choice "
+                                               "'required' or a named function).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="'none' (text), 'required' (one or more calls) or {'type': 'function', 'function': "
+                          "{'name': ...}} (a call to that function); 'auto' is refused: StarChat was not trained "
+                          "to decide when to call a tool.")
+    parallel_tool_calls: bool | None = Field(None, description="With 'required': false allows exactly one call.")
 
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
         {"model": "starchat-nano", "messages": [{"role": "user", "content": "Write a Python hello world"}],

@@ -18,6 +18,7 @@ from starchat.server.protocol_openai import ChatCompletionRequest, CompletionReq
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
 from starchat.openai_format import chat_logprobs, completion_logprobs
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
+from starchat.tool_calls import ToolCalling, add_system_note, tool_call, tool_calling_from_openai
 from starchat.server.streaming import EventStreamResponse, merge_streams
 
 logger = logging.getLogger("starchat.server")
@@ -61,6 +62,15 @@ def _guided(body: _SamplingFields) -> tuple[GuidedDecoding | None, str]:
     fields = body.model_dump(include=set(GUIDED_FIELDS), by_alias=True, exclude_none=True)
     try:
         return guided_from_openai(fields)
+    except SamplingParamsError as error:
+        raise bad_request(error.field, error.message) from None
+
+
+def _tool_calling(body: ChatCompletionRequest) -> ToolCalling | None:
+    """The tool calls the reply must be (tool_choice "required" or a named function), else None."""
+    fields = body.model_dump(include={"tools", "tool_choice", "parallel_tool_calls"}, exclude_none=True)
+    try:
+        return tool_calling_from_openai(fields)
     except SamplingParamsError as error:
         raise bad_request(error.field, error.message) from None
 
@@ -250,10 +260,6 @@ async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, req
     arrival = time.perf_counter()
     engine = ctx.ready_engine()
     _check_common(ctx, body, 1)
-    if body.tools:
-        raise bad_request("tools", "tool calling is not supported")
-    if body.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice", "tool calling is not supported; only 'none'")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs", "needs logprobs: true")
     max_tokens, max_tokens_name = body.max_completion_tokens, "max_completion_tokens"
@@ -262,9 +268,18 @@ async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, req
     elif body.max_tokens is not None and body.max_tokens != max_tokens:
         raise bad_request("max_tokens", "give max_tokens or max_completion_tokens, not two different values")
     guided, guided_field = _guided(body)
+    tools = _tool_calling(body)
+    if tools is not None:  # the calls' JSON schema constrains the reply
+        if guided is not None:
+            raise bad_request(guided_field, "the reply is tool calls (tool_choice), whose schema constrains it "
+                                            "already; leave this out or set tool_choice 'none'")
+        guided, guided_field = tools.guided(), "tools"
     params = _params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, guided)
     try:
-        prompt, chat_params = engine.chat_request(template_messages(body.messages), params)
+        messages = template_messages(body.messages)
+        if tools is not None:
+            messages = add_system_note(messages, tools.system_note())
+        prompt, chat_params = engine.chat_request(messages, params)
     except ChatFormatError as error:
         raise bad_request(error.field, error.message) from None
     names = FieldNames("messages", {**_ENGINE_NAMES, "max_new_tokens": max_tokens_name, "logprobs": "top_logprobs",
@@ -275,46 +290,50 @@ async def chat_completions(ctx: ServingContext, body: ChatCompletionRequest, req
     created = int(time.time())
     if body.stream:
         lease = ctx.admission.acquire(len(jobs))
-        return EventStreamResponse(_chat_events(ctx, body, jobs, response_id, created, arrival), on_close=lease.release)
+        return EventStreamResponse(_chat_events(ctx, body, jobs, response_id, created, arrival, tools),
+                                   on_close=lease.release)
     try:
         results: list[Generated] = await ctx.run_to_completion(request.receive, jobs, arrival)
     except RequestTimeout:
         raise timeout_error(ctx) from None
-    choices = [{"index": index, "message": {"role": "assistant", "content": result.text.lstrip()},
-                "logprobs": chat_logprobs(result.logprobs) if body.logprobs else None,
-                "finish_reason": result.finish_reason} for index, result in enumerate(results)]
+    choices = []
+    for index, result in enumerate(results):
+        message, finish_reason = {"role": "assistant", "content": result.text.lstrip()}, result.finish_reason
+        calls = tools.parse(result.text) if tools is not None and finish_reason == "stop" else None
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": [tool_call(*call) for call in calls]}
+            finish_reason = "tool_calls"
+        choices.append({"index": index, "message": message,
+                        "logprobs": chat_logprobs(result.logprobs) if body.logprobs else None,
+                        "finish_reason": finish_reason})
     return {"id": response_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
             "choices": choices, "usage": _usage(len(job.prompt_token_ids), sum(len(r.token_ids) for r in results),
                                                 results[0].num_cached_tokens)}
 
 
 async def _chat_events(ctx: ServingContext, body: ChatCompletionRequest, jobs: list[Prepared], response_id: str,
-                       created: int, arrival: float) -> AsyncIterator[str]:
+                       created: int, arrival: float, tools: ToolCalling | None) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
     extra = {"usage": None} if include_usage else {}
-    started = [False] * len(jobs)  # the reply is left-stripped: drop whitespace until the first text
+    replies = [_StreamedReply(tools) for _ in jobs]
     completion_tokens = cached_tokens = 0
     try:
         for index in range(len(jobs)):
-            choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}
+            choice = {"index": index, "delta": {"role": "assistant", "content": None if tools else ""},
+                      "logprobs": None, "finish_reason": None}
             yield _sse({**base, "choices": [choice], **extra})
         deadline = ctx.deadline(arrival)
         async for index, delta in merge_streams([ctx.stream(job, arrival, deadline) for job in jobs]):
-            text = delta.text
-            if not started[index]:
-                text = text.lstrip()
-                started[index] = bool(text)
+            message, finish_reason = replies[index].add(delta.text, delta.finish_reason if delta.finished else None)
             logprobs = chat_logprobs(delta.logprobs) if body.logprobs and delta.logprobs else None
             if delta.finished:
                 completion_tokens += delta.num_generated_tokens
                 if index == 0:
                     cached_tokens = delta.num_cached_tokens
-            if not (text or delta.finished or logprobs):
+            if not (message or delta.finished or logprobs):
                 continue
-            choice = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                      "finish_reason": delta.finish_reason if delta.finished else None}
+            choice = {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
             yield _sse({**base, "choices": [choice], **extra})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(len(jobs[0].prompt_token_ids), completion_tokens,
@@ -322,3 +341,42 @@ async def _chat_events(ctx: ServingContext, body: ChatCompletionRequest, jobs: l
         yield "data: [DONE]\n\n"
     except Exception as error:
         yield _stream_error(error, ctx)
+
+
+class _StreamedReply:
+    """One streamed chat reply: text deltas become `content` deltas (left-stripped, as the whole
+    reply is), or tool calls. A call to a named function streams its arguments as they come
+    (the first delta carries the call's id and name); a "required" reply's array of calls is
+    held back and sent whole, one complete call each, when it ends. A reply cut short (length)
+    sends what it held as text."""
+
+    def __init__(self, tools: ToolCalling | None):
+        self.tools = tools
+        self.text = ""  # the whole reply so far
+        self.started = False  # content: whitespace before the first text dropped; a named call: its header sent
+
+    def add(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """The delta message for `text`, and the finish reason to send with it."""
+        self.text += text
+        if self.tools is None:
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            return ({"content": text} if text else {}), finish_reason
+        calls = self.tools.parse(self.text) if finish_reason == "stop" else None
+        if self.tools.forced is not None:
+            message = {}
+            if text:
+                call = {"index": 0, "function": {"arguments": text}}
+                if not self.started:
+                    header = tool_call(self.tools.forced, "")
+                    call = {"index": 0, "id": header["id"], "type": "function",
+                            "function": {"name": self.tools.forced, "arguments": text}}
+                    self.started = True
+                message = {"tool_calls": [call]}
+            return message, ("tool_calls" if calls else finish_reason)
+        if finish_reason is None:
+            return {}, None
+        if calls:
+            return {"tool_calls": [{"index": i, **tool_call(*call)} for i, call in enumerate(calls)]}, "tool_calls"
+        return ({"content": self.text} if self.text else {}), finish_reason

@@ -19,6 +19,14 @@ MESSAGES = [{"role": "user", "content": "Write a haiku about tests."}]
 HAIKU_SCHEMA = {"type": "object", "required": ["lines"], "additionalProperties": False,
                 "properties": {"lines": {"type": "array", "minItems": 3, "maxItems": 3,
                                          "items": {"type": "string", "maxLength": 8}}}}
+HAIKU_TOOL = {"type": "function", "function": {"name": "write_haiku", "parameters": HAIKU_SCHEMA}}
+LENGTH_SCHEMA = {"type": "object", "required": ["words"], "properties": {"words": {"type": "integer", "maximum": 99}}}
+LENGTH_TOOL = {"type": "function", "function": {"name": "count_words", "description": "Count words.",
+                                                "parameters": LENGTH_SCHEMA}}
+TOOL_CONVERSATION = MESSAGES + [
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "count_words", "arguments": '{"words": 17}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "17"}]
 VERSION = r"v[0-9]\.[0-9]{1,2}\.[0-9]{1,2}"
 SHARED = "# A prompt long enough to fill two blocks of the engine's KV cache, sent twice.\n" * 3
 
@@ -50,6 +58,16 @@ def openai_lines() -> list[dict]:
         line("chat-logprobs", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0,
                                                        "logprobs": True, "top_logprobs": 1}),
         line("bad-top", "/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}),
+        line("tool-named", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 60, "temperature": 0,
+                                                    "tools": [HAIKU_TOOL, LENGTH_TOOL],
+                                                    "tool_choice": {"type": "function",
+                                                                    "function": {"name": "write_haiku"}}}),
+        line("tool-required", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 60, "temperature": 0,
+                                                       "tools": [HAIKU_TOOL, LENGTH_TOOL], "tool_choice": "required",
+                                                       "parallel_tool_calls": False}),
+        line("tool-result", "/v1/chat/completions", {"messages": TOOL_CONVERSATION, "max_tokens": 5, "temperature": 0,
+                                                     "tools": [LENGTH_TOOL], "tool_choice": "none"}),
+        line("bad-auto", "/v1/chat/completions", {"messages": MESSAGES, "tools": [LENGTH_TOOL]}),
     ]
 
 
@@ -58,11 +76,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 11, 4)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 14, 5)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 15
+    assert len({line["id"] for line in output}) == 19
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -99,6 +117,23 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     assert re.fullmatch(VERSION, Completion.model_validate(by_id["regex-1"]["response"]["body"]).choices[0].text)
     assert "body.guided_regex" in by_id["bad-regex"]["response"]["body"]["error"]["message"]
 
+    # Tool calls: arguments judged by jsonschema; a conversation with a tool result renders as the
+    # server renders it; "auto" is refused naming the field.
+    named = ChatCompletion.model_validate(by_id["tool-named"]["response"]["body"]).choices[0]
+    assert named.finish_reason == "tool_calls" and named.message.content is None
+    (call,) = named.message.tool_calls
+    assert call.function.name == "write_haiku" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), HAIKU_SCHEMA)
+    required = ChatCompletion.model_validate(by_id["tool-required"]["response"]["body"]).choices[0]
+    (call,) = required.message.tool_calls  # parallel_tool_calls false: one call
+    schemas = {"write_haiku": HAIKU_SCHEMA, "count_words": LENGTH_SCHEMA}
+    jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    result = ChatCompletion.model_validate(by_id["tool-result"]["response"]["body"]).choices[0]
+    rendered = MESSAGES + [{"role": "assistant", "content": '[{"name": "count_words", "arguments": {"words": 17}}]'},
+                           {"role": "user", "content": "Result of count_words:\n17"}]
+    assert result.message.content == reference.chat(rendered, greedy(5)).text and result.message.tool_calls is None
+    assert "body.tool_choice" in by_id["bad-auto"]["response"]["body"]["error"]["message"]
+
     # Log-probabilities: the engine's, in OpenAI's shapes.
     scored = Completion.model_validate(by_id["logprobs-1"]["response"]["body"]).choices[0].logprobs
     params = greedy(5)
@@ -121,7 +156,8 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     bad = by_id["bad-n"]
     assert bad["response"]["status_code"] == 400 and "body.n" in bad["response"]["body"]["error"]["message"]
     assert "body.n" in BatchError.model_validate(bad["error"]).message
-    assert [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()] == ["bad-n", "bad-bias", "bad-regex", "bad-top"]
+    failed = [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()]
+    assert failed == ["bad-n", "bad-bias", "bad-regex", "bad-top", "bad-auto"]
 
 
 def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):

@@ -325,3 +325,129 @@ def test_min_p_extension_reaches_the_sampler(client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(extra_body={"min_p": 1.5}, **request)
     assert raised.value.body["param"] == "min_p"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather at a place.",
+    "parameters": {"type": "object", "required": ["location", "unit"],
+                   "properties": {"location": {"type": "string", "maxLength": 12},
+                                  "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "required": ["zone"],
+                                       "properties": {"zone": {"type": "string", "maxLength": 8}}}}}
+
+
+def _arguments_follow_their_schemas(calls) -> None:
+    import json
+
+    import jsonschema
+
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, CLOCK)}
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    assert len({call.id for call in calls}) == len(calls)
+
+
+def test_tool_calls_through_the_openai_client(client, server):
+    """A named function and "required" give calls whose arguments follow the tools' schemas
+    (judged by jsonschema); the prompt describes the tools in a system message; streamed calls,
+    accumulated by the openai package's own stream helper, are the same calls."""
+    from starchat.tool_calls import tool_calling_from_openai
+
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, CLOCK], tool_choice=named,
+                                           max_tokens=60, temperature=0)
+    note = tool_calling_from_openai({"tools": [WEATHER, CLOCK], "tool_choice": named}).system_note()
+    with_note = [{"role": "system", "content": note}] + messages
+    assert reply.usage.prompt_tokens == httpx.post(server.url + "/tokenize", json={"messages": with_note}).json()["count"]
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [call.function.name for call in choice.message.tool_calls] == ["get_weather"]
+    _arguments_follow_their_schemas(choice.message.tool_calls)
+
+    with client.chat.completions.stream(model="tiny", messages=messages, tools=[WEATHER, CLOCK], tool_choice=named,
+                                        max_tokens=60, temperature=0) as stream:
+        events = [event.type for event in stream]
+        streamed = stream.get_final_completion().choices[0]
+    assert "tool_calls.function.arguments.delta" in events
+    assert streamed.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+
+    for parallel in (None, False):
+        extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+        required = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, CLOCK],
+                                                  tool_choice="required", max_tokens=120, temperature=1.0, seed=4, n=2,
+                                                  **extra)
+        for choice in required.choices:
+            if choice.finish_reason == "length":  # a random model may open many calls within the budget
+                assert parallel is None and choice.message.tool_calls is None and choice.message.content
+                continue
+            assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+            assert len(choice.message.tool_calls) == 1 or parallel is None
+            _arguments_follow_their_schemas(choice.message.tool_calls)
+        with client.chat.completions.stream(model="tiny", messages=messages, tools=[WEATHER, CLOCK],
+                                            tool_choice="required", max_tokens=120, temperature=1.0, seed=4,
+                                            **extra) as stream:
+            streamed = stream.get_final_completion().choices[0]
+        whole = required.choices[0]
+        assert streamed.finish_reason == whole.finish_reason
+        if whole.message.tool_calls:
+            assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == \
+                [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+
+
+def test_a_conversation_with_tool_results(client, server):
+    """The agent loop: the assistant's calls sent back as received and a tool message with the
+    result are rendered into StarChat's turns (seen through /tokenize and /detokenize), and the
+    next reply is text (tool_choice none)."""
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=60,
+                                           temperature=0, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}})
+    call = reply.choices[0].message.tool_calls[0]
+    conversation = messages + [reply.choices[0].message,
+                               {"role": "tool", "tool_call_id": call.id, "content": "4 degrees, snow"}]
+    answer = client.chat.completions.create(model="tiny", messages=conversation, tools=[WEATHER], tool_choice="none",
+                                            max_tokens=5, temperature=0)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
+    as_json = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in conversation]
+    tokens = httpx.post(server.url + "/tokenize", json={"messages": as_json}).json()["tokens"]
+    prompt = httpx.post(server.url + "/detokenize", json={"tokens": tokens}).json()["prompt"]
+    import json
+
+    arguments = json.loads(call.function.arguments)
+    assert ("<|assistant|>\n" + json.dumps([{"name": "get_weather", "arguments": arguments}], ensure_ascii=False)
+            + "<|end|>") in prompt
+    assert "<|user|>\nResult of get_weather:\n4 degrees, snow<|end|>" in prompt
+    assert answer.usage.prompt_tokens == len(tokens)
+
+
+@pytest.mark.parametrize("change,param", [
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({}, "tool_choice"),  # tools without tool_choice mean "auto"
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
+    ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools[1].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}], "tool_choice": "required"},
+     "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": "required", "messages": [{"role": "tool", "tool_call_id": "call_x", "content": "1"}]},
+     "messages[0].tool_call_id"),
+    ({"tool_choice": "required", "messages": [
+        {"role": "assistant", "tool_calls": [{"id": "a", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": "{oops"}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+])
+def test_bad_tool_requests_name_the_field(client, change, param):
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "max_tokens": 4,
+               **change}
+    request = {key: value for key, value in request.items() if value is not None}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(**request)
+    assert raised.value.body["param"] == param, raised.value.body
+    _good_completion(client)
