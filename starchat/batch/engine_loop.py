@@ -1,6 +1,7 @@
 """Drive one LLMEngine over a stream of rows with continuous batching.
 
-Up to `max_in_flight` rows are in the engine at once; whenever a row finishes, the next one is
+Up to `max_in_flight` requests are in the engine at once (a row is one request per sample: OpenAI
+lines with n > 1 are n); whenever a row finishes, the next one is
 added before the following step, so the batch stays full and no row waits for the slowest of a
 mini-batch. Rows come back in completion order; the runner sorts them when it writes outputs.
 
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
-from starchat.batch.requests import PreparedRequest, failure_record, prepare_request, success_record
+from starchat.batch.requests import PreparedRequest, Sample, failure_record, prepare_request, success_record
 
 logger = logging.getLogger("starchat.batch")
 
@@ -48,10 +49,21 @@ class IteratorSource:
 
 
 @dataclass
-class _InFlight:
+class _Row:
+    """A row in the engine: its `n` samples run as separate requests (OpenAI lines with n > 1)."""
+
     task: dict
     prepared: PreparedRequest
     attempts: int
+    request_ids: list[str] = field(default_factory=list)
+    samples: list[Sample | None] = field(default_factory=list)  # by sample index, None until finished
+    cached_tokens: int = 0  # the first sample's prompt tokens from the prefix cache
+
+
+@dataclass
+class _InFlight:
+    row: _Row
+    index: int  # which of the row's samples
     text_parts: list[str] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprobs, for rows that asked for them
 
@@ -91,16 +103,18 @@ def generate_rows(engine, source: TaskSource, *, max_in_flight: int, max_retries
             try:
                 deltas = engine.step()
             except (RuntimeError, MemoryError, OSError) as error:  # transient by assumption; ValueErrors are not
+                rows = list({id(state.row): state.row for state in in_flight.values()}.values())
                 logger.warning("engine step failed (%s: %s); retrying the %d rows in flight",
-                               type(error).__name__, error, len(in_flight))
-                for request_id, state in list(in_flight.items()):
+                               type(error).__name__, error, len(rows))
+                for request_id in list(in_flight):
                     engine.abort_request(request_id)
                     del in_flight[request_id]
-                    if state.attempts > max_retries:
-                        yield failure_record(state.task, f"engine error after {state.attempts} attempts: "
-                                             f"{type(error).__name__}: {error}", state.attempts, status_code=500)
+                for row in rows:  # a row's samples run again together
+                    if row.attempts > max_retries:
+                        yield failure_record(row.task, f"engine error after {row.attempts} attempts: "
+                                             f"{type(error).__name__}: {error}", row.attempts, status_code=500)
                     else:
-                        retry.append((state.task, state.attempts))
+                        retry.append((row.task, row.attempts))
                 continue
             new_tokens = 0
             for delta in deltas:
@@ -112,9 +126,13 @@ def generate_rows(engine, source: TaskSource, *, max_in_flight: int, max_retries
                 state.logprobs += delta.logprobs or ()
                 if delta.finished:
                     del in_flight[delta.request_id]
-                    yield success_record(state.task, state.prepared, "".join(state.text_parts), delta.finish_reason,
-                                         delta.num_generated_tokens, state.attempts, delta.num_cached_tokens,
-                                         state.logprobs)
+                    row = state.row
+                    row.samples[state.index] = Sample("".join(state.text_parts), delta.finish_reason,
+                                                      delta.num_generated_tokens, state.logprobs)
+                    if state.index == 0:
+                        row.cached_tokens = delta.num_cached_tokens
+                    if all(sample is not None for sample in row.samples):
+                        yield success_record(row.task, row.prepared, row.samples, row.attempts, row.cached_tokens)
             if on_step is not None:
                 on_step(new_tokens)
     finally:
@@ -123,13 +141,23 @@ def generate_rows(engine, source: TaskSource, *, max_in_flight: int, max_retries
 
 
 def _start(engine, task: dict, attempts: int, in_flight: dict, job_parameters: dict | None) -> dict | None:
-    """Add the task's request to the engine; a failure record when the row cannot run."""
+    """Add the task's request (one per sample) to the engine; a failure record when the row cannot run."""
     if task.get("error"):
         return failure_record(task, task["error"], attempts)
+    row = None
     try:
         prepared = prepare_request(engine, task["request"], job_parameters)
-        request_id = engine.add_request(prepared.prompt_token_ids, prepared.params)
+        row = _Row(task, prepared, attempts, samples=[None] * prepared.n)
+        for index in range(prepared.n):
+            params = prepared.params
+            if prepared.n > 1 and params.seed is not None:  # sample i uses seed + i, as the server's n does
+                params = params.copy(seed=params.seed + index)
+            request_id = engine.add_request(prepared.prompt_token_ids, params)
+            row.request_ids.append(request_id)
+            in_flight[request_id] = _InFlight(row, index)
     except ValueError as error:
+        for request_id in row.request_ids if row is not None else ():
+            engine.abort_request(request_id)
+            del in_flight[request_id]
         return failure_record(task, str(error), attempts)
-    in_flight[request_id] = _InFlight(task, prepared, attempts)
     return None

@@ -21,6 +21,7 @@ from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
 from starchat.tool_calls import ToolCalling, add_system_note, render_tool_turns, tool_calling_from_openai
 
 COMPLETIONS_URL, CHAT_URL = "/v1/completions", "/v1/chat/completions"
+MAX_SAMPLES_PER_LINE = 128  # OpenAI's limit on n
 
 
 class RowRequestError(FieldError):
@@ -36,6 +37,17 @@ class PreparedRequest:
     url: str  # the OpenAI endpoint whose response shape this row gets
     model: str
     tools: ToolCalling | None = None  # an OpenAI chat line whose reply must be tool calls
+    n: int = 1  # samples of the prompt (OpenAI lines' n), run as n requests
+
+
+@dataclass
+class Sample:
+    """One finished sample of a row."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    logprobs: list[TokenLogprob]  # empty unless the row asked for them
 
 
 def prepare_request(engine, request: dict, job_parameters: dict | None = None) -> PreparedRequest:
@@ -79,6 +91,7 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
     if unknown:
         raise RowRequestError(f"body.{unknown[0]}", f"unknown field for {url}")
     _refuse_unsupported(body, url)
+    n = _samples(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     temperature = body.get("temperature", 1.0)
     values = dict(temperature=temperature if temperature is not None else 1.0,
@@ -118,7 +131,7 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
         prefix = ""
         if body.get("echo"):
             prefix = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
-        return PreparedRequest(ids, params, prefix, False, url, model)
+        return PreparedRequest(ids, params, prefix, False, url, model, n=n)
     messages = body.get("messages")
     if isinstance(messages, list) and all(isinstance(message, dict) for message in messages):
         messages = render_tool_turns(messages)  # (anything else: chat_request says what is wrong)
@@ -129,13 +142,23 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
     # Chat's default is "as long as the context allows" (what vLLM does).
     params.max_new_tokens = max(1, engine.max_model_len - len(ids)) if max_tokens is None else max_tokens
     _check_openai(engine, ids, params, body, tools)
-    return PreparedRequest(ids, params, "", True, url, model, tools)
+    return PreparedRequest(ids, params, "", True, url, model, tools, n)
+
+
+def _samples(body: dict) -> int:
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES_PER_LINE:
+        raise RowRequestError("body.n", f"must be an integer in 1..{MAX_SAMPLES_PER_LINE}")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise RowRequestError("body.best_of", "ranking candidates is not supported in batch lines; leave best_of out "
+                                              "or equal to n (every sample is returned)")
+    return n
 
 
 def _refuse_unsupported(body: dict, url: str) -> None:
-    for name in ("n", "best_of"):
-        if body.get(name) not in (None, 1):
-            raise RowRequestError(f"body.{name}", "only 1 completion per line is supported; repeat the line instead")
     if body.get("stream"):
         raise RowRequestError("body.stream", "batch lines cannot stream; leave stream out or false")
     if url == COMPLETIONS_URL and body.get("echo") and body.get("logprobs") is not None:
@@ -187,27 +210,43 @@ def _check_openai(engine, ids: list[int], params: SamplingParams, body: dict, to
 
 # ---- result records -----------------------------------------------------------------------------
 
-def success_record(task: dict, prepared: PreparedRequest, text: str, finish_reason: str | None,
-                   completion_tokens: int, attempts: int, cached_tokens: int = 0,
-                   logprobs: list[TokenLogprob] | None = None) -> dict:
-    """`cached_tokens`: prompt tokens taken from the engine's prefix cache; `logprobs`: the
-    generated tokens' (OpenAI rows that asked), journaled as [id, text, logprob, [[id, text, logprob]]]."""
-    reply = text.lstrip() if prepared.strip_reply else text
-    record = {**_record_head(task), "ok": True, "prediction": prepared.prefix + reply, "finish_reason": finish_reason,
-              "prompt_tokens": len(prepared.prompt_token_ids), "completion_tokens": completion_tokens,
+def success_record(task: dict, prepared: PreparedRequest, samples: list[Sample], attempts: int,
+                   cached_tokens: int = 0) -> dict:
+    """`samples`: the row's n samples, in order; `cached_tokens`: prompt tokens the first took
+    from the engine's prefix cache. The record's top-level prediction, finish reason, tool calls
+    and logprobs are the first sample's; a row of several samples lists every one in `choices`.
+    Logprobs (rows that asked) are journaled as [id, text, logprob, [[id, text, logprob]]], tool
+    calls as [name, arguments]."""
+    choices = [_choice(prepared, sample) for sample in samples]
+    record = {**_record_head(task), "ok": True, **choices[0],
+              "prompt_tokens": len(prepared.prompt_token_ids),
+              "completion_tokens": sum(sample.completion_tokens for sample in samples),
               "cached_tokens": cached_tokens, "attempts": attempts, "url": prepared.url, "model": prepared.model,
               "created": int(time.time())}
-    calls = prepared.tools.parse(reply) if prepared.tools is not None and finish_reason == "stop" else None
-    if calls:  # journaled as [name, arguments]; the writer gives them ids derived from the row
-        record["tool_calls"], record["finish_reason"] = [list(call) for call in calls], "tool_calls"
-    if prepared.params.logprobs is not None:
-        record["logprobs"] = [[t.token_id, t.token, t.logprob, [list(alt) for alt in t.top]] for t in logprobs or []]
+    if len(choices) > 1:
+        record["choices"] = choices
     return record
 
 
-def record_logprobs(record: dict) -> list[TokenLogprob] | None:
-    """The TokenLogprobs a success record journaled, or None."""
-    entries = record.get("logprobs")
+def _choice(prepared: PreparedRequest, sample: Sample) -> dict:
+    reply = sample.text.lstrip() if prepared.strip_reply else sample.text
+    choice = {"prediction": prepared.prefix + reply, "finish_reason": sample.finish_reason}
+    calls = prepared.tools.parse(reply) if prepared.tools is not None and sample.finish_reason == "stop" else None
+    if calls:  # the writer gives them ids derived from the row
+        choice["tool_calls"], choice["finish_reason"] = [list(call) for call in calls], "tool_calls"
+    if prepared.params.logprobs is not None:
+        choice["logprobs"] = [[t.token_id, t.token, t.logprob, [list(alt) for alt in t.top]] for t in sample.logprobs]
+    return choice
+
+
+def record_choices(record: dict) -> list[dict]:
+    """A success record's samples: its `choices`, or the record itself for a row of one."""
+    return record.get("choices") or [record]
+
+
+def record_logprobs(choice: dict) -> list[TokenLogprob] | None:
+    """The TokenLogprobs a success record's choice (record_choices) journaled, or None."""
+    entries = choice.get("logprobs")
     if entries is None:
         return None
     return [TokenLogprob(token_id, text, logprob, [tuple(alt) for alt in top]) for token_id, text, logprob, top in entries]

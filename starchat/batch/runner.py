@@ -126,6 +126,7 @@ def run_batch(inputs: list[str | Path] | str | Path, output_dir: str | Path, *, 
             for record in records:
                 if output_action == "summary_only":
                     record.pop("prediction", None)
+                    record.pop("choices", None)
                 journal.append([record])
                 journal.maybe_sync(every_rows=mini_batch_size)
                 failed += not record["ok"]

@@ -6,7 +6,7 @@
   `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`; the body
   is a Completion or ChatCompletion object; failed rows carry status 400/500 and an error.
 - jsonl: `{"file", "row", "custom_id", "prediction", "finish_reason", "prompt_tokens", "completion_tokens"}`
-  per successful row.
+  per successful row (with `predictions`, every sample, for OpenAI lines with n > 1).
 Always: `errors.jsonl`, one line per failed row: `{"file", "row", "custom_id", "message", "attempts"}`.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from starchat.batch.journal import AtomicFile
-from starchat.batch.requests import CHAT_URL, record_logprobs
+from starchat.batch.requests import CHAT_URL, record_choices, record_logprobs
 from starchat.openai_format import chat_logprobs, completion_logprobs
 from starchat.tool_calls import tool_call
 
@@ -91,9 +91,12 @@ def format_record(record: dict, output_format: str, job_hash: str) -> str:
         return _json_line(openai_output_line(record, job_hash))
     if not record["ok"]:
         return ""
-    return _json_line({"file": record["file"], "row": record["row"], "custom_id": record.get("custom_id"),
-                       "prediction": record["prediction"], "finish_reason": record["finish_reason"],
-                       "prompt_tokens": record["prompt_tokens"], "completion_tokens": record["completion_tokens"]})
+    line = {"file": record["file"], "row": record["row"], "custom_id": record.get("custom_id"),
+            "prediction": record["prediction"], "finish_reason": record["finish_reason"],
+            "prompt_tokens": record["prompt_tokens"], "completion_tokens": record["completion_tokens"]}
+    if "choices" in record:  # an OpenAI line with n > 1: every sample, the first being `prediction`
+        line["predictions"] = [choice["prediction"] for choice in record["choices"]]
+    return _json_line(line)
 
 
 def openai_output_line(record: dict, job_hash: str) -> dict:
@@ -111,27 +114,36 @@ def openai_output_line(record: dict, job_hash: str) -> dict:
              "total_tokens": record["prompt_tokens"] + record["completion_tokens"],
              # (records journaled before prefix caching have no count)
              "prompt_tokens_details": {"cached_tokens": record.get("cached_tokens", 0)}}
-    logprobs = record_logprobs(record)
-    if record.get("url") == CHAT_URL:
-        message = {"role": "assistant", "content": record["prediction"]}
-        if record.get("tool_calls"):
-            message = {"role": "assistant", "content": None, "tool_calls": [
-                tool_call(name, arguments, f"call_{hashlib.sha256(f'{token}:{i}'.encode()).hexdigest()[:24]}")
-                for i, (name, arguments) in enumerate(record["tool_calls"])]}
-        body = {"id": f"chatcmpl-{token}", "object": "chat.completion", "created": record["created"], "model": record["model"],
-                "choices": [{"index": 0, "message": message,
-                             "logprobs": chat_logprobs(logprobs) if logprobs is not None else None,
-                             "finish_reason": record["finish_reason"]}],
-                "usage": usage}
+    chat = record.get("url") == CHAT_URL
+    choices = [(_chat_choice if chat else _completion_choice)(index, choice, f"{token}:{index}")
+               for index, choice in enumerate(record_choices(record))]
+    if chat:
+        body = {"id": f"chatcmpl-{token}", "object": "chat.completion", "created": record["created"],
+                "model": record["model"], "choices": choices, "usage": usage}
     else:
-        body = {"id": f"cmpl-{token}", "object": "text_completion", "created": record["created"], "model": record["model"],
-                "choices": [{"index": 0, "text": record["prediction"],
-                             # (rows with logprobs echo nothing: the text starts at offset 0)
-                             "logprobs": completion_logprobs(logprobs, 0) if logprobs is not None else None,
-                             "finish_reason": record["finish_reason"]}],
-                "usage": usage}
+        body = {"id": f"cmpl-{token}", "object": "text_completion", "created": record["created"],
+                "model": record["model"], "choices": choices, "usage": usage}
     return {"id": f"batch_req_{token}", "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": f"req_{token}", "body": body}, "error": None}
+
+
+def _chat_choice(index: int, choice: dict, id_seed: str) -> dict:
+    message = {"role": "assistant", "content": choice["prediction"]}
+    if choice.get("tool_calls"):  # ids derived from the row and the choice: a resumed job writes the same
+        message = {"role": "assistant", "content": None, "tool_calls": [
+            tool_call(name, arguments, f"call_{hashlib.sha256(f'{id_seed}:{i}'.encode()).hexdigest()[:24]}")
+            for i, (name, arguments) in enumerate(choice["tool_calls"])]}
+    logprobs = record_logprobs(choice)
+    return {"index": index, "message": message, "logprobs": chat_logprobs(logprobs) if logprobs is not None else None,
+            "finish_reason": choice["finish_reason"]}
+
+
+def _completion_choice(index: int, choice: dict, id_seed: str) -> dict:
+    logprobs = record_logprobs(choice)
+    # (rows with logprobs echo nothing: the text starts at offset 0)
+    return {"index": index, "text": choice["prediction"],
+            "logprobs": completion_logprobs(logprobs, 0) if logprobs is not None else None,
+            "finish_reason": choice["finish_reason"]}
 
 
 def _json_line(data: dict) -> str:

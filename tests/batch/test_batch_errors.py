@@ -122,6 +122,44 @@ def test_transient_engine_errors_are_retried(tmp_path, engine, monkeypatch):
     assert not engine.has_unfinished_requests()
 
 
+def test_rows_of_several_samples_are_seeded_apart_and_retried_whole(tmp_path, engine, monkeypatch):
+    """OpenAI lines with n > 1 run as n requests (seeds seed + i); an engine failure while some of
+    a row's samples are finished runs the whole row again, and the row is written once, whole."""
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": p, "max_tokens": 3 + i, "temperature": 1.0, "seed": 100 * i, "n": 3}}
+             for i, p in enumerate(prompts(3))]
+    write_jsonl(tmp_path / "in" / "a.jsonl", lines)
+    real_step, real_add, calls, seeds = engine.step, engine.add_request, {"n": 0}, []
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 4:  # the first row (3 tokens a sample) has finished by now; the others have not
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_step()
+
+    def recording_add(prompt, params, *args, **kwargs):
+        seeds.append(params.seed)
+        return real_add(prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+    monkeypatch.setattr(engine, "add_request", recording_add)
+    summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")
+    assert (summary.rows_ok, summary.rows_failed) == (3, 0)
+    records = read_jsonl(tmp_path / "out" / ".starchat-batch" / "results.jsonl")
+    attempts = {record["custom_id"]: record["attempts"] for record in records}
+    assert attempts["r0"] == 1 and attempts["r2"] == 2
+    retried = [f"r{i}" for i in range(3) if attempts[f"r{i}"] == 2]
+    assert seeds[:9] == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+    assert seeds[9:] == [100 * int(row[1:]) + i for row in retried for i in range(3)]  # whole rows again
+    output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert [line["custom_id"] for line in output] == ["r0", "r1", "r2"]
+    for i, line in enumerate(output):
+        body = line["response"]["body"]
+        assert [choice["index"] for choice in body["choices"]] == [0, 1, 2]
+        assert body["usage"]["completion_tokens"] == 3 * (3 + i)
+    assert not engine.has_unfinished_requests()
+
+
 def test_a_job_that_failed_before_its_first_row_can_be_rerun_with_other_settings(tmp_path, engine):
     write_jsonl(tmp_path / "in" / "a.jsonl", [{"input_string": "def f():"}])
     with pytest.raises(Exception, match="no-such-model"):

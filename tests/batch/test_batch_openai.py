@@ -38,7 +38,7 @@ def openai_lines() -> list[dict]:
     return [
         line("cmpl-1", "/v1/completions", {"model": "starchat", "prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0}),
         line("chat-1", "/v1/chat/completions", {"model": "starchat", "messages": MESSAGES, "max_tokens": 6, "temperature": 0}),
-        line("bad-n", "/v1/completions", {"prompt": "x", "n": 2}),
+        line("bad-n", "/v1/completions", {"prompt": "x", "n": 0}),
         line("echo-1", "/v1/completions", {"prompt": ["import os"], "max_tokens": 3, "temperature": 0, "echo": True}),
         line("fim-1", "/v1/completions", {"prompt": "def f(x):\n    ", "suffix": "\n    return y", "max_tokens": 4,
                                           "temperature": 0, "stop": ["\n\n"]}),
@@ -68,6 +68,10 @@ def openai_lines() -> list[dict]:
         line("tool-result", "/v1/chat/completions", {"messages": TOOL_CONVERSATION, "max_tokens": 5, "temperature": 0,
                                                      "tools": [LENGTH_TOOL], "tool_choice": "none"}),
         line("bad-auto", "/v1/chat/completions", {"messages": MESSAGES, "tools": [LENGTH_TOOL]}),
+        line("cmpl-n", "/v1/completions", {"prompt": "def f(x):", "max_tokens": 6, "temperature": 1.0, "seed": 11,
+                                           "n": 3, "logprobs": 1}),
+        line("chat-n", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "n": 2}),
+        line("bad-best-of", "/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}),
     ]
 
 
@@ -76,11 +80,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 14, 5)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 16, 6)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 19
+    assert len({line["id"] for line in output}) == 22
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -157,7 +161,19 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     assert bad["response"]["status_code"] == 400 and "body.n" in bad["response"]["body"]["error"]["message"]
     assert "body.n" in BatchError.model_validate(bad["error"]).message
     failed = [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()]
-    assert failed == ["bad-n", "bad-bias", "bad-regex", "bad-top", "bad-auto"]
+    assert failed == ["bad-n", "bad-bias", "bad-regex", "bad-top", "bad-auto", "bad-best-of"]
+
+    # n samples per line: each a choice (sample i seeded seed + i, so they differ), each with its
+    # own log-probabilities; usage counts them all; greedy samples are all the greedy text.
+    several = Completion.model_validate(by_id["cmpl-n"]["response"]["body"])
+    assert [choice.index for choice in several.choices] == [0, 1, 2]
+    assert len({choice.text for choice in several.choices}) > 1
+    for choice in several.choices:
+        assert "".join(choice.logprobs.tokens) == choice.text and len(choice.logprobs.tokens) == 6
+    assert several.usage.completion_tokens == 3 * 6
+    chats = ChatCompletion.model_validate(by_id["chat-n"]["response"]["body"])
+    assert [choice.message.content for choice in chats.choices] == [reference.chat(MESSAGES, greedy(6)).text] * 2
+    assert "body.best_of" in by_id["bad-best-of"]["response"]["body"]["error"]["message"]
 
 
 def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):
