@@ -182,3 +182,13 @@ def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):
     [line] = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert line["custom_id"] == "a.jsonl:0"
     assert Completion.model_validate(line["response"]["body"]).choices[0].text.startswith("def f():")
+
+
+def test_openai_lines_of_several_samples_in_jsonl_output(tmp_path, engine, reference):
+    body = {"prompt": "def f(x):", "max_tokens": 4, "temperature": 0, "n": 2}
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": body}])
+    run_batch(tmp_path / "in", tmp_path / "out", engine=engine, output_format="jsonl", progress="none")
+    [line] = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    expected = reference.generate(["def f(x):"], greedy(4))[0].text
+    assert line["predictions"] == [expected, expected] and line["prediction"] == expected
+    assert line["completion_tokens"] == 8
