@@ -1,11 +1,14 @@
 """Speculative decoding with n-gram drafts, on against off, in the same run.
 
     python bench/speculative.py [--model DIR] [--dtype auto] [--windows 20] [--prompt-tokens 256]
-                                [--new-tokens 64] [--drafts 5] [--concurrent 1] [--sampling] [--json PATH]
+                                [--new-tokens 64] [--drafts 5] [--concurrent 1] [--sampling] [--structured]
+                                [--json PATH]
 
 Prompts: the first --prompt-tokens tokens of Python standard-library modules (every k-th in name
 order), continued greedily for --new-tokens tokens, --concurrent at a time (--sampling: with the
-playground's sampling instead: temperature 0.2, top-p 0.95, top-k 50, repetition penalty 1.2). The model defaults to
+playground's sampling instead: temperature 0.2, top-p 0.95, top-k 50, repetition penalty 1.2; --structured:
+constrained to STRUCTURED_SCHEMA, a JSON list of the functions and names the code defines, the
+output ending when the JSON does, so tokens are counted as generated). The model defaults to
 the embedded starchat-nano: acceptance depends on what a model writes. One engine runs each
 group of prompts twice in turns, with drafting on and off (the scheduler's
 `num_speculative_tokens`): two engines loaded side by side differ by themselves (on this host the
@@ -31,7 +34,15 @@ from starchat.bench.quality import stdlib_windows  # noqa: E402
 from starchat.config import EngineConfig  # noqa: E402
 from starchat.engine.engine import LLMEngine  # noqa: E402
 from starchat.model.loader import EMBEDDED_MODEL_DIR  # noqa: E402
-from starchat.sampling_params import SamplingParams  # noqa: E402
+from starchat.sampling_params import GuidedDecoding, SamplingParams  # noqa: E402
+
+# What --structured asks for: the code's definitions as a JSON list (repeated keys, names taken
+# from the prompt: what structured extraction from code looks like).
+STRUCTURED_SCHEMA = {"type": "array", "minItems": 6, "maxItems": 6, "items": {
+    "type": "object", "required": ["kind", "name", "line"],
+    "properties": {"kind": {"type": "string", "enum": ["function", "class", "constant", "import"]},
+                   "name": {"type": "string", "maxLength": 24}, "line": {"type": "integer", "minimum": 1,
+                                                                         "maximum": 999}}}}
 
 
 def main() -> None:
@@ -46,6 +57,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=1)
     parser.add_argument("--sampling", action="store_true", help="the playground's sampling instead of greedy decoding")
     parser.add_argument("--repetition-penalty", type=float, help="instead of the playground's (with --sampling)")
+    parser.add_argument("--structured", action="store_true", help="outputs constrained to a JSON schema")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -63,6 +75,10 @@ def main() -> None:
                              top_k=playground["top_k"], repetition_penalty=playground["repetition_penalty"])
     if args.repetition_penalty is not None:
         params = params.copy(repetition_penalty=args.repetition_penalty)
+    if args.structured:
+        params = params.copy(guided=GuidedDecoding("json_schema", json.dumps(STRUCTURED_SCHEMA)))
+        request = engine.tokenizer.encode("\n\n# The definitions above, as JSON:\n")
+        prompts = [prompt + request for prompt in prompts]
     run_requests(engine, prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm-up
     seconds = {"on": 0.0, "off": 0.0}
     outputs = {"on": [], "off": []}
@@ -75,10 +91,9 @@ def main() -> None:
             outputs[name] += tokens
     stats = engine.stats()
     drafted, accepted = stats.spec_decode_draft_tokens, stats.spec_decode_accepted_tokens
-    total = len(prompts) * args.new_tokens
     identical = sum(a == b for a, b in zip(outputs["on"], outputs["off"]))
     figures = {
-        "output_tokens_per_s": {name: total / seconds[name] for name in seconds},
+        "output_tokens_per_s": {name: sum(map(len, outputs[name])) / seconds[name] for name in seconds},
         "speedup_on_over_off": seconds["off"] / seconds["on"],
         "draft_tokens": drafted, "accepted_tokens": accepted,
         "acceptance_rate": accepted / drafted if drafted else 0.0,
@@ -88,7 +103,8 @@ def main() -> None:
     print(f"machine: {machine}")
     print(f"model: {args.model} ({engine.dtype}, {args.device}); {len(prompts)} stdlib prompts of "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each, {args.concurrent} at a time, "
-          f"up to {args.drafts} drafts, {'sampled as the playground does' if args.sampling else 'greedy'}")
+          f"up to {args.drafts} drafts, {'sampled as the playground does' if args.sampling else 'greedy'}"
+          f"{', JSON-schema constrained' if args.structured else ''}")
     rate = figures["output_tokens_per_s"]
     print(f"output tokens/s: speculative {rate['on']:.1f}, plain {rate['off']:.1f} -> x{figures['speedup_on_over_off']:.2f}")
     print(f"drafts accepted: {accepted} of {drafted} ({100 * figures['acceptance_rate']:.0f}%); "

@@ -120,11 +120,53 @@ def test_preempted_requests_keep_their_place_in_the_grammar():
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
-def test_guided_requests_are_not_drafted_for():
-    llm = LLM(str(EMBEDDED_MODEL_DIR), dtype="float32", device="cpu", progress=False, num_speculative_tokens=4)
-    (completion,) = llm.generate(["x = [1, 2, 3, 1, 2, 3, 1, 2,"], guided("regex", r"( [0-9],){1,12}"))
-    assert re.fullmatch(r"( [0-9],){1,12}", completion.text)
-    assert llm.engine.stats().spec_decode_draft_tokens == 0
+def test_guided_requests_drafted_for_keep_their_tokens(llm):
+    """Speculative decoding for structured output: drafts are cut where the grammar bans one, each
+    verified row is masked by the grammar after the drafts before it, and the matcher advances
+    over the accepted tokens only. Greedy texts equal those without drafts (many drafted and many
+    accepted: JSON repeats its keys and values); sampled texts still follow their constraint."""
+    speculative = LLM(str(EMBEDDED_MODEL_DIR), dtype="float32", device="cpu", progress=False, num_speculative_tokens=4)
+    repeated = {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+        "type": "object", "required": ["name", "tags"], "properties": {
+            "name": {"type": "string", "enum": ["add", "sub", "mul"]},
+            "tags": {"type": "array", "maxItems": 2, "items": {"type": "string", "enum": ["math", "int"]}}}}}
+    cases = [guided("json_schema", json.dumps(repeated)), guided("json_schema", json.dumps(SCHEMA)),
+             guided("regex", r"( [0-9],){1,12}"), guided("grammar", 'start: ("x = " /[0-9]{1,2}/ "\\n"){3}')]
+    prompts = ["x = [1, 2, 3, 1, 2, 3, 1, 2,", "Describe the Python language as JSON:\n"]
+    for params in cases:
+        assert [c.text for c in speculative.generate(prompts, params)] == [c.text for c in llm.generate(prompts, params)]
+    stats = speculative.engine.stats()
+    assert stats.spec_decode_accepted_tokens > 10 and stats.spec_decode_draft_tokens > stats.spec_decode_accepted_tokens
+    for completion in speculative.generate(prompts * 3, guided("json_schema", json.dumps(repeated), do_sample=True,
+                                                                  temperature=0.9)):
+        assert completion.finish_reason == "stop"
+        jsonschema.validate(json.loads(completion.text), repeated)
+    assert speculative.engine.stats().spec_decode_accepted_tokens > stats.spec_decode_accepted_tokens
+
+
+def test_masks_after_drafts_equal_masks_after_consuming_them(llm):
+    """allowed_tokens' rows for a request's drafts (computed on llguidance's threads, the matcher
+    left in place) equal the masks of a copy of the matcher fed the drafts one by one."""
+    from starchat.engine.guided import allowed_tokens
+
+    engine = llm.engine
+    state = engine.grammars.compile(GuidedDecoding("json_schema", json.dumps(SCHEMA)))
+    other, another = (engine.grammars.compile(GuidedDecoding("regex", r"[a-z]+ = [0-9]+")) for _ in range(2))
+    drafts = engine.tokenizer.encode('{"name": "Py", "year": 1991')
+    assert state.valid_prefix(drafts) == len(drafts) and state.valid_prefix(drafts + [drafts[0]]) == len(drafts)
+    rows = [(other, [])] + [(state, drafts[:i]) for i in range(len(drafts) + 1)] + [(another, [])]
+    width = engine.model_config.vocab_size
+    masks = allowed_tokens(rows, width)
+    copy = state.matcher.deep_copy()
+    expected = []
+    for i in range(len(drafts) + 1):
+        expected.append(allowed_tokens([(type(state)(copy, state.vocab_size, state.eos_token_id), [])], width)[0])
+        if i < len(drafts):
+            copy.consume_token(drafts[i])
+    assert all(bool((masks[1 + i] == expected[i]).all()) for i in range(len(expected)))
+    assert bool((masks[0] == masks[-1]).all()) and not bool((masks[0] == masks[1]).all())
+    assert state.valid_prefix(drafts) == len(drafts)  # the matcher has not moved
+    assert [bool(masks[1 + i, token]) for i, token in enumerate(drafts)] == [True] * len(drafts)
 
 
 @pytest.mark.parametrize("bad, message", [

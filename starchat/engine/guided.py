@@ -11,6 +11,7 @@ tokenizer on every byte of the text.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -102,6 +103,11 @@ class GrammarState:
     vocab_size: int
     eos_token_id: int
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many of `token_ids`, from the first, the grammar allows here (drafts past the
+        first it bans would be rejected anyway)."""
+        return self.matcher.validate_tokens(token_ids)
+
     def accept(self, token_id: int) -> bool:
         """Advance past a chosen token; True when the text is a complete sentence that nothing may
         follow (the request ends there)."""
@@ -109,19 +115,41 @@ class GrammarState:
         return self.matcher.is_stopped()
 
 
-def allowed_tokens(states: list[GrammarState], width: int) -> torch.Tensor:
-    """(len(states), width) bool: the tokens each state allows next (end-of-text alone for a
-    matcher in an error state, which the masks should make impossible)."""
-    masks = _llguidance().numpy
-    bitmask = masks.allocate_token_bitmask(len(states), states[0].vocab_size)
-    for row, state in enumerate(states):
-        masks.fill_next_token_bitmask(state.matcher, bitmask, row)
+def allowed_tokens(rows: list[tuple[GrammarState, list[int]]], width: int) -> torch.Tensor:
+    """(len(rows), width) bool: the tokens each row's state allows next after the row's drafts
+    (speculative verification: a request's rows come in order, the drafts before each, [] first).
+    A matcher whose drafts leave its language, or in an error state, allows end-of-text alone
+    there (the masks of the rows before make such rows unreachable). Computed on llguidance's
+    threads, which leave the matchers where they were."""
+    llguidance = _llguidance()
+    bitmask = np.zeros((len(rows), -(-rows[0][0].vocab_size // 32)), dtype=np.int32)
+    entries = []  # (matcher, first row, drafts): the masks after each prefix of drafts, in rows first..
+    first = 0
+    while first < len(rows):
+        state = rows[first][0]
+        last = first
+        while last + 1 < len(rows) and rows[last + 1][0] is state and len(rows[last + 1][1]) == last + 1 - first:
+            last += 1
+        entries.append((state.matcher, first, list(rows[last][1])))
+        first = last + 1
+    plain = [(matcher, row) for matcher, row, drafts in entries if not drafts]
+    drafted = [entry for entry in entries if entry[2]]
+    if plain:
+        llguidance.numpy.fill_next_token_bitmask_par(_executor(), plain, bitmask)
+    if drafted:  # (llguidance takes no empty draft lists here)
+        llguidance.numpy.fill_next_token_bitmask_par_with_draft_tokens(_executor(), drafted, bitmask)
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :width]
     if bits.shape[1] < width:  # logits past the mask's end: never allowed
         bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
     allowed = torch.from_numpy(bits.astype(bool))
-    for row, state in enumerate(states):
+    for row, (state, _) in enumerate(rows):
         if state.matcher.is_error() or not allowed[row].any():
             allowed[row] = False
             allowed[row, state.eos_token_id] = True
     return allowed
+
+
+@functools.lru_cache(maxsize=1)
+def _executor():
+    """llguidance's thread pool for masks (one thread per core)."""
+    return _llguidance().LLExecutor()

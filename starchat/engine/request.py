@@ -57,6 +57,9 @@ class Request:
     drafts_resume_at: int = 0  # no drafts before the sequence has this many tokens (backing off after misses)
     # Structured output: where the output stands in its grammar (engine/guided.py); None = free text
     grammar: "GrammarState | None" = None
+    # (The sampler reads a row's grammar mask after `drafts_before`: none for a request itself;
+    # speculative.DraftRow has them.)
+    drafts_before = ()
 
     @property
     def num_tokens(self) -> int:

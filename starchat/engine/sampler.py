@@ -111,7 +111,8 @@ class Sampler:
         rows = [i for i, r in enumerate(requests) if r.grammar is not None]
         if not rows:
             return logits
-        allowed = allowed_tokens([requests[i].grammar for i in rows], logits.shape[1]).to(logits.device)
+        allowed = allowed_tokens([(requests[i].grammar, requests[i].drafts_before) for i in rows],
+                                 logits.shape[1]).to(logits.device)
         row_index = torch.tensor(rows, device=logits.device)
         logits = logits.clone()
         logits[row_index] = logits[row_index].masked_fill(~allowed, float("-inf"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from starchat.engine.kv_cache import BlockAllocator, block_hashes
 from starchat.engine.request import Request, RequestStatus
-from starchat.engine.speculative import can_speculate, propose_drafts
+from starchat.engine.speculative import can_speculate, grammar_drafts, propose_drafts
 
 
 @dataclass
@@ -148,7 +148,7 @@ class Scheduler:
         room = min(self.num_speculative_tokens, budget - 1,
                    request.params.max_new_tokens - len(request.output_token_ids) - 1,  # the step adds one more
                    request.max_total_tokens - request.num_tokens - 1)
-        drafts = propose_drafts(request.all_token_ids, room) if room > 0 else []
+        drafts = grammar_drafts(request, propose_drafts(request.all_token_ids, room)) if room > 0 else []
         if not drafts or not self.allocator.grow(request.block_ids, request.num_tokens + len(drafts)):
             return False
         request.draft_token_ids = drafts

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from starchat.engine.guided import GrammarState
 from starchat.engine.request import Request
 from starchat.sampling_params import SamplingParams
 
@@ -43,11 +44,14 @@ def propose_drafts(tokens: list[int], num_drafts: int, max_ngram: int = 3, min_n
 
 def can_speculate(request: Request) -> bool:
     """Every request but a seeded sampling one (verification draws its own random numbers to
-    accept or reject drafts, so a seed would no longer give the tokens it gives without drafts)
-    and a structured-output one."""
-    if request.grammar is not None:  # a grammar's mask follows the tokens one at a time
-        return False
+    accept or reject drafts, so a seed would no longer give the tokens it gives without drafts)."""
     return request.params.greedy or request.params.seed is None
+
+
+def grammar_drafts(request: Request, drafts: list[int]) -> list[int]:
+    """The drafts a structured-output request's grammar allows from its position on (the first
+    it bans would be rejected by the row's mask, and the rows after it are never reached)."""
+    return drafts if request.grammar is None else drafts[:request.grammar.valid_prefix(drafts)]
 
 
 @dataclass
@@ -60,7 +64,8 @@ class DraftRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     next_draft: int  # the draft this row's distribution verifies; -1 after the last
-    grammar = None  # structured-output requests are not drafted for
+    grammar: "GrammarState | None"  # a structured-output request's, where it stands before the drafts
+    drafts_before: list[int]  # the drafts before this row: its grammar mask is the one after them
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -69,7 +74,8 @@ class DraftRow:
 
 def draft_rows(request: Request, drafts: list[int]) -> list[DraftRow]:
     return [DraftRow(request.params, request.stop_token_ids, request.prompt_token_ids,
-                     request.output_token_ids + drafts[:i], drafts[i] if i < len(drafts) else -1)
+                     request.output_token_ids + drafts[:i], drafts[i] if i < len(drafts) else -1,
+                     request.grammar, drafts[:i])
             for i in range(len(drafts) + 1)]
 
 
