@@ -131,3 +131,96 @@ def test_16_bit_models_compute_in_float32(tiny_model_dir):
     completion = llm.generate(["def f():"], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
     assert len(completion.token_ids) == 3
     assert seen and all(dtypes == (torch.float32, torch.float32) for dtypes in seen)  # the prefill step's product
+
+
+# ---- oneDNN's AMX products for prefill-sized bfloat16 and int8 products -----------------------
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_amx_products_equal_the_native_kernel_to_bfloat16_rounding(kind, monkeypatch):
+    """Forced on (oneDNN's bf16 product runs on any CPU, on AMX tiles where there are some): from
+    AMX_MIN_ROWS rows the weight is unpacked and multiplied with bf16-rounded inputs; fewer rows
+    stay on the native kernel. Both judged against float64 on the same (quantized) weight."""
+    from starchat.model import cpu_linear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 96), torch.randn(40)
+    if kind == "int8":
+        source = Int8Linear.from_float(weight, bias, torch.bfloat16)
+        exact = source.weight.double() * source.scales.double()[:, None]
+    else:
+        source = nn.Linear(96, 40).to(torch.bfloat16)
+        source.weight.data.copy_(weight)
+        source.bias.data.copy_(bias)
+        exact = source.weight.double()
+    exact_bias = source.bias.double()
+    layer = PackedLinear.from_module(source)
+    layer.amx_products = True
+    calls = []
+    amx_forward = layer._amx_forward
+    monkeypatch.setattr(layer, "_amx_forward", lambda x: calls.append(1) or amx_forward(x))
+    for rows in (cpu_linear.AMX_MIN_ROWS - 1, cpu_linear.AMX_MIN_ROWS, 300):
+        x = torch.randn(rows, 96)  # float32 activations, as in a packed CPU model
+        expected = x.double() @ exact.T + exact_bias
+        out = layer(x.view(1, rows, 96)).view(rows, 40)
+        assert out.dtype == torch.float32
+        error = ((out.double() - expected).abs().max() / expected.abs().max()).item()
+        assert error < (1e-5 if rows < cpu_linear.AMX_MIN_ROWS else 1.6e-2), (rows, error)
+    assert len(calls) == 2  # the two prefill-sized products only
+    assert torch.equal(cpu_linear.unpack_weight(layer.packed_weight, 40, torch.float32), source.weight.float())
+
+
+def test_amx_products_are_chosen_by_the_cpu_and_can_be_turned_off(monkeypatch):
+    from starchat.model import cpu_linear
+
+    cpu_linear.amx_products_pay_off.cache_clear()
+    try:
+        monkeypatch.setenv("STARCHAT_CPU_AMX", "0")
+        assert not cpu_linear.amx_products_pay_off()
+        cpu_linear.amx_products_pay_off.cache_clear()
+        monkeypatch.delenv("STARCHAT_CPU_AMX")
+        monkeypatch.setattr(cpu_linear, "_cpu_feature", lambda name: False)
+        assert not cpu_linear.amx_products_pay_off()  # no AMX: nothing timed, the native kernel
+    finally:
+        cpu_linear.amx_products_pay_off.cache_clear()
+    float_layer = PackedLinear.from_module(nn.Linear(8, 16).to(torch.float16)) if native.available() else None
+    assert float_layer is None or not float_layer.amx_products  # float16 and float32 weights: never
+
+
+@needs_kernels
+def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkeypatch):
+    """As the loader sets a bfloat16 model up where AMX products pay off (forced here): every
+    packed layer's prefill products through oneDNN's bf16 path and prompt chunks attending in
+    bfloat16 (a float16 model keeps both as they were). Prompt logits stay within the 3% of the
+    largest that bfloat16 is held to (test_engine_reference), the first greedy tokens agree
+    with float32 on all but one prompt, and decoding continues from the cache prefill wrote."""
+    from test_engine_reference import PROMPTS, our_prompt_logits
+
+    from starchat.model import cpu_linear
+    from starchat.model.gpt_bigcode import Attention
+
+    monkeypatch.setattr(cpu_linear, "amx_products_pay_off", lambda: True)
+    fp16 = LLM(str(tiny_model_dir), dtype="float16", progress=False).engine.runner.model
+    assert not any(getattr(m, "amx_products", False) or getattr(m, "prefill_attention_dtype", None)
+                   for m in fp16.modules())
+    fp32 = LLM(str(tiny_model_dir), dtype="float32", progress=False)
+    bf16 = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False, max_num_batched_tokens=512)
+    layers = [m for m in bf16.engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    attentions = [m for m in bf16.engine.runner.model.modules() if isinstance(m, Attention)]
+    assert attentions and all(m.prefill_attention_dtype == torch.bfloat16 for m in attentions)
+    calls = []
+    for layer in layers:
+        assert layer.amx_products
+        layer._amx_forward = (lambda forward: lambda x: calls.append(1) or forward(x))(layer._amx_forward)
+    # 72 to 321 tokens: over AMX_MIN_ROWS, within the checkpoint's 512 positions
+    long_prompts = [PROMPTS[0] * 12, PROMPTS[1] * 3, PROMPTS[1] * 10, PROMPTS[3] * 4]
+    for prompt in long_prompts:
+        ids = fp32.tokenizer.encode(prompt)
+        a, b = our_prompt_logits(fp32, ids), our_prompt_logits(bf16, ids)
+        assert (a - b).abs().max().item() <= 0.03 * a.abs().max().item()
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    ours, reference = bf16.generate(long_prompts, params), fp32.generate(long_prompts, params)
+    assert sum(x.token_ids[0] == y.token_ids[0] for x, y in zip(ours, reference)) >= len(long_prompts) - 1
+    # every layer for each prompt's logits, and every layer but the lm_head (the prompts' last
+    # rows only) in generate's prefill steps
+    assert len(calls) >= len(layers) * len(long_prompts) + len(layers) - 1

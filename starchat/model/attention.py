@@ -84,6 +84,7 @@ def paged_attention(
     num_heads: int,
     num_kv_heads: int,
     scale: float,
+    prefill_dtype: torch.dtype | None = None,  # prompt chunks attend in this dtype (None: the query's)
 ) -> torch.Tensor:  # (T, H*D)
     head_dim = query.shape[1] // num_heads
     group = num_heads // num_kv_heads
@@ -142,7 +143,9 @@ def paged_attention(
             # A view, not a copy: the cache stays one KV head.
             k = k.expand(1, num_kv_heads * group, k.shape[2], head_dim) if num_kv_heads == 1 else k.repeat_interleave(group, dim=1)
             v = v.expand(1, num_kv_heads * group, v.shape[2], head_dim) if num_kv_heads == 1 else v.repeat_interleave(group, dim=1)
+        if prefill_dtype is not None:
+            q, k, v = q.to(prefill_dtype), k.to(prefill_dtype), v.to(prefill_dtype)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)  # (1, H, n, D)
-        output[rows] = attended.transpose(1, 2).reshape(chunk.length, num_heads * head_dim)
+        output[rows] = attended.transpose(1, 2).reshape(chunk.length, num_heads * head_dim).to(output.dtype)
     return output
 

@@ -8,12 +8,20 @@ hundreds (a register-tiled outer product: 1.3-1.6x PyTorch's float32 GEMM on the
 docs/PERFORMANCE.md, with no per-call widening of 16-bit or int8 weights). An embedding table
 tied to the lm_head is stored once, packed, and looked up from the panels (`PackedEmbedding`).
 
+On a CPU with AMX tiles, products of prefill size over bfloat16 or int8 weights go to oneDNN's
+bf16 tile kernels instead (`PackedLinear._amx_forward`; several times the native kernel's speed
+there), the weight unpacked per call.
+
 Without the kernels (no C compiler, or STARCHAT_NATIVE_KERNELS=0) plain Linears become
 `CpuLinear`s on PyTorch's products; on CPUs without native 16-bit arithmetic, 16-bit weights are
 widened to float32 for products of many rows there (PyTorch's 16-bit product costs a GEMV per row).
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +31,56 @@ from starchat.model import native
 from starchat.model.quant import Int8Linear
 
 ROWS_FOR_FLOAT32 = 8  # measured: from 8 rows, widening 16-bit weights to float32 pays for itself
+# From this many rows, a bfloat16 or int8 product on a CPU with AMX unpacks its weight and runs
+# oneDNN's bf16 tile kernels: measured on a 2-core Xeon with AMX, c_fc of tiny_starcoder (768 x
+# 3072) took 0.68 ms at 64 rows against the native kernel's 1.54 (unpacking 0.33 of it), 0.87
+# against 2.95 at 128 and 1.28 against 12.1 at 512; at 16 rows the native kernel still won.
+AMX_MIN_ROWS = 64
+
+
+def _cpu_feature(name: str) -> bool:
+    check = getattr(torch.cpu, name, None) or getattr(getattr(torch._C, "_cpu", None), name, None)
+    return bool(check()) if check is not None else False
 
 
 def cpu_has_fast_bf16() -> bool:
     """bf16 beats float32 on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    cpu = getattr(torch._C, "_cpu", None)
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu else False
+    return _cpu_feature("_is_avx512_bf16_supported") or _cpu_feature("_is_amx_tile_supported")
+
+
+@functools.lru_cache(maxsize=1)
+def amx_products_pay_off() -> bool:
+    """Whether prefill-sized bf16 products go to oneDNN's AMX kernels here: the CPU has AMX tiles,
+    STARCHAT_CPU_AMX is not 0, and (timed once per process, a few milliseconds) unpacking a
+    tiny_starcoder-sized weight and multiplying 128 rows on them takes under 0.7x the native
+    kernel's time (AMX present but unusable, e.g. not enabled by the OS, fails that)."""
+    if os.environ.get("STARCHAT_CPU_AMX", "1") == "0" or not _cpu_feature("_is_amx_tile_supported"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3072, 768, generator=generator).to(torch.bfloat16)
+    packed = native.pack_weight(weight)
+    rows = torch.randn(128, 768, generator=generator)
+
+    def fastest(product) -> float:
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    native_time = fastest(lambda: native.linear(rows, packed, 3072))
+    amx_time = fastest(lambda: F.linear(rows.to(torch.bfloat16), unpack_weight(packed, 3072, torch.bfloat16)))
+    return amx_time < 0.7 * native_time
+
+
+def unpack_weight(packed: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (out_features, K) weight held in `packed`'s panels, converted to `dtype` on the way
+    (int8 values are exact in bfloat16)."""
+    panels, in_features, width = packed.shape
+    weight = torch.empty(panels * width, in_features, dtype=dtype)
+    weight.view(panels, width, in_features).copy_(packed.permute(0, 2, 1))
+    return weight[:out_features]
 
 
 def wants_float32_for_many_rows(device: torch.device, dtype: torch.dtype) -> bool:
@@ -51,6 +102,8 @@ class PackedLinear(nn.Module):
         # The kernel takes float32 vectors; int8 weights carry their per-channel scales.
         self.bias = None if bias is None else _frozen(bias.detach().float().contiguous())
         self.scales = None if scales is None else _frozen(scales.detach().float().contiguous())
+        # bfloat16 and int8 weights on a CPU with AMX: prefill-sized products on oneDNN's tiles
+        self.amx_products = packed_weight.dtype in (torch.bfloat16, torch.int8) and amx_products_pay_off()
 
     @classmethod
     def from_module(cls, module: nn.Linear | Int8Linear, in_place: bool = False,
@@ -66,7 +119,22 @@ class PackedLinear(nn.Module):
         return cls(packed, module.out_features, module.bias, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx_products and x.numel() >= AMX_MIN_ROWS * self.in_features:
+            return self._amx_forward(x)
         return native.linear(x, self.packed_weight, self.out_features, self.bias, self.scales)
+
+    def _amx_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows (a prefill chunk) on a CPU with AMX: the weight unpacked for the call (no
+        second copy is kept: the model's memory stays one packed weight) and oneDNN's bf16 tile
+        product. Its inputs and outputs are rounded to bfloat16, as HF's bfloat16 models round
+        every product's; scales and bias are applied in float32 after it."""
+        weight = unpack_weight(self.packed_weight, self.out_features, torch.bfloat16)
+        out = F.linear(x.to(torch.bfloat16), weight).float()
+        if self.scales is not None:
+            out *= self.scales
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.packed_weight.dtype}"

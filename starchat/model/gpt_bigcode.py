@@ -33,6 +33,10 @@ def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor | None, norm: nn.Laye
 
 
 class Attention(nn.Module):
+    # Set by the loader: the dtype prompt chunks attend in where it differs from the activations'
+    # (bfloat16 on CPUs with AMX, whose bf16 attention runs about 2.8x float32's).
+    prefill_attention_dtype: torch.dtype | None = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads = config.n_head
@@ -50,7 +54,8 @@ class Attention(nn.Module):
         qkv = self.c_attn(hidden)  # (T, H*D + 2*KVH*D)
         query, key, value = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         attended = paged_attention(
-            query, key, value, layer_cache, metadata, self.num_heads, self.num_kv_heads, self.scale
+            query, key, value, layer_cache, metadata, self.num_heads, self.num_kv_heads, self.scale,
+            self.prefill_attention_dtype,
         )  # (T, H*D)
         return self.c_proj(attended)
 

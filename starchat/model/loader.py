@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from starchat.config import ModelConfig
-from starchat.model.gpt_bigcode import GPTBigCodeForCausalLM
+from starchat.model.gpt_bigcode import Attention, GPTBigCodeForCausalLM
 from starchat.model.cpu_decode import attach_fused_decode
 from starchat.model import native
 from starchat.model.cpu_linear import compute_in_float32, prepare_cpu_linears
@@ -240,6 +240,11 @@ def load_model(
         prepare_cpu_linears(model)
         if native.available():
             compute_in_float32(model)
+            if any(getattr(module, "amx_products", False) for module in model.modules()):
+                # Products of prompt chunks run on AMX tiles in bfloat16 (cpu_linear.py): so does their attention.
+                for module in model.modules():
+                    if isinstance(module, Attention):
+                        module.prefill_attention_dtype = torch.bfloat16
         attach_fused_decode(model)
     model.eval()
     return model
