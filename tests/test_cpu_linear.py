@@ -224,3 +224,28 @@ def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkey
     # every layer for each prompt's logits, and every layer but the lm_head (the prompts' last
     # rows only) in generate's prefill steps
     assert len(calls) >= len(layers) * len(long_prompts) + len(layers) - 1
+
+
+@needs_kernels
+def test_large_decode_batches_leave_the_native_step_for_amx_products(tiny_model_dir, monkeypatch):
+    """With AMX products, decode steps of AMX_MIN_ROWS rows or more run the module path (whose
+    products of that size go to the tiles); smaller ones keep the one-call native step."""
+    from starchat.model import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "amx_products_pay_off", lambda: True)
+    llm = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False, max_num_seqs=80)
+    runner = llm.engine.runner
+    assert runner.amx_decode_rows == cpu_linear.AMX_MIN_ROWS
+    fused_rows = []
+    step = runner.model.fused_decode.step
+    monkeypatch.setattr(runner.model.fused_decode, "step",
+                        lambda token_ids, *args: fused_rows.append(len(token_ids)) or step(token_ids, *args))
+    prompts = [f"# task {i}\ndef f_{i}(x):" for i in range(70)]
+    completions = llm.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert all(len(c.token_ids) == 5 for c in completions)
+    assert fused_rows == [] or max(fused_rows) < cpu_linear.AMX_MIN_ROWS
+    fused_rows.clear()
+    small = llm.generate(prompts[:3], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert fused_rows == [3] * 4 and all(len(c.token_ids) == 5 for c in small)
+    plain = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False)
+    assert plain.engine.runner.amx_decode_rows == float("inf") or cpu_linear.amx_products_pay_off()
