@@ -19,6 +19,20 @@ def completion_logprobs(tokens: list[TokenLogprob], offset: int, prompt: dict | 
     return out
 
 
+def echoed_prompt_logprobs(texts: list[str], scored: list[TokenLogprob | None]) -> dict:
+    """An echoed prompt's entries of completion logprobs: each prompt token's text (`texts`) and
+    its log-probability given the tokens before it (`scored`; None for the first, as OpenAI's)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for text, entry in zip(texts, scored):
+        out["text_offset"].append(offset)
+        offset += len(text)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(entry.logprob if entry else None)
+        out["top_logprobs"].append({text: entry.logprob, **{t: lp for _, t, lp in entry.top}} if entry else None)
+    return out
+
+
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
     """OpenAI's chat logprobs: each token with its bytes and its top alternatives."""
     def entry(text: str, logprob: float) -> dict:

@@ -66,6 +66,7 @@ class _InFlight:
     index: int  # which of the row's samples
     text_parts: list[str] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprobs, for rows that asked for them
+    prompt_logprobs: list | None = None  # the scored prompt's, for rows that echo it with logprobs
 
 
 def generate_rows(engine, source: TaskSource, *, max_in_flight: int, max_retries: int = 3,
@@ -124,11 +125,17 @@ def generate_rows(engine, source: TaskSource, *, max_in_flight: int, max_retries
                 new_tokens += len(delta.token_ids)
                 state.text_parts.append(delta.text)
                 state.logprobs += delta.logprobs or ()
+                if delta.prompt_logprobs is not None:
+                    state.prompt_logprobs = delta.prompt_logprobs
                 if delta.finished:
                     del in_flight[delta.request_id]
                     row = state.row
                     row.samples[state.index] = Sample("".join(state.text_parts), delta.finish_reason,
                                                       delta.num_generated_tokens, state.logprobs)
+                    if state.prompt_logprobs is not None:
+                        sample = row.samples[state.index]
+                        sample.prompt_logprobs = state.prompt_logprobs
+                        sample.prompt_texts = [engine.tokenizer.token_text(t) for t in row.prepared.prompt_token_ids]
                     if state.index == 0:
                         row.cached_tokens = delta.num_cached_tokens
                     if all(sample is not None for sample in row.samples):

@@ -48,6 +48,10 @@ class Sample:
     finish_reason: str | None
     completion_tokens: int
     logprobs: list[TokenLogprob]  # empty unless the row asked for them
+    # An echoed prompt scored (echo with logprobs): each prompt token's text, and its
+    # log-probability given the tokens before it (None for the first)
+    prompt_texts: list[str] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def prepare_request(engine, request: dict, job_parameters: dict | None = None) -> PreparedRequest:
@@ -120,17 +124,19 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
     params = SamplingParams(**values, stop=[stop] if isinstance(stop, str) else list(stop or []))
     model = body.get("model") or engine.model_name
     if url == COMPLETIONS_URL:
-        prompt = _completion_prompt(body.get("prompt"))
+        given = prompt = _completion_prompt(body.get("prompt"))
         if body.get("suffix"):
             if not isinstance(prompt, str) or not isinstance(body["suffix"], str):
                 raise RowRequestError("body.suffix", "needs a text prompt and a text suffix")
             prompt = fim_prompt(prompt, body["suffix"])
         params.max_new_tokens = 16 if max_tokens is None else max_tokens  # OpenAI's default for completions
+        if body.get("echo") and params.logprobs is not None:
+            params.prompt_logprobs = params.logprobs  # the echoed prompt is scored (evaluation harnesses)
         ids = engine.tokenize_prompt(prompt)
         _check_openai(engine, ids, params, body)
         prefix = ""
-        if body.get("echo"):
-            prefix = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
+        if body.get("echo"):  # the prompt as given (a fill-in-the-middle prompt's own text, not its markers)
+            prefix = given if isinstance(given, str) else engine.tokenizer.decode(ids)
         return PreparedRequest(ids, params, prefix, False, url, model, n=n)
     messages = body.get("messages")
     if isinstance(messages, list) and all(isinstance(message, dict) for message in messages):
@@ -161,8 +167,9 @@ def _samples(body: dict) -> int:
 def _refuse_unsupported(body: dict, url: str) -> None:
     if body.get("stream"):
         raise RowRequestError("body.stream", "batch lines cannot stream; leave stream out or false")
-    if url == COMPLETIONS_URL and body.get("echo") and body.get("logprobs") is not None:
-        raise RowRequestError("body.echo", "echo with logprobs (scoring the prompt) is not supported in batch lines")
+    if url == COMPLETIONS_URL and body.get("echo") and body.get("logprobs") is not None and body.get("suffix"):
+        raise RowRequestError("body.echo", "echo with logprobs scores the prompt as given; it cannot be combined "
+                                           "with suffix")
 
 
 def _logprobs(body: dict, url: str) -> int | None:
@@ -235,8 +242,21 @@ def _choice(prepared: PreparedRequest, sample: Sample) -> dict:
     if calls:  # the writer gives them ids derived from the row
         choice["tool_calls"], choice["finish_reason"] = [list(call) for call in calls], "tool_calls"
     if prepared.params.logprobs is not None:
-        choice["logprobs"] = [[t.token_id, t.token, t.logprob, [list(alt) for alt in t.top]] for t in sample.logprobs]
+        choice["logprobs"] = [_journaled(t) for t in sample.logprobs]
+    if sample.prompt_logprobs is not None:  # [text, [id, text, logprob, top] or None] per prompt token
+        choice["prompt_logprobs"] = [[text, _journaled(t) if t is not None else None]
+                                     for text, t in zip(sample.prompt_texts, sample.prompt_logprobs)]
+        choice["echo_chars"] = len(prepared.prefix)  # where the generated text's offsets start
     return choice
+
+
+def _journaled(token: TokenLogprob) -> list:
+    return [token.token_id, token.token, token.logprob, [list(alt) for alt in token.top]]
+
+
+def _restored(entry: list) -> TokenLogprob:
+    token_id, text, logprob, top = entry
+    return TokenLogprob(token_id, text, logprob, [tuple(alt) for alt in top])
 
 
 def record_choices(record: dict) -> list[dict]:
@@ -247,9 +267,15 @@ def record_choices(record: dict) -> list[dict]:
 def record_logprobs(choice: dict) -> list[TokenLogprob] | None:
     """The TokenLogprobs a success record's choice (record_choices) journaled, or None."""
     entries = choice.get("logprobs")
+    return None if entries is None else [_restored(entry) for entry in entries]
+
+
+def record_prompt_logprobs(choice: dict) -> tuple[list[str], list[TokenLogprob | None]] | None:
+    """An echoed, scored prompt's token texts and log-probabilities as a choice journaled them, or None."""
+    entries = choice.get("prompt_logprobs")
     if entries is None:
         return None
-    return [TokenLogprob(token_id, text, logprob, [tuple(alt) for alt in top]) for token_id, text, logprob, top in entries]
+    return [text for text, _ in entries], [_restored(entry) if entry is not None else None for _, entry in entries]
 
 
 def failure_record(task: dict, message: str, attempts: int, status_code: int = 400) -> dict:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterable
 
 from starchat.batch.journal import AtomicFile
-from starchat.batch.requests import CHAT_URL, record_choices, record_logprobs
-from starchat.openai_format import chat_logprobs, completion_logprobs
+from starchat.batch.requests import CHAT_URL, record_choices, record_logprobs, record_prompt_logprobs
+from starchat.openai_format import chat_logprobs, completion_logprobs, echoed_prompt_logprobs
 from starchat.tool_calls import tool_call
 
 OUTPUT_FORMATS = ("azureml", "openai", "jsonl")
@@ -140,9 +140,10 @@ def _chat_choice(index: int, choice: dict, id_seed: str) -> dict:
 
 def _completion_choice(index: int, choice: dict, id_seed: str) -> dict:
     logprobs = record_logprobs(choice)
-    # (rows with logprobs echo nothing: the text starts at offset 0)
+    scored_prompt = record_prompt_logprobs(choice)  # an echo with logprobs: the prompt's entries first
+    prompt = echoed_prompt_logprobs(*scored_prompt) if scored_prompt is not None else None
     return {"index": index, "text": choice["prediction"],
-            "logprobs": completion_logprobs(logprobs, 0) if logprobs is not None else None,
+            "logprobs": completion_logprobs(logprobs, choice.get("echo_chars", 0), prompt) if logprobs is not None else None,
             "finish_reason": choice["finish_reason"]}
 
 

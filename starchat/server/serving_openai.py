@@ -16,7 +16,7 @@ from starchat.sampling_params import GuidedDecoding, SamplingParams, SamplingPar
 from starchat.server.errors import ApiError, bad_request, error_body
 from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields, template_messages
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
-from starchat.openai_format import chat_logprobs, completion_logprobs
+from starchat.openai_format import chat_logprobs, completion_logprobs, echoed_prompt_logprobs
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
 from starchat.tool_calls import ToolCalling, add_system_note, tool_call, tool_calling_from_openai
 from starchat.server.streaming import EventStreamResponse, merge_streams
@@ -136,16 +136,7 @@ def _stream_error(error: Exception, ctx: ServingContext) -> str:
 def _prompt_logprobs(ctx: ServingContext, prompt_token_ids: list[int], scored: list[TokenLogprob | None]) -> dict:
     """The prompt's tokens as echoed: the first has no log-probability (None), as OpenAI's."""
     token_text = ctx.ready_engine().tokenizer.token_text
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
-    for token_id, entry in zip(prompt_token_ids, scored):
-        text = token_text(token_id)
-        out["text_offset"].append(offset)
-        offset += len(text)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(entry.logprob if entry else None)
-        out["top_logprobs"].append({text: entry.logprob, **{t: lp for _, t, lp in entry.top}} if entry else None)
-    return out
+    return echoed_prompt_logprobs([token_text(token_id) for token_id in prompt_token_ids], scored)
 
 
 async def completions(ctx: ServingContext, body: CompletionRequest, request: Request):

@@ -72,6 +72,9 @@ def openai_lines() -> list[dict]:
                                            "n": 3, "logprobs": 1}),
         line("chat-n", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "n": 2}),
         line("bad-best-of", "/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}),
+        line("echo-scored", "/v1/completions", {"prompt": "def add(a, b):\n    return", "max_tokens": 3,
+                                                "temperature": 0, "echo": True, "logprobs": 1}),
+        line("bad-echo-suffix", "/v1/completions", {"prompt": "x", "suffix": "y", "echo": True, "logprobs": 0}),
     ]
 
 
@@ -80,11 +83,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 16, 6)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 17, 7)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 22
+    assert len({line["id"] for line in output}) == 24
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -161,7 +164,28 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     assert bad["response"]["status_code"] == 400 and "body.n" in bad["response"]["body"]["error"]["message"]
     assert "body.n" in BatchError.model_validate(bad["error"]).message
     failed = [json.loads(line)["custom_id"] for line in (tmp_path / "out" / "errors.jsonl").open()]
-    assert failed == ["bad-n", "bad-bias", "bad-regex", "bad-top", "bad-auto", "bad-best-of"]
+    assert failed == ["bad-n", "bad-bias", "bad-regex", "bad-top", "bad-auto", "bad-best-of", "bad-echo-suffix"]
+
+    # Echo with logprobs scores the prompt (what evaluation harnesses send): the prompt's tokens
+    # first, the first without a log-probability, each scored as the engine scores it; then the
+    # generated tokens, their offsets after the echo.
+    prompt = "def add(a, b):\n    return"
+    # (read as JSON: the openai package's Completion type has no None for the first token's
+    # log-probability, which OpenAI's API returns as null)
+    scored = by_id["echo-scored"]["response"]["body"]["choices"][0]
+    logprobs = scored["logprobs"]
+    params = greedy(3)
+    params.logprobs, params.prompt_logprobs = 1, 1
+    expected = reference.generate([prompt], params)[0]
+    count = len(expected.prompt_logprobs)
+    assert scored["text"] == prompt + expected.text and "".join(logprobs["tokens"]) == scored["text"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1:] == pytest.approx(
+        [e.logprob for e in expected.prompt_logprobs[1:]] + [t.logprob for t in expected.logprobs], abs=1e-4)
+    assert logprobs["text_offset"] == [len("".join(logprobs["tokens"][:i])) for i in range(count + 3)]
+    assert logprobs["text_offset"][count] == len(prompt)
+    assert all(len(top) >= 1 for top in logprobs["top_logprobs"][1:])
+    assert "body.echo" in by_id["bad-echo-suffix"]["response"]["body"]["error"]["message"]
 
     # n samples per line: each a choice (sample i seeded seed + i, so they differ), each with its
     # own log-probabilities; usage counts them all; greedy samples are all the greedy text.
