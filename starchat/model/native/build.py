@@ -100,6 +100,7 @@ def load() -> ctypes.CDLL | None:
         logger.warning("CPU kernels at %s have another ABI; using PyTorch's (delete the file to rebuild)", target)
         return None
     library.starchat_linear_has_avx2.restype = ctypes.c_int
+    library.starchat_linear_has_avx512.restype = ctypes.c_int
     library.starchat_linear.restype = ctypes.c_int
     library.starchat_linear.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
