@@ -76,11 +76,10 @@ class ToolCalling:
             value = json.loads(text)
         except ValueError:
             return None
-        if self.forced is not None:
-            pairs = [(self.forced, value)] if isinstance(value, dict) else []
-        else:
-            pairs = [(item.get("name"), item.get("arguments")) for item in value if isinstance(item, dict)] \
-                if isinstance(value, list) else []
+        if self.forced is not None:  # the text itself, as a stream of it sends it
+            return [(self.forced, text.strip())] if isinstance(value, dict) else None
+        pairs = [(item.get("name"), item.get("arguments")) for item in value if isinstance(item, dict)] \
+            if isinstance(value, list) else []
         if not pairs or any(not isinstance(arguments, dict) for _, arguments in pairs):
             return None
         return [(name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in pairs]
@@ -89,10 +88,13 @@ class ToolCalling:
         return next(tool for tool in self.tools if tool.name == name)
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def tool_call(name: str, arguments: str, call_id: str | None = None) -> dict:
     """One call in OpenAI's shape; a fresh id unless given."""
-    return {"id": call_id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+    return {"id": call_id or new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def tool_calling_from_openai(body: dict) -> ToolCalling | None:

@@ -57,7 +57,7 @@ def test_replies_parse_into_calls_unless_incomplete():
     assert required.parse('[{"name":"add","arguments":{"a":1,') is None  # cut short by max_tokens
     assert required.parse("[]") is None
     named = tool_calling_from_openai({"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "add"}}})
-    assert named.parse('{"a": 1, "b": 2}') == [("add", '{"a": 1, "b": 2}')]
+    assert named.parse(' {"a": 1, "b": 2}') == [("add", '{"a": 1, "b": 2}')]  # the text itself
     assert named.parse("[1]") is None
 
 

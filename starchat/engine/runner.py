@@ -153,7 +153,7 @@ class ModelRunner:
             # Decodes and speculative decodes only, on a GPU: replayed as a CUDA graph when its
             # shape is captured.
             token_ids, positions, block_tables = decode_rows(batch)
-            if self.decode_graphs.supports(len(token_ids), max(positions) + 1):
+            if token_ids and self.decode_graphs.supports(len(token_ids), max(positions) + 1):
                 logits = self.decode_graphs.run(token_ids, positions, block_tables,
                                                 rows_share_sequences=bool(batch.speculative))
                 return self._decode_step(batch, logits, None)

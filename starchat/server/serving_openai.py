@@ -18,7 +18,7 @@ from starchat.server.protocol_openai import ChatCompletionRequest, CompletionReq
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
 from starchat.openai_format import chat_logprobs, completion_logprobs, echoed_prompt_logprobs
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
-from starchat.tool_calls import ToolCalling, add_system_note, tool_call, tool_calling_from_openai
+from starchat.tool_calls import ToolCalling, add_system_note, new_call_id, tool_call, tool_calling_from_openai
 from starchat.server.streaming import EventStreamResponse, merge_streams
 
 logger = logging.getLogger("starchat.server")
@@ -359,9 +359,8 @@ class _StreamedReply:
             message = {}
             if text:
                 call = {"index": 0, "function": {"arguments": text}}
-                if not self.started:
-                    header = tool_call(self.tools.forced, "")
-                    call = {"index": 0, "id": header["id"], "type": "function",
+                if not self.started:  # the first delta names the call
+                    call = {"index": 0, "id": new_call_id(), "type": "function",
                             "function": {"name": self.tools.forced, "arguments": text}}
                     self.started = True
                 message = {"tool_calls": [call]}
