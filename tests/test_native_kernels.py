@@ -240,3 +240,33 @@ def test_portable_path_without_avx2(tmp_path, monkeypatch):
         assert (out.double() - expected).abs().max() < 1e-2
     finally:
         build.load.cache_clear()
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler")
+@pytest.mark.parametrize("tanh", [True, False])
+def test_gelu_in_place_matches_float64(tanh):
+    """The module path's GELU on a CPU (cpu_linear.native_tanh_gelu; the decode step's arithmetic),
+    over a count that is neither a multiple of 8 nor of the 512-value chunks, far into both tails."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 1001, generator=generator) * 4
+    x[0, :6] = torch.tensor([-30.0, -9.0, -1e-3, 0.0, 9.0, 30.0])
+    expected = torch.nn.functional.gelu(x.double(), approximate="tanh" if tanh else "none")
+    out = native.gelu_(x, tanh)
+    assert out.data_ptr() == x.data_ptr()
+    assert (out.double() - expected).abs().max() < 2e-6
+    with pytest.raises(ValueError):
+        native.gelu_(torch.zeros(4, dtype=torch.float16), tanh)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler")
+def test_packed_models_take_the_native_tanh_gelu(tiny_model_dir, tiny_mha_model_dir):
+    from starchat import LLM
+    from starchat.model.cpu_linear import native_tanh_gelu
+    from starchat.model.gpt_bigcode import MLP
+
+    tanh_mlps = [m for m in LLM(str(tiny_model_dir), dtype="float32", progress=False).engine.runner.model.modules()
+                 if isinstance(m, MLP)]
+    assert tanh_mlps and all(m.act is native_tanh_gelu for m in tanh_mlps)
+    exact_mlps = [m for m in LLM(str(tiny_mha_model_dir), dtype="float32", progress=False).engine.runner.model.modules()
+                  if isinstance(m, MLP)]
+    assert exact_mlps and all(m.act is not native_tanh_gelu for m in exact_mlps)  # the exact GELU: PyTorch's

@@ -90,6 +90,16 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     return out
 
 
+def gelu_(x: torch.Tensor, tanh_approximation: bool) -> torch.Tensor:
+    """x = gelu(x) in place (tanh approximation or exact), for a contiguous float32 CPU tensor: the
+    arithmetic of the decode step's GELU (vectorised tanh: PyTorch's float32 GELU took 1.5 ms for
+    512 x 3,072 values on a 2-core Xeon). Requires `available()`."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+        raise ValueError(f"native gelu: needs a contiguous float32 CPU tensor, got {x.dtype} on {x.device}")
+    load().starchat_gelu(x.data_ptr(), x.numel(), int(tanh_approximation), torch.get_num_threads())
+    return x
+
+
 CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 

@@ -108,6 +108,15 @@ static void gelu_rows(float *x, long count, int tanh_approximation) {
     }
 }
 
+/* x = gelu(x) in place for `count` float32 values on `threads` threads: the module path's GELU on
+ * a CPU (prompt chunks), the same arithmetic as the decode step's. */
+int starchat_gelu(float *x, long count, int tanh_approximation, int threads) {
+    if (count <= 0) return 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    gelu_rows(x, count, tanh_approximation);
+    return 0;
+}
+
 static void product(const float *x, long rows, const Linear *layer, float *y, long n, long k) {
     Output out = {y, W_F32, n, layer->scales, layer->bias};
     starchat_linear_columns(x, rows, layer->weight, layer->wtype, &out, n, k);
