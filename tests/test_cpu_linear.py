@@ -228,14 +228,15 @@ def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkey
 
 @needs_kernels
 def test_large_decode_batches_leave_the_native_step_for_amx_products(tiny_model_dir, monkeypatch):
-    """With AMX products, decode steps of AMX_MIN_ROWS rows or more run the module path (whose
+    """With AMX products, decode steps of AMX_DECODE_ROWS rows or more run the module path (whose
     products of that size go to the tiles); smaller ones keep the one-call native step."""
     from starchat.model import cpu_linear
 
     monkeypatch.setattr(cpu_linear, "amx_products_pay_off", lambda: True)
     llm = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False, max_num_seqs=80)
     runner = llm.engine.runner
-    assert runner.amx_decode_rows == cpu_linear.AMX_MIN_ROWS
+    assert runner.amx_decode_rows == cpu_linear.AMX_DECODE_ROWS
+    runner.amx_decode_rows = 64  # (a smaller batch than the default threshold, for a quicker test)
     fused_rows = []
     step = runner.model.fused_decode.step
     monkeypatch.setattr(runner.model.fused_decode, "step",
@@ -243,7 +244,7 @@ def test_large_decode_batches_leave_the_native_step_for_amx_products(tiny_model_
     prompts = [f"# task {i}\ndef f_{i}(x):" for i in range(70)]
     completions = llm.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert all(len(c.token_ids) == 5 for c in completions)
-    assert fused_rows == [] or max(fused_rows) < cpu_linear.AMX_MIN_ROWS
+    assert fused_rows == [] or max(fused_rows) < 64
     fused_rows.clear()
     small = llm.generate(prompts[:3], SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert fused_rows == [3] * 4 and all(len(c.token_ids) == 5 for c in small)

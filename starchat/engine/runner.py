@@ -13,7 +13,7 @@ from starchat.engine.request import Request
 from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput
 from starchat.engine.scheduler import ScheduledBatch
 from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention, triton_support
-from starchat.model.cpu_linear import AMX_MIN_ROWS
+from starchat.model.cpu_linear import AMX_DECODE_ROWS
 from starchat.model.tuned_linear import fuse_gelu_into_products, tune_decode_products
 
 
@@ -53,11 +53,12 @@ class ModelRunner:
         self.decode_products = tune_decode_products(model, dtype) if fast_gpu and triton_support.runs_on(device) else []
         self.decode_graphs: DecodeGraphs | None = None
         # On a CPU whose AMX products pay off (cpu_linear.py), decode steps of this many rows and
-        # more leave the one-call native step for the module path, whose products of that size
-        # run on AMX tiles (measured on a 2-core Xeon, tiny_starcoder bf16: 64 sequences 439
-        # against 384 output tokens/s, 128 sequences 610 against 452; at 32, 307 against 338).
+        # more leave the one-call native step for the module path, whose products run on AMX
+        # tiles (measured on a 2-core Xeon, tiny_starcoder bf16, 32-token prompts, 32 new tokens:
+        # 128 sequences 676-689 against 560-572 output tokens/s; 64 sequences 495-498 against
+        # 519-530, the native step's AVX-512 tiles being faster there).
         amx = any(getattr(module, "amx_products", False) for module in model.modules())
-        self.amx_decode_rows = AMX_MIN_ROWS if amx else float("inf")
+        self.amx_decode_rows = AMX_DECODE_ROWS if amx else float("inf")
 
     def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:
         """Run pure-decode steps through fixed-shape buffers, replayed as CUDA graphs when `capture`."""

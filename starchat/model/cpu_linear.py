@@ -36,6 +36,8 @@ ROWS_FOR_FLOAT32 = 8  # measured: from 8 rows, widening 16-bit weights to float3
 # 3072) took 0.68 ms at 64 rows against the native kernel's 1.54 (unpacking 0.33 of it), 0.87
 # against 2.95 at 128 and 1.28 against 12.1 at 512; at 16 rows the native kernel still won.
 AMX_MIN_ROWS = 64
+# Decode steps leave the one-call native step for AMX products from this many rows (engine/runner.py).
+AMX_DECODE_ROWS = 128
 
 
 def _cpu_feature(name: str) -> bool:
