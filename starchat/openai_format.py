@@ -33,6 +33,15 @@ def echoed_prompt_logprobs(texts: list[str], scored: list[TokenLogprob | None]) 
     return out
 
 
+def best_of_order(candidates: list[list[TokenLogprob]]) -> list[int]:
+    """Indices of `candidates` (each one's tokens with their log-probabilities), best first by
+    OpenAI's best_of rule: the highest log-probability per token; equals keep their order."""
+    def score(tokens: list[TokenLogprob]) -> float:
+        return sum(t.logprob for t in tokens) / len(tokens) if tokens else float("-inf")
+
+    return sorted(range(len(candidates)), key=lambda i: -score(candidates[i]))
+
+
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
     """OpenAI's chat logprobs: each token with its bytes and its top alternatives."""
     def entry(text: str, logprob: float) -> dict:

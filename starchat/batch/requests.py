@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from starchat.azureml_params import merge_azureml_parameters, sampling_params_from_azureml
 from starchat.chat_template import fim_prompt
 from starchat.errors import FieldError
+from starchat.openai_format import best_of_order
 from starchat.outputs import TokenLogprob
 from starchat.sampling_params import SamplingParams, SamplingParamsError
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
@@ -37,7 +38,9 @@ class PreparedRequest:
     url: str  # the OpenAI endpoint whose response shape this row gets
     model: str
     tools: ToolCalling | None = None  # an OpenAI chat line whose reply must be tool calls
-    n: int = 1  # samples of the prompt (OpenAI lines' n), run as n requests
+    n: int = 1  # samples of the prompt (OpenAI lines' n, or best_of candidates), run as n requests
+    keep: int | None = None  # with best_of > n: how many of the samples to return, the best first
+    report_logprobs: bool = True  # False: logprobs computed only to rank best_of candidates
 
 
 @dataclass
@@ -95,7 +98,7 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
     if unknown:
         raise RowRequestError(f"body.{unknown[0]}", f"unknown field for {url}")
     _refuse_unsupported(body, url)
-    n = _samples(body)
+    n, best_of = _samples(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     temperature = body.get("temperature", 1.0)
     values = dict(temperature=temperature if temperature is not None else 1.0,
@@ -120,6 +123,9 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
                                                           "constrains it already; leave this out or set tool_choice 'none'")
         values["guided"] = tools.guided()
     values["logprobs"] = _logprobs(body, url)
+    reported = values["logprobs"] is not None
+    if best_of > n and not reported:
+        values["logprobs"] = 0  # the candidates are ranked on their tokens' log-probabilities
     stop = body.get("stop")
     params = SamplingParams(**values, stop=[stop] if isinstance(stop, str) else list(stop or []))
     model = body.get("model") or engine.model_name
@@ -130,14 +136,15 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
                 raise RowRequestError("body.suffix", "needs a text prompt and a text suffix")
             prompt = fim_prompt(prompt, body["suffix"])
         params.max_new_tokens = 16 if max_tokens is None else max_tokens  # OpenAI's default for completions
-        if body.get("echo") and params.logprobs is not None:
+        if body.get("echo") and reported:
             params.prompt_logprobs = params.logprobs  # the echoed prompt is scored (evaluation harnesses)
         ids = engine.tokenize_prompt(prompt)
         _check_openai(engine, ids, params, body)
         prefix = ""
         if body.get("echo"):  # the prompt as given (a fill-in-the-middle prompt's own text, not its markers)
             prefix = given if isinstance(given, str) else engine.tokenizer.decode(ids)
-        return PreparedRequest(ids, params, prefix, False, url, model, n=n)
+        return PreparedRequest(ids, params, prefix, False, url, model, n=best_of, keep=n if best_of > n else None,
+                               report_logprobs=reported)
     messages = body.get("messages")
     if isinstance(messages, list) and all(isinstance(message, dict) for message in messages):
         messages = render_tool_turns(messages)  # (anything else: chat_request says what is wrong)
@@ -148,20 +155,22 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
     # Chat's default is "as long as the context allows" (what vLLM does).
     params.max_new_tokens = max(1, engine.max_model_len - len(ids)) if max_tokens is None else max_tokens
     _check_openai(engine, ids, params, body, tools)
-    return PreparedRequest(ids, params, "", True, url, model, tools, n)
+    return PreparedRequest(ids, params, "", True, url, model, tools, n)  # (best_of is a completions field)
 
 
-def _samples(body: dict) -> int:
+def _samples(body: dict) -> tuple[int, int]:
+    """(n, best_of): the samples returned and the candidates generated for them."""
     n = body.get("n", 1)
     if n is None:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES_PER_LINE:
         raise RowRequestError("body.n", f"must be an integer in 1..{MAX_SAMPLES_PER_LINE}")
     best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
-        raise RowRequestError("body.best_of", "ranking candidates is not supported in batch lines; leave best_of out "
-                                              "or equal to n (every sample is returned)")
-    return n
+    if best_of is None:
+        return n, n
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or not n <= best_of <= MAX_SAMPLES_PER_LINE:
+        raise RowRequestError("body.best_of", f"must be an integer from n ({n}) to {MAX_SAMPLES_PER_LINE}")
+    return n, best_of
 
 
 def _refuse_unsupported(body: dict, url: str) -> None:
@@ -219,12 +228,15 @@ def _check_openai(engine, ids: list[int], params: SamplingParams, body: dict, to
 
 def success_record(task: dict, prepared: PreparedRequest, samples: list[Sample], attempts: int,
                    cached_tokens: int = 0) -> dict:
-    """`samples`: the row's n samples, in order; `cached_tokens`: prompt tokens the first took
-    from the engine's prefix cache. The record's top-level prediction, finish reason, tool calls
+    """`samples`: the row's samples (its n, or its best_of candidates), in order; `cached_tokens`:
+    prompt tokens the first took from the engine's prefix cache. The record's top-level prediction, finish reason, tool calls
     and logprobs are the first sample's; a row of several samples lists every one in `choices`.
     Logprobs (rows that asked) are journaled as [id, text, logprob, [[id, text, logprob]]], tool
     calls as [name, arguments]."""
-    choices = [_choice(prepared, sample) for sample in samples]
+    kept = samples
+    if prepared.keep is not None:  # best_of: the best `keep` candidates; usage counts them all
+        kept = [samples[i] for i in best_of_order([sample.logprobs for sample in samples])[:prepared.keep]]
+    choices = [_choice(prepared, sample) for sample in kept]
     record = {**_record_head(task), "ok": True, **choices[0],
               "prompt_tokens": len(prepared.prompt_token_ids),
               "completion_tokens": sum(sample.completion_tokens for sample in samples),
@@ -241,7 +253,7 @@ def _choice(prepared: PreparedRequest, sample: Sample) -> dict:
     calls = prepared.tools.parse(reply) if prepared.tools is not None and sample.finish_reason == "stop" else None
     if calls:  # the writer gives them ids derived from the row
         choice["tool_calls"], choice["finish_reason"] = [list(call) for call in calls], "tool_calls"
-    if prepared.params.logprobs is not None:
+    if prepared.params.logprobs is not None and prepared.report_logprobs:
         choice["logprobs"] = [_journaled(t) for t in sample.logprobs]
     if sample.prompt_logprobs is not None:  # [text, [id, text, logprob, top] or None] per prompt token
         choice["prompt_logprobs"] = [[text, _journaled(t) if t is not None else None]

@@ -16,7 +16,7 @@ from starchat.sampling_params import GuidedDecoding, SamplingParams, SamplingPar
 from starchat.server.errors import ApiError, bad_request, error_body
 from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields, template_messages
 from starchat.server.serving import FieldNames, Generated, Prepared, RequestTimeout, ServingContext
-from starchat.openai_format import chat_logprobs, completion_logprobs, echoed_prompt_logprobs
+from starchat.openai_format import best_of_order, chat_logprobs, completion_logprobs, echoed_prompt_logprobs
 from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
 from starchat.tool_calls import ToolCalling, add_system_note, new_call_id, tool_call, tool_calling_from_openai
 from starchat.server.streaming import EventStreamResponse, merge_streams
@@ -101,13 +101,12 @@ def _fan_out(job: Prepared, n: int) -> list[Prepared]:
 def _best(results: list[Generated], best_of: int, n: int) -> list[int]:
     """Indices of the n best of each prompt's best_of candidates (consecutive in `results`), by
     OpenAI's rule: the highest log-probability per token; the order of sampling among equals."""
-    def score(result: Generated) -> float:
-        return sum(t.logprob for t in result.logprobs) / len(result.logprobs) if result.logprobs else float("-inf")
-
     picked = []
     for first in range(0, len(results), best_of):
-        candidates = range(first, first + best_of)
-        picked += sorted(candidates, key=lambda i: -score(results[i]))[:n] if best_of > n else list(candidates)
+        if best_of == n:
+            picked += range(first, first + n)
+        else:
+            picked += [first + i for i in best_of_order([r.logprobs for r in results[first:first + best_of]])[:n]]
     return picked
 
 

@@ -71,7 +71,9 @@ def openai_lines() -> list[dict]:
         line("cmpl-n", "/v1/completions", {"prompt": "def f(x):", "max_tokens": 6, "temperature": 1.0, "seed": 11,
                                            "n": 3, "logprobs": 1}),
         line("chat-n", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "n": 2}),
-        line("bad-best-of", "/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}),
+        line("bad-best-of", "/v1/completions", {"prompt": "x", "n": 2, "best_of": 1}),
+        line("best-of", "/v1/completions", {"prompt": "def f(x):", "max_tokens": 5, "temperature": 1.0, "seed": 3,
+                                            "n": 2, "best_of": 4}),
         line("echo-scored", "/v1/completions", {"prompt": "def add(a, b):\n    return", "max_tokens": 3,
                                                 "temperature": 0, "echo": True, "logprobs": 1}),
         line("bad-echo-suffix", "/v1/completions", {"prompt": "x", "suffix": "y", "echo": True, "logprobs": 0}),
@@ -83,11 +85,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 17, 7)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 18, 7)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 24
+    assert len({line["id"] for line in output}) == 25
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -198,6 +200,9 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     chats = ChatCompletion.model_validate(by_id["chat-n"]["response"]["body"])
     assert [choice.message.content for choice in chats.choices] == [reference.chat(MESSAGES, greedy(6)).text] * 2
     assert "body.best_of" in by_id["bad-best-of"]["response"]["body"]["error"]["message"]
+    best = Completion.model_validate(by_id["best-of"]["response"]["body"])
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert best.usage.completion_tokens == 4 * 5  # every candidate counts
 
 
 def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):
@@ -216,3 +221,28 @@ def test_openai_lines_of_several_samples_in_jsonl_output(tmp_path, engine, refer
     expected = reference.generate(["def f(x):"], greedy(4))[0].text
     assert line["predictions"] == [expected, expected] and line["prediction"] == expected
     assert line["completion_tokens"] == 8
+
+
+def test_best_of_keeps_the_candidates_with_the_highest_logprob_per_token():
+    """The ranking of success_record: the best `n` of the candidates by mean log-probability per
+    token (not the sum: the longer candidate with the lower sum wins), best first, equals in
+    sampling order; logprobs computed only to rank are not reported."""
+    from starchat.batch.requests import PreparedRequest, Sample, success_record
+    from starchat.outputs import TokenLogprob
+    from starchat.sampling_params import SamplingParams
+
+    def sample(text, *logprobs):
+        return Sample(text, "length", len(logprobs), [TokenLogprob(0, "t", lp) for lp in logprobs])
+
+    candidates = [sample("a", -3.0), sample("b", -1.0, -1.0, -1.0, -1.0), sample("c", -2.0, -2.0), sample("d", -1.0),
+                  sample("e", -0.5, -1.5)]
+    prepared = PreparedRequest([1, 2], SamplingParams(logprobs=0), "", False, "/v1/completions", "m", n=5, keep=2,
+                               report_logprobs=False)
+    task = {"k": [0, 0], "file": "f", "row": 0}
+    record = success_record(task, prepared, candidates, attempts=1)
+    assert [choice["prediction"] for choice in record["choices"]] == ["b", "d"]
+    assert record["completion_tokens"] == 10 and "logprobs" not in record["choices"][0]
+    prepared.keep = 4
+    record = success_record(task, prepared, candidates, attempts=1)
+    assert [choice["prediction"] for choice in record["choices"]] == ["b", "d", "e", "c"]
+
