@@ -228,9 +228,11 @@ def compute_in_float32(model: nn.Module) -> None:
     embeddings stay as stored and are promoted when the positions are added. MLPs with the tanh
     GELU apply the native kernel's (`native_tanh_gelu`), as the decode step does.
     """
+    from starchat.model.gpt_bigcode import MLP
+
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             module.float()
-        if getattr(module, "gelu_tanh", False) and hasattr(module, "act"):  # an MLP with the tanh GELU
+        if isinstance(module, MLP) and module.gelu_tanh:
             module.act = native_tanh_gelu
     model.transformer.wpe.float()
