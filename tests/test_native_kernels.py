@@ -62,6 +62,17 @@ def test_one_row_product_matches_float64_reference(weight_dtype):
         assert error < ACTIVATION_TOLERANCE[torch.float32], (out_features, in_features, float(error))
 
 
+def test_one_row_bfloat16_product_equals_the_float32_one_bit_for_bit():
+    # bfloat16 panels are widened in even and odd columns (no shuffles) and put back in column
+    # order at the end: the same sums in the same order as over the same weights in float32.
+    generator = torch.Generator().manual_seed(5)
+    for out_features, in_features in ((16, 3), (37, 771), (64, 3072)):
+        x = torch.randn(1, in_features, generator=generator)
+        weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+        bias = torch.randn(out_features, generator=generator)
+        assert torch.equal(_product(x, weight, bias), _product(x, weight.float(), bias)), (out_features, in_features)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_output_rounding_is_bit_exact(dtype):
     # y = x * s on a diagonal weight: one float32 product per output, rounded to 16 bits by the

@@ -5,6 +5,11 @@ Setup, once (it is not a dependency of starchat):
     pip download llama-cpp-python --no-binary :all: --no-deps       # its source archive carries
     # vendor/llama.cpp/convert_hf_to_gguf.py (with conversion/ and gguf-py/ beside it)
 
+On a CPU with AMX, 0.3.36's AMX int8 path crashed decoding q8_0 models (a segmentation fault in
+llama_decode, on a 2-core Xeon VM); building without it runs them, and its 16-bit code is the same:
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+        -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" pip install llama-cpp-python
+
 The checkpoint is converted from its Hugging Face folder to GGUF at the asked type (f32, f16,
 bf16, q8_0), then decoded greedily with the same prompts as our engine: batch-1 ms/token over
 the new tokens after the first, time to first token of a long prompt, and output tokens/s of N

@@ -91,6 +91,17 @@ static inline __attribute__((always_inline)) void load_panel_row(const void *pan
     }
 }
 
+/* A bfloat16 panel row as float32 without widening shuffles: one load, the even columns (low
+ * halves of each 32-bit pair) shifted up, the odd ones masked, so `even` holds columns 0, 2, ...,
+ * 14 and `odd` 1, 3, ..., 15. For the one-row product, whose stream of two shuffles and two
+ * shifts per row kept bfloat16 at about 80% of float16's rate where both are bound by memory. */
+static inline __attribute__((always_inline)) void load_bf16_row_even_odd(const void *panel, long j, __m256 *even,
+                                                                            __m256 *odd) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + j * PANEL));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
 /* tile[r][c] = sum_j x[r * ldx + j] * panel(j, c) for r < ROWS. Inlined with constant ROWS and
  * wtype, so the accumulators live in registers and the type switch folds away. The k loop is
  * unrolled four times by the compiler (measured: 1.6x the plain loop's FLOP/s, which spent its
@@ -107,14 +118,20 @@ static inline __attribute__((always_inline)) void one_row_product(const float *x
     for (; j + ONE_ROW_CHAINS <= k; j += ONE_ROW_CHAINS) {
         for (int u = 0; u < ONE_ROW_CHAINS; u++) {
             if ((j + u) % steps_per_line == 0) _mm_prefetch(ahead + (j + u) * row_bytes, _MM_HINT_T0);
-            load_panel_row(panel, wtype, j + u, &w0, &w1);
+            if (wtype == W_BF16)
+                load_bf16_row_even_odd(panel, j + u, &w0, &w1);
+            else
+                load_panel_row(panel, wtype, j + u, &w0, &w1);
             __m256 xv = _mm256_broadcast_ss(x + j + u);
             low[u] = _mm256_fmadd_ps(w0, xv, low[u]);
             high[u] = _mm256_fmadd_ps(w1, xv, high[u]);
         }
     }
     for (; j < k; j++) {
-        load_panel_row(panel, wtype, j, &w0, &w1);
+        if (wtype == W_BF16)
+            load_bf16_row_even_odd(panel, j, &w0, &w1);
+        else
+            load_panel_row(panel, wtype, j, &w0, &w1);
         __m256 xv = _mm256_broadcast_ss(x + j);
         low[0] = _mm256_fmadd_ps(w0, xv, low[0]);
         high[0] = _mm256_fmadd_ps(w1, xv, high[0]);
@@ -122,6 +139,11 @@ static inline __attribute__((always_inline)) void one_row_product(const float *x
     for (int u = 1; u < ONE_ROW_CHAINS; u++) {
         low[0] = _mm256_add_ps(low[0], low[u]);
         high[0] = _mm256_add_ps(high[0], high[u]);
+    }
+    if (wtype == W_BF16) { /* back to column order: low holds columns 0, 2, ..., 14, high 1, 3, ..., 15 */
+        const __m256 first = _mm256_unpacklo_ps(low[0], high[0]), second = _mm256_unpackhi_ps(low[0], high[0]);
+        low[0] = _mm256_permute2f128_ps(first, second, 0x20);
+        high[0] = _mm256_permute2f128_ps(first, second, 0x31);
     }
     _mm256_storeu_ps(tile[0], low[0]);
     _mm256_storeu_ps(tile[0] + 8, high[0]);
