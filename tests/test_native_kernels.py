@@ -200,15 +200,15 @@ def test_fallbacks_without_compiler_or_when_disabled(tmp_path, monkeypatch, capl
 
 
 def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypatch):
-    """On a CPU with AVX-512 the many-row tiles are 16 wide: the same per-element sums in the same
-    order as the 8-wide AVX2 tiles, so the same bits (built both ways here)."""
+    """On a CPU with AVX-512 the many-row tiles (and int8's one-row product) are 16 wide: the same
+    per-element sums in the same order as the 8-wide AVX2 code, so the same bits (built both ways here)."""
     library = build.load()
     if library is None or not library.starchat_linear_has_avx512():
         pytest.skip("this CPU (or compiler) has no AVX-512: only the AVX2 tiles exist here")
     generator = torch.Generator().manual_seed(4)
     cases = []
     for weight_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
-        for rows in (2, 7, 8, 12, 13, 40, 150):  # every tile height of both builds, blocks of rows
+        for rows in (1, 2, 7, 8, 12, 13, 40, 150):  # one row (int8: 16 wide), every tile height, blocks
             weight, scales, _ = _stored(torch.randn(37, 771, generator=generator), weight_dtype)
             cases.append((torch.randn(rows, 771, generator=generator), weight, torch.randn(37, generator=generator),
                           scales))
