@@ -208,7 +208,7 @@ def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypa
     generator = torch.Generator().manual_seed(4)
     cases = []
     for weight_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
-        for rows in (1, 2, 7, 8, 12, 13, 40, 150):  # one row (int8: 16 wide), every tile height, blocks
+        for rows in (1, 2, 3, 6, 7, 8, 12, 13, 40, 150):  # one row (int8: 16 wide), tile heights, blocks
             weight, scales, _ = _stored(torch.randn(37, 771, generator=generator), weight_dtype)
             cases.append((torch.randn(rows, 771, generator=generator), weight, torch.randn(37, generator=generator),
                           scales))

@@ -447,11 +447,14 @@ static void linear_columns_pairs(const float *x, long m, const void *w, int wtyp
  * their columns, so no thread waits between blocks (nowait) until the closing barrier. */
 void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
 #if HAVE_AVX512
-    /* Up to one tile of rows (TILE_ROWS = 12), one panel at a time: 12 accumulators on one
-     * panel row (measured 0.15 against 0.31 ms for 8 rows of a 768 x 3072 product, pairs of
-     * panels making two tiles of 4). More rows: panels in pairs, 6 rows a tile (1.05-1.2x the
-     * single-panel tiles from 32 rows). */
-    if (m > TILE_ROWS) {
+    /* 7 to 12 rows (TILE_ROWS), one panel at a time: up to 12 accumulators on one panel row
+     * (measured 0.15 against 0.31 ms for 8 rows of a 768 x 3072 product, pairs of panels making
+     * two tiles of 4 over widened panels). 2 to 6 rows: one tile over a pair of panels, whose
+     * 2 x rows accumulator chains hide the FMA latency that one panel's few chains wait on
+     * (decoding 2-6 sequences on the Xeon, 16-bit weights, 400 MiB: 17-19 against 22-25 GB/s
+     * at 2-3 rows, 16-17 against 20-22 at 5-6; 4 sequences of tiny_starcoder bf16 x1.16 end to end).
+     * More rows: panels in pairs, 6 rows a tile (1.05-1.2x the single-panel tiles from 32 rows). */
+    if (m > TILE_ROWS || (m >= 2 && m <= PAIR_ROWS)) {
         linear_columns_pairs(x, m, w, wtype, out, n, k);
         return;
     }
