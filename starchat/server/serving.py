@@ -27,6 +27,9 @@ from starchat.server.streaming import gather_or_cancel, until_disconnect
 
 _LONG_PROMPT_CHARS = 20_000  # longer texts are tokenized off the event loop
 RETRY_AFTER_SECONDS = 1
+# The `model` TGI's clients put in Messages-API requests: TGI's documentation uses "tgi", and
+# huggingface_hub's InferenceClient(base_url=...).chat_completion sends "dummy".
+TGI_PLACEHOLDER_MODEL_NAMES = ("tgi", "dummy")
 
 
 class RequestTimeout(Exception):
@@ -126,8 +129,9 @@ class ServingContext:
         return self.settings.served_model_name or (self.engine.model_name if self.engine else self.settings.model_name)
 
     def accepts_model(self, name: str | None) -> bool:
-        """The served name, or the model's own name (a path or Hub id), or no name at all."""
-        if name is None or name == self.model_name:
+        """The served name, the model's own name (a path or Hub id), no name at all, or the
+        placeholder a TGI client sends (TGI serves one model and ignores the name)."""
+        if name is None or name == self.model_name or name in TGI_PLACEHOLDER_MODEL_NAMES:
             return True
         return self.engine is not None and name == self.engine.model_name
 

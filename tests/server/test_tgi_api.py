@@ -36,6 +36,26 @@ def test_text_generation_stream_equals_whole(client):
     assert whole.details.seed == 3
 
 
+def test_messages_api_through_the_tgi_client(client, server):
+    # TGI serves chat on /v1/chat/completions and ignores `model`; its client sends a placeholder
+    # ("dummy" from InferenceClient(base_url=...)): the reply is the one asked by the served name.
+    messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    reply = client.chat_completion(messages, max_tokens=12, temperature=0)
+    named = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": server.ctx.model_name, "messages": messages, "max_tokens": 12, "temperature": 0}).json()
+    assert reply.choices[0].message.content == named["choices"][0]["message"]["content"]
+    assert reply.choices[0].finish_reason == named["choices"][0]["finish_reason"]
+    streamed = client.chat_completion(messages, max_tokens=12, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == reply.choices[0].message.content
+    for placeholder in ("tgi", "dummy"):
+        answer = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                            json={"model": placeholder, "messages": messages, "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+    other = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                       json={"model": "gpt-4", "messages": messages, "max_tokens": 2})
+    assert other.status_code == 404 and other.json()["error"]["param"] == "model"
+
+
 def test_generate_routes_full_text_stop_and_top_tokens(server):
     body = {"inputs": "x = ", "parameters": {"max_new_tokens": 4, "return_full_text": True, "details": True,
                                               "top_n_tokens": 2}}
