@@ -193,6 +193,13 @@ class ChatCompletionRequest(_SamplingFields):
                           "{'name': ...}} (a call to that function); 'auto' is refused: StarChat was not trained "
                           "to decide when to call a tool.")
     parallel_tool_calls: bool | None = Field(None, description="With 'required': false allows exactly one call.")
+    # Bookkeeping fields of OpenAI's chat API: clients and frameworks set them, and none changes the
+    # reply, so they are accepted (and validated) rather than refused as unknown.
+    store: bool | None = Field(None, description="Accepted; nothing is stored (no stored-completions API here).")
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="Accepted (up to 16 pairs); not used.")
+    service_tier: str | None = Field(None, description="Accepted; one tier serves every request.")
+    prompt_cache_key: str | None = Field(None, description="Accepted; prefix caching is automatic.")
+    safety_identifier: str | None = Field(None, description="Accepted, like user; not used.")
 
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
         {"model": "starchat-nano", "messages": [{"role": "user", "content": "Write a Python hello world"}],

@@ -218,6 +218,19 @@ def test_completion_bad_input_names_the_field(client, kwargs, param):
     _good_completion(client)
 
 
+def test_chat_bookkeeping_fields_are_accepted_and_change_nothing(client):
+    messages = [{"role": "user", "content": "Write hello world in C"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    tagged = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, store=False,
+                                            metadata={"team": "docs"}, service_tier="auto", user="u-1",
+                                            prompt_cache_key="k", safety_identifier="s-1")
+    assert tagged.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                       metadata={f"k{i}": "v" for i in range(17)})
+    assert raised.value.body["param"] == "metadata"
+
+
 def test_chat_bad_messages_and_unknown_model(client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}], max_tokens=2)
