@@ -18,7 +18,8 @@ from starchat.errors import FieldError
 from starchat.openai_format import best_of_order
 from starchat.outputs import TokenLogprob
 from starchat.sampling_params import SamplingParams, SamplingParamsError
-from starchat.structured_output import GUIDED_FIELDS, guided_from_openai
+from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest
+from starchat.structured_output import guided_from_openai
 from starchat.tool_calls import ToolCalling, add_system_note, render_tool_turns, tool_calling_from_openai
 
 COMPLETIONS_URL, CHAT_URL = "/v1/completions", "/v1/chat/completions"
@@ -82,13 +83,10 @@ def _checked_ids(engine, prompt, params: SamplingParams) -> list[int]:
 
 # ---- OpenAI bodies ------------------------------------------------------------------------------
 
-_COMMON_KEYS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-                "presence_penalty", "frequency_penalty", "logit_bias", "user", "logprobs",
-                "top_k", "min_p", "min_tokens", "repetition_penalty",  # vLLM's extra sampling fields
-                *GUIDED_FIELDS}
-_COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "suffix", "echo", "best_of"}
-_CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
-                             "tool_choice", "parallel_tool_calls"}
+# A line's body may have the fields the server's routes take (their request models), so the same
+# body works in both places; the values are checked here, row by row.
+_COMPLETION_KEYS = frozenset(CompletionRequest.model_fields)
+_CHAT_KEYS = frozenset(ChatCompletionRequest.model_fields)
 _RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
@@ -110,7 +108,11 @@ def _prepare_openai(engine, url: str, body: dict) -> PreparedRequest:
                   presence_penalty=body.get("presence_penalty") or 0.0,
                   frequency_penalty=body.get("frequency_penalty") or 0.0,
                   logit_bias=_logit_bias(body.get("logit_bias")),
-                  seed=body.get("seed"))
+                  seed=body.get("seed"),
+                  stop_token_ids=body.get("stop_token_ids") or [],  # (extensions, as on the server)
+                  ignore_eos=body.get("ignore_eos", False))
+    if not isinstance(values["ignore_eos"], bool):
+        raise RowRequestError("body.ignore_eos", "must be true or false")
     values["do_sample"] = isinstance(values["temperature"], (int, float)) and values["temperature"] > 0
     try:
         values["guided"], guided_field = guided_from_openai(body)

@@ -205,6 +205,36 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
     assert best.usage.completion_tokens == 4 * 5  # every candidate counts
 
 
+def test_lines_take_the_servers_extensions_and_bookkeeping_fields(tmp_path, engine, reference):
+    # A body that works on the server works in a batch line: vLLM-style extensions (ignore_eos,
+    # stop_token_ids) act as there, the chat route's bookkeeping fields are accepted and change nothing.
+    prompt = "def add(a, b):"
+    free = reference.generate([prompt], greedy(8))[0]
+    stop_id = free.token_ids[3]
+    def line(custom_id, url, body):
+        return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+    write_jsonl(tmp_path / "in" / "requests.jsonl", [
+        line("stop-ids", "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                             "stop_token_ids": [stop_id], "ignore_eos": True}),
+        line("tagged", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "store": False,
+                                                "metadata": {"team": "docs"}, "service_tier": "auto", "user": "u-1"}),
+        line("bad-ignore-eos", "/v1/completions", {"prompt": prompt, "ignore_eos": "yes"}),
+        line("bad-stop-ids", "/v1/completions", {"prompt": prompt, "stop_token_ids": ["x"]}),
+    ])
+    summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")
+    assert (summary.rows_ok, summary.rows_failed) == (2, 2)
+    by_id = {line["custom_id"]: line for line in read_jsonl(tmp_path / "out" / "predictions.jsonl")}
+    params = greedy(8)
+    params.stop_token_ids, params.ignore_eos = [stop_id], True
+    expected = reference.generate([prompt], params)[0]
+    stopped = Completion.model_validate(by_id["stop-ids"]["response"]["body"]).choices[0]
+    assert stopped.text == expected.text and stopped.finish_reason == "stop" and len(expected.token_ids) <= 4
+    tagged = ChatCompletion.model_validate(by_id["tagged"]["response"]["body"]).choices[0]
+    assert tagged.message.content == reference.chat(MESSAGES, greedy(6)).text
+    assert "body.ignore_eos" in by_id["bad-ignore-eos"]["response"]["body"]["error"]["message"]
+    assert "body.stop_token_ids" in by_id["bad-stop-ids"]["response"]["body"]["error"]["message"]
+
+
 def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):
     write_jsonl(tmp_path / "in" / "a.jsonl", [{"input_string": "def f():", "parameters": {"max_new_tokens": 2}}])
     run_batch(tmp_path / "in", tmp_path / "out", engine=engine, output_format="openai", progress="none")
