@@ -218,6 +218,44 @@ static inline __attribute__((always_inline)) void pair_product(const float *x, l
         _mm512_storeu_ps(tile_b[r], acc_b[r]);
     }
 }
+#define PAIR_CASES_OVER_3(WTYPE)                                            \
+    case 3: pair_product(x, ldx, a, b, WTYPE, k, 3, ta, tb, ahead); break;  \
+    case 4: pair_product(x, ldx, a, b, WTYPE, k, 4, ta, tb, ahead); break;  \
+    case 5: pair_product(x, ldx, a, b, WTYPE, k, 5, ta, tb, ahead); break;
+#else
+#define PAIR_ROWS 3
+/* The AVX2 pair: two panels' 8-wide halves, 4 accumulators a row, so at most 3 rows fit the 16
+ * registers. Used for 2-3 rows only (decoding a few sequences), where one panel's tile has too
+ * few accumulator chains and a single stream of weights in flight. The same per-element sums in
+ * the same order as the other tiles. */
+static inline __attribute__((always_inline)) void pair_product(const float *x, long ldx, const void *panel_a,
+                                                                 const void *panel_b, int wtype, long k, int ROWS,
+                                                                 Tile tile_a, Tile tile_b, const char *ahead) {
+    __m256 a_low[PAIR_ROWS], a_high[PAIR_ROWS], b_low[PAIR_ROWS], b_high[PAIR_ROWS], wa0, wa1, wb0, wb1;
+    for (int r = 0; r < ROWS; r++) a_low[r] = a_high[r] = b_low[r] = b_high[r] = _mm256_setzero_ps();
+    const long row_bytes = PANEL * element_size(wtype), steps_per_line = 64 / row_bytes;
+#pragma GCC unroll 2
+    for (long j = 0; j < k; j++) {
+        if (j % steps_per_line == 0) _mm_prefetch(ahead + j * row_bytes, _MM_HINT_T0);
+        load_panel_row(panel_a, wtype, j, &wa0, &wa1);
+        load_panel_row(panel_b, wtype, j, &wb0, &wb1);
+        for (int r = 0; r < ROWS; r++) {
+            const __m256 xv = _mm256_broadcast_ss(x + r * ldx + j);
+            a_low[r] = _mm256_fmadd_ps(wa0, xv, a_low[r]);
+            a_high[r] = _mm256_fmadd_ps(wa1, xv, a_high[r]);
+            b_low[r] = _mm256_fmadd_ps(wb0, xv, b_low[r]);
+            b_high[r] = _mm256_fmadd_ps(wb1, xv, b_high[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        _mm256_storeu_ps(tile_a[r], a_low[r]);
+        _mm256_storeu_ps(tile_a[r] + 8, a_high[r]);
+        _mm256_storeu_ps(tile_b[r], b_low[r]);
+        _mm256_storeu_ps(tile_b[r] + 8, b_high[r]);
+    }
+}
+#define PAIR_CASES_OVER_3(WTYPE)
+#endif
 
 #define DEFINE_PAIRS(NAME, WTYPE)                                                                               \
     static void pairs_##NAME(const float *x, long ldx, const void *a, const void *b, long k, int rows, Tile ta,  \
@@ -225,10 +263,8 @@ static inline __attribute__((always_inline)) void pair_product(const float *x, l
         switch (rows) {                                                                                         \
         case 1: pair_product(x, ldx, a, b, WTYPE, k, 1, ta, tb, ahead); break;                                  \
         case 2: pair_product(x, ldx, a, b, WTYPE, k, 2, ta, tb, ahead); break;                                  \
-        case 3: pair_product(x, ldx, a, b, WTYPE, k, 3, ta, tb, ahead); break;                                  \
-        case 4: pair_product(x, ldx, a, b, WTYPE, k, 4, ta, tb, ahead); break;                                  \
-        case 5: pair_product(x, ldx, a, b, WTYPE, k, 5, ta, tb, ahead); break;                                  \
-        default: pair_product(x, ldx, a, b, WTYPE, k, 6, ta, tb, ahead); break;                                 \
+        PAIR_CASES_OVER_3(WTYPE)                                                                                \
+        default: pair_product(x, ldx, a, b, WTYPE, k, PAIR_ROWS, ta, tb, ahead); break;                         \
         }                                                                                                       \
     }
 DEFINE_PAIRS(f32, W_F32)
@@ -245,7 +281,6 @@ static void pairs(const float *x, long ldx, const void *a, const void *b, int wt
     default: pairs_f32(x, ldx, a, b, k, rows, ta, tb, ahead); break;
     }
 }
-#endif
 
 static inline __attribute__((always_inline)) void tile_product(const float *x, long ldx, const void *panel, int wtype,
                                                                  long k, int ROWS, Tile tile, const char *ahead) {
@@ -368,7 +403,8 @@ DEFINE_TILES(f16, W_F16)
 DEFINE_TILES(bf16, W_BF16)
 DEFINE_TILES(i8, W_I8)
 
-static void tiles(const float *x, long ldx, const void *panel, int wtype, long k, int rows, Tile tile, const char *ahead) {
+static void tiles(const float *x, long ldx, const void *panel, int wtype, long k, int rows, Tile tile,
+                  const char *ahead) {
     switch (wtype) {
     case W_F16: tiles_f16(x, ldx, panel, k, rows, tile, ahead); break;
     case W_BF16: tiles_bf16(x, ldx, panel, k, rows, tile, ahead); break;
@@ -393,9 +429,10 @@ static void store_tile(const Output *out, long row0, int rows, long n0, long col
     }
 }
 
-#if HAVE_AVX512
-/* starchat_linear_columns for more than one row on an AVX-512 build: panels taken in pairs, each
- * thread's share of the pairs the same in every block of rows (as below, one panel at a time). */
+#if HAVE_AVX2
+/* starchat_linear_columns over panels taken in pairs (AVX-512: more than one row but 7-12; AVX2:
+ * 2-3 rows), each thread's share of the pairs the same in every block of rows (as below, one
+ * panel at a time). */
 static void linear_columns_pairs(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
     const long blocks = (n + PANEL - 1) / PANEL, panel_bytes = k * PANEL * element_size(wtype), pairs_count = (blocks + 1) / 2;
     float *widened = wtype != W_F32 && m > PAIR_ROWS ? (float *)malloc((size_t)(2 * k * PANEL) * sizeof(float)) : NULL;
@@ -426,10 +463,10 @@ static void linear_columns_pairs(const float *x, long m, const void *w, int wtyp
                 /* The first tile of a pair fetches the thread's next pair (static schedule: the next
                  * one) meanwhile; the hardware prefetcher follows the two panel streams. */
                 const char *ahead = t == 0 ? packed + 2 * panel_bytes : (const char *)a;
-                if (both)
-                    pairs(x + (row0 + i) * k, k, a, b, type, k, tile_rows, tile_a, tile_b, ahead);
-                else
-                    tiles(x + (row0 + i) * k, k, a, type, k, tile_rows, tile_a, ahead);
+                /* An odd last panel goes as its own pair (its second product unused): calling the
+                 * one-panel tiles here too made GCC stop inlining them into
+                 * starchat_linear_columns, which cost that path 10-25% at 4-6 rows. */
+                pairs(x + (row0 + i) * k, k, a, both ? b : a, type, k, tile_rows, tile_a, tile_b, ahead);
                 store_tile(out, row0 + i, tile_rows, n0, columns_a, tile_a);
                 if (both) store_tile(out, row0 + i, tile_rows, n0 + PANEL, columns_b, tile_b);
                 i += tile_rows;
@@ -455,6 +492,15 @@ void starchat_linear_columns(const float *x, long m, const void *w, int wtype, c
      * at 2-3 rows, 16-17 against 20-22 at 5-6; 4 sequences of tiny_starcoder bf16 x1.16 end to end).
      * More rows: panels in pairs, 6 rows a tile (1.05-1.2x the single-panel tiles from 32 rows). */
     if (m > TILE_ROWS || (m >= 2 && m <= PAIR_ROWS)) {
+        linear_columns_pairs(x, m, w, wtype, out, n, k);
+        return;
+    }
+#elif HAVE_AVX2
+    /* 2-3 rows: the AVX2 pair of panels (above): 16-bit weights 17-18 against 22-24 GB/s, float32
+     * 21-22 against 24-27 (a Xeon built without AVX-512); int8 only at 2 rows (at 3 its
+     * accumulators and widened halves outgrow the registers: 17 against 15). From 4 rows one
+     * panel's tiles are as fast. */
+    if (m == 2 || (m == 3 && wtype != W_I8)) {
         linear_columns_pairs(x, m, w, wtype, out, n, k);
         return;
     }
