@@ -78,6 +78,23 @@ class DialogueTemplate:
         return "".join(parts)
 
 
+def content_text(content, field: str) -> str:
+    """A message's text: its string, or its OpenAI content parts' text joined. Other parts (images,
+    audio, files) are refused naming the field rather than dropped: the model would answer a
+    question it was not asked."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            shown = f"of type {kind!r}" if isinstance(kind, str) else "not a {\"type\": \"text\", \"text\": ...} object"
+            raise ChatFormatError(field, f"part {index} is {shown}: this model reads text only; send the content "
+                                         "as a string or as {\"type\": \"text\", \"text\": ...} parts")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def validate_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ChatFormatError("messages", "must be a non-empty list of {role, content} objects")
@@ -88,8 +105,7 @@ def validate_messages(messages) -> list[dict]:
         role, content = message.get("role"), message.get("content")
         if role not in _ROLES:
             raise ChatFormatError(f"messages[{index}].role", f"must be one of {', '.join(_ROLES)}, got {role!r}")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        content = content_text(content, f"messages[{index}].content")
         if not isinstance(content, str):
             raise ChatFormatError(f"messages[{index}].content", "must be a string")
         if role == "system" and index != 0:

@@ -25,7 +25,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from starchat.chat_template import ChatFormatError
+from starchat.chat_template import ChatFormatError, content_text
 from starchat.sampling_params import GuidedDecoding, SamplingParamsError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -188,7 +188,7 @@ def render_tool_turns(messages: list[dict]) -> list[dict]:
                                               "must be the arguments as JSON text") from None
                 names[call.get("id")] = function.get("name")
                 calls.append({"name": function.get("name"), "arguments": arguments})
-            text = _text(message.get("content"))
+            text = _text(message.get("content"), index)
             content = json.dumps(calls, ensure_ascii=False)
             rendered.append({"role": "assistant", "content": f"{text}\n{content}" if text else content})
         elif role == "tool":
@@ -196,15 +196,13 @@ def render_tool_turns(messages: list[dict]) -> list[dict]:
             if call_id not in names:
                 raise ChatFormatError(f"messages[{index}].tool_call_id",
                                           f"{call_id!r} is not the id of a call in an earlier assistant message")
-            rendered.append({"role": "user", "content": f"Result of {names[call_id]}:\n{_text(message.get('content'))}"})
+            rendered.append({"role": "user", "content": f"Result of {names[call_id]}:\n{_text(message.get('content'), index)}"})
         else:
             rendered.append(message)
     return rendered
 
 
-def _text(content) -> str:
+def _text(content, index: int) -> str:
     if content is None:
         return ""
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
-    return str(content)
+    return str(content_text(content, f"messages[{index}].content"))

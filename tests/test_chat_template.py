@@ -43,8 +43,18 @@ def test_checkpoint_jinja_chat_template(tmp_path):
     ([{"role": "robot", "content": "x"}], "messages[0].role"),
     ([{"role": "user", "content": 3}], "messages[0].content"),
     ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "messages[1].role"),
+    # content parts other than text are refused, not dropped (the model would answer another question)
+    ([{"role": "user", "content": "x"}, {"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "u"}}]}], "messages[1].content"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content"),
 ])
 def test_bad_messages_name_the_field(messages, field):
     with pytest.raises(ChatFormatError) as error:
         DialogueTemplate().render(messages)
     assert error.value.field == field
+
+
+def test_text_content_parts_are_joined():
+    parts = [{"type": "text", "text": "Reverse "}, {"type": "text", "text": "a list"}]
+    assert DialogueTemplate().render([{"role": "user", "content": parts}]) == \
+        DialogueTemplate().render([{"role": "user", "content": "Reverse a list"}])

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from starchat.chat_template import ChatFormatError
+from starchat.chat_template import ChatFormatError, content_text
 from starchat.tool_calls import render_tool_turns
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
@@ -106,6 +106,16 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's calls (earlier turns).")
     tool_call_id: str | None = Field(None, description="A tool message's call: the result it holds.")
     refusal: str | None = Field(None, description="Accepted (an assistant message sent back as received); unused.")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """Other parts (images, audio, files) get one plain reason instead of the union's errors."""
+        try:
+            content_text(content, "content")
+        except ChatFormatError as error:
+            raise ValueError(error.message) from None
+        return content
 
     def text(self) -> str:
         if self.content is None:

@@ -207,7 +207,8 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
 def test_lines_take_the_servers_extensions_and_bookkeeping_fields(tmp_path, engine, reference):
     # A body that works on the server works in a batch line: vLLM-style extensions (ignore_eos,
-    # stop_token_ids) act as there, the chat route's bookkeeping fields are accepted and change nothing.
+    # stop_token_ids) act as there, the chat route's bookkeeping fields are accepted and change
+    # nothing; and what the server refuses (an image part) fails the row.
     prompt = "def add(a, b):"
     free = reference.generate([prompt], greedy(8))[0]
     stop_id = free.token_ids[3]
@@ -220,9 +221,11 @@ def test_lines_take_the_servers_extensions_and_bookkeeping_fields(tmp_path, engi
                                                 "metadata": {"team": "docs"}, "service_tier": "auto", "user": "u-1"}),
         line("bad-ignore-eos", "/v1/completions", {"prompt": prompt, "ignore_eos": "yes"}),
         line("bad-stop-ids", "/v1/completions", {"prompt": prompt, "stop_token_ids": ["x"]}),
+        line("bad-image", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "u"}}]}]}),
     ])
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")
-    assert (summary.rows_ok, summary.rows_failed) == (2, 2)
+    assert (summary.rows_ok, summary.rows_failed) == (2, 3)
     by_id = {line["custom_id"]: line for line in read_jsonl(tmp_path / "out" / "predictions.jsonl")}
     params = greedy(8)
     params.stop_token_ids, params.ignore_eos = [stop_id], True
@@ -233,6 +236,7 @@ def test_lines_take_the_servers_extensions_and_bookkeeping_fields(tmp_path, engi
     assert tagged.message.content == reference.chat(MESSAGES, greedy(6)).text
     assert "body.ignore_eos" in by_id["bad-ignore-eos"]["response"]["body"]["error"]["message"]
     assert "body.stop_token_ids" in by_id["bad-stop-ids"]["response"]["body"]["error"]["message"]
+    assert "messages[0].content: part 1 is of type 'image_url'" in by_id["bad-image"]["response"]["body"]["error"]["message"]
 
 
 def test_csv_rows_can_be_written_as_openai_lines(tmp_path, engine):

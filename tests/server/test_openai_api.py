@@ -238,6 +238,12 @@ def test_chat_bad_messages_and_unknown_model(client):
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="tiny", messages=[], max_tokens=2)
     assert raised.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as raised:  # a vision request: one plain reason
+        client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert raised.value.body["param"] == "messages[0].content"
+    assert raised.value.body["message"].startswith("messages[0].content: part 1 is of type 'image_url': this model reads text only")
     with pytest.raises(openai.NotFoundError) as raised:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert raised.value.body["code"] == "model_not_found"
