@@ -48,6 +48,12 @@ def test_generate_structured_output(tmp_path):
     assert isinstance(json.loads(result.stdout)["ok"], bool)
     bad = starchat("generate", "--regex", "[a-", "x")
     assert bad.returncode == 1 and "does not compile" in bad.stderr and "Traceback" not in bad.stderr
+    inline = starchat("generate", "--max-new-tokens", "24", "--json", "--json-schema", json.dumps(schema), "Answer:")
+    assert inline.returncode == 0, inline.stderr
+    assert isinstance(json.loads(json.loads(inline.stdout)["text"])["ok"], bool)
+    missing = starchat("generate", "--json-schema", str(tmp_path / "nowhere.json"), "x")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: --json-schema: ") and "no such file" in missing.stderr
 
 
 def test_embedded_model_says_what_it_is_first():

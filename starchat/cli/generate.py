@@ -73,9 +73,13 @@ def _guided(json_schema: Optional[str], regex: Optional[str]):
         return GuidedDecoding("regex", regex)
     if json_schema is None:
         return None
-    path = Path(json_schema)
-    return GuidedDecoding("json_schema", path.read_text() if not json_schema.lstrip().startswith("{") and path.is_file()
-                          else json_schema)
+    if json_schema.lstrip().startswith(("{", "[")) or json_schema.strip() in ("true", "false"):
+        return GuidedDecoding("json_schema", json_schema)  # the schema itself
+    path = Path(json_schema).expanduser()
+    if not path.is_file():
+        raise SamplingParamsError("--json-schema", f"{json_schema}: no such file; pass a JSON schema file or the "
+                                                   "schema itself ('{\"type\": \"object\", ...}')")
+    return GuidedDecoding("json_schema", path.read_text())
 
 
 _MODEL_DEFAULT = "Default: the model's generation_config.json"
