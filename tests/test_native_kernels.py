@@ -73,6 +73,19 @@ def test_one_row_bfloat16_product_equals_the_float32_one_bit_for_bit():
         assert torch.equal(_product(x, weight, bias), _product(x, weight.float(), bias)), (out_features, in_features)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.int8])
+def test_unpacked_bf16_weight_is_the_weight_exactly(weight_dtype):
+    # Register transposes of 16 x 16 blocks, scalar tails (K not a multiple of 16, a partial last
+    # panel): every element back where it was, int8 values exact in bfloat16.
+    generator = torch.Generator().manual_seed(6)
+    for out_features, in_features in ((16, 16), (48, 771), (37, 64), (5, 3), (2304, 768)):
+        weight, _, _ = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
+        unpacked = native.unpack_bf16(native.pack_weight(weight), out_features)
+        assert unpacked.dtype == torch.bfloat16 and torch.equal(unpacked, weight.to(torch.bfloat16)), (out_features, in_features)
+    with pytest.raises(ValueError, match="bfloat16 or int8"):
+        native.unpack_bf16(native.pack_weight(torch.randn(16, 8)), 16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_output_rounding_is_bit_exact(dtype):
     # y = x * s on a diagonal weight: one float32 product per output, rounded to 16 bits by the
@@ -240,6 +253,8 @@ def test_portable_path_without_avx2(tmp_path, monkeypatch):
                 expected = x.double() @ dense.T
                 error = (_product(x, weight, None, scales).double() - expected).abs().max() / expected.abs().max()
                 assert error < 1e-5, (weight_dtype, rows, float(error))
+            if weight_dtype in (torch.bfloat16, torch.int8):  # the unpacking's plain loop
+                assert torch.equal(native.unpack_bf16(native.pack_weight(weight), 29), weight.to(torch.bfloat16))
         cache = torch.randn(2, 50, 32, generator=generator).half()
         query = torch.randn(2, 128, generator=generator).half()
         slots = torch.randint(0, 50, (2, 9), generator=generator)

@@ -54,6 +54,20 @@ def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return packed[rows // PANEL, :, rows % PANEL]
 
 
+def unpack_bf16(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The (out_features, K) weight that bfloat16 or int8 `packed` holds, as bfloat16 (int8 values
+    are exact; scales not applied): an AMX product's weight, unpacked per call. Requires `available()`."""
+    weight_type = WEIGHT_TYPES.get(packed.dtype)
+    if weight_type not in (2, 3) or packed.dim() != 3 or packed.shape[2] != PANEL or not packed.is_contiguous() \
+            or not 0 <= packed.shape[0] * PANEL - out_features < PANEL:
+        raise ValueError(f"native unpack: needs a packed bfloat16 or int8 weight of {out_features} outputs, "
+                         f"not {tuple(packed.shape)} {packed.dtype}")
+    out = torch.empty(out_features, packed.shape[1], dtype=torch.bfloat16)
+    load().starchat_unpack_bf16(packed.data_ptr(), weight_type, out_features, packed.shape[1], out.data_ptr(),
+                                torch.get_num_threads())
+    return out
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
            scales: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T (* scales (N,)) (+ bias (N,)), in x's dtype (float32, float16

@@ -111,6 +111,9 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]
+    library.starchat_unpack_bf16.restype = ctypes.c_int
+    library.starchat_unpack_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
+                                             ctypes.c_void_p, ctypes.c_int]
     library.starchat_gelu.restype = ctypes.c_int
     library.starchat_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]
     library.starchat_decode_step.restype = ctypes.c_int
