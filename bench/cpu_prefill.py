@@ -1,16 +1,18 @@
-"""Prefill on a CPU with AMX: oneDNN's bf16 tile products (cpu_linear.PackedLinear._amx_forward)
-and bfloat16 prompt attention against the native kernel and float32 attention, on one engine,
-in turns.
+"""AMX on a CPU: products on AMX tiles (from the packed panels, native/amx.c, and for large prompt
+chunks oneDNN's, cpu_linear.PackedLinear._amx_forward) and bfloat16 prompt attention against the
+native kernel and float32 attention, on one engine, in turns.
 
-    python bench/cpu_prefill.py [--shape tiny_starcoder] [--prompt-tokens 128 512 1024] [--rounds 3]
-                                [--json PATH]
+    python bench/cpu_prefill.py [--shape tiny_starcoder] [--prompt-tokens 128 512 1024]
+                                [--concurrent 8 32 128] [--rounds 3] [--json PATH]
 
 A random checkpoint of the shape (bfloat16; and quantized to int8, bfloat16 activations), one
 engine per weight type; for each prompt length the time to the first token (prefill plus one
-step) is taken with the AMX products switched on and off on every layer, alternating, best of
-each round; the ratio is off / on. Prefix caching is off, so every run computes the whole
-prompt. Prints the machine. On a CPU without AMX tiles the "on" side runs oneDNN's bf16 product
-without tiles (slower: the engine never chooses it there).
+step) is taken with AMX switched on and off on every layer, alternating, best of each round;
+then, for each --concurrent count, output tokens/s of that many requests (64-token prompts, 32
+new tokens) the same way. Ratios are off / on (times) and on / off (throughput). Prefix caching
+is off, so every run computes the whole prompt. Prints the machine. On a CPU without AMX tiles
+the "on" side runs oneDNN's bf16 product without tiles (slower: the engine never chooses it
+there) and the panels' path stays off.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from starchat import LLM, SamplingParams  # noqa: E402
 from starchat.bench.checkpoints import random_checkpoint  # noqa: E402
 from starchat.bench.machine import describe_machine  # noqa: E402
 from starchat.config import NAMED_SHAPES  # noqa: E402
-from starchat.model.cpu_linear import PackedLinear, amx_products_pay_off  # noqa: E402
+from starchat.bench.offline import random_prompts  # noqa: E402
+from starchat.model.cpu_decode import attach_fused_decode  # noqa: E402
+from starchat.model.cpu_linear import NATIVE_AMX_MIN_ROWS, PackedLinear, amx_products_pay_off, native_amx_tiles  # noqa: E402
 from starchat.model.gpt_bigcode import Attention  # noqa: E402
 
 
@@ -40,33 +44,53 @@ def time_to_first_token(llm: LLM, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
+def output_tokens_per_s(llm: LLM, prompts: list[str], new_tokens: int = 32) -> float:
+    start = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def switch_amx(llm: LLM, on: bool) -> None:
+    """AMX on or off on every layer: oneDNN's products, the panels' tiles (also inside the fused
+    decode step, whose layer table is rebuilt) and bfloat16 prompt attention."""
+    model = llm.engine.runner.model
+    for layer in model.modules():
+        if isinstance(layer, PackedLinear):
+            amx = on and layer.packed_weight.dtype in (torch.bfloat16, torch.int8)
+            layer.amx_products = amx
+            layer.amx_min_rows = NATIVE_AMX_MIN_ROWS if amx and native_amx_tiles() else 0
+    for attention in model.modules():
+        if isinstance(attention, Attention):  # prompt chunks attend in bfloat16 with them
+            attention.prefill_attention_dtype = torch.bfloat16 if on else None
+    attach_fused_decode(model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="tiny_starcoder", choices=sorted(NAMED_SHAPES))
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--concurrent", type=int, nargs="*", default=[8, 32, 128])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     path = random_checkpoint(args.shape, torch.bfloat16)
     machine = describe_machine("cpu")
-    print(f"machine: {machine}; AMX products chosen by the engine here: {amx_products_pay_off()}")
-    results = {"machine": machine, "shape": args.shape, "engine_chooses_amx": amx_products_pay_off(), "figures": {}}
+    print(f"machine: {machine}; AMX products chosen by the engine here: {amx_products_pay_off()}, "
+          f"from the panels: {native_amx_tiles()}")
+    results = {"machine": machine, "shape": args.shape, "engine_chooses_amx": amx_products_pay_off(),
+               "amx_from_panels": native_amx_tiles(), "figures": {}}
     generator = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(100, 40000, (n,), generator=generator).tolist() for n in args.prompt_tokens}
     for quantize in (None, "int8"):
         name = quantize or "bfloat16"
         llm = LLM(str(path), dtype="bfloat16", device="cpu", progress=False, quantize=quantize,
-                  enable_prefix_caching=False, max_num_batched_tokens=max(args.prompt_tokens))
-        layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
-        attentions = [m for m in llm.engine.runner.model.modules() if isinstance(m, Attention)]
+                  enable_prefix_caching=False, max_num_batched_tokens=max(args.prompt_tokens),
+                  max_num_seqs=max(args.concurrent, default=64))
         for n, prompt in prompts.items():
             best = {"on": [], "off": []}
             for round_index in range(args.rounds):
                 for side in (("on", "off") if round_index % 2 == 0 else ("off", "on")):
-                    for layer in layers:
-                        layer.amx_products = side == "on" and layer.packed_weight.dtype in (torch.bfloat16, torch.int8)
-                    for attention in attentions:  # and prompt chunks' attention in bfloat16 with them
-                        attention.prefill_attention_dtype = torch.bfloat16 if side == "on" else None
+                    switch_amx(llm, side == "on")
                     time_to_first_token(llm, prompt)  # warm-up of this side
                     best[side].append(min(time_to_first_token(llm, prompt) for _ in range(2)))
             on, off = min(best["on"]), min(best["off"])
@@ -76,6 +100,20 @@ def main() -> None:
             print(f"{name}, {n}-token prompt: first token {1e3 * on:.0f} ms with AMX products, {1e3 * off:.0f} ms "
                   f"native -> x{off / on:.2f} (rounds x{ratios[0]:.2f}-x{ratios[-1]:.2f}); "
                   f"{n / on:.0f} against {n / off:.0f} prompt tokens/s")
+        for count in args.concurrent:
+            requests = random_prompts(count, 64)
+            rates = {"on": [], "off": []}
+            for round_index in range(args.rounds):
+                for side in (("on", "off") if round_index % 2 == 0 else ("off", "on")):
+                    switch_amx(llm, side == "on")
+                    output_tokens_per_s(llm, requests[:2], 4)  # warm-up of this side
+                    rates[side].append(output_tokens_per_s(llm, requests))
+            on, off = max(rates["on"]), max(rates["off"])
+            ratios = sorted(a / b for a, b in zip(rates["on"], rates["off"]))
+            results["figures"][f"{name}/{count}_requests"] = {"tokens_per_s_amx": on, "tokens_per_s_native": off,
+                                                             "speedup": on / off, "round_speedups": ratios}
+            print(f"{name}, {count} requests (64-token prompts, 32 new): {on:.0f} output tokens/s with AMX, "
+                  f"{off:.0f} native -> x{on / off:.2f} (rounds x{ratios[0]:.2f}-x{ratios[-1]:.2f})")
         del llm
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

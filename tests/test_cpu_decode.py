@@ -73,6 +73,27 @@ def test_fused_decode_tracks_module_path_in_16_bit(tiny_model_dir, dtype, quanti
             assert abs(a.logprobs[step].logprob - b.logprobs[step].logprob) < 0.05
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_fused_decode_of_many_sequences_on_amx_tiles(tiny_model_dir, quantize):
+    """Where AMX tiles are granted, bfloat16 and int8 products of 8+ rows run on them in the fused
+    step (and in the module path): 24 sequences decode there, tracking the module path as the
+    16-bit test above does."""
+    from starchat.model.cpu_linear import NATIVE_AMX_MIN_ROWS, native_amx_tiles
+
+    if not native_amx_tiles():
+        pytest.skip("no AMX tiles here (or they do not pay off): the native tiles run every product")
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(24)]
+    fused, calls = _run(tiny_model_dir, "bfloat16", fused=True, quantize=quantize, prompts=prompts, max_new_tokens=6)
+    plain, _ = _run(tiny_model_dir, "bfloat16", fused=False, quantize=quantize, prompts=prompts, max_new_tokens=6)
+    assert max(calls) == 24 >= NATIVE_AMX_MIN_ROWS
+    assert sum(a.token_ids[:3] == b.token_ids[:3] for a, b in zip(fused, plain)) >= len(prompts) - 2
+    for a, b in zip(fused, plain):
+        for step, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+            if x != y:
+                break
+            assert abs(a.logprobs[step].logprob - b.logprobs[step].logprob) < 0.05
+
+
 def test_fused_step_matches_module_forward_and_rejects_bad_input(tiny_model_dir):
     """One step called directly: the logits of the module path over the same cache, the new keys
     and values in the same slots; a token id or position out of range is an error that writes nothing."""

@@ -74,6 +74,28 @@ def test_one_row_bfloat16_product_equals_the_float32_one_bit_for_bit():
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.int8])
+def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dtype):
+    # On AMX tiles (amx.c): panels turned into B tiles as they stream by, activations rounded to
+    # bfloat16, float32 sums; K not a multiple of 32 and a partial last panel exercise the padding,
+    # 100 rows two passes of four 16-row tiles. Fewer rows than asked keep the native tiles' bits.
+    if not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(7)
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40)):
+        weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
+        packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
+        for rows in (7, 8, 17, 64, 100):
+            x = torch.randn(rows, in_features, generator=generator)
+            out = native.linear(x, packed, out_features, bias, scales, amx_min_rows=8)
+            if rows < 8:
+                assert torch.equal(out, native.linear(x, packed, out_features, bias, scales))
+                continue
+            expected = x.to(torch.bfloat16).double() @ dense.T + bias.double()
+            error = (out.double() - expected).abs().max() / expected.abs().max()
+            assert error < 1e-5, (out_features, in_features, rows, float(error))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.int8])
 def test_unpacked_bf16_weight_is_the_weight_exactly(weight_dtype):
     # Register transposes of 16 x 16 blocks, scalar tails (K not a multiple of 16, a partial last
     # panel): every element back where it was, int8 values exact in bfloat16.

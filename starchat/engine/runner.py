@@ -13,7 +13,6 @@ from starchat.engine.request import Request
 from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput
 from starchat.engine.scheduler import ScheduledBatch
 from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention, triton_support
-from starchat.model.cpu_linear import AMX_DECODE_ROWS
 from starchat.model.tuned_linear import fuse_gelu_into_products, tune_decode_products
 
 
@@ -52,13 +51,6 @@ class ModelRunner:
         self.fused_gelus = fuse_gelu_into_products(model, dtype) if fast_gpu else 0
         self.decode_products = tune_decode_products(model, dtype) if fast_gpu and triton_support.runs_on(device) else []
         self.decode_graphs: DecodeGraphs | None = None
-        # On a CPU whose AMX products pay off (cpu_linear.py), decode steps of this many rows and
-        # more leave the one-call native step for the module path, whose products run on AMX
-        # tiles (measured on a 2-core Xeon, tiny_starcoder bf16, 32-token prompts, 32 new tokens:
-        # 128 sequences 676-689 against 560-572 output tokens/s; 64 sequences 495-498 against
-        # 519-530, the native step's AVX-512 tiles being faster there).
-        amx = any(getattr(module, "amx_products", False) for module in model.modules())
-        self.amx_decode_rows = AMX_DECODE_ROWS if amx else float("inf")
 
     def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:
         """Run pure-decode steps through fixed-shape buffers, replayed as CUDA graphs when `capture`."""
@@ -158,7 +150,7 @@ class ModelRunner:
                 logits = self.decode_graphs.run(token_ids, positions, block_tables,
                                                 rows_share_sequences=bool(batch.speculative))
                 return self._decode_step(batch, logits, None)
-        if not batch.prefills and self.model.fused_decode is not None and batch.num_tokens < self.amx_decode_rows:
+        if not batch.prefills and self.model.fused_decode is not None:
             # Decodes and speculative decodes on a CPU: one native call, which writes every row's
             # keys and values to the cache before any row attends.
             logits, greedy = self.model.fused_decode.step(*decode_rows(batch), self.kv_cache, self.block_size)

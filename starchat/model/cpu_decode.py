@@ -30,7 +30,8 @@ def _linear(module: nn.Module, keep: list) -> Linear:
     weight, scales, bias = (None if t is None else t.detach() for t in (module.packed_weight, module.scales, module.bias))
     keep.extend(t for t in (weight, scales, bias) if t is not None)
     return Linear(weight.data_ptr(), native.WEIGHT_TYPES[weight.dtype],
-                  scales.data_ptr() if scales is not None else None, bias.data_ptr() if bias is not None else None)
+                  scales.data_ptr() if scales is not None else None, bias.data_ptr() if bias is not None else None,
+                  module.amx_min_rows)
 
 
 def _float_vectors(keep: list, *vectors: torch.Tensor) -> list[int]:

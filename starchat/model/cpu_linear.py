@@ -8,9 +8,11 @@ hundreds (a register-tiled outer product: 1.3-1.6x PyTorch's float32 GEMM on the
 docs/PERFORMANCE.md, with no per-call widening of 16-bit or int8 weights). An embedding table
 tied to the lm_head is stored once, packed, and looked up from the panels (`PackedEmbedding`).
 
-On a CPU with AMX tiles, products of prefill size over bfloat16 or int8 weights go to oneDNN's
-bf16 tile kernels instead (`PackedLinear._amx_forward`; several times the native kernel's speed
-there), the weight unpacked per call.
+On a CPU with AMX tiles, products of 8 rows and more over bfloat16 or int8 weights run on AMX
+tiles: up to a few hundred rows (decode steps of many sequences, short prompts) in the native
+library, straight from the panels (native/amx.c); larger prompt chunks on oneDNN's bf16 tile
+kernels (`PackedLinear._amx_forward`), the weight unpacked per call. Either way the activations
+are rounded to bfloat16 for the product.
 
 Without the kernels (no C compiler, or STARCHAT_NATIVE_KERNELS=0) plain Linears become
 `CpuLinear`s on PyTorch's products; on CPUs without native 16-bit arithmetic, 16-bit weights are
@@ -31,13 +33,14 @@ from starchat.model import native
 from starchat.model.quant import Int8Linear
 
 ROWS_FOR_FLOAT32 = 8  # measured: from 8 rows, widening 16-bit weights to float32 pays for itself
-# From this many rows, a bfloat16 or int8 product on a CPU with AMX unpacks its weight and runs
-# oneDNN's bf16 tile kernels: measured on a 2-core Xeon with AMX, c_fc of tiny_starcoder (768 x
-# 3072) took 0.68 ms at 64 rows against the native kernel's 1.54 (unpacking 0.33 of it), 0.87
-# against 2.95 at 128 and 1.28 against 12.1 at 512; at 16 rows the native kernel still won.
-AMX_MIN_ROWS = 64
-# Decode steps leave the one-call native step for AMX products from this many rows (engine/runner.py).
-AMX_DECODE_ROWS = 128
+# On a CPU with AMX, bfloat16 and int8 products of this many rows and more run on AMX tiles from
+# the packed panels (native/amx.c). One tiny_starcoder layer's four bfloat16 products on a 2-core
+# Xeon: 0.35 against 0.42 ms at 8 rows, 0.36 against 1.27 at 16, 0.45 against 1.99 at 32, 1.30
+# against 6.26 at 128 (int8: about even at 8 rows, x2.9-3.8 from 16); below 8 the native tiles win.
+NATIVE_AMX_MIN_ROWS = 8
+# From this many rows, oneDNN's tile kernels over the weight unpacked per call win instead (its
+# blocking for large products): 5.5 against 7.4 ms at 512 rows, 3.5 against 3.0 at 256.
+AMX_MIN_ROWS = 384
 
 
 def _cpu_feature(name: str) -> bool:
@@ -76,6 +79,13 @@ def amx_products_pay_off() -> bool:
     return amx_time < 0.7 * native_time
 
 
+@functools.lru_cache(maxsize=1)
+def native_amx_tiles() -> bool:
+    """Whether bfloat16 and int8 products run on AMX tiles here (when AMX pays off at all, above,
+    and the kernel grants the native library the tile state)."""
+    return amx_products_pay_off() and native.amx_init()
+
+
 def unpack_weight(packed: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
     """The (out_features, K) weight held in `packed`'s panels, converted to `dtype` on the way
     (int8 values are exact in bfloat16)."""
@@ -106,8 +116,10 @@ class PackedLinear(nn.Module):
         # The kernel takes float32 vectors; int8 weights carry their per-channel scales.
         self.bias = None if bias is None else _frozen(bias.detach().float().contiguous())
         self.scales = None if scales is None else _frozen(scales.detach().float().contiguous())
-        # bfloat16 and int8 weights on a CPU with AMX: prefill-sized products on oneDNN's tiles
+        # bfloat16 and int8 weights on a CPU with AMX: products of 8+ rows on AMX tiles, from the
+        # panels (amx_min_rows, in the native library) or, for large prompt chunks, on oneDNN's
         self.amx_products = packed_weight.dtype in (torch.bfloat16, torch.int8) and amx_products_pay_off()
+        self.amx_min_rows = NATIVE_AMX_MIN_ROWS if self.amx_products and native_amx_tiles() else 0
 
     @classmethod
     def from_module(cls, module: nn.Linear | Int8Linear, in_place: bool = False,
@@ -125,7 +137,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_products and x.numel() >= AMX_MIN_ROWS * self.in_features:
             return self._amx_forward(x)
-        return native.linear(x, self.packed_weight, self.out_features, self.bias, self.scales)
+        return native.linear(x, self.packed_weight, self.out_features, self.bias, self.scales, self.amx_min_rows)
 
     def _amx_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows (a prefill chunk) on a CPU with AMX: the weight unpacked for the call (no

@@ -68,10 +68,18 @@ def unpack_bf16(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     return out
 
 
+def amx_init() -> bool:
+    """Whether the native products may use AMX tiles (amx.c): built with AMX-BF16 and granted the
+    tile state by the kernel. Requires `available()`."""
+    return bool(load().starchat_amx_init())
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-           scales: torch.Tensor | None = None) -> torch.Tensor:
+           scales: torch.Tensor | None = None, amx_min_rows: int = 0) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T (* scales (N,)) (+ bias (N,)), in x's dtype (float32, float16
     or bfloat16; the arithmetic is float32), for `packed = pack_weight(weight)` and N = out_features.
+    From `amx_min_rows` rows (0: never; after `amx_init()`), bfloat16 and int8 weights multiply on
+    AMX tiles, the activations rounded to bfloat16.
 
     The weight is float32, float16, bfloat16 or int8 (then `scales` is required); bias and scales
     are float32. Requires `available()`.
@@ -96,7 +104,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     status = load().starchat_linear(
         rows.data_ptr(), activation_type, rows.numel() // in_features, packed.data_ptr(), weight_type,
         scales.data_ptr() if scales is not None else None, bias.data_ptr() if bias is not None else None,
-        out.data_ptr(), activation_type, out_features, in_features, torch.get_num_threads(),
+        out.data_ptr(), activation_type, out_features, in_features, torch.get_num_threads(), amx_min_rows,
     )
     if status:
         raise MemoryError(f"native linear: out of memory for {rows.numel()} activations") if status == -2 else \

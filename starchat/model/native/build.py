@@ -1,4 +1,4 @@
-"""Compile the C kernels (linear.c, decode_attention.c, decode_step.c) for this machine on first use and load it with ctypes.
+"""Compile the C kernels (linear.c, amx.c, decode_attention.c, decode_step.c) for this machine on first use and load it with ctypes.
 
 The library is built with the system C compiler and -march=native, like llama.cpp's native
 builds, so each machine gets its own vector instructions. The result is cached under
@@ -23,9 +23,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "decode_attention.c", "decode_step.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "amx.c", "decode_attention.c", "decode_step.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h", "vector_math.h")]
-ABI = 4  # STARCHAT_LINEAR_ABI in linear.c
+ABI = 5  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
 EXTRA_FLAGS_VARIABLE = "STARCHAT_NATIVE_CFLAGS"  # extra compiler flags, e.g. "-mno-avx2" for the portable path
 
@@ -104,8 +104,10 @@ def load() -> ctypes.CDLL | None:
     library.starchat_linear.restype = ctypes.c_int
     library.starchat_linear.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_long,
     ]
+    library.starchat_amx_init.restype = ctypes.c_int
+    library.starchat_amx_init.argtypes = []
     library.starchat_decode_attention.restype = ctypes.c_int
     library.starchat_decode_attention.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -125,7 +127,8 @@ def load() -> ctypes.CDLL | None:
 class Linear(ctypes.Structure):
     """`Linear` in decode_step.c."""
 
-    _fields_ = [("weight", ctypes.c_void_p), ("wtype", ctypes.c_int), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+    _fields_ = [("weight", ctypes.c_void_p), ("wtype", ctypes.c_int), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("amx_min_rows", ctypes.c_long)]
 
 
 class Layer(ctypes.Structure):

@@ -24,6 +24,7 @@ typedef struct {
     const void *weight;
     int wtype;
     const float *scales, *bias;
+    long amx_min_rows; /* steps of at least this many rows multiply on AMX tiles (amx.c); 0: never */
 } Linear;
 
 /* One block's weights (float32 layer norms). */
@@ -118,7 +119,7 @@ int starchat_gelu(float *x, long count, int tanh_approximation, int threads) {
 }
 
 static void product(const float *x, long rows, const Linear *layer, float *y, long n, long k) {
-    Output out = {y, W_F32, n, layer->scales, layer->bias};
+    Output out = {y, W_F32, n, layer->scales, layer->bias, layer->amx_min_rows};
     starchat_linear_columns(x, rows, layer->weight, layer->wtype, &out, n, k);
 }
 

@@ -14,6 +14,7 @@ typedef struct {
     int type;
     long n_total;
     const float *scales, *bias;
+    long amx_min_rows; /* products of at least this many rows go to AMX tiles (amx.c) where granted; 0: never */
 } Output;
 
 /* Inside a parallel region: this thread's scratch of `floats` floats, allocated by every thread;
@@ -32,8 +33,28 @@ static inline float *starchat_thread_scratch(long floats, int *failed) {
 /* Output columns per weight panel (linear.c: weights are packed in panels of this many). */
 #define PANEL 16
 
+/* Rows row0 .. row0 + rows - 1 of the output, columns n0 .. n0 + columns - 1, from float32 sums
+ * (tile[r][c]; scaled and biased in place). */
+static inline void store_tile_rows(const Output *out, long row0, int rows, long n0, long columns, float (*tile)[PANEL]) {
+    for (int r = 0; r < rows; r++) {
+        float *values = tile[r];
+        if (out->scales)
+            for (long c = 0; c < columns; c++) values[c] *= out->scales[n0 + c];
+        if (out->bias)
+            for (long c = 0; c < columns; c++) values[c] += out->bias[n0 + c];
+        long at = (row0 + r) * out->n_total + n0;
+        if (out->type == W_F32)
+            memcpy((float *)out->data + at, values, (size_t)columns * sizeof(float));
+        else
+            for (long c = 0; c < columns; c++) store_as(out->data, out->type, at + c, values[c]);
+    }
+}
+
 /* Orphaned work-sharing loops: inside a parallel region the threads split the work. w is packed. */
 void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k);
+/* The same product on AMX tiles (amx.c), for bfloat16 and int8 weights: 1 when done, 0 (on every
+ * thread) when AMX is not available here or the weights are of another type. */
+int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k);
 /* query and out are of io_type, the cache of type. */
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
                               const float *mask, long batch, long max_len, int heads, int kv_heads, int head_dim,

@@ -28,7 +28,7 @@
 
 #include "kernels.h"
 
-#define STARCHAT_LINEAR_ABI 4  /* unchanged by the AVX-512 tiles: same entry points and arguments */
+#define STARCHAT_LINEAR_ABI 5  /* 5: starchat_linear takes amx_min_rows */
 
 int starchat_linear_abi(void) { return STARCHAT_LINEAR_ABI; }
 
@@ -415,21 +415,6 @@ static void tiles(const float *x, long ldx, const void *panel, int wtype, long k
     }
 }
 
-/* Rows row0.. of the output, columns n0 .. n0 + columns - 1, from a tile. */
-static void store_tile(const Output *out, long row0, int rows, long n0, long columns, Tile tile) {
-    for (int r = 0; r < rows; r++) {
-        float *values = tile[r];
-        if (out->scales)
-            for (long c = 0; c < columns; c++) values[c] *= out->scales[n0 + c];
-        if (out->bias)
-            for (long c = 0; c < columns; c++) values[c] += out->bias[n0 + c];
-        long at = (row0 + r) * out->n_total + n0;
-        if (out->type == W_F32)
-            memcpy((float *)out->data + at, values, (size_t)columns * sizeof(float));
-        else
-            for (long c = 0; c < columns; c++) store_as(out->data, out->type, at + c, values[c]);
-    }
-}
 
 #if HAVE_AVX2
 /* starchat_linear_columns over panels taken in pairs (AVX-512: more than one row but 7-12; AVX2:
@@ -469,8 +454,8 @@ static void linear_columns_pairs(const float *x, long m, const void *w, int wtyp
                  * one-panel tiles here too made GCC stop inlining them into
                  * starchat_linear_columns, which cost that path 10-25% at 4-6 rows. */
                 pairs(x + (row0 + i) * k, k, a, both ? b : a, type, k, tile_rows, tile_a, tile_b, ahead);
-                store_tile(out, row0 + i, tile_rows, n0, columns_a, tile_a);
-                if (both) store_tile(out, row0 + i, tile_rows, n0 + PANEL, columns_b, tile_b);
+                store_tile_rows(out, row0 + i, tile_rows, n0, columns_a, tile_a);
+                if (both) store_tile_rows(out, row0 + i, tile_rows, n0 + PANEL, columns_b, tile_b);
                 i += tile_rows;
             }
         }
@@ -485,6 +470,7 @@ static void linear_columns_pairs(const float *x, long m, const void *w, int wtyp
  * the calling thread). A thread takes the same panels in every block of rows and writes only
  * their columns, so no thread waits between blocks (nowait) until the closing barrier. */
 void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
+    if (out->amx_min_rows > 0 && m >= out->amx_min_rows && starchat_amx_columns(x, m, w, wtype, out, n, k)) return;
 #if HAVE_AVX512
     /* 7 to 12 rows (TILE_ROWS), one panel at a time: up to 12 accumulators on one panel row
      * (measured 0.15 against 0.31 ms for 8 rows of a 768 x 3072 product, pairs of panels making
@@ -542,7 +528,7 @@ void starchat_linear_columns(const float *x, long m, const void *w, int wtype, c
                 else if (t == 0)
                     ahead = packed + panel_bytes;
                 tiles(x + (row0 + i) * k, k, panel, type, k, tile_rows, tile, ahead);
-                store_tile(out, row0 + i, tile_rows, n0, columns, tile);
+                store_tile_rows(out, row0 + i, tile_rows, n0, columns, tile);
                 i += tile_rows;
             }
         }
@@ -617,9 +603,9 @@ int starchat_unpack_bf16(const void *w, int wtype, long n, long k, uint16_t *out
     for (long block = 0; block < blocks; block++) {
         const char *panel = (const char *)w + block * panel_bytes;
         const long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
-        uint16_t rows[16][PANEL];
         long j0 = 0;
 #if HAVE_AVX2
+        uint16_t rows[16][PANEL];
         if (columns == PANEL)
             for (; j0 + 16 <= k; j0 += 16) {
                 panel_rows_as_bf16(panel, wtype, j0, rows);
@@ -637,10 +623,11 @@ int starchat_unpack_bf16(const void *w, int wtype, long n, long k, uint16_t *out
 }
 
 /* The entry point: y (m, n) = x (m, k) @ w^T, times scales, plus bias, for w packed into panels.
- * x and y are W_F32, W_F16 or W_BF16; w any weight type. Returns 0, -1 for a type it does not
- * know, -2 when out of memory. */
+ * x and y are W_F32, W_F16 or W_BF16; w any weight type; from amx_min_rows rows (0: never) a
+ * bfloat16 or int8 product goes to AMX tiles where starchat_amx_init() was granted them. Returns
+ * 0, -1 for a type it does not know, -2 when out of memory. */
 int starchat_linear(const void *x, int xtype, long m, const void *w, int wtype, const float *scales,
-                    const float *bias, void *y, int ytype, long n, long k, int threads) {
+                    const float *bias, void *y, int ytype, long n, long k, int threads, long amx_min_rows) {
     if (wtype < W_F32 || wtype > W_I8 || xtype < W_F32 || xtype > W_BF16 || ytype < W_F32 || ytype > W_BF16) return -1;
     if (m <= 0) return 0;
     float *widened = NULL;
@@ -649,7 +636,7 @@ int starchat_linear(const void *x, int xtype, long m, const void *w, int wtype, 
         if (!widened) return -2;
     }
     const float *rows = widened ? widened : (const float *)x;
-    Output out = {y, ytype, n, scales, bias};
+    Output out = {y, ytype, n, scales, bias, amx_min_rows};
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         if (widened) {
