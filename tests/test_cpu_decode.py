@@ -66,11 +66,15 @@ def test_fused_decode_tracks_module_path_in_16_bit(tiny_model_dir, dtype, quanti
     # The fused path keeps the residual stream in float32, the module path in 16 bits: the first
     # tokens agree, and the chosen tokens' log-probabilities stay close until the paths diverge.
     assert sum(a.token_ids[:4] == b.token_ids[:4] for a, b in zip(fused, plain)) >= len(PROMPTS) - 1
+    _assert_logprobs_close_until_divergence(fused, plain)
+
+
+def _assert_logprobs_close_until_divergence(fused, plain, tolerance: float = 0.05) -> None:
     for a, b in zip(fused, plain):
         for step, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
             if x != y:
                 break
-            assert abs(a.logprobs[step].logprob - b.logprobs[step].logprob) < 0.05
+            assert abs(a.logprobs[step].logprob - b.logprobs[step].logprob) < tolerance
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
@@ -87,11 +91,7 @@ def test_fused_decode_of_many_sequences_on_amx_tiles(tiny_model_dir, quantize):
     plain, _ = _run(tiny_model_dir, "bfloat16", fused=False, quantize=quantize, prompts=prompts, max_new_tokens=6)
     assert max(calls) == 24 >= NATIVE_AMX_MIN_ROWS
     assert sum(a.token_ids[:3] == b.token_ids[:3] for a, b in zip(fused, plain)) >= len(prompts) - 2
-    for a, b in zip(fused, plain):
-        for step, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
-            if x != y:
-                break
-            assert abs(a.logprobs[step].logprob - b.logprobs[step].logprob) < 0.05
+    _assert_logprobs_close_until_divergence(fused, plain)
 
 
 def test_fused_step_matches_module_forward_and_rejects_bad_input(tiny_model_dir):
