@@ -78,10 +78,10 @@ class DialogueTemplate:
         return "".join(parts)
 
 
-def content_text(content, field: str) -> str:
-    """A message's text: its string, or its OpenAI content parts' text joined. Other parts (images,
-    audio, files) are refused naming the field rather than dropped: the model would answer a
-    question it was not asked."""
+def content_text(content, field: str):
+    """A message's text: its OpenAI content parts' text joined; content that is not a list comes
+    back as it is (the caller checks it is a string). Other parts (images, audio, files) are
+    refused naming the field rather than dropped: the model would answer a question it was not asked."""
     if not isinstance(content, list):
         return content
     texts = []
