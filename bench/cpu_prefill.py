@@ -3,10 +3,12 @@ chunks oneDNN's, cpu_linear.PackedLinear._amx_forward) and bfloat16 prompt atten
 native kernel and float32 attention, on one engine, in turns.
 
     python bench/cpu_prefill.py [--shape tiny_starcoder] [--prompt-tokens 128 512 1024]
-                                [--concurrent 8 32 128] [--rounds 3] [--json PATH]
+                                [--concurrent 8 32 128] [--weights bfloat16 int8 float16]
+                                [--rounds 3] [--json PATH]
 
-A random checkpoint of the shape (bfloat16; and quantized to int8, bfloat16 activations), one
-engine per weight type; for each prompt length the time to the first token (prefill plus one
+A random checkpoint of the shape (bfloat16; loaded as it is, quantized to int8 with bfloat16
+activations, or converted to float16: the panels' AMX tiles with split weights and activations,
+no oneDNN and float32 prompt attention either way), one engine per weight type; for each prompt length the time to the first token (prefill plus one
 step) is taken with AMX switched on and off on every layer, alternating, best of each round;
 then, for each --concurrent count, output tokens/s of that many requests (64-token prompts, 32
 new tokens) the same way. Ratios are off / on (times) and on / off (throughput). Prefix caching
@@ -34,7 +36,7 @@ from starchat.bench.machine import describe_machine  # noqa: E402
 from starchat.config import NAMED_SHAPES  # noqa: E402
 from starchat.bench.offline import random_prompts  # noqa: E402
 from starchat.model.cpu_decode import attach_fused_decode  # noqa: E402
-from starchat.model.cpu_linear import NATIVE_AMX_MIN_ROWS, PackedLinear, amx_products_pay_off, native_amx_tiles  # noqa: E402
+from starchat.model.cpu_linear import PackedLinear, amx_products_pay_off, native_amx_min_rows, native_amx_tiles  # noqa: E402
 from starchat.model.gpt_bigcode import Attention  # noqa: E402
 
 
@@ -51,17 +53,19 @@ def output_tokens_per_s(llm: LLM, prompts: list[str], new_tokens: int = 32) -> f
 
 
 def switch_amx(llm: LLM, on: bool) -> None:
-    """AMX on or off on every layer: oneDNN's products, the panels' tiles (also inside the fused
-    decode step, whose layer table is rebuilt) and bfloat16 prompt attention."""
+    """AMX on or off on every layer as the engine sets it up: oneDNN's products (bfloat16 and int8),
+    the panels' tiles (also inside the fused decode step, whose layer table is rebuilt) and
+    bfloat16 prompt attention where oneDNN's products are used."""
     model = llm.engine.runner.model
+    one_dnn = False
     for layer in model.modules():
         if isinstance(layer, PackedLinear):
-            amx = on and layer.packed_weight.dtype in (torch.bfloat16, torch.int8)
-            layer.amx_products = amx
-            layer.amx_min_rows = NATIVE_AMX_MIN_ROWS if amx and native_amx_tiles() else 0
+            layer.amx_products = on and layer.packed_weight.dtype in (torch.bfloat16, torch.int8)
+            layer.amx_min_rows = native_amx_min_rows(layer.packed_weight.dtype) if on else 0
+            one_dnn = one_dnn or layer.amx_products
     for attention in model.modules():
-        if isinstance(attention, Attention):  # prompt chunks attend in bfloat16 with them
-            attention.prefill_attention_dtype = torch.bfloat16 if on else None
+        if isinstance(attention, Attention):  # prompt chunks attend in bfloat16 with oneDNN's products
+            attention.prefill_attention_dtype = torch.bfloat16 if one_dnn else None
     attach_fused_decode(model)
 
 
@@ -70,6 +74,8 @@ def main() -> None:
     parser.add_argument("--shape", default="tiny_starcoder", choices=sorted(NAMED_SHAPES))
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--concurrent", type=int, nargs="*", default=[8, 32, 128])
+    parser.add_argument("--weights", nargs="+", default=["bfloat16", "int8", "float16"],
+                        choices=["bfloat16", "int8", "float16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -81,9 +87,9 @@ def main() -> None:
                "amx_from_panels": native_amx_tiles(), "figures": {}}
     generator = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(100, 40000, (n,), generator=generator).tolist() for n in args.prompt_tokens}
-    for quantize in (None, "int8"):
-        name = quantize or "bfloat16"
-        llm = LLM(str(path), dtype="bfloat16", device="cpu", progress=False, quantize=quantize,
+    for name in args.weights:
+        quantize = "int8" if name == "int8" else None
+        llm = LLM(str(path), dtype="float16" if name == "float16" else "bfloat16", device="cpu", progress=False, quantize=quantize,
                   enable_prefix_caching=False, max_num_batched_tokens=max(args.prompt_tokens),
                   max_num_seqs=max(args.concurrent, default=64))
         for n, prompt in prompts.items():

@@ -94,6 +94,32 @@ def test_fused_decode_of_many_sequences_on_amx_tiles(tiny_model_dir, quantize):
     _assert_logprobs_close_until_divergence(fused, plain)
 
 
+def test_float16_decode_on_amx_tiles_equals_the_float32_arithmetic(tiny_model_dir):
+    """float16 weights on AMX tiles (two exact bfloat16 halves against activations kept to 16
+    bits) decode 24 sequences together as the native float32 arithmetic does: the same tokens,
+    log-probabilities within 1e-3 (bfloat16-rounded activations would move them by ~1e-2)."""
+    from starchat.model.cpu_decode import attach_fused_decode
+    from starchat.model.cpu_linear import NATIVE_AMX_MIN_ROWS_FLOAT16, PackedLinear, native_amx_tiles
+
+    if not native_amx_tiles():
+        pytest.skip("no AMX tiles here (or they do not pay off): the native tiles run every product")
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(24)]
+    on, calls = _run(tiny_model_dir, "float16", fused=True, prompts=prompts, max_new_tokens=8)
+    assert max(calls) == 24 >= NATIVE_AMX_MIN_ROWS_FLOAT16
+
+    llm = LLM(str(tiny_model_dir), dtype="float16", device="cpu", progress=False)
+    model = llm.engine.runner.model
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(layer.amx_min_rows == NATIVE_AMX_MIN_ROWS_FLOAT16 for layer in layers)
+    for layer in layers:
+        layer.amx_min_rows = 0
+    attach_fused_decode(model)  # the step's layer table takes the change
+    off = llm.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=1))
+    for a, b in zip(on, off):
+        assert a.token_ids == b.token_ids
+        assert all(abs(x.logprob - y.logprob) < 1e-3 for x, y in zip(a.logprobs, b.logprobs))
+
+
 def test_fused_step_matches_module_forward_and_rejects_bad_input(tiny_model_dir):
     """One step called directly: the logits of the module path over the same cache, the new keys
     and values in the same slots; a token id or position out of range is an error that writes nothing."""

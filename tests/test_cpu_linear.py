@@ -192,7 +192,8 @@ def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkey
     """As the loader sets a bfloat16 model up where AMX products pay off (forced here): every
     packed layer's prefill products on AMX tiles (chunks of AMX_MIN_ROWS+ rows through oneDNN,
     shorter ones from the panels where the native library is granted tiles, else the native
-    kernel) and prompt chunks attending in bfloat16 (a float16 model keeps both as they were).
+    kernel) and prompt chunks attending in bfloat16 (a float16 model keeps float32 attention and
+    takes only the panels' tiles).
     Prompt logits stay within the 3% of the largest that bfloat16 is held to
     (test_engine_reference), the first greedy tokens agree with float32 on all but one prompt,
     and decoding continues from the cache prefill wrote."""
@@ -202,9 +203,14 @@ def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkey
     from starchat.model.gpt_bigcode import Attention
 
     monkeypatch.setattr(cpu_linear, "amx_products_pay_off", lambda: True)
+    # oneDNN takes chunks from 1,280 rows by default; 384 puts this test's 512-token step there
+    monkeypatch.setattr(cpu_linear, "AMX_MIN_ROWS", 384)
     fp16 = LLM(str(tiny_model_dir), dtype="float16", progress=False).engine.runner.model
     assert not any(getattr(m, "amx_products", False) or getattr(m, "prefill_attention_dtype", None)
                    for m in fp16.modules())
+    # float16 weights: the panels' AMX tiles only (split into exact bfloat16 halves), never oneDNN's
+    fp16_rows = cpu_linear.NATIVE_AMX_MIN_ROWS_FLOAT16 if cpu_linear.native_amx_tiles() else 0
+    assert all(m.amx_min_rows == fp16_rows for m in fp16.modules() if isinstance(m, PackedLinear))
     fp32 = LLM(str(tiny_model_dir), dtype="float32", progress=False)
     bf16 = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False, max_num_batched_tokens=512)
     layers = [m for m in bf16.engine.runner.model.modules() if isinstance(m, PackedLinear)]
@@ -215,7 +221,7 @@ def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkey
         assert layer.amx_products
         layer._amx_forward = (lambda forward: lambda x: calls.append(1) or forward(x))(layer._amx_forward)
     # 72 to 321 tokens (within the checkpoint's 512 positions), alone for the logits; generate's
-    # first prefill step takes 512 of their 744 tokens together, over AMX_MIN_ROWS
+    # first prefill step takes 512 of their 744 tokens together, over AMX_MIN_ROWS (384 here)
     long_prompts = [PROMPTS[0] * 12, PROMPTS[1] * 3, PROMPTS[1] * 10, PROMPTS[3] * 4]
     for prompt in long_prompts:
         ids = fp32.tokenizer.encode(prompt)

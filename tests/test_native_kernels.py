@@ -93,6 +93,37 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
             expected = x.to(torch.bfloat16).double() @ dense.T + bias.double()
             error = (out.double() - expected).abs().max() / expected.abs().max()
             assert error < 1e-5, (out_features, in_features, rows, float(error))
+            # bfloat16 in and out: the same sums (bias and scales included), rounded once on the way out
+            rounded_in = x.to(torch.bfloat16)
+            assert torch.equal(native.linear(rounded_in, packed, out_features, bias, scales, amx_min_rows=8),
+                               native.linear(rounded_in.float(), packed, out_features, bias, scales, amx_min_rows=8).to(torch.bfloat16))
+
+
+def test_amx_float16_products_keep_the_weights_exact_and_16_bits_of_the_activations():
+    # float16 weights on AMX tiles: each weight as two bfloat16 halves that sum to it exactly, each
+    # activation as two keeping 16 bits, three tile products. Against float64 of the unrounded
+    # inputs the error stays near 2^-16 of the largest output; rounding either side to bfloat16
+    # (or dropping a low half) costs about 2^-9, which the bound excludes. Subnormal float16
+    # weights and K / N tails included; fewer rows than asked keep the native tiles' bits.
+    if not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(8)
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40)):
+        weight = torch.randn(out_features, in_features, generator=generator)
+        weight[:, ::7] *= 1e-6  # float16 subnormals (below 6.1e-5): still exact as two halves
+        weight = weight.half()
+        packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
+        for rows in (11, 12, 17, 64, 100):
+            x = torch.randn(rows, in_features, generator=generator)
+            out = native.linear(x, packed, out_features, bias, amx_min_rows=12)
+            if rows < 12:
+                assert torch.equal(out, native.linear(x, packed, out_features, bias))
+                continue
+            expected = x.double() @ weight.double().T + bias.double()
+            error = (out.double() - expected).abs().max() / expected.abs().max()
+            rounded = x.to(torch.bfloat16).double() @ weight.double().T + bias.double()
+            rounding_error = (rounded - expected).abs().max() / expected.abs().max()
+            assert error < 2e-5 < rounding_error / 20, (out_features, in_features, rows, float(error), float(rounding_error))
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.int8])

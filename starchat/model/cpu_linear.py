@@ -9,10 +9,13 @@ docs/PERFORMANCE.md, with no per-call widening of 16-bit or int8 weights). An em
 tied to the lm_head is stored once, packed, and looked up from the panels (`PackedEmbedding`).
 
 On a CPU with AMX tiles, products of 8 rows and more over bfloat16 or int8 weights run on AMX
-tiles: up to a few hundred rows (decode steps of many sequences, short prompts) in the native
-library, straight from the panels (native/amx.c); larger prompt chunks on oneDNN's bf16 tile
-kernels (`PackedLinear._amx_forward`), the weight unpacked per call. Either way the activations
-are rounded to bfloat16 for the product.
+tiles: up to about a thousand rows (decode steps of many sequences, prompt chunks up to the CPU's
+default 512 tokens) in the native library, straight from the panels (native/amx.c); larger
+prompt chunks on oneDNN's bf16 tile kernels (`PackedLinear._amx_forward`), the weight unpacked
+per call. Either way the activations are rounded to bfloat16 for the product. float16 weights
+run on the panels' AMX tiles from 12 rows at any size, each weight split into two bfloat16 halves
+that sum to it exactly and each activation into two that keep 16 bits of its significand (three
+tile products: more precise than float16 activations, and no weight rounded).
 
 Without the kernels (no C compiler, or STARCHAT_NATIVE_KERNELS=0) plain Linears become
 `CpuLinear`s on PyTorch's products; on CPUs without native 16-bit arithmetic, 16-bit weights are
@@ -34,13 +37,20 @@ from starchat.model.quant import Int8Linear
 
 ROWS_FOR_FLOAT32 = 8  # measured: from 8 rows, widening 16-bit weights to float32 pays for itself
 # On a CPU with AMX, bfloat16 and int8 products of this many rows and more run on AMX tiles from
-# the packed panels (native/amx.c). One tiny_starcoder layer's four bfloat16 products on a 2-core
-# Xeon: 0.35 against 0.42 ms at 8 rows, 0.36 against 1.27 at 16, 0.45 against 1.99 at 32, 1.30
-# against 6.26 at 128 (int8: about even at 8 rows, x2.9-3.8 from 16); below 8 the native tiles win.
+# the packed panels (native/amx.c). One tiny_starcoder layer's four bfloat16 products (with their
+# biases) on a 2-core Xeon: 0.36 against 0.38 ms at 8 rows, 0.34 against 1.10 at 16, 0.59 against
+# 2.9 at 64, 3.9 against 23.7 at 512 (int8 alike); below 8 the native tiles win (0.27 against
+# 0.36 at 4 rows: one row's weights are read either way, and building B tiles costs more).
 NATIVE_AMX_MIN_ROWS = 8
+# float16 weights (split into two bfloat16 halves, three tile products): 0.44 against 0.44 ms at
+# 10 rows, 0.44 against 0.52 at 12, 0.45 against 1.08 at 16, 2.1 against 5.7 at 128, 7.9 against
+# 23.9 at 512; they never go to oneDNN (it would round the weights to bfloat16).
+NATIVE_AMX_MIN_ROWS_FLOAT16 = 12
 # From this many rows, oneDNN's tile kernels over the weight unpacked per call win instead (its
-# blocking for large products): 5.5 against 7.4 ms at 512 rows, 3.5 against 3.0 at 256.
-AMX_MIN_ROWS = 384
+# cache blocking for large products): one layer's bfloat16 products 8.1 against 12.3 ms at 1,024
+# rows, 15.5 against 14.9 at 1,536, 23.4 against 19.1 at 2,048 (int8 alike). The CPU's default
+# prompt chunk (512 tokens) stays on the panels.
+AMX_MIN_ROWS = 1280
 
 
 def _cpu_feature(name: str) -> bool:
@@ -81,9 +91,19 @@ def amx_products_pay_off() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def native_amx_tiles() -> bool:
-    """Whether bfloat16 and int8 products run on AMX tiles here (when AMX pays off at all, above,
-    and the kernel grants the native library the tile state)."""
+    """Whether bfloat16, int8 and float16 products run on AMX tiles here (when AMX pays off at
+    all, above, and the kernel grants the native library the tile state)."""
     return amx_products_pay_off() and native.amx_init()
+
+
+def native_amx_min_rows(weight_dtype: torch.dtype) -> int:
+    """From how many rows a product over packed weights of this dtype runs on the panels' AMX
+    tiles here (0: never)."""
+    if not native_amx_tiles():
+        return 0
+    if weight_dtype in (torch.bfloat16, torch.int8):
+        return NATIVE_AMX_MIN_ROWS
+    return NATIVE_AMX_MIN_ROWS_FLOAT16 if weight_dtype == torch.float16 else 0
 
 
 def unpack_weight(packed: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -116,10 +136,11 @@ class PackedLinear(nn.Module):
         # The kernel takes float32 vectors; int8 weights carry their per-channel scales.
         self.bias = None if bias is None else _frozen(bias.detach().float().contiguous())
         self.scales = None if scales is None else _frozen(scales.detach().float().contiguous())
-        # bfloat16 and int8 weights on a CPU with AMX: products of 8+ rows on AMX tiles, from the
-        # panels (amx_min_rows, in the native library) or, for large prompt chunks, on oneDNN's
+        # On a CPU with AMX: bfloat16 and int8 products of 8+ rows on AMX tiles, from the panels
+        # (amx_min_rows, in the native library) or, for large prompt chunks, on oneDNN's
+        # (amx_products); float16 ones from 12 rows on the panels' tiles only.
         self.amx_products = packed_weight.dtype in (torch.bfloat16, torch.int8) and amx_products_pay_off()
-        self.amx_min_rows = NATIVE_AMX_MIN_ROWS if self.amx_products and native_amx_tiles() else 0
+        self.amx_min_rows = native_amx_min_rows(packed_weight.dtype)
 
     @classmethod
     def from_module(cls, module: nn.Linear | Int8Linear, in_place: bool = False,

@@ -79,7 +79,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     """x (..., K) @ weight (N, K).T (* scales (N,)) (+ bias (N,)), in x's dtype (float32, float16
     or bfloat16; the arithmetic is float32), for `packed = pack_weight(weight)` and N = out_features.
     From `amx_min_rows` rows (0: never; after `amx_init()`), bfloat16 and int8 weights multiply on
-    AMX tiles, the activations rounded to bfloat16.
+    AMX tiles, the activations rounded to bfloat16; float16 weights too, as two exact bfloat16
+    halves against activations kept to 16 bits of significand (amx.c).
 
     The weight is float32, float16, bfloat16 or int8 (then `scales` is required); bias and scales
     are float32. Requires `available()`.

@@ -1,5 +1,5 @@
-/* Products on AMX tiles straight from the packed panels (linear.c's layout), for bfloat16 and int8
- * weights on CPUs with AMX-BF16 (Intel Xeon since Sapphire Rapids).
+/* Products on AMX tiles straight from the packed panels (linear.c's layout), for bfloat16, int8 and
+ * float16 weights on CPUs with AMX-BF16 (Intel Xeon since Sapphire Rapids).
  *
  * Decode steps of tens of sequences were the gap: the native tiles are bound by FMAs there
  * (2.1 ms for one tiny_starcoder layer's products at 32 rows), oneDNN's AMX product needs plain
@@ -10,7 +10,13 @@
  *
  * The activations are rounded to bfloat16 (as oneDNN's AMX products round them on the prefill
  * path, and as HF's bfloat16 models round every product's input); sums, scales and bias stay
- * float32. Used from `amx_min_rows` rows up where the caller asks (Output.amx_min_rows), after
+ * float32. float16 weights have no AMX product on these CPUs (AMX-FP16 came later), and rounding
+ * them to bfloat16 would drop 3 bits of each: each is split into two bfloat16 halves that sum to it
+ * exactly, each activation into two that keep 16 bits of its significand, and three tile products
+ * (high x high, high x low, low x high; low x low, about 2^-17 of a term, is left out) give a
+ * product about 2^-16 of each term from exact: more precise than one in float16 (2^-11).
+ *
+ * Used from `amx_min_rows` rows up where the caller asks (Output.amx_min_rows), after
  * starchat_amx_init() was granted the tile state by the kernel.
  */
 #include <stdint.h>
@@ -31,8 +37,12 @@
 #if HAVE_AMX
 static int amx_granted = 0;
 
-/* Tile registers: C tiles tmm0-3 (four blocks of 16 rows per pass over a panel), A in tmm4, B in tmm5. */
+/* Tile registers: C tiles tmm0-3 (four blocks of 16 rows per pass over a panel), A in tmm4, B in
+ * tmm5; with float16 weights also B's low half in tmm6 and A's in tmm7. */
 #define ROW_BLOCKS_PER_PASS 4
+#ifndef PANELS_PER_GROUP
+#define PANELS_PER_GROUP 4
+#endif
 
 typedef struct __attribute__((packed, aligned(64))) {
     uint8_t palette_id, start_row, reserved[14];
@@ -40,34 +50,158 @@ typedef struct __attribute__((packed, aligned(64))) {
     uint8_t rows[16];
 } TileConfig;
 
-/* Panel row j (PANEL weights) as bfloat16; zeros past the last row of K. */
-static inline __m256i panel_row_bf16(const void *panel, int wtype, long j, long k) {
-    if (j >= k) return _mm256_setzero_si256();
-    if (wtype == W_BF16) return _mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + j * PANEL));
-    /* int8: exact in float32, whose high half is then the bfloat16 */
-    const __m512 widened = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)panel + j * PANEL))));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(widened), 16));
+/* Panel row j (PANEL weights) as float32 bits, zeros past the last row of K. Each value's high
+ * half is its bfloat16: exact for bfloat16 and int8 weights (int8 is exact in float32, and its
+ * float32 has no bits past the 8th of its significand). */
+static inline __m512i panel_row_bits(const void *panel, int wtype, long j, long k) {
+    if (j >= k) return _mm512_setzero_si512();
+    if (wtype == W_BF16)
+        return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + j * PANEL))), 16);
+    if (wtype == W_F16)
+        return _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + j * PANEL))));
+    return _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)panel + j * PANEL)))));
 }
 
-/* The B tile of rows k0 .. k0 + 31 of a panel: row p holds, for each column c, the weights of
- * rows k0 + 2p and k0 + 2p + 1 side by side (64 bytes). */
+/* Row p of a B tile from two panel rows' float32 bits: for each column c, the bfloat16 (high
+ * halves) of rows k0 + 2p (low word) and k0 + 2p + 1 (high word) side by side, one 32-bit lane per
+ * column: a shift and a word blend, no shuffles. */
+static inline __m512i pair_row(__m512i even, __m512i odd) {
+    return _mm512_mask_blend_epi16(0x55555555u, odd, _mm512_srli_epi32(even, 16));
+}
+
+/* The B tile of rows k0 .. k0 + 31 of a bfloat16 or int8 panel. */
 static inline void b_tile(const void *panel, int wtype, long k, long k0, uint16_t tile[16 * 32]) {
     const long row_bytes = PANEL * element_size(wtype);
     for (int p = 0; p < 16; p++) {
         _mm_prefetch((const char *)panel + (k0 + 2 * p + 64) * row_bytes, _MM_HINT_T0); /* 2 KiB ahead (bf16) */
-        const __m256i even = panel_row_bf16(panel, wtype, k0 + 2 * p, k), odd = panel_row_bf16(panel, wtype, k0 + 2 * p + 1, k);
-        const __m256i low = _mm256_unpacklo_epi16(even, odd), high = _mm256_unpackhi_epi16(even, odd); /* within lanes */
-        _mm256_store_si256((__m256i *)(tile + 32 * p), _mm256_permute2x128_si256(low, high, 0x20));
-        _mm256_store_si256((__m256i *)(tile + 32 * p + 16), _mm256_permute2x128_si256(low, high, 0x31));
+        _mm512_store_si512((__m512i *)(tile + 32 * p),
+                           pair_row(panel_row_bits(panel, wtype, k0 + 2 * p, k), panel_row_bits(panel, wtype, k0 + 2 * p + 1, k)));
     }
 }
 
-/* Activation row r (k float32) as bfloat16, zero-padded to k_padded. */
-static inline void row_to_bf16(const float *x, long k, long k_padded, uint16_t *out) {
+/* A float16 weight's float32 bits as high + low, two bfloat16 (in the high halves of the
+ * returned lanes) whose sum is the weight exactly: high is it truncated to bfloat16, low the
+ * remaining 3 bits of float16's 11-bit significand (exact in bfloat16, so truncation keeps it). */
+static inline void split_f16_bits(__m512i bits, __m512i *high, __m512i *low) {
+    *high = _mm512_and_si512(bits, _mm512_set1_epi32((int)0xFFFF0000u));
+    *low = _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(bits), _mm512_castsi512_ps(*high)));
+}
+
+/* The two B tiles (high and low halves, exact together) of rows k0 .. k0 + 31 of a float16 panel. */
+static inline void b_tiles_f16(const void *panel, long k, long k0, uint16_t high[16 * 32], uint16_t low[16 * 32]) {
+    for (int p = 0; p < 16; p++) {
+        _mm_prefetch((const char *)panel + (k0 + 2 * p + 64) * PANEL * 2, _MM_HINT_T0);
+        __m512i even_high, even_low, odd_high, odd_low;
+        split_f16_bits(panel_row_bits(panel, W_F16, k0 + 2 * p, k), &even_high, &even_low);
+        split_f16_bits(panel_row_bits(panel, W_F16, k0 + 2 * p + 1, k), &odd_high, &odd_low);
+        _mm512_store_si512((__m512i *)(high + 32 * p), pair_row(even_high, odd_high));
+        _mm512_store_si512((__m512i *)(low + 32 * p), pair_row(even_low, odd_low));
+    }
+}
+
+/* Activation rows are kept in A tiles' order: the 16 rows x 32 values of each row block and step
+ * of K contiguous (1 KiB), the steps of a block one after another, so every tile load reads one
+ * block of memory (row-major rows had each load gather 16 lines kilobytes apart). Value j of a row
+ * is at this offset from the row's first value (row r's: (r / 16) * 16 * k_padded + (r % 16) * 32). */
+static inline long tile_offset(long j) { return j / 32 * 512 + j % 32; }
+
+/* Activation row (k float32) as bfloat16 in tile order, zero-padded to k_padded; with `low`,
+ * also what rounding left out, as a second bfloat16 row (together 16 bits of significand: more
+ * than float16's 11). x NULL: a padding row of zeros. */
+static inline void row_to_bf16(const float *x, long k, long k_padded, uint16_t *out, uint16_t *low) {
     long j = 0;
-    for (; j + 16 <= k; j += 16) _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
-    for (; j < k; j++) out[j] = f32_to_bf16(x[j]);
-    for (; j < k_padded; j++) out[j] = 0;
+    if (x)
+        for (; j + 16 <= k; j += 16) { /* 16 values never straddle two steps of 32 */
+            const __m512 v = _mm512_loadu_ps(x + j);
+            const __m256bh rounded = _mm512_cvtneps_pbh(v);
+            _mm256_storeu_si256((__m256i *)(out + tile_offset(j)), (__m256i)rounded);
+            if (low) _mm256_storeu_si256((__m256i *)(low + tile_offset(j)), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, _mm512_cvtpbh_ps(rounded))));
+        }
+    for (; j < k_padded; j++) {
+        const uint16_t value = x && j < k ? f32_to_bf16(x[j]) : 0;
+        out[tile_offset(j)] = value;
+        if (low) low[tile_offset(j)] = x && j < k ? f32_to_bf16(x[j] - bf16_to_f32(value)) : 0;
+    }
+}
+
+/* One row block's share of a step of K: C tile t += A(t) B, and with split (float16 weights)
+ * += A(t) B_low + A_low(t) B. Tile numbers are immediates, hence a macro. */
+#define MULTIPLY_ROW_BLOCK(t)                                                   \
+    if (count > t) {                                                            \
+        _tile_loadd(4, a + t * 16 * k_padded + k0 * 16, 64);                    \
+        _tile_dpbf16ps(t, 4, 5);                                                \
+        if (split) {                                                            \
+            _tile_dpbf16ps(t, 4, 6);                                            \
+            _tile_loadd(7, a_low + t * 16 * k_padded + k0 * 16, 64);            \
+            _tile_dpbf16ps(t, 7, 5);                                            \
+        }                                                                       \
+    }
+
+/* C tile t (0-3; tile numbers are immediates) started from `start` (16 x 16 float32) or zeros,
+ * and stored to dest, rows `stride` bytes apart. */
+static inline void start_c_tile(int t, const float *start) {
+    switch (t) {
+    case 0: if (start) _tile_loadd(0, start, 64); else _tile_zero(0); break;
+    case 1: if (start) _tile_loadd(1, start, 64); else _tile_zero(1); break;
+    case 2: if (start) _tile_loadd(2, start, 64); else _tile_zero(2); break;
+    default: if (start) _tile_loadd(3, start, 64); else _tile_zero(3); break;
+    }
+}
+static inline void store_c_tile(int t, void *dest, long stride) {
+    switch (t) {
+    case 0: _tile_stored(0, dest, stride); break;
+    case 1: _tile_stored(1, dest, stride); break;
+    case 2: _tile_stored(2, dest, stride); break;
+    default: _tile_stored(3, dest, stride); break;
+    }
+}
+
+/* One panel's product with up to four row blocks (rows of a and a_low from `first` blocks on),
+ * float32 sums into the output. The panel's B tiles are built as its rows stream by, into tiles
+ * (one step of K: 512 uint16 each, high then low halves for float16); with `cached` they stay
+ * there for the panel's later passes (tiles holds every step of K) and only the first pass
+ * builds them. Inlined with split a constant: one loop per weight kind.
+ *
+ * Finishing the sums row by row (store_tile_rows) cost a third of a 512 x 768 x 3,072 product, so
+ * where it can the tile is the output: sums start from the bias (no int8 scales to apply after
+ * it) and full float32 tiles are stored straight into the output rows. */
+static inline __attribute__((always_inline)) void panel_pass(const char *panel, int wtype, int split, long k, long k_padded,
+                                                            const uint16_t *a, const uint16_t *a_low, long count,
+                                                            uint16_t *tiles, int cached, float (*c)[PANEL],
+                                                            const Output *out, long m, long first, long n0, long columns) {
+    const long tile_values = (split ? 2 : 1) * 512;
+    const int bias_in_tiles = out->bias && !out->scales;
+    if (bias_in_tiles) {
+        for (long r = 0; r < 16; r++)
+            for (long col = 0; col < PANEL; col++) c[r][col] = col < columns ? out->bias[n0 + col] : 0.0f;
+    }
+    for (int t = 0; t < count; t++) start_c_tile(t, bias_in_tiles ? &c[0][0] : NULL);
+    for (long k0 = 0; k0 < k_padded; k0 += 32) {
+        uint16_t *b = cached ? tiles + k0 / 32 * tile_values : tiles;
+        if (!cached || first == 0) {
+            if (split)
+                b_tiles_f16(panel, k, k0, b, b + 512);
+            else
+                b_tile(panel, wtype, k, k0, b);
+        }
+        if (split) _tile_loadd(6, b + 512, 64);
+        _tile_loadd(5, b, 64);
+        MULTIPLY_ROW_BLOCK(0)
+        MULTIPLY_ROW_BLOCK(1)
+        MULTIPLY_ROW_BLOCK(2)
+        MULTIPLY_ROW_BLOCK(3)
+    }
+    Output rest = *out; /* what store_tile_rows still has to apply */
+    if (bias_in_tiles) rest.bias = NULL;
+    for (int t = 0; t < count; t++) {
+        const long row0 = (first + t) * 16;
+        if (out->type == W_F32 && !out->scales && columns == PANEL && row0 + 16 <= m) {
+            store_c_tile(t, (float *)out->data + row0 * out->n_total + n0, out->n_total * (long)sizeof(float));
+        } else {
+            store_c_tile(t, c, 64);
+            store_tile_rows(&rest, row0, (int)(m - row0 < 16 ? m - row0 : 16), n0, columns, c);
+        }
+    }
 }
 #endif
 
@@ -84,72 +218,60 @@ int starchat_amx_init(void) {
 int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
 #if HAVE_AMX
     /* The same answer on every thread of the region (they all meet the loops below or none). */
-    if (!amx_granted || (wtype != W_BF16 && wtype != W_I8)) return 0;
-    const long k_padded = (k + 31) / 32 * 32, row_blocks = (m + 15) / 16, stride = k_padded * 2;
+    if (!amx_granted || (wtype != W_BF16 && wtype != W_I8 && wtype != W_F16)) return 0;
+    /* float16 weights are exact as two bfloat16 halves; their activations get a low half too, so
+     * the product keeps more than float16's precision (three tile products instead of one). */
+    const int split = wtype == W_F16;
+    const long k_padded = (k + 31) / 32 * 32, row_blocks = (m + 15) / 16, padded_rows = row_blocks * 16;
     uint16_t *rows = NULL;
 #pragma omp single copyprivate(rows)
-    rows = (uint16_t *)aligned_alloc(64, (size_t)(row_blocks * 16 * stride + 63) / 64 * 64);
+    rows = (uint16_t *)aligned_alloc(64, (size_t)((split ? 2 : 1) * padded_rows * k_padded * 2 + 63) / 64 * 64);
     if (!rows) return 0;
+    uint16_t *rows_low = split ? rows + padded_rows * k_padded : NULL;
 #pragma omp for schedule(static)
-    for (long r = 0; r < row_blocks * 16; r++) {
-        if (r < m)
-            row_to_bf16(x + r * k, k, k_padded, rows + r * k_padded);
-        else
-            memset(rows + r * k_padded, 0, (size_t)stride);
+    for (long r = 0; r < padded_rows; r++) {
+        const long at = r / 16 * 16 * k_padded + r % 16 * 32;
+        row_to_bf16(r < m ? x + r * k : NULL, k, k_padded, rows + at, split ? rows_low + at : NULL);
     }
     TileConfig config;
     memset(&config, 0, sizeof config);
     config.palette_id = 1;
-    for (int t = 0; t < 6; t++) {
+    for (int t = 0; t < 8; t++) {
         config.rows[t] = 16;
         config.bytes_per_row[t] = 64;
     }
     _tile_loadconfig(&config);
-    uint16_t b[16 * 32] __attribute__((aligned(64)));
+    /* With more than one pass of row blocks, panels go in groups: each group's B tiles are built
+     * in its first pass and kept (this thread's copy: 1-2 KiB per 32 rows of K and panel), and
+     * every pass of rows (in L2) multiplies the whole group, so the rows are read once per group
+     * rather than once per panel. One pass: built per step of K, no copy. The groups are the same on
+     * every thread (one loop to share); a thread that gets no memory builds per step instead. */
+    const long tile_values = (split ? 2 : 1) * 512, passes = (row_blocks + ROW_BLOCKS_PER_PASS - 1) / ROW_BLOCKS_PER_PASS;
+    uint16_t step_tiles[2 * 512] __attribute__((aligned(64)));
+    const long panel_values = k_padded / 32 * tile_values, blocks = (n + PANEL - 1) / PANEL, panel_bytes = k * PANEL * element_size(wtype);
+    uint16_t *group_tiles = passes > 1 ? (uint16_t *)aligned_alloc(64, (size_t)(PANELS_PER_GROUP * panel_values * 2)) : NULL;
+    const int cached = group_tiles != NULL;
+    const long group_panels = passes > 1 ? PANELS_PER_GROUP : 1, groups = (blocks + group_panels - 1) / group_panels;
     float c[16][PANEL] __attribute__((aligned(64)));
-    const long blocks = (n + PANEL - 1) / PANEL, panel_bytes = k * PANEL * element_size(wtype);
 #pragma omp for schedule(static) nowait
-    for (long block = 0; block < blocks; block++) {
-        const char *panel = (const char *)w + block * panel_bytes;
-        const long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
+    for (long group = 0; group < groups; group++) {
+        const long first_block = group * group_panels, end_block = first_block + group_panels < blocks ? first_block + group_panels : blocks;
         for (long first = 0; first < row_blocks; first += ROW_BLOCKS_PER_PASS) {
             const long count = row_blocks - first < ROW_BLOCKS_PER_PASS ? row_blocks - first : ROW_BLOCKS_PER_PASS;
-            const uint16_t *a = rows + first * 16 * k_padded;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (long k0 = 0; k0 < k_padded; k0 += 32) {
-                b_tile(panel, wtype, k, k0, b);
-                _tile_loadd(5, b, 64);
-                _tile_loadd(4, a + k0, stride);
-                _tile_dpbf16ps(0, 4, 5);
-                if (count > 1) {
-                    _tile_loadd(4, a + 16 * k_padded + k0, stride);
-                    _tile_dpbf16ps(1, 4, 5);
-                }
-                if (count > 2) {
-                    _tile_loadd(4, a + 32 * k_padded + k0, stride);
-                    _tile_dpbf16ps(2, 4, 5);
-                }
-                if (count > 3) {
-                    _tile_loadd(4, a + 48 * k_padded + k0, stride);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
-            }
-            for (long t = 0; t < count; t++) {
-                switch (t) { /* tile numbers are immediates */
-                case 0: _tile_stored(0, c, 64); break;
-                case 1: _tile_stored(1, c, 64); break;
-                case 2: _tile_stored(2, c, 64); break;
-                default: _tile_stored(3, c, 64); break;
-                }
-                const long row0 = (first + t) * 16;
-                store_tile_rows(out, row0, (int)(m - row0 < 16 ? m - row0 : 16), n0, columns, c);
+            const uint16_t *a = rows + first * 16 * k_padded, *a_low = split ? rows_low + first * 16 * k_padded : NULL;
+            for (long block = first_block; block < end_block; block++) {
+                const char *panel = (const char *)w + block * panel_bytes;
+                const long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
+                uint16_t *tiles = cached ? group_tiles + (block - first_block) * panel_values : step_tiles;
+                if (split)
+                    panel_pass(panel, wtype, 1, k, k_padded, a, a_low, count, tiles, cached, c, out, m, first, n0, columns);
+                else
+                    panel_pass(panel, wtype, 0, k, k_padded, a, a_low, count, tiles, cached, c, out, m, first, n0, columns);
             }
         }
     }
     _tile_release();
+    free(group_tiles);
 #pragma omp barrier
 #pragma omp single
     free(rows);

@@ -52,8 +52,8 @@ static inline void store_tile_rows(const Output *out, long row0, int rows, long 
 
 /* Orphaned work-sharing loops: inside a parallel region the threads split the work. w is packed. */
 void starchat_linear_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k);
-/* The same product on AMX tiles (amx.c), for bfloat16 and int8 weights: 1 when done, 0 (on every
- * thread) when AMX is not available here or the weights are of another type. */
+/* The same product on AMX tiles (amx.c), for bfloat16, int8 and float16 weights: 1 when done, 0 (on
+ * every thread) when AMX is not available here or the weights are float32. */
 int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k);
 /* query and out are of io_type, the cache of type. */
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,

@@ -624,7 +624,7 @@ int starchat_unpack_bf16(const void *w, int wtype, long n, long k, uint16_t *out
 
 /* The entry point: y (m, n) = x (m, k) @ w^T, times scales, plus bias, for w packed into panels.
  * x and y are W_F32, W_F16 or W_BF16; w any weight type; from amx_min_rows rows (0: never) a
- * bfloat16 or int8 product goes to AMX tiles where starchat_amx_init() was granted them. Returns
+ * bfloat16, int8 or float16 product goes to AMX tiles where starchat_amx_init() was granted them. Returns
  * 0, -1 for a type it does not know, -2 when out of memory. */
 int starchat_linear(const void *x, int xtype, long m, const void *w, int wtype, const float *scales,
                     const float *bias, void *y, int ytype, long n, long k, int threads, long amx_min_rows) {
