@@ -265,6 +265,28 @@ def test_fallbacks_without_compiler_or_when_disabled(tmp_path, monkeypatch, capl
         build.load.cache_clear()
 
 
+def test_a_build_without_this_cpus_flags_says_so(tmp_path, monkeypatch, caplog):
+    # A compiler that rejects -march=native / -mcpu=native (or code it cannot build for this CPU)
+    # still gets a generic build, but with a warning: silently losing the vector and AMX paths
+    # would only show as slowness (and as skipped AMX tests).
+    if build.load() is None:
+        pytest.skip("no C compiler here")
+    compiler = tmp_path / "cc-without-native"
+    compiler.write_text('#!/bin/sh\ncase "$*" in *-march=native*|*-mcpu=native*) echo "cc: unknown -march=native" >&2; exit 1;; esac\n'
+                        'exec gcc "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(compiler))
+    build.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            library = build.load()
+        assert library is not None and not library.starchat_linear_has_avx2()
+        assert "built without -march=native (cc: unknown -march=native)" in caplog.text
+    finally:
+        build.load.cache_clear()
+
+
 def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypatch):
     """On a CPU with AVX-512 the many-row tiles (and int8's one-row product) are 16 wide: the same
     per-element sums in the same order as the 8-wide AVX2 code, so the same bits (built both ways here)."""

@@ -63,6 +63,11 @@ def _compile(compiler: str, target: Path) -> None:
         for arch in (["-march=native"], ["-mcpu=native"], []):
             result = subprocess.run(base[:2] + arch + extra + base[2:], capture_output=True, text=True)
             if result.returncode == 0:
+                if errors and arch == []:
+                    # A compiler without either flag, or code it rejected: say so, since the
+                    # generic build runs without this CPU's vector and AMX instructions.
+                    logger.warning("CPU kernels built without -march=native (%s): they run without this CPU's "
+                                   "vector extensions", errors[0][0])
                 os.replace(partial, target)  # atomic: concurrent builders never load half a file
                 return
             errors.append(result.stderr.strip().splitlines()[-1:] or ["(no message)"])
