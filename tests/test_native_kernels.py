@@ -77,11 +77,13 @@ def test_one_row_bfloat16_product_equals_the_float32_one_bit_for_bit():
 def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dtype):
     # On AMX tiles (amx.c): panels turned into B tiles as they stream by, activations rounded to
     # bfloat16, float32 sums; K not a multiple of 32 and a partial last panel exercise the padding,
-    # 100 rows two passes of four 16-row tiles. Fewer rows than asked keep the native tiles' bits.
+    # 100 rows two passes of four 16-row tiles (B tiles kept across passes, panels in groups of
+    # four, a partial group); K of 8,200 (64-row passes over 1 MiB) goes a few steps of K at a time
+    # with partial sums, the last block of K short. Fewer rows than asked keep the native tiles' bits.
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(7)
-    for out_features, in_features in ((3072, 768), (37, 771), (48, 40)):
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 8200)):
         weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
         packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
         for rows in (7, 8, 17, 64, 100):
@@ -108,7 +110,8 @@ def test_amx_float16_products_keep_the_weights_exact_and_16_bits_of_the_activati
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(8)
-    for out_features, in_features in ((3072, 768), (37, 771), (48, 40)):
+    # K of 4,200: 64-row passes of both halves over 1 MiB, taken two steps of K at a time
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 4200)):
         weight = torch.randn(out_features, in_features, generator=generator)
         weight[:, ::7] *= 1e-6  # float16 subnormals (below 6.1e-5): still exact as two halves
         weight = weight.half()
