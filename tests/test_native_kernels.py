@@ -110,8 +110,9 @@ def test_amx_float16_products_keep_the_weights_exact_and_16_bits_of_the_activati
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(8)
-    # K of 4,200: 64-row passes of both halves over 1 MiB, taken two steps of K at a time
-    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 4200)):
+    # K of 4,200: 64-row passes of both halves over 1 MiB, taken two steps of K at a time; of
+    # 16,500: B tiles over KEPT_TILES_MAX, rebuilt in each pass rather than kept
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 4200), (48, 16500)):
         weight = torch.randn(out_features, in_features, generator=generator)
         weight[:, ::7] *= 1e-6  # float16 subnormals (below 6.1e-5): still exact as two halves
         weight = weight.half()

@@ -49,6 +49,11 @@ static int amx_granted = 0;
 #define K_BLOCK_FROM (1L << 20)
 #define K_STEPS 4
 #define K_STEPS_SPLIT 2
+/* A group's kept B tiles beyond this many bytes (per thread) are rebuilt per pass instead: they
+ * would come from beyond L2 either way, and StarChat-beta's float16 mlp.c_proj would keep 6 MiB
+ * per thread (512 rows: 32.9 against 35.9 ms rebuilt; its bfloat16 tiles, 3 MiB, stay kept:
+ * 12.0 against 13.0). */
+#define KEPT_TILES_MAX (4L << 20)
 
 typedef struct __attribute__((packed, aligned(64))) {
     uint8_t palette_id, start_row, reserved[14];
@@ -266,11 +271,13 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
      * sums kept in `partials` between them: 512 x 24,576 x 512 in bfloat16 12.4 against 18.4 ms,
      * float16 38 against 49, 64 rows of float16 2.8 against 4.3 (2-core Xeon). Otherwise (one
      * pass of short rows) B tiles are built per step of K, no copy. The groups are the same on
-     * every thread (one loop to share); a thread that gets no memory builds per step instead. */
+     * every thread (one loop to share); a thread that gets no memory (or would keep more than
+     * KEPT_TILES_MAX) builds per step instead. */
     const long tile_values = (split ? 2 : 1) * 512, passes = (row_blocks + ROW_BLOCKS_PER_PASS - 1) / ROW_BLOCKS_PER_PASS;
     uint16_t step_tiles[2 * 512] __attribute__((aligned(64)));
     const long panel_values = k_padded / 32 * tile_values, blocks = (n + PANEL - 1) / PANEL, panel_bytes = k * PANEL * element_size(wtype);
-    uint16_t *group_tiles = passes > 1 ? (uint16_t *)aligned_alloc(64, (size_t)(PANELS_PER_GROUP * panel_values * 2)) : NULL;
+    const long kept_bytes = PANELS_PER_GROUP * panel_values * 2;
+    uint16_t *group_tiles = passes > 1 && kept_bytes <= KEPT_TILES_MAX ? (uint16_t *)aligned_alloc(64, (size_t)kept_bytes) : NULL;
     const int cached = group_tiles != NULL;
     const long pass_bytes = (row_blocks < ROW_BLOCKS_PER_PASS ? row_blocks : ROW_BLOCKS_PER_PASS) * 16 * k_padded * 2 * (split ? 2 : 1);
     const long k_block = pass_bytes > K_BLOCK_FROM ? (split ? K_STEPS_SPLIT : K_STEPS) * 32 : k_padded;
