@@ -5,8 +5,9 @@
  * (2.1 ms for one tiny_starcoder layer's products at 32 rows), oneDNN's AMX product needs plain
  * weight rows (unpacking them per call cost as much as the product saved), and keeping a second,
  * unpacked copy would double the model's memory. Here each panel is turned into AMX's B-tile
- * layout (pairs of K interleaved per column) 32 rows of K at a time, in a 1 KiB buffer, as it
- * streams by: the tiles multiply while the weights are read once.
+ * layout (pairs of K interleaved per column) 32 rows of K at a time as it streams by (kept for
+ * later passes of rows where there are some: starchat_amx_columns): the tiles multiply while the
+ * weights are read once.
  *
  * The activations are rounded to bfloat16 (as oneDNN's AMX products round them on the prefill
  * path, and as HF's bfloat16 models round every product's input); sums, scales and bias stay
@@ -112,8 +113,9 @@ static inline void b_tiles_f16(const void *panel, long k, long k0, uint16_t high
 
 /* Activation rows are kept in A tiles' order: the 16 rows x 32 values of each row block and step
  * of K contiguous (1 KiB), the steps of a block one after another, so every tile load reads one
- * block of memory (row-major rows had each load gather 16 lines kilobytes apart). Value j of a row
- * is at this offset from the row's first value (row r's: (r / 16) * 16 * k_padded + (r % 16) * 32). */
+ * piece of memory rather than 16 lines kilobytes apart (measured level with row-major rows on the
+ * 2-core Xeon, where the loads come from L1 or L2 either way). Value j of a row is at this offset
+ * from the row's first value (row r's: (r / 16) * 16 * k_padded + (r % 16) * 32). */
 static inline long tile_offset(long j) { return j / 32 * 512 + j % 32; }
 
 /* Activation row (k float32) as bfloat16 in tile order, zero-padded to k_padded; with `low`,
