@@ -173,16 +173,29 @@ def test_amx_products_equal_the_native_kernel_to_bfloat16_rounding(kind, monkeyp
 def test_amx_products_are_chosen_by_the_cpu_and_can_be_turned_off(monkeypatch):
     from starchat.model import cpu_linear
 
-    cpu_linear.amx_products_pay_off.cache_clear()
+    checks = (cpu_linear.amx_products_pay_off, cpu_linear.native_amx_tiles)  # cached once per process
+
+    def clear():
+        for check in checks:
+            check.cache_clear()
+
+    clear()
     try:
-        monkeypatch.setenv("STARCHAT_CPU_AMX", "0")
-        assert not cpu_linear.amx_products_pay_off()
-        cpu_linear.amx_products_pay_off.cache_clear()
+        monkeypatch.setenv("STARCHAT_CPU_AMX", "0")  # both AMX paths off, oneDNN's and the panels'
+        assert not cpu_linear.amx_products_pay_off() and not cpu_linear.native_amx_tiles()
+        assert cpu_linear.native_amx_min_rows(torch.float16) == cpu_linear.native_amx_min_rows(torch.bfloat16) == 0
+        clear()
         monkeypatch.delenv("STARCHAT_CPU_AMX")
+        # the panels' path does not hang on oneDNN's check: granted and timed on its own (AMX tiles
+        # multiply 32 rows about 5x faster than the AVX tiles on any CPU that has them)
+        monkeypatch.setattr(cpu_linear, "amx_products_pay_off", lambda: False)
+        assert cpu_linear.native_amx_tiles() == (native.available() and native.amx_init())
+        clear()
         monkeypatch.setattr(cpu_linear, "_cpu_feature", lambda name: False)
-        assert not cpu_linear.amx_products_pay_off()  # no AMX: nothing timed, the native kernel
+        assert not cpu_linear.native_amx_tiles()  # no AMX: nothing timed, the native kernel
     finally:
-        cpu_linear.amx_products_pay_off.cache_clear()
+        monkeypatch.undo()
+        clear()
     float_layer = PackedLinear.from_module(nn.Linear(8, 16).to(torch.float16)) if native.available() else None
     assert float_layer is None or not float_layer.amx_products  # float16 and float32 weights: never
 

@@ -64,37 +64,53 @@ def cpu_has_fast_bf16() -> bool:
     return _cpu_feature("_is_avx512_bf16_supported") or _cpu_feature("_is_amx_tile_supported")
 
 
+def _amx_allowed() -> bool:
+    """The CPU has AMX tiles and STARCHAT_CPU_AMX is not 0."""
+    return os.environ.get("STARCHAT_CPU_AMX", "1") != "0" and _cpu_feature("_is_amx_tile_supported")
+
+
+def _fastest(product) -> float:
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        product()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def _timing_case(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tiny_starcoder-sized bfloat16 weight (packed) and `rows` activations to time products on."""
+    generator = torch.Generator().manual_seed(0)
+    packed = native.pack_weight(torch.randn(3072, 768, generator=generator).to(torch.bfloat16))
+    return packed, torch.randn(rows, 768, generator=generator)
+
+
 @functools.lru_cache(maxsize=1)
 def amx_products_pay_off() -> bool:
-    """Whether prefill-sized bf16 products go to oneDNN's AMX kernels here: the CPU has AMX tiles,
-    STARCHAT_CPU_AMX is not 0, and (timed once per process, a few milliseconds) unpacking a
-    tiny_starcoder-sized weight and multiplying 128 rows on them takes under 0.7x the native
-    kernel's time (AMX present but unusable, e.g. not enabled by the OS, fails that)."""
-    if os.environ.get("STARCHAT_CPU_AMX", "1") == "0" or not _cpu_feature("_is_amx_tile_supported"):
+    """Whether prefill-sized bf16 products go to oneDNN's AMX kernels here: AMX is allowed
+    (above) and (timed once per process, a few milliseconds) unpacking a tiny_starcoder-sized
+    weight and multiplying 128 rows on them takes under 0.7x the native kernel's time (AMX
+    present but unusable, e.g. not enabled by the OS, fails that)."""
+    if not _amx_allowed():
         return False
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(3072, 768, generator=generator).to(torch.bfloat16)
-    packed = native.pack_weight(weight)
-    rows = torch.randn(128, 768, generator=generator)
-
-    def fastest(product) -> float:
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
-
-    native_time = fastest(lambda: native.linear(rows, packed, 3072))
-    amx_time = fastest(lambda: F.linear(rows.to(torch.bfloat16), unpack_weight(packed, 3072, torch.bfloat16)))
+    packed, rows = _timing_case(128)
+    native_time = _fastest(lambda: native.linear(rows, packed, 3072))
+    amx_time = _fastest(lambda: F.linear(rows.to(torch.bfloat16), unpack_weight(packed, 3072, torch.bfloat16)))
     return amx_time < 0.7 * native_time
 
 
 @functools.lru_cache(maxsize=1)
 def native_amx_tiles() -> bool:
-    """Whether bfloat16, int8 and float16 products run on AMX tiles here (when AMX pays off at
-    all, above, and the kernel grants the native library the tile state)."""
-    return amx_products_pay_off() and native.amx_init()
+    """Whether bfloat16, int8 and float16 products run on the panels' AMX tiles here (amx.c): AMX
+    is allowed, the kernel grants the native library the tile state, and (timed once per process,
+    about a millisecond) 32 rows on them beat the native AVX tiles. Independent of oneDNN's check
+    above: this path is the library's own."""
+    if not _amx_allowed() or not native.amx_init():
+        return False
+    packed, rows = _timing_case(32)
+    native_time = _fastest(lambda: native.linear(rows, packed, 3072))
+    amx_time = _fastest(lambda: native.linear(rows, packed, 3072, amx_min_rows=1))
+    return amx_time < native_time
 
 
 def native_amx_min_rows(weight_dtype: torch.dtype) -> int:
