@@ -195,6 +195,16 @@ def test_greedy_tokens_of_the_step_follow_numpy_argmax_on_ties_and_nan(tiny_mode
     logits, greedy = step()
     assert logits[0, 3] == logits[0, 7] == logits[0].max()
     assert greedy.tolist() == [3]
+    # (the step's argmax runs 16 lanes wide where it can: equal maxima in one lane, 35 after 19,
+    # and across lanes, 20 before 35, give the first; the last row is past the vector part)
+    for token in (19, 35, 20):
+        head[token // 16, :, token % 16] = 3 * weights
+    logits, greedy = step()
+    assert greedy.tolist() == [19] == [int(np.argmax(logits.numpy()[0]))]
+    last = runner.model.lm_head.out_features - 1
+    head[last // 16, :, last % 16] = float("nan")
+    logits, greedy = step()
+    assert greedy.tolist() == [last] == [int(np.argmax(logits.numpy()[0]))]
     head[40 // 16, :, 40 % 16] = float("nan")
     logits, greedy = step()
     assert greedy.tolist() == [40] == [int(np.argmax(logits.numpy()[0]))]

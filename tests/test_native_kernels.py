@@ -292,8 +292,9 @@ def test_a_build_without_this_cpus_flags_says_so(tmp_path, monkeypatch, caplog):
 
 
 def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypatch):
-    """On a CPU with AVX-512 the many-row tiles (and int8's one-row product) are 16 wide: the same
-    per-element sums in the same order as the 8-wide AVX2 code, so the same bits (built both ways here)."""
+    """On a CPU with AVX-512 the many-row tiles (and int8's one-row product, and the tanh GELU) are
+    16 wide: the same per-element operations in the same order as the 8-wide AVX2 code, so the
+    same bits (built both ways here)."""
     library = build.load()
     if library is None or not library.starchat_linear_has_avx512():
         pytest.skip("this CPU (or compiler) has no AVX-512: only the AVX2 tiles exist here")
@@ -304,6 +305,8 @@ def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypa
             weight, scales, _ = _stored(torch.randn(37, 771, generator=generator), weight_dtype)
             cases.append((torch.randn(rows, 771, generator=generator), weight, torch.randn(37, generator=generator),
                           scales))
+    # the tanh GELU, 16 wide with AVX-512 (a tail of 5 past the vectors, extreme inputs)
+    values = torch.cat([torch.randn(3000, generator=generator) * 4, torch.tensor([0.0, -0.0, 60.0, -60.0, 1e-30])])
     outputs = {}
     try:
         for flags in ("", "-mno-avx512f"):
@@ -312,6 +315,7 @@ def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypa
             build.load.cache_clear()
             assert build.load().starchat_linear_has_avx512() == (flags == "")
             outputs[flags] = [_product(x, weight, bias, scales) for x, weight, bias, scales in cases]
+            outputs[flags].append(native.gelu_(values.clone(), tanh_approximation=True))
     finally:
         build.load.cache_clear()
     assert all(torch.equal(a, b) for a, b in zip(outputs[""], outputs["-mno-avx512f"]))
