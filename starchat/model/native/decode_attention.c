@@ -32,16 +32,41 @@ static inline void cache_row(const void *cache, int type, long offset, int head_
  * partial sums stay in vectors and one add tree reduces all eight (no horizontal sum per row). */
 static inline __m256 dot8(const float *q, const float *rows, int head_dim) {
     __m256 a[8];
-    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-    for (int d = 0; d < head_dim; d += 8) {
-        __m256 qv = _mm256_loadu_ps(q + d);
-        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + i * head_dim + d), a[i]);
+#if defined(__AVX512F__)
+    if (head_dim % 16 == 0) { /* 16-wide partial sums, folded to 8 lanes before the add tree */
+        __m512 wide[8];
+        for (int i = 0; i < 8; i++) wide[i] = _mm512_setzero_ps();
+        for (int d = 0; d < head_dim; d += 16) {
+            __m512 qv = _mm512_loadu_ps(q + d);
+            for (int i = 0; i < 8; i++) wide[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + i * head_dim + d), wide[i]);
+        }
+        for (int i = 0; i < 8; i++) a[i] = _mm256_add_ps(_mm512_castps512_ps256(wide[i]), _mm512_extractf32x8_ps(wide[i], 1));
+    } else
+#endif
+    {
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        for (int d = 0; d < head_dim; d += 8) {
+            __m256 qv = _mm256_loadu_ps(q + d);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + i * head_dim + d), a[i]);
+        }
     }
     __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
     __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
     __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
     return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
+
+#if defined(__AVX512F__)
+/* acc[h][0..16) = sum_l weights[h * stride + l] * values[l * head_dim + c ..], for HEADS heads. */
+static inline __attribute__((always_inline)) void weighted_values16(const float *weights, long stride, const float *values,
+                                                                      long length, int head_dim, int c, int HEADS, __m512 *acc) {
+    for (int h = 0; h < HEADS; h++) acc[h] = _mm512_setzero_ps();
+    for (long l = 0; l < length; l++) {
+        __m512 v = _mm512_loadu_ps(values + l * head_dim + c);
+        for (int h = 0; h < HEADS; h++) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(weights[h * stride + l]), v, acc[h]);
+    }
+}
+#endif
 
 /* acc[h][0..8) = sum_l weights[h * stride + l] * values[l * head_dim + c ..], for HEADS heads. */
 static inline __attribute__((always_inline)) void weighted_values(const float *weights, long stride, const float *values,
@@ -121,6 +146,37 @@ static void group_attention(const void *query, int io_type, const void *keys, co
 
     /* out[g] = weights[g] @ values / total[g] */
     int g = 0;
+#if ATTENTION_AVX2 && defined(__AVX512F__)
+    if (head_dim % 16 == 0)
+        for (; g < group; g += 8) {
+            int heads = group - g < 8 ? group - g : 8;
+            for (int c = 0; c < head_dim; c += 16) {
+                __m512 acc[8];
+                switch (heads) { /* constant head counts keep the accumulators in registers */
+                case 8: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 8, acc); break;
+                case 7: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 7, acc); break;
+                case 6: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 6, acc); break;
+                case 5: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 5, acc); break;
+                case 4: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 4, acc); break;
+                case 3: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 3, acc); break;
+                case 2: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 2, acc); break;
+                default: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 1, acc); break;
+                }
+                for (int h = 0; h < heads; h++) {
+                    const float inverse = total[g + h] > 0.0f ? 1.0f / total[g + h] : 0.0f;
+                    const __m512 result = _mm512_mul_ps(acc[h], _mm512_set1_ps(inverse));
+                    const long at = q_offset + (long)(g + h) * head_dim + c;
+                    if (io_type == W_F32) {
+                        _mm512_storeu_ps((float *)out + at, result);
+                    } else {
+                        float lanes[16];
+                        _mm512_storeu_ps(lanes, result);
+                        for (int d = 0; d < 16; d++) store_as(out, io_type, at + d, lanes[d]);
+                    }
+                }
+            }
+        }
+#endif
 #if ATTENTION_AVX2
     if (head_dim % 8 == 0)
         for (; g < group; g += 8) {
