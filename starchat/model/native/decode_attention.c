@@ -81,6 +81,22 @@ static inline __attribute__((always_inline)) void weighted_values(const float *w
 #define ATTENTION_AVX2 0
 #endif
 
+/* Calls CALL(n) with n = heads (1-8) as a constant: constant head counts keep the accumulators
+ * in registers. */
+#define WITH_HEAD_COUNT(heads, CALL)                                   \
+    switch (heads) {                                                   \
+    case 8: CALL(8); break;                                            \
+    case 7: CALL(7); break;                                            \
+    case 6: CALL(6); break;                                            \
+    case 5: CALL(5); break;                                            \
+    case 4: CALL(4); break;                                            \
+    case 3: CALL(3); break;                                            \
+    case 2: CALL(2); break;                                            \
+    default: CALL(1); break;                                           \
+    }
+#define WEIGHTED_VALUES8(n) weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, n, acc)
+#define WEIGHTED_VALUES16(n) weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, n, acc)
+
 /* All query heads of one KV head for one sequence; every key/value row is widened once and used
  * by every head of the group. `scratch`: starchat_attention_scratch(...) floats. */
 static void group_attention(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
@@ -152,16 +168,7 @@ static void group_attention(const void *query, int io_type, const void *keys, co
             int heads = group - g < 8 ? group - g : 8;
             for (int c = 0; c < head_dim; c += 16) {
                 __m512 acc[8];
-                switch (heads) { /* constant head counts keep the accumulators in registers */
-                case 8: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 8, acc); break;
-                case 7: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 7, acc); break;
-                case 6: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 6, acc); break;
-                case 5: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 5, acc); break;
-                case 4: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 4, acc); break;
-                case 3: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 3, acc); break;
-                case 2: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 2, acc); break;
-                default: weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 1, acc); break;
-                }
+                WITH_HEAD_COUNT(heads, WEIGHTED_VALUES16)
                 for (int h = 0; h < heads; h++) {
                     const float inverse = total[g + h] > 0.0f ? 1.0f / total[g + h] : 0.0f;
                     const __m512 result = _mm512_mul_ps(acc[h], _mm512_set1_ps(inverse));
@@ -183,16 +190,7 @@ static void group_attention(const void *query, int io_type, const void *keys, co
             int heads = group - g < 8 ? group - g : 8;
             for (int c = 0; c < head_dim; c += 8) {
                 __m256 acc[8];
-                switch (heads) { /* constant head counts keep the accumulators in registers */
-                case 8: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 8, acc); break;
-                case 7: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 7, acc); break;
-                case 6: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 6, acc); break;
-                case 5: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 5, acc); break;
-                case 4: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 4, acc); break;
-                case 3: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 3, acc); break;
-                case 2: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 2, acc); break;
-                default: weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, 1, acc); break;
-                }
+                WITH_HEAD_COUNT(heads, WEIGHTED_VALUES8)
                 for (int h = 0; h < heads; h++) {
                     float lanes[8], inverse = total[g + h] > 0.0f ? 1.0f / total[g + h] : 0.0f;
                     _mm256_storeu_ps(lanes, _mm256_mul_ps(acc[h], _mm256_set1_ps(inverse)));
