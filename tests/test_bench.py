@@ -46,6 +46,10 @@ def test_bench_latency_against_hf_in_turns(tiny_model_dir, tmp_path):
     assert "per round (taken in turns)" in result.stdout
     figures = json.loads(output.read_text())
     assert len(figures["rounds"]["ours"]) == len(figures["rounds"]["hf"]) == 2
+    # the machine says which product kernels ran (the AMX tiles change CPU figures several-fold)
+    from starchat.model import cpu_linear, native
+    assert figures["machine"]["native_kernels"] == native.available()
+    assert figures["machine"]["amx_tiles"] == (native.available() and cpu_linear.native_amx_tiles())
     ratios = figures["ours_vs_hf_tokens_per_s_rounds"]
     assert ratios == pytest.approx([o["tokens_per_s"] / h["tokens_per_s"]
                                     for o, h in zip(figures["rounds"]["ours"], figures["rounds"]["hf"])])

@@ -19,6 +19,12 @@ def describe_machine(device: torch.device | str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+    if torch.device(device).type == "cpu":
+        # Which product kernels a CPU figure measured: the native kernels' AMX tiles change it 2-7x.
+        from starchat.model import cpu_linear, native
+
+        info["native_kernels"] = native.available()
+        info["amx_tiles"] = native.available() and cpu_linear.native_amx_tiles()
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
