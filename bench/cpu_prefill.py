@@ -36,7 +36,8 @@ from starchat.bench.machine import describe_machine  # noqa: E402
 from starchat.config import NAMED_SHAPES  # noqa: E402
 from starchat.bench.offline import random_prompts  # noqa: E402
 from starchat.model.cpu_decode import attach_fused_decode  # noqa: E402
-from starchat.model.cpu_linear import PackedLinear, amx_products_pay_off, native_amx_min_rows, native_amx_tiles  # noqa: E402
+from starchat.model.cpu_linear import (PackedLinear, amx_products_pay_off, native_amx_min_rows,  # noqa: E402
+                                      native_amx_tiles, streams_its_weights)
 from starchat.model.gpt_bigcode import Attention  # noqa: E402
 
 
@@ -57,11 +58,11 @@ def switch_amx(llm: LLM, on: bool) -> None:
     the panels' tiles (also inside the fused decode step, whose layer table is rebuilt) and
     bfloat16 prompt attention where oneDNN's products are used."""
     model = llm.engine.runner.model
-    one_dnn = False
+    one_dnn, streamed = False, streams_its_weights(model)
     for layer in model.modules():
         if isinstance(layer, PackedLinear):
             layer.amx_products = on and layer.packed_weight.dtype in (torch.bfloat16, torch.int8)
-            layer.amx_min_rows = native_amx_min_rows(layer.packed_weight.dtype) if on else 0
+            layer.amx_min_rows = native_amx_min_rows(layer.packed_weight.dtype, streamed) if on else 0
             one_dnn = one_dnn or layer.amx_products
     for attention in model.modules():
         if isinstance(attention, Attention):  # prompt chunks attend in bfloat16 with oneDNN's products

@@ -201,6 +201,37 @@ def test_amx_products_are_chosen_by_the_cpu_and_can_be_turned_off(monkeypatch):
 
 
 @needs_kernels
+def test_amx_row_thresholds_follow_whether_the_weights_fit_in_the_cpus_cache(tiny_model_dir, monkeypatch):
+    """A model whose weights exceed the last-level cache reads them from memory every step, and AMX
+    pays off from fewer rows there: the loader picks the thresholds by the model's packed bytes
+    against the cache size sysfs reports (forced both ways here; AMX assumed granted)."""
+    from starchat.model import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "native_amx_tiles", lambda: True)
+    cached = {torch.bfloat16: cpu_linear.NATIVE_AMX_MIN_ROWS, torch.int8: cpu_linear.NATIVE_AMX_MIN_ROWS,
+              torch.float16: cpu_linear.NATIVE_AMX_MIN_ROWS_FLOAT16}
+    for cache_bytes, expected in ((1 << 40, cached), (1 << 10, cpu_linear.STREAMED_AMX_MIN_ROWS)):
+        monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: cache_bytes)
+        for dtype, quantize in (("bfloat16", None), ("bfloat16", "int8"), ("float16", None)):
+            model = LLM(str(tiny_model_dir), dtype=dtype, quantize=quantize, progress=False).engine.runner.model
+            layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+            assert layers and all(m.amx_min_rows == expected[m.packed_weight.dtype] for m in layers), (cache_bytes, dtype)
+
+
+def test_the_last_level_cache_size_is_read_from_sysfs(monkeypatch, tmp_path):
+    from starchat.model import cpu_linear
+
+    for index, size in enumerate(("48K", "2048K", "491520K", "")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    real_path = cpu_linear.Path
+    monkeypatch.setattr(cpu_linear, "Path", lambda text: tmp_path if "cache" in str(text) else real_path(text))
+    assert cpu_linear.last_level_cache_bytes() == 491520 << 10
+    monkeypatch.setattr(cpu_linear, "Path", lambda text: tmp_path / "absent")
+    assert cpu_linear.last_level_cache_bytes() == 32 << 20  # nothing reported: a common server L3
+
+
+@needs_kernels
 def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkeypatch):
     """As the loader sets a bfloat16 model up where AMX products pay off (forced here): every
     packed layer's prefill products on AMX tiles (chunks of AMX_MIN_ROWS+ rows through oneDNN,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,12 @@ NATIVE_AMX_MIN_ROWS = 8
 # 10 rows, 0.44 against 0.52 at 12, 0.45 against 1.08 at 16, 2.1 against 5.7 at 128, 7.9 against
 # 23.9 at 512; they never go to oneDNN (it would round the weights to bfloat16).
 NATIVE_AMX_MIN_ROWS_FLOAT16 = 12
+# Those were measured with the weights in the CPU's last-level cache (tiny_starcoder's 328 MB in
+# that Xeon's 480 MiB). A model larger than that cache streams its weights from memory at every
+# step, where the native tiles' cost per row shows sooner against AMX's flat one: one StarChat-beta
+# layer, AMX against native tiles, bfloat16 x1.03 / x1.14 / x1.19 at 4 / 6 / 8 rows, int8 x1.11 /
+# x1.26 at 4 / 6, float16 x1.03 / x1.06 / x1.11 at 6 / 8 / 10 (bench/cpu_amx_layer.py).
+STREAMED_AMX_MIN_ROWS = {torch.bfloat16: 6, torch.int8: 4, torch.float16: 8}
 # From this many rows, oneDNN's tile kernels over the weight unpacked per call win instead (its
 # cache blocking for large products): one layer's bfloat16 products 8.1 against 12.3 ms at 1,024
 # rows, 15.5 against 14.9 at 1,536, 23.4 against 19.1 at 2,048 (int8 alike). The CPU's default
@@ -113,14 +120,32 @@ def native_amx_tiles() -> bool:
     return amx_time < native_time
 
 
-def native_amx_min_rows(weight_dtype: torch.dtype) -> int:
+def native_amx_min_rows(weight_dtype: torch.dtype, streamed: bool = False) -> int:
     """From how many rows a product over packed weights of this dtype runs on the panels' AMX
-    tiles here (0: never)."""
-    if not native_amx_tiles():
+    tiles here (0: never); `streamed`: the model's weights exceed the last-level cache."""
+    if not native_amx_tiles() or weight_dtype not in STREAMED_AMX_MIN_ROWS:
         return 0
-    if weight_dtype in (torch.bfloat16, torch.int8):
-        return NATIVE_AMX_MIN_ROWS
-    return NATIVE_AMX_MIN_ROWS_FLOAT16 if weight_dtype == torch.float16 else 0
+    if streamed:
+        return STREAMED_AMX_MIN_ROWS[weight_dtype]
+    return NATIVE_AMX_MIN_ROWS_FLOAT16 if weight_dtype == torch.float16 else NATIVE_AMX_MIN_ROWS
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache Linux reports (sysfs), else 32 MiB."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip() if entry.is_file() else ""
+        if text[:-1].isdigit() and text[-1] in "KMG":
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
+    return max(sizes, default=32 << 20)
+
+
+def streams_its_weights(model: nn.Module) -> bool:
+    """Whether a packed model's weights exceed the last-level cache, so every step reads them
+    from memory (see STREAMED_AMX_MIN_ROWS)."""
+    weight_bytes = sum(m.packed_weight.numel() * m.packed_weight.element_size()
+                       for m in model.modules() if isinstance(m, PackedLinear))
+    return weight_bytes > last_level_cache_bytes()
 
 
 def unpack_weight(packed: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -248,6 +273,9 @@ def prepare_cpu_linears(model: nn.Module) -> None:
             packed = packed_by_weight.get(id(getattr(parent, name).weight))
             if packed is not None:
                 setattr(parent, name, PackedEmbedding(packed))
+    if streams_its_weights(model):  # AMX pays off from fewer rows
+        for layer in packed_by_weight.values():
+            layer.amx_min_rows = native_amx_min_rows(layer.packed_weight.dtype, streamed=True)
 
 
 def _children_of_type(model: nn.Module, types: tuple[type, ...]) -> list[tuple[nn.Module, list[str]]]:
