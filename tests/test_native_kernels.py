@@ -223,6 +223,45 @@ def test_decode_attention_matches_reference(dtype, threads):
         torch.set_num_threads(previous)
 
 
+def test_decode_attention_over_a_bfloat16_cache_on_amx_tiles():
+    # Where AMX tiles are granted, a bfloat16 cache's attention (4+ query heads per KV head) runs
+    # on them: queries and softmax weights rounded to bfloat16, scores and sums float32. Against
+    # float64: within bfloat16's rounding, where the vector code (AMX taken back) stays within
+    # float32's. Cases: 12 heads (one tile of 16), 20 (16 + 4), 48 at head_dim 128 (StarChat-beta),
+    # two KV heads, lengths off the 16- and 32-key steps, a masked hole, a fully masked row.
+    if not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(9)
+    try:
+        for batch, heads, kv_heads, head_dim, max_len in ((3, 12, 1, 64, 70), (3, 20, 1, 32, 100), (2, 48, 1, 128, 33),
+                                                          (2, 8, 2, 64, 47), (4, 16, 1, 64, 16)):
+            cache = torch.randn(2, 300, kv_heads * head_dim, generator=generator).to(torch.bfloat16)
+            query = torch.randn(batch, heads * head_dim, generator=generator)  # float32, as the engine's
+            slots = torch.randint(0, 300, (batch, max_len), generator=generator)
+            lengths = torch.randint(1, max_len + 1, (batch,), generator=generator)
+            lengths[0] = max_len
+            mask = torch.zeros(batch, max_len).masked_fill_(torch.arange(max_len)[None] >= lengths[:, None], float("-inf"))
+            mask[1, min(2, max_len - 1)] = float("-inf")
+            mask[-1] = float("-inf")  # nothing to attend to: zeros
+            scale = 1 / math.sqrt(head_dim)
+            native.amx_init()
+            tiles = native.decode_attention(query, cache, slots, mask[:, None, None, :], heads, kv_heads, scale)
+            native.amx_disable()
+            vectors = native.decode_attention(query, cache, slots, mask[:, None, None, :], heads, kv_heads, scale)
+
+            keys = cache[0][slots].double().view(batch, max_len, kv_heads, head_dim)
+            values = cache[1][slots].double().view(batch, max_len, kv_heads, head_dim)
+            grouped = query.double().view(batch, kv_heads, heads // kv_heads, head_dim)
+            scores = torch.einsum("bkgd,blkd->bkgl", grouped, keys) * scale + mask.double()[:, None, None, :]
+            expected = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores[:-1], -1), values[:-1]).reshape(batch - 1, -1)
+            tiles_error = (tiles[:-1].double() - expected).abs().max().item()
+            vectors_error = (vectors[:-1].double() - expected).abs().max().item()
+            assert vectors_error < 1e-5 < tiles_error < 1.5e-2, (heads, head_dim, max_len, tiles_error, vectors_error)
+            assert torch.equal(tiles[-1], torch.zeros(heads * head_dim))
+    finally:
+        native.amx_init()
+
+
 @pytest.mark.parametrize("head_dim", [64, 12])  # vector path (multiple of 8) and scalar path
 def test_decode_attention_of_a_fully_masked_row_is_zero(head_dim):
     cache = torch.randn(2, 40, head_dim)

@@ -111,13 +111,17 @@ def native_amx_tiles() -> bool:
     """Whether bfloat16, int8 and float16 products run on the panels' AMX tiles here (amx.c): AMX
     is allowed, the kernel grants the native library the tile state, and (timed once per process,
     about a millisecond) 32 rows on them beat the native AVX tiles. Independent of oneDNN's check
-    above: this path is the library's own."""
+    above: this path is the library's own. The tile state, once granted, also puts decode
+    attention over bfloat16 caches on AMX tiles (native/amx.c); a failed timing takes it back."""
     if not _amx_allowed() or not native.amx_init():
         return False
     packed, rows = _timing_case(32)
     native_time = _fastest(lambda: native.linear(rows, packed, 3072))
     amx_time = _fastest(lambda: native.linear(rows, packed, 3072, amx_min_rows=1))
-    return amx_time < native_time
+    if amx_time >= native_time:
+        native.amx_disable()  # the decode attention's tiles too
+        return False
+    return True
 
 
 def native_amx_min_rows(weight_dtype: torch.dtype, streamed: bool = False) -> int:

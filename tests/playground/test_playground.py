@@ -163,7 +163,13 @@ def test_reply_streams_in_pieces_with_starchat_defaults(page, server_url):
     assert page.input_value("#system-prompt") == SYSTEM_PROMPTS["default"]
     page.fill("#seed", "3")
 
-    # Sample the reply's length and state every 10 ms in the page while it streams.
+    # The tiny model writes its 200 tokens in a few tens of milliseconds, about two of the page's
+    # frames: the response is throttled (Chrome's network emulation) so the reply streams over
+    # seconds whatever the engine's speed, and the page's rendering is sampled every 10 ms.
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions",
+             {"offline": False, "latency": 0, "downloadThroughput": 20_000, "uploadThroughput": -1})
     page.evaluate("""() => {
         window.__lengths = [];
         window.__states = [];
@@ -192,6 +198,7 @@ def test_reply_streams_in_pieces_with_starchat_defaults(page, server_url):
     assert float(stats.get_attribute("data-ttft-ms")) > 0
     assert float(stats.get_attribute("data-tokens-per-second")) > 0
     expect(page.locator("#send")).to_be_visible()
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
 
     chat_requests = [r for r in requests if r.url.endswith("/v1/chat/completions")]
     assert len(chat_requests) == 1

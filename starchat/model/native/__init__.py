@@ -69,9 +69,15 @@ def unpack_bf16(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 
 
 def amx_init() -> bool:
-    """Whether the native products may use AMX tiles (amx.c): built with AMX-BF16 and granted the
-    tile state by the kernel. Requires `available()`."""
+    """Whether the native products (and decode attention over bfloat16 caches) may use AMX tiles
+    (amx.c): built with AMX-BF16 and granted the tile state by the kernel; from then on they do.
+    Requires `available()`."""
     return bool(load().starchat_amx_init())
+
+
+def amx_disable() -> None:
+    """No AMX tiles in the native library from now on (until `amx_init()` again)."""
+    load().starchat_amx_disable()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,

@@ -20,11 +20,13 @@
  * Used from `amx_min_rows` rows up where the caller asks (Output.amx_min_rows), after
  * starchat_amx_init() was granted the tile state by the kernel.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
+#include "vector_math.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__linux__)
 #include <immintrin.h>
@@ -227,7 +229,176 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
         }
     }
 }
+/* ---- Decode attention over a bfloat16 cache (decode_attention.c's items) -------------------- */
+
+/* The 16 x 16 matrix of 32-bit values in rows[0..15], transposed in place. */
+static inline void transpose_16x16(__m512i rows[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    /* b[4g + j] holds, in each 128-bit lane L, column 4L + j's entries of rows 4g .. 4g + 3 */
+    for (int j = 0; j < 4; j++) {
+        const __m512i r0 = b[j], r1 = b[4 + j], r2 = b[8 + j], r3 = b[12 + j];
+        const __m512i t0 = _mm512_shuffle_i32x4(r0, r1, 0x44), t1 = _mm512_shuffle_i32x4(r0, r1, 0xEE);
+        const __m512i t2 = _mm512_shuffle_i32x4(r2, r3, 0x44), t3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
+        rows[j] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+        rows[4 + j] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+        rows[8 + j] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+        rows[12 + j] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+    }
+}
+
+/* float32 lanes rounded to bfloat16 (nearest even), in the high half of each 32-bit lane. */
+static inline __m512i round_to_bf16_bits(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
+    return _mm512_and_si512(_mm512_add_epi32(bits, rounding), _mm512_set1_epi32((int)0xFFFF0000u));
+}
+
+static int attention_item(const float *q, int heads, const uint16_t *keys, const uint16_t *values, long kv_dim, long offset,
+                          const int64_t *slots, const float *mask, long max_len, int head_dim, float scale, float *out,
+                          float *scratch) {
+    if (!amx_granted || heads < 1 || heads > 16 || head_dim % 32 || head_dim > 256) return 0;
+    const long blocks = (max_len + 31) / 32 * 2; /* 16-key blocks, an even number (PV takes 32 keys a step) */
+    const int dim_steps = head_dim / 32;
+    /* scratch: scores (blocks * 16 keys x 16 heads), P tiles (blocks / 2 x 512 uint16), Q tiles
+     * (dim_steps x 512 uint16), one 1 KiB staging tile */
+    float *scores = scratch;
+    uint16_t *p_tiles = (uint16_t *)(scores + blocks * 256);
+    uint16_t *q_tiles = p_tiles + blocks / 2 * 512;
+    uint16_t *staging = q_tiles + dim_steps * 512;
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+    /* Q^T as B tiles: row p, column h = head h's dimensions 2p, 2p + 1 of the step (bfloat16). */
+    for (int step = 0; step < dim_steps; step++) {
+        __m512i rows[16];
+        for (int h = 0; h < 16; h++) {
+            if (h < heads) {
+                const float *row = q + (long)h * head_dim + step * 32;
+                rows[h] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row));
+            } else {
+                rows[h] = _mm512_setzero_si512();
+            }
+        }
+        transpose_16x16(rows);
+        for (int p = 0; p < 16; p++) _mm512_storeu_si512((__m512i *)(q_tiles + step * 512 + 32 * p), rows[p]);
+    }
+    /* S^T = K Q^T, 16 keys at a time: keys staged as an A tile (masked or absent rows zero). */
+    for (long block = 0; block < blocks; block++) {
+        _tile_zero(0);
+        for (int step = 0; step < dim_steps; step++) {
+            for (int i = 0; i < 16; i++) {
+                const long l = block * 16 + i;
+                __m512i row = _mm512_setzero_si512();
+                if (l < max_len && !(isinf(mask[l]) && mask[l] < 0))
+                    row = _mm512_loadu_si512((const void *)(keys + slots[l] * kv_dim + offset + step * 32));
+                _mm512_storeu_si512((__m512i *)(staging + 32 * i), row);
+            }
+            _tile_loadd(4, staging, 64);
+            _tile_loadd(5, q_tiles + step * 512, 64);
+            _tile_dpbf16ps(0, 4, 5);
+        }
+        _tile_stored(0, scores + block * 256, 64);
+    }
+    /* Softmax over the keys, 16 heads a vector: scaled, masked, minus the maximum, exponentiated. */
+    __m512 best = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+    for (long l = 0; l < blocks * 16; l++) {
+        const float bias = l < max_len ? mask[l] : -INFINITY;
+        const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(scores + l * 16), _mm512_set1_ps(scale), _mm512_set1_ps(bias));
+        _mm512_storeu_ps(scores + l * 16, v);
+        best = _mm512_max_ps(best, v);
+    }
+    const __mmask16 empty = _mm512_cmp_ps_mask(best, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ); /* every key masked */
+    for (long l = 0; l < blocks * 16; l++) {
+        const __m512 w = _mm512_maskz_mov_ps((__mmask16)~empty, exp_negative16(_mm512_sub_ps(_mm512_loadu_ps(scores + l * 16), best)));
+        _mm512_storeu_ps(scores + l * 16, w);
+        total = _mm512_add_ps(total, w);
+    }
+    /* P as A tiles (16 heads x 32 keys, bfloat16): key pairs interleaved per head, transposed. */
+    for (long pair_block = 0; pair_block < blocks / 2; pair_block++) {
+        __m512i rows[16];
+        for (int p = 0; p < 16; p++) {
+            const float *even = scores + (pair_block * 32 + 2 * p) * 16;
+            rows[p] = pair_row(round_to_bf16_bits(_mm512_loadu_ps(even)), round_to_bf16_bits(_mm512_loadu_ps(even + 16)));
+        }
+        transpose_16x16(rows);
+        for (int h = 0; h < 16; h++) _mm512_storeu_si512((__m512i *)(p_tiles + pair_block * 512 + 32 * h), rows[h]);
+    }
+    /* O = P V, 64 dimensions (four C tiles) at a time; V's B tiles built from pairs of key rows. */
+    float inverse[16];
+    _mm512_storeu_ps(inverse, _mm512_maskz_div_ps((__mmask16)~empty, _mm512_set1_ps(1.0f), total));
+    float tile[16][16] __attribute__((aligned(64)));
+    for (int d0 = 0; d0 < head_dim; d0 += 64) {
+        const int tiles = (head_dim - d0) / 16 < 4 ? (head_dim - d0) / 16 : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (long pair_block = 0; pair_block < blocks / 2; pair_block++) {
+            _tile_loadd(4, p_tiles + pair_block * 512, 64);
+            for (int t = 0; t < tiles; t++) {
+                for (int p = 0; p < 16; p++) {
+                    __m512i pair[2];
+                    for (int side = 0; side < 2; side++) {
+                        const long l = pair_block * 32 + 2 * p + side;
+                        pair[side] = _mm512_setzero_si512();
+                        if (l < max_len && !(isinf(mask[l]) && mask[l] < 0))
+                            pair[side] = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                (const __m256i *)(values + slots[l] * kv_dim + offset + d0 + 16 * t))), 16);
+                    }
+                    _mm512_storeu_si512((__m512i *)(staging + 32 * p), pair_row(pair[0], pair[1]));
+                }
+                _tile_loadd(5, staging, 64);
+                switch (t) {
+                case 0: _tile_dpbf16ps(0, 4, 5); break;
+                case 1: _tile_dpbf16ps(1, 4, 5); break;
+                case 2: _tile_dpbf16ps(2, 4, 5); break;
+                default: _tile_dpbf16ps(3, 4, 5); break;
+                }
+            }
+        }
+        for (int t = 0; t < tiles; t++) {
+            store_c_tile(t, tile, 64);
+            for (int h = 0; h < heads; h++)
+                for (int c = 0; c < 16; c++) out[(long)h * head_dim + d0 + 16 * t + c] = tile[h][c] * inverse[h];
+        }
+    }
+    _tile_release();
+    return 1;
+}
 #endif
+
+int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, const uint16_t *values, long kv_dim, long offset,
+                           const int64_t *slots, const float *mask, long max_len, int head_dim, float scale, float *out,
+                           float *scratch) {
+#if HAVE_AMX
+    return attention_item(q, heads, keys, values, kv_dim, offset, slots, mask, max_len, head_dim, scale, out, scratch);
+#else
+    (void)q; (void)heads; (void)keys; (void)values; (void)kv_dim; (void)offset; (void)slots; (void)mask; (void)max_len;
+    (void)head_dim; (void)scale; (void)out; (void)scratch;
+    return 0;
+#endif
+}
+
+long starchat_amx_attention_scratch(long max_len, int head_dim) {
+    const long blocks = (max_len + 31) / 32 * 2;
+    return blocks * 256 + (blocks / 2 * 512 + (head_dim / 32) * 512 + 512) / 2 + 16;
+}
+
 
 int starchat_amx_init(void) {
 #if HAVE_AMX
@@ -236,6 +407,12 @@ int starchat_amx_init(void) {
     return amx_granted;
 #else
     return 0;
+#endif
+}
+
+void starchat_amx_disable(void) {
+#if HAVE_AMX
+    amx_granted = 0; /* every AMX path here checks it: products and attention take the vector code */
 #endif
 }
 

@@ -113,6 +113,8 @@ def load() -> ctypes.CDLL | None:
     ]
     library.starchat_amx_init.restype = ctypes.c_int
     library.starchat_amx_init.argtypes = []
+    library.starchat_amx_disable.restype = None
+    library.starchat_amx_disable.argtypes = []
     library.starchat_decode_attention.restype = ctypes.c_int
     library.starchat_decode_attention.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
