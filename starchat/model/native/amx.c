@@ -263,18 +263,65 @@ static inline __m512i round_to_bf16_bits(__m512 v) {
     return _mm512_and_si512(_mm512_add_epi32(bits, rounding), _mm512_set1_epi32((int)0xFFFF0000u));
 }
 
-static int attention_item(const float *q, int heads, const uint16_t *keys, const uint16_t *values, long kv_dim, long offset,
-                          const int64_t *slots, const float *mask, long max_len, int head_dim, float scale, float *out,
-                          float *scratch) {
+/* Two float32 rows of 16 (the high halves of their lanes holding bfloat16) as the 32 bfloat16 of
+ * one tile row, in order. */
+static inline __m512i pack_high_halves(__m512i first, __m512i second) {
+    const __m512i odd_words = _mm512_setr_epi32(0x00030001, 0x00070005, 0x000b0009, 0x000f000d, 0x00130011, 0x00170015,
+                                                0x001b0019, 0x001f001d, 0x00230021, 0x00270025, 0x002b0029, 0x002f002d,
+                                                0x00330031, 0x00370035, 0x003b0039, 0x003f003d);
+    return _mm512_permutex2var_epi16(first, odd_words, second);
+}
+
+/* 32 values of a float32 row (or of a float16 cache row) as bfloat16 high and low halves, each
+ * one tile row. float16 values are exact as the two halves; float32 ones keep 16 bits. */
+static inline void row_halves(__m512 first, __m512 second, int exact_split, __m512i *high, __m512i *low) {
+    __m512i h0, h1, l0, l1;
+    if (exact_split) {
+        split_f16_bits(_mm512_castps_si512(first), &h0, &l0);
+        split_f16_bits(_mm512_castps_si512(second), &h1, &l1);
+    } else {
+        h0 = round_to_bf16_bits(first), h1 = round_to_bf16_bits(second);
+        l0 = round_to_bf16_bits(_mm512_sub_ps(first, _mm512_castsi512_ps(h0)));
+        l1 = round_to_bf16_bits(_mm512_sub_ps(second, _mm512_castsi512_ps(h1)));
+    }
+    *high = pack_high_halves(h0, h1);
+    *low = pack_high_halves(l0, l1);
+}
+
+/* Cache row l's 16 values from column `column` as float32 bits (zeros for a masked or absent row). */
+static inline __m512i cache_bits(const uint16_t *cache, int split, const int64_t *slots, const float *mask, long max_len,
+                                 long l, long kv_dim, long column) {
+    if (l >= max_len || (isinf(mask[l]) && mask[l] < 0)) return _mm512_setzero_si512();
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)(cache + slots[l] * kv_dim + column));
+    return split ? _mm512_castps_si512(_mm512_cvtph_ps(raw)) : _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+}
+
+/* C tile t += A(a) B(b) for a tile number t (0-3) known only at run time. */
+#define DP_INTO(t, a, b)                              \
+    switch (t) {                                      \
+    case 0: _tile_dpbf16ps(0, a, b); break;           \
+    case 1: _tile_dpbf16ps(1, a, b); break;           \
+    case 2: _tile_dpbf16ps(2, a, b); break;           \
+    default: _tile_dpbf16ps(3, a, b); break;          \
+    }
+
+/* The attention of `heads` (at most 16) query heads over one KV head's cached rows, bfloat16 or
+ * (split) float16 cache. With a float16 cache every product is split as the float16 products
+ * are (header comment): keys and values as two exact bfloat16 halves, queries and softmax
+ * weights as two halves keeping 16 bits, three tile products each. Tiles: C in tmm0 (scores) or
+ * tmm0-3 (outputs), A high / low in tmm4 / tmm6, B high / low in tmm5 / tmm7. */
+static int attention_item(const float *q, int heads, const uint16_t *keys, const uint16_t *values, int split, long kv_dim,
+                          long offset, const int64_t *slots, const float *mask, long max_len, int head_dim, float scale,
+                          float *out, float *scratch) {
     if (!amx_granted || heads < 1 || heads > 16 || head_dim % 32 || head_dim > 256) return 0;
     const long blocks = (max_len + 31) / 32 * 2; /* 16-key blocks, an even number (PV takes 32 keys a step) */
     const int dim_steps = head_dim / 32;
-    /* scratch: scores (blocks * 16 keys x 16 heads), P tiles (blocks / 2 x 512 uint16), Q tiles
-     * (dim_steps x 512 uint16), one 1 KiB staging tile */
+    /* scratch: scores (blocks x 16 keys x 16 heads, float32), then uint16 tiles: P high and low
+     * (blocks / 2 each), Q high and low (dim_steps each), two staging tiles */
     float *scores = scratch;
-    uint16_t *p_tiles = (uint16_t *)(scores + blocks * 256);
-    uint16_t *q_tiles = p_tiles + blocks / 2 * 512;
-    uint16_t *staging = q_tiles + dim_steps * 512;
+    uint16_t *p_high = (uint16_t *)(scores + blocks * 256), *p_low = p_high + blocks / 2 * 512;
+    uint16_t *q_high = p_low + blocks / 2 * 512, *q_low = q_high + dim_steps * 512;
+    uint16_t *staging = q_low + dim_steps * 512, *staging_low = staging + 512;
     TileConfig config;
     memset(&config, 0, sizeof config);
     config.palette_id = 1;
@@ -283,34 +330,53 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
         config.bytes_per_row[t] = 64;
     }
     _tile_loadconfig(&config);
-    /* Q^T as B tiles: row p, column h = head h's dimensions 2p, 2p + 1 of the step (bfloat16). */
+    /* Q^T as B tiles: row p, column h = head h's dimensions 2p, 2p + 1 of the step. */
     for (int step = 0; step < dim_steps; step++) {
-        __m512i rows[16];
+        __m512i high[16], low[16];
         for (int h = 0; h < 16; h++) {
             if (h < heads) {
                 const float *row = q + (long)h * head_dim + step * 32;
-                rows[h] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row));
+                row_halves(_mm512_loadu_ps(row), _mm512_loadu_ps(row + 16), 0, &high[h], &low[h]);
             } else {
-                rows[h] = _mm512_setzero_si512();
+                high[h] = low[h] = _mm512_setzero_si512();
             }
         }
-        transpose_16x16(rows);
-        for (int p = 0; p < 16; p++) _mm512_storeu_si512((__m512i *)(q_tiles + step * 512 + 32 * p), rows[p]);
+        transpose_16x16(high);
+        transpose_16x16(low);
+        for (int p = 0; p < 16; p++) {
+            _mm512_storeu_si512((__m512i *)(q_high + step * 512 + 32 * p), high[p]);
+            _mm512_storeu_si512((__m512i *)(q_low + step * 512 + 32 * p), low[p]);
+        }
     }
-    /* S^T = K Q^T, 16 keys at a time: keys staged as an A tile (masked or absent rows zero). */
+    /* S^T = K Q^T, 16 keys at a time: keys staged as A tiles (masked or absent rows zero). */
     for (long block = 0; block < blocks; block++) {
         _tile_zero(0);
         for (int step = 0; step < dim_steps; step++) {
             for (int i = 0; i < 16; i++) {
-                const long l = block * 16 + i;
-                __m512i row = _mm512_setzero_si512();
-                if (l < max_len && !(isinf(mask[l]) && mask[l] < 0))
-                    row = _mm512_loadu_si512((const void *)(keys + slots[l] * kv_dim + offset + step * 32));
-                _mm512_storeu_si512((__m512i *)(staging + 32 * i), row);
+                const long l = block * 16 + i, column = offset + step * 32;
+                if (split) {
+                    __m512i high, low;
+                    row_halves(_mm512_castsi512_ps(cache_bits(keys, 1, slots, mask, max_len, l, kv_dim, column)),
+                               _mm512_castsi512_ps(cache_bits(keys, 1, slots, mask, max_len, l, kv_dim, column + 16)), 1,
+                               &high, &low);
+                    _mm512_storeu_si512((__m512i *)(staging + 32 * i), high);
+                    _mm512_storeu_si512((__m512i *)(staging_low + 32 * i), low);
+                } else {
+                    __m512i row = _mm512_setzero_si512();
+                    if (l < max_len && !(isinf(mask[l]) && mask[l] < 0))
+                        row = _mm512_loadu_si512((const void *)(keys + slots[l] * kv_dim + column));
+                    _mm512_storeu_si512((__m512i *)(staging + 32 * i), row);
+                }
             }
             _tile_loadd(4, staging, 64);
-            _tile_loadd(5, q_tiles + step * 512, 64);
+            _tile_loadd(5, q_high + step * 512, 64);
             _tile_dpbf16ps(0, 4, 5);
+            if (split) {
+                _tile_loadd(6, staging_low, 64);
+                _tile_loadd(7, q_low + step * 512, 64);
+                _tile_dpbf16ps(0, 4, 7);
+                _tile_dpbf16ps(0, 6, 5);
+            }
         }
         _tile_stored(0, scores + block * 256, 64);
     }
@@ -328,15 +394,23 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
         _mm512_storeu_ps(scores + l * 16, w);
         total = _mm512_add_ps(total, w);
     }
-    /* P as A tiles (16 heads x 32 keys, bfloat16): key pairs interleaved per head, transposed. */
+    /* P as A tiles (16 heads x 32 keys): key pairs interleaved per head, transposed. */
     for (long pair_block = 0; pair_block < blocks / 2; pair_block++) {
-        __m512i rows[16];
+        __m512i high[16], low[16];
         for (int p = 0; p < 16; p++) {
-            const float *even = scores + (pair_block * 32 + 2 * p) * 16;
-            rows[p] = pair_row(round_to_bf16_bits(_mm512_loadu_ps(even)), round_to_bf16_bits(_mm512_loadu_ps(even + 16)));
+            const __m512 even = _mm512_loadu_ps(scores + (pair_block * 32 + 2 * p) * 16), odd = _mm512_loadu_ps(scores + (pair_block * 32 + 2 * p + 1) * 16);
+            const __m512i even_high = round_to_bf16_bits(even), odd_high = round_to_bf16_bits(odd);
+            high[p] = pair_row(even_high, odd_high);
+            if (split)
+                low[p] = pair_row(round_to_bf16_bits(_mm512_sub_ps(even, _mm512_castsi512_ps(even_high))),
+                                  round_to_bf16_bits(_mm512_sub_ps(odd, _mm512_castsi512_ps(odd_high))));
         }
-        transpose_16x16(rows);
-        for (int h = 0; h < 16; h++) _mm512_storeu_si512((__m512i *)(p_tiles + pair_block * 512 + 32 * h), rows[h]);
+        transpose_16x16(high);
+        if (split) transpose_16x16(low);
+        for (int h = 0; h < 16; h++) {
+            _mm512_storeu_si512((__m512i *)(p_high + pair_block * 512 + 32 * h), high[h]);
+            if (split) _mm512_storeu_si512((__m512i *)(p_low + pair_block * 512 + 32 * h), low[h]);
+        }
     }
     /* O = P V, 64 dimensions (four C tiles) at a time; V's B tiles built from pairs of key rows. */
     float inverse[16];
@@ -349,25 +423,30 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
         _tile_zero(2);
         _tile_zero(3);
         for (long pair_block = 0; pair_block < blocks / 2; pair_block++) {
-            _tile_loadd(4, p_tiles + pair_block * 512, 64);
+            _tile_loadd(4, p_high + pair_block * 512, 64);
+            if (split) _tile_loadd(6, p_low + pair_block * 512, 64);
             for (int t = 0; t < tiles; t++) {
+                const long column = offset + d0 + 16 * t;
                 for (int p = 0; p < 16; p++) {
-                    __m512i pair[2];
-                    for (int side = 0; side < 2; side++) {
-                        const long l = pair_block * 32 + 2 * p + side;
-                        pair[side] = _mm512_setzero_si512();
-                        if (l < max_len && !(isinf(mask[l]) && mask[l] < 0))
-                            pair[side] = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                (const __m256i *)(values + slots[l] * kv_dim + offset + d0 + 16 * t))), 16);
+                    const long l = pair_block * 32 + 2 * p;
+                    const __m512i even = cache_bits(values, split, slots, mask, max_len, l, kv_dim, column);
+                    const __m512i odd = cache_bits(values, split, slots, mask, max_len, l + 1, kv_dim, column);
+                    if (split) {
+                        __m512i even_high, even_low, odd_high, odd_low;
+                        split_f16_bits(even, &even_high, &even_low);
+                        split_f16_bits(odd, &odd_high, &odd_low);
+                        _mm512_storeu_si512((__m512i *)(staging + 32 * p), pair_row(even_high, odd_high));
+                        _mm512_storeu_si512((__m512i *)(staging_low + 32 * p), pair_row(even_low, odd_low));
+                    } else {
+                        _mm512_storeu_si512((__m512i *)(staging + 32 * p), pair_row(even, odd));
                     }
-                    _mm512_storeu_si512((__m512i *)(staging + 32 * p), pair_row(pair[0], pair[1]));
                 }
                 _tile_loadd(5, staging, 64);
-                switch (t) {
-                case 0: _tile_dpbf16ps(0, 4, 5); break;
-                case 1: _tile_dpbf16ps(1, 4, 5); break;
-                case 2: _tile_dpbf16ps(2, 4, 5); break;
-                default: _tile_dpbf16ps(3, 4, 5); break;
+                DP_INTO(t, 4, 5)
+                if (split) {
+                    _tile_loadd(7, staging_low, 64);
+                    DP_INTO(t, 4, 7)
+                    DP_INTO(t, 6, 5)
                 }
             }
         }
@@ -382,13 +461,15 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
 }
 #endif
 
-int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, const uint16_t *values, long kv_dim, long offset,
-                           const int64_t *slots, const float *mask, long max_len, int head_dim, float scale, float *out,
-                           float *scratch) {
+int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, const uint16_t *values, int type, long kv_dim,
+                           long offset, const int64_t *slots, const float *mask, long max_len, int head_dim, float scale,
+                           float *out, float *scratch) {
 #if HAVE_AMX
-    return attention_item(q, heads, keys, values, kv_dim, offset, slots, mask, max_len, head_dim, scale, out, scratch);
+    if (type != W_BF16 && type != W_F16) return 0;
+    return attention_item(q, heads, keys, values, type == W_F16, kv_dim, offset, slots, mask, max_len, head_dim, scale, out,
+                          scratch);
 #else
-    (void)q; (void)heads; (void)keys; (void)values; (void)kv_dim; (void)offset; (void)slots; (void)mask; (void)max_len;
+    (void)q; (void)heads; (void)keys; (void)values; (void)type; (void)kv_dim; (void)offset; (void)slots; (void)mask; (void)max_len;
     (void)head_dim; (void)scale; (void)out; (void)scratch;
     return 0;
 #endif
@@ -396,7 +477,7 @@ int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, cons
 
 long starchat_amx_attention_scratch(long max_len, int head_dim) {
     const long blocks = (max_len + 31) / 32 * 2;
-    return blocks * 256 + (blocks / 2 * 512 + (head_dim / 32) * 512 + 512) / 2 + 16;
+    return blocks * 256 + (2 * (blocks / 2) * 512 + 2 * (head_dim / 32) * 512 + 2 * 512) / 2 + 16;
 }
 
 

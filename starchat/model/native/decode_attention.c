@@ -16,8 +16,8 @@
 
 static inline int masked(const float *mask, long l) { return isinf(mask[l]) && mask[l] < 0; }
 
-/* A bfloat16 cache's attention runs on AMX tiles (where granted) from this many query heads per
- * KV head: the tiles take 16 heads at once. */
+/* A 16-bit cache's attention runs on AMX tiles (where granted) from this many query heads per KV
+ * head: the tiles take 16 heads at once. */
 #define AMX_ATTENTION_MIN_HEADS 4
 
 /* head_dim cache values from element `offset` on, as float32; a zero row for masked positions,
@@ -113,15 +113,15 @@ static void group_attention(const void *query, int io_type, const void *keys, co
     const long offset = (long)kv_head * head_dim;
     for (int g = 0; g < group; g++)
         widen_to_float32((const char *)query + (q_offset + (long)g * head_dim) * element_size(io_type), io_type, head_dim, q + g * head_dim);
-    if (type == W_BF16 && group >= AMX_ATTENTION_MIN_HEADS) {
+    if ((type == W_BF16 || type == W_F16) && group >= AMX_ATTENTION_MIN_HEADS) {
         /* AMX tiles (amx.c), 16 query heads at a time: done there, or nothing done and the
          * vector code below runs. */
         float *result = best + 2 * group, *amx_scratch = result + (long)group * head_dim;
         int done = 1;
         for (int g = 0; g < group && done; g += 16)
             done = starchat_amx_attention(q + (long)g * head_dim, group - g < 16 ? group - g : 16, (const uint16_t *)keys,
-                                          (const uint16_t *)values, kv_dim, offset, slots, mask, max_len, head_dim, scale,
-                                          result + (long)g * head_dim, amx_scratch);
+                                          (const uint16_t *)values, type, kv_dim, offset, slots, mask, max_len, head_dim,
+                                          scale, result + (long)g * head_dim, amx_scratch);
         if (done) {
             for (long i = 0; i < (long)group * head_dim; i++) store_as(out, io_type, q_offset + i, result[i]);
             return;

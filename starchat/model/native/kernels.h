@@ -55,14 +55,14 @@ void starchat_linear_columns(const float *x, long m, const void *w, int wtype, c
 /* The same product on AMX tiles (amx.c), for bfloat16, int8 and float16 weights: 1 when done, 0 (on
  * every thread) when AMX is not available here or the weights are float32. */
 int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k);
-/* One sequence's attention for `heads` (at most 16) query heads of one KV head over a bfloat16
- * cache, on AMX tiles (amx.c): q (heads x head_dim) and out float32, keys/values rows kv_dim
- * apart, this head's columns from `offset`; 1 when done, 0 when AMX is not available or the
- * shape does not fit (head_dim a multiple of 32, at most 256). scratch:
+/* One sequence's attention for `heads` (at most 16) query heads of one KV head over a bfloat16 or
+ * float16 cache (`type`), on AMX tiles (amx.c): q (heads x head_dim) and out float32, keys/values
+ * rows kv_dim apart, this head's columns from `offset`; 1 when done, 0 when AMX is not available
+ * or the shape does not fit (head_dim a multiple of 32, at most 256). scratch:
  * starchat_amx_attention_scratch(max_len, head_dim) floats. */
-int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, const uint16_t *values, long kv_dim, long offset,
-                           const int64_t *slots, const float *mask, long max_len, int head_dim, float scale, float *out,
-                           float *scratch);
+int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, const uint16_t *values, int type, long kv_dim,
+                           long offset, const int64_t *slots, const float *mask, long max_len, int head_dim, float scale,
+                           float *out, float *scratch);
 long starchat_amx_attention_scratch(long max_len, int head_dim);
 /* query and out are of io_type, the cache of type. */
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
