@@ -64,6 +64,18 @@ typedef struct __attribute__((packed, aligned(64))) {
     uint8_t rows[16];
 } TileConfig;
 
+/* Every tile register as 16 rows of 64 bytes (palette 1), for this thread. */
+static inline void configure_tiles(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
 /* Panel row j (PANEL weights) as float32 bits, zeros past the last row of K. Each value's high
  * half is its bfloat16: exact for bfloat16 and int8 weights (int8 is exact in float32, and its
  * float32 has no bits past the 8th of its significand). */
@@ -229,7 +241,7 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
         }
     }
 }
-/* ---- Decode attention over a bfloat16 cache (decode_attention.c's items) -------------------- */
+/* ---- Decode attention over a 16-bit cache (decode_attention.c's items) ---------------------- */
 
 /* The 16 x 16 matrix of 32-bit values in rows[0..15], transposed in place. */
 static inline void transpose_16x16(__m512i rows[16]) {
@@ -322,14 +334,7 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
     uint16_t *p_high = (uint16_t *)(scores + blocks * 256), *p_low = p_high + blocks / 2 * 512;
     uint16_t *q_high = p_low + blocks / 2 * 512, *q_low = q_high + dim_steps * 512;
     uint16_t *staging = q_low + dim_steps * 512, *staging_low = staging + 512;
-    TileConfig config;
-    memset(&config, 0, sizeof config);
-    config.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        config.rows[t] = 16;
-        config.bytes_per_row[t] = 64;
-    }
-    _tile_loadconfig(&config);
+    configure_tiles();
     /* Q^T as B tiles: row p, column h = head h's dimensions 2p, 2p + 1 of the step. */
     for (int step = 0; step < dim_steps; step++) {
         __m512i high[16], low[16];
@@ -515,14 +520,7 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
         const long at = r / 16 * 16 * k_padded + r % 16 * 32;
         row_to_bf16(r < m ? x + r * k : NULL, k, k_padded, rows + at, split ? rows_low + at : NULL);
     }
-    TileConfig config;
-    memset(&config, 0, sizeof config);
-    config.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        config.rows[t] = 16;
-        config.bytes_per_row[t] = 64;
-    }
-    _tile_loadconfig(&config);
+    configure_tiles();
     /* With more than one pass of row blocks, panels go in groups: each group's B tiles are built
      * in its first pass and kept (this thread's copy: 1-2 KiB per 32 rows of K and panel), and
      * every pass of rows (in L2) multiplies the whole group, so the rows are read once per group
