@@ -112,7 +112,7 @@ def native_amx_tiles() -> bool:
     is allowed, the kernel grants the native library the tile state, and (timed once per process,
     about a millisecond) 32 rows on them beat the native AVX tiles. Independent of oneDNN's check
     above: this path is the library's own. The tile state, once granted, also puts decode
-    attention over bfloat16 caches on AMX tiles (native/amx.c); a failed timing takes it back."""
+    attention over 16-bit caches on AMX tiles (native/amx.c); a failed timing takes it back."""
     if not _amx_allowed() or not native.amx_init():
         return False
     packed, rows = _timing_case(32)

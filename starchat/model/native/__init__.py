@@ -69,7 +69,7 @@ def unpack_bf16(packed: torch.Tensor, out_features: int) -> torch.Tensor:
 
 
 def amx_init() -> bool:
-    """Whether the native products (and decode attention over bfloat16 caches) may use AMX tiles
+    """Whether the native products (and decode attention over 16-bit caches) may use AMX tiles
     (amx.c): built with AMX-BF16 and granted the tile state by the kernel; from then on they do.
     Requires `available()`."""
     return bool(load().starchat_amx_init())

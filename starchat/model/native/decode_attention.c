@@ -5,7 +5,10 @@
  *     out[b, h] = softmax_l(scale * q[b, h] . K[slots[b, l]] + mask[b, l]) @ V[slots[b, l]]
  * read straight from the cache rows (no gathered copy, the single multi-query head is never
  * expanded), in float32 whatever the storage type. One call per layer replaces a dozen small
- * PyTorch operations, which cost more than the arithmetic at these sizes.
+ * PyTorch operations, which cost more than the arithmetic at these sizes. Where AMX tiles are
+ * granted, 16-bit caches with 4+ query heads per KV head take amx.c's tiles instead
+ * (starchat_amx_attention: bfloat16 queries and weights over a bfloat16 cache, split halves over
+ * a float16 one).
  */
 #include <math.h>
 #include <stdint.h>
