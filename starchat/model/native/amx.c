@@ -347,10 +347,10 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
             }
         }
         transpose_16x16(high);
-        transpose_16x16(low);
+        if (split) transpose_16x16(low); /* a bfloat16 cache takes the high halves only */
         for (int p = 0; p < 16; p++) {
             _mm512_storeu_si512((__m512i *)(q_high + step * 512 + 32 * p), high[p]);
-            _mm512_storeu_si512((__m512i *)(q_low + step * 512 + 32 * p), low[p]);
+            if (split) _mm512_storeu_si512((__m512i *)(q_low + step * 512 + 32 * p), low[p]);
         }
     }
     /* S^T = K Q^T, 16 keys at a time: keys staged as A tiles (masked or absent rows zero). */

@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels.h"
 #include "vector_math.h"
@@ -126,7 +127,10 @@ static void group_attention(const void *query, int io_type, const void *keys, co
                                           (const uint16_t *)values, type, kv_dim, offset, slots, mask, max_len, head_dim,
                                           scale, result + (long)g * head_dim, amx_scratch);
         if (done) {
-            for (long i = 0; i < (long)group * head_dim; i++) store_as(out, io_type, q_offset + i, result[i]);
+            if (io_type == W_F32)
+                memcpy((float *)out + q_offset, result, (size_t)group * head_dim * sizeof(float));
+            else
+                for (long i = 0; i < (long)group * head_dim; i++) store_as(out, io_type, q_offset + i, result[i]);
             return;
         }
     }
