@@ -1,6 +1,7 @@
 """AMX on a CPU: products on AMX tiles (from the packed panels, native/amx.c, and for large prompt
-chunks oneDNN's, cpu_linear.PackedLinear._amx_forward) and bfloat16 prompt attention against the
-native kernel and float32 attention, on one engine, in turns.
+chunks oneDNN's, cpu_linear.PackedLinear._amx_forward) and prompt and decode attention on tiles
+(native/prompt_attention.c, amx.c) against the native kernels and float32 prompt attention, on one
+engine, in turns.
 
     python bench/cpu_prefill.py [--shape tiny_starcoder] [--prompt-tokens 128 512 1024]
                                 [--concurrent 8 32 128] [--weights bfloat16 int8 float16]
@@ -8,8 +9,8 @@ native kernel and float32 attention, on one engine, in turns.
 
 A random checkpoint of the shape (bfloat16; loaded as it is, quantized to int8 with bfloat16
 activations, or converted to float16: the panels' AMX tiles with split weights and activations,
-no oneDNN and float32 prompt attention either way), one engine per weight type; for each prompt length the time to the first token (prefill plus one
-step) is taken with AMX switched on and off on every layer, alternating, best of each round;
+no oneDNN, prompt attention on tiles in split halves), one engine per weight type; for each prompt
+length the time to the first token (prefill plus one step) is taken with AMX switched on and off on every layer, alternating, best of each round;
 then, for each --concurrent count, output tokens/s of that many requests (64-token prompts, 32
 new tokens) the same way. Ratios are off / on (times) and on / off (throughput). Prefix caching
 is off, so every run computes the whole prompt. Prints the machine. On a CPU without AMX tiles
@@ -38,7 +39,10 @@ from starchat.bench.offline import random_prompts  # noqa: E402
 from starchat.model.cpu_decode import attach_fused_decode  # noqa: E402
 from starchat.model.cpu_linear import (PackedLinear, amx_products_pay_off, native_amx_min_rows,  # noqa: E402
                                       native_amx_tiles, streams_its_weights)
+from starchat.model import native  # noqa: E402
+from starchat.model.attention import PromptAttention  # noqa: E402
 from starchat.model.gpt_bigcode import Attention  # noqa: E402
+from starchat.model.loader import choose_prompt_attention  # noqa: E402
 
 
 def time_to_first_token(llm: LLM, prompt: list[int]) -> float:
@@ -55,18 +59,22 @@ def output_tokens_per_s(llm: LLM, prompts: list[str], new_tokens: int = 32) -> f
 
 def switch_amx(llm: LLM, on: bool) -> None:
     """AMX on or off on every layer as the engine sets it up: oneDNN's products (bfloat16 and int8),
-    the panels' tiles (also inside the fused decode step, whose layer table is rebuilt) and
-    bfloat16 prompt attention where oneDNN's products are used."""
+    the panels' tiles (also inside the fused decode step, whose layer table is rebuilt), prompt
+    attention on tiles (else float32 SDPA) and decode attention on tiles (the library's tile state)."""
     model = llm.engine.runner.model
-    one_dnn, streamed = False, streams_its_weights(model)
+    streamed = streams_its_weights(model)
+    if on:
+        native.amx_init()
+    else:
+        native.amx_disable()
     for layer in model.modules():
         if isinstance(layer, PackedLinear):
             layer.amx_products = on and layer.packed_weight.dtype in (torch.bfloat16, torch.int8)
             layer.amx_min_rows = native_amx_min_rows(layer.packed_weight.dtype, streamed) if on else 0
-            one_dnn = one_dnn or layer.amx_products
+    prompt_attention = choose_prompt_attention(model) if on else PromptAttention()
     for attention in model.modules():
-        if isinstance(attention, Attention):  # prompt chunks attend in bfloat16 with oneDNN's products
-            attention.prefill_attention_dtype = torch.bfloat16 if one_dnn else None
+        if isinstance(attention, Attention):
+            attention.prompt_attention = prompt_attention
     attach_fused_decode(model)
 
 

@@ -236,22 +236,26 @@ def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkey
     """As the loader sets a bfloat16 model up where AMX products pay off (forced here): every
     packed layer's prefill products on AMX tiles (chunks of AMX_MIN_ROWS+ rows through oneDNN,
     shorter ones from the panels where the native library is granted tiles, else the native
-    kernel) and prompt chunks attending in bfloat16 (a float16 model keeps float32 attention and
-    takes only the panels' tiles).
+    kernel) and prompt chunks attending in bfloat16, on AMX tiles where granted (a float16 model
+    takes only the panels' tiles for its products and attends in split halves on the tiles, or in
+    float32).
     Prompt logits stay within the 3% of the largest that bfloat16 is held to
     (test_engine_reference), the first greedy tokens agree with float32 on all but one prompt,
     and decoding continues from the cache prefill wrote."""
     from test_engine_reference import PROMPTS, our_prompt_logits
 
     from starchat.model import cpu_linear
+    from starchat.model.attention import PromptAttention
     from starchat.model.gpt_bigcode import Attention
 
     monkeypatch.setattr(cpu_linear, "amx_products_pay_off", lambda: True)
     # oneDNN takes chunks from 1,280 rows by default; 384 puts this test's 512-token step there
     monkeypatch.setattr(cpu_linear, "AMX_MIN_ROWS", 384)
     fp16 = LLM(str(tiny_model_dir), dtype="float16", progress=False).engine.runner.model
-    assert not any(getattr(m, "amx_products", False) or getattr(m, "prefill_attention_dtype", None)
-                   for m in fp16.modules())
+    assert not any(getattr(m, "amx_products", False) for m in fp16.modules())
+    # float16 prompts attend on the tiles in split halves where granted, else in float32
+    tiles = cpu_linear.native_amx_tiles()
+    assert all(m.prompt_attention == PromptAttention(None, tiles, True) for m in fp16.modules() if isinstance(m, Attention))
     # float16 weights: the panels' AMX tiles only (split into exact bfloat16 halves), never oneDNN's
     fp16_rows = cpu_linear.NATIVE_AMX_MIN_ROWS_FLOAT16 if cpu_linear.native_amx_tiles() else 0
     assert all(m.amx_min_rows == fp16_rows for m in fp16.modules() if isinstance(m, PackedLinear))
@@ -259,7 +263,7 @@ def test_a_bfloat16_model_with_amx_prefill_tracks_float32(tiny_model_dir, monkey
     bf16 = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False, max_num_batched_tokens=512)
     layers = [m for m in bf16.engine.runner.model.modules() if isinstance(m, PackedLinear)]
     attentions = [m for m in bf16.engine.runner.model.modules() if isinstance(m, Attention)]
-    assert attentions and all(m.prefill_attention_dtype == torch.bfloat16 for m in attentions)
+    assert attentions and all(m.prompt_attention == PromptAttention(torch.bfloat16, tiles, False) for m in attentions)
     calls = []
     for layer in layers:
         assert layer.amx_products

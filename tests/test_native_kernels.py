@@ -1,4 +1,4 @@
-"""starchat's native CPU kernels (starchat/model/native): products and decode attention against
+"""starchat's native CPU kernels (starchat/model/native): products, decode and prompt attention against
 float64 PyTorch references, conversions bit-exact against PyTorch's, the build cache and the
 fallback when no compiler is available."""
 
@@ -266,6 +266,102 @@ def test_decode_attention_over_a_16_bit_cache_on_amx_tiles(cache_dtype):
             assert torch.equal(tiles[-1], torch.zeros(heads * head_dim))
     finally:
         native.amx_init()
+
+
+def _causal_reference(query, keys, values, first_row, length, context_len, heads, kv_heads, scale):
+    """float64 causal attention of rows first_row .. + length (each sees context_len + its index + 1 keys)."""
+    head_dim = query.shape[1] // heads
+    q = query[first_row:first_row + length].double().view(length, kv_heads, heads // kv_heads, head_dim)
+    k = keys.double().view(-1, kv_heads, head_dim)
+    v = values.double().view(-1, kv_heads, head_dim)
+    scores = torch.einsum("nkgd,lkd->kgnl", q, k) * scale
+    hidden = torch.arange(k.shape[0])[None, :] > (context_len + torch.arange(length))[:, None]
+    weights = torch.softmax(scores.masked_fill(hidden, float("-inf")), -1)
+    return torch.einsum("kgnl,lkd->nkgd", weights, v).reshape(length, heads * head_dim)
+
+
+PROMPT_ATTENTION_CASES = [  # heads, kv_heads, head_dim, chunks as (length, context_len)
+    (12, 1, 64, [(70, 0)]),  # tiny_starcoder's heads: a block of 16 rows spans two tokens
+    (12, 1, 64, [(33, 17), (5, 0), (1, 40), (64, 0)]),  # several chunks in one call, cached context
+    (48, 1, 128, [(40, 5), (17, 0)]),  # StarChat-beta's heads
+    (8, 2, 64, [(20, 0), (3, 29)]),  # two KV heads
+    (20, 1, 32, [(100, 3)]),
+]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_prompt_attention_on_amx_tiles_matches_float64(split):
+    # All prefill chunks of a step in one call (prompt_attention.c): fresh chunks read float32 key
+    # and value rows of the fused projection, chunks with cached context a 16-bit cache through
+    # slots. bfloat16 (split False): within bfloat16's rounding of float64, and within 5e-3 of
+    # float64 over the same inputs rounded to bfloat16 (the weights are rounded too); split: 16
+    # bits of every value, within 5e-5 of float64 of the unrounded inputs, which the bfloat16
+    # mode fails. Rows of the step outside the chunks are left alone.
+    if not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(11)
+    cache_dtype = torch.float16 if split else torch.bfloat16
+    for heads, kv_heads, head_dim, lengths in PROMPT_ATTENTION_CASES:
+        kv_dim = kv_heads * head_dim
+        decodes = 3  # rows before the chunks, as decode rows precede them in a step
+        total = decodes + sum(length for length, _ in lengths)
+        qkv = torch.randn(total, (heads + 2 * kv_heads) * head_dim, generator=generator)
+        query, key, value = qkv.split((heads * head_dim, kv_dim, kv_dim), dim=-1)
+        cache = torch.randn(2, 400, kv_dim, generator=generator).to(cache_dtype)
+        chunks, expected, rounded, row = [], [], [], decodes
+        for length, context_len in lengths:
+            if context_len:
+                slots = torch.randperm(400, generator=generator)[:context_len + length]
+                cache[0][slots[context_len:]] = key[row:row + length].to(cache_dtype)
+                cache[1][slots[context_len:]] = value[row:row + length].to(cache_dtype)
+                chunks.append((row, length, context_len, cache[0], cache[1], slots))
+                keys, values = cache[0][slots], cache[1][slots]
+            else:
+                chunks.append((row, length, 0, key[row:row + length], value[row:row + length], None))
+                keys, values = key[row:row + length], value[row:row + length]
+            scale = 1 / math.sqrt(head_dim)
+            expected.append(_causal_reference(query, keys, values, row, length, context_len, heads, kv_heads, scale))
+            bf16 = (query.bfloat16(), keys.bfloat16(), values.bfloat16())
+            rounded.append(_causal_reference(*bf16, row, length, context_len, heads, kv_heads, scale))
+            row += length
+        out = torch.full((total, heads * head_dim), 7.0)
+        assert native.prompt_attention(query, out, chunks, heads, kv_heads, 1 / math.sqrt(head_dim), split)
+        assert torch.equal(out[:decodes], torch.full((decodes, heads * head_dim), 7.0))
+        error = (out[decodes:].double() - torch.cat(expected)).abs().max().item()
+        if split:
+            assert error < 5e-5, (heads, head_dim, lengths, error)
+        else:
+            assert 5e-5 < error < 1.5e-2, (heads, head_dim, lengths, error)
+            rounded_error = (out[decodes:].double() - torch.cat(rounded)).abs().max().item()
+            assert rounded_error < 5e-3, (heads, head_dim, lengths, rounded_error)
+
+
+def test_prompt_attention_is_causal_and_declines_what_the_tiles_do_not_take():
+    if not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(12)
+    heads, head_dim, length = 12, 64, 40
+    query, key, value = torch.randn(3, length, heads * head_dim, generator=generator)
+    key, value = key[:, :head_dim].contiguous(), value[:, :head_dim].contiguous()
+    key[25, 3] = float("nan")  # seen by tokens 25 .. 39 only
+    out = torch.zeros(length, heads * head_dim)
+    assert native.prompt_attention(query, out, [(0, length, 0, key, value, None)], heads, 1, 0.125, False)
+    assert torch.isfinite(out[:25]).all() and torch.isnan(out[25:]).all()
+    # a head size off the tiles' 32 values, or AMX taken back: nothing written, the caller uses SDPA
+    odd = torch.zeros(length, 12 * 48)
+    assert not native.prompt_attention(torch.randn(length, 12 * 48), odd, [(0, length, 0, key[:, :48], value[:, :48], None)],
+                                       12, 1, 0.125, False)
+    native.amx_disable()
+    try:
+        untouched = torch.zeros(length, heads * head_dim)
+        assert not native.prompt_attention(query, untouched, [(0, length, 0, key, value, None)], heads, 1, 0.125, False)
+        assert not untouched.any()
+    finally:
+        native.amx_init()
+    with pytest.raises(ValueError, match="outside"):
+        native.prompt_attention(query, out, [(10, length, 0, key, value, None)], heads, 1, 0.125, False)
+    with pytest.raises(ValueError, match="slots"):
+        native.prompt_attention(query, out, [(0, 4, 2, key, value, torch.arange(5))], heads, 1, 0.125, False)
 
 
 @pytest.mark.parametrize("head_dim", [64, 12])  # vector path (multiple of 8) and scalar path

@@ -9,8 +9,9 @@ Token order in a step: all decode tokens first (one per sequence, or for a specu
 per verified position: its last token, then each draft), then the prefill chunks one after
 another. Decodes are attended in one kernel that reads the cache rows in place (on a GPU
 starchat's Triton kernel, through the block tables; on a CPU its native kernel, through the
-gathered slot lists), else in one batched matmul over a gathered copy; each prefill chunk in one
-SDPA call.
+gathered slot lists), else in one batched matmul over a gathered copy. Prefill chunks: on a CPU
+with AMX tiles all of them in one native call (native/prompt_attention.c), else each in one SDPA
+call.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from starchat.model import native, triton_attention
+
+
+@dataclass(frozen=True)
+class PromptAttention:
+    """How a layer's prefill chunks attend, chosen by the loader for the device and weights."""
+
+    dtype: torch.dtype | None = None  # SDPA in this dtype (None: the activations')
+    # Every chunk of a step in one native call on AMX tiles where they are granted (CPU,
+    # native/prompt_attention.c), SDPA where not (or for a head size the tiles do not take).
+    amx_tiles: bool = False
+    # On the tiles: queries, keys, values and weights kept to 16 bits of significand as two
+    # bfloat16 halves (float16 models, whose SDPA attention is float32), not rounded to bfloat16.
+    split: bool = False
 
 
 @dataclass
@@ -84,7 +98,7 @@ def paged_attention(
     num_heads: int,
     num_kv_heads: int,
     scale: float,
-    prefill_dtype: torch.dtype | None = None,  # prompt chunks attend in this dtype (None: the query's)
+    prompt: PromptAttention = PromptAttention(),
 ) -> torch.Tensor:  # (T, H*D)
     head_dim = query.shape[1] // num_heads
     group = num_heads // num_kv_heads
@@ -125,6 +139,9 @@ def paged_attention(
         attended = torch.matmul(probs, v.transpose(1, 2))  # (Bd, KVH, G, D)
         output[:num_decode] = attended.reshape(num_decode, num_heads * head_dim)
 
+    if prompt.amx_tiles and _prompt_chunks_on_tiles(query, key, value, layer_cache, output, metadata, num_heads,
+                                                    num_kv_heads, scale, prompt.split):
+        return output
     for chunk in metadata.prefill_chunks:
         rows = slice(chunk.start, chunk.start + chunk.length)
         q = query[rows].view(1, chunk.length, num_heads, head_dim).transpose(1, 2)  # (1, H, n, D)
@@ -143,9 +160,28 @@ def paged_attention(
             # A view, not a copy: the cache stays one KV head.
             k = k.expand(1, num_kv_heads * group, k.shape[2], head_dim) if num_kv_heads == 1 else k.repeat_interleave(group, dim=1)
             v = v.expand(1, num_kv_heads * group, v.shape[2], head_dim) if num_kv_heads == 1 else v.repeat_interleave(group, dim=1)
-        if prefill_dtype is not None:
-            q, k, v = q.to(prefill_dtype), k.to(prefill_dtype), v.to(prefill_dtype)
+        if prompt.dtype is not None:
+            q, k, v = q.to(prompt.dtype), k.to(prompt.dtype), v.to(prompt.dtype)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)  # (1, H, n, D)
         output[rows] = attended.transpose(1, 2).reshape(chunk.length, num_heads * head_dim).to(output.dtype)
     return output
 
+
+
+def _prompt_chunks_on_tiles(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_cache: torch.Tensor,
+                            output: torch.Tensor, metadata: AttentionMetadata, num_heads: int, num_kv_heads: int,
+                            scale: float, split: bool) -> bool:
+    """Every prefill chunk's attention into `output` in one native call; False (nothing written)
+    where the tiles cannot take it. A fresh chunk reads its keys and values from this step's
+    rows (float32: as exact as the SDPA path), one with cached context through its slots."""
+    if query.dtype != torch.float32 or query.device.type != "cpu" or not native.available():
+        return False
+    chunks = []
+    for chunk in metadata.prefill_chunks:
+        if chunk.gather_slots is None:
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            chunks.append((chunk.start, chunk.length, 0, key[rows], value[rows], None))
+        else:
+            chunks.append((chunk.start, chunk.length, chunk.context_len, layer_cache[0], layer_cache[1],
+                           chunk.gather_slots.contiguous()))
+    return native.prompt_attention(query, output, chunks, num_heads, num_kv_heads, scale, split)

@@ -15,7 +15,7 @@ from torch import nn
 
 from starchat.config import ModelConfig
 from starchat.model import triton_layer_norm
-from starchat.model.attention import AttentionMetadata, paged_attention
+from starchat.model.attention import AttentionMetadata, PromptAttention, paged_attention
 
 
 def activation(config: ModelConfig):
@@ -33,9 +33,9 @@ def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor | None, norm: nn.Laye
 
 
 class Attention(nn.Module):
-    # Set by the loader: the dtype prompt chunks attend in where it differs from the activations'
-    # (bfloat16 on CPUs with AMX, whose bf16 attention runs about 2.8x float32's).
-    prefill_attention_dtype: torch.dtype | None = None
+    # Set by the loader on a CPU: prompt chunks on AMX tiles, or in bfloat16 SDPA where that runs
+    # faster than the activations' float32 (loader.choose_prompt_attention).
+    prompt_attention: PromptAttention = PromptAttention()
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         query, key, value = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         attended = paged_attention(
             query, key, value, layer_cache, metadata, self.num_heads, self.num_kv_heads, self.scale,
-            self.prefill_attention_dtype,
+            self.prompt_attention,
         )  # (T, H*D)
         return self.c_proj(attended)
 

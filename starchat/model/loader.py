@@ -21,7 +21,8 @@ from starchat.config import ModelConfig
 from starchat.model.gpt_bigcode import Attention, GPTBigCodeForCausalLM
 from starchat.model.cpu_decode import attach_fused_decode
 from starchat.model import native
-from starchat.model.cpu_linear import compute_in_float32, prepare_cpu_linears
+from starchat.model.attention import PromptAttention
+from starchat.model.cpu_linear import compute_in_float32, native_amx_tiles, prepare_cpu_linears
 from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
 from starchat.model.random_checkpoint import random_state_dict
 
@@ -240,14 +241,27 @@ def load_model(
         prepare_cpu_linears(model)
         if native.available():
             compute_in_float32(model)
-            if any(getattr(module, "amx_products", False) for module in model.modules()):
-                # Products of prompt chunks run on AMX tiles in bfloat16 (cpu_linear.py): so does their attention.
-                for module in model.modules():
-                    if isinstance(module, Attention):
-                        module.prefill_attention_dtype = torch.bfloat16
+            prompt_attention = choose_prompt_attention(model)
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.prompt_attention = prompt_attention
         attach_fused_decode(model)
     model.eval()
     return model
+
+
+def choose_prompt_attention(model: GPTBigCodeForCausalLM) -> PromptAttention:
+    """How a packed CPU model's prompt chunks attend. Where the native library has AMX tiles, on
+    them: rounded to bfloat16 for bfloat16 and int8 weights (whose products round their
+    activations so on AMX), kept to 16 bits in split halves for float16 ones. The fallback (no
+    tiles granted, or a head size they do not take) is SDPA in bfloat16 where oneDNN's bfloat16
+    kernels pay off (as the prompt products run there), else float32; float32 weights always
+    attend in float32."""
+    weight_dtype = model.transformer.h[0].attn.c_attn.packed_weight.dtype
+    if weight_dtype == torch.float32:
+        return PromptAttention()
+    sdpa_dtype = torch.bfloat16 if any(getattr(m, "amx_products", False) for m in model.modules()) else None
+    return PromptAttention(dtype=sdpa_dtype, amx_tiles=native_amx_tiles(), split=weight_dtype == torch.float16)
 
 
 def _fused_qkv_layout(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:

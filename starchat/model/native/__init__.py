@@ -1,5 +1,5 @@
-"""Native CPU kernels: matrix products over weights packed at load time (linear.c), decode attention
-(decode_attention.c) and whole decode steps (decode_step.c)."""
+"""Native CPU kernels: matrix products over weights packed at load time (linear.c, amx.c), decode attention
+(decode_attention.c), prompt attention on AMX tiles (prompt_attention.c) and whole decode steps (decode_step.c)."""
 
 from __future__ import annotations
 
@@ -157,3 +157,57 @@ def decode_attention(query: torch.Tensor, layer_cache: torch.Tensor, slots: torc
         raise MemoryError("native decode attention: out of memory") if status == -2 else \
             ValueError(f"native decode attention: bad shapes (heads {num_heads}, kv heads {num_kv_heads}, head dim {head_dim})")
     return out
+
+
+def amx_ready() -> bool:
+    """Whether AMX tiles are granted to the library and not taken back (`amx_init` / `amx_disable`)."""
+    return bool(load().starchat_amx_ready())
+
+
+def prompt_attention(query: torch.Tensor, out: torch.Tensor, chunks: list[tuple], num_heads: int, num_kv_heads: int,
+                     scale: float, split: bool) -> bool:
+    """Causal attention of every prompt chunk in one call on AMX tiles (prompt_attention.c), written
+    into rows of `out`; False (nothing written) where that kernel cannot run here: no AMX tiles,
+    or a head size not a multiple of 32.
+
+    query (T, H*D) float32 with unit column stride (a view of the fused projection will do); out
+    (T, H*D) float32, contiguous. Each chunk is (first_row, length, context_len, keys, values,
+    slots): its `length` query rows from `first_row` attend causally to context_len + length
+    keys, key i being keys[i] (slots None: 2-D rows, float32 or 16-bit, unit column stride, keys
+    and values with the same row stride) or keys[slots[i]] (a layer cache's keys and values,
+    slots int64). `split` False: queries, keys, values and softmax weights rounded to bfloat16;
+    True: each kept to 16 bits of significand as two bfloat16 halves (three tile products).
+    """
+    library = load()
+    if not library.starchat_amx_ready() or not chunks:
+        return False
+    head_dim = query.shape[1] // num_heads
+    if query.dtype != torch.float32 or query.stride(1) != 1 or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.shape != query.shape:
+        raise ValueError(f"native prompt attention: needs float32 queries (unit column stride) and a contiguous float32 "
+                         f"output of their shape, not {query.dtype} {tuple(query.shape)} and {out.dtype} {tuple(out.shape)}")
+    descriptors = []
+    for first_row, length, context_len, keys, values, slots in chunks:
+        kv_type = CACHE_TYPES.get(keys.dtype)
+        if kv_type is None or values.dtype != keys.dtype or keys.stride() != values.stride() or keys.stride(-1) != 1 \
+                or keys.shape[-1] != num_kv_heads * head_dim:
+            raise ValueError(f"native prompt attention: keys {keys.dtype} {tuple(keys.shape)} and values "
+                             f"{values.dtype} {tuple(values.shape)} must be 16/32-bit float rows of {num_kv_heads * head_dim}, "
+                             "with the same strides")
+        if slots is not None and (slots.dtype != torch.int64 or not slots.is_contiguous()
+                                  or slots.numel() != context_len + length):
+            raise ValueError(f"native prompt attention: slots must be {context_len + length} contiguous int64 row numbers")
+        if first_row < 0 or length < 1 or context_len < 0 or first_row + length > query.shape[0]:
+            raise ValueError(f"native prompt attention: rows {first_row} .. {first_row + length - 1} (context "
+                             f"{context_len}) outside the {query.shape[0]} queries")
+        if slots is None and keys.shape[0] < context_len + length:
+            raise ValueError(f"native prompt attention: {context_len + length} keys needed, {keys.shape[0]} given")
+        descriptors.append((first_row, length, context_len, keys.data_ptr(), values.data_ptr(), kv_type, keys.stride(0),
+                            slots.data_ptr() if slots is not None else 0))
+    table = torch.tensor(descriptors, dtype=torch.int64)
+    status = library.starchat_prompt_attention(
+        query.data_ptr(), query.stride(0), table.data_ptr(), len(descriptors), num_heads, num_kv_heads, head_dim, scale,
+        int(split), out.data_ptr(), out.stride(0), torch.get_num_threads())
+    if status < 0:
+        raise MemoryError("native prompt attention: out of memory")
+    return status == 0

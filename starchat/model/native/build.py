@@ -1,4 +1,5 @@
-"""Compile the C kernels (linear.c, amx.c, decode_attention.c, decode_step.c) for this machine on first use and load it with ctypes.
+"""Compile the C kernels (linear.c, amx.c, decode_attention.c, decode_step.c, prompt_attention.c) for this
+machine on first use and load it with ctypes.
 
 The library is built with the system C compiler and -march=native, like llama.cpp's native
 builds, so each machine gets its own vector instructions. The result is cached under
@@ -23,8 +24,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.c", "amx.c", "decode_attention.c", "decode_step.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h", "vector_math.h")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("linear.c", "amx.c", "decode_attention.c", "decode_step.c", "prompt_attention.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h", "vector_math.h", "amx_tiles.h")]
 ABI = 5  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
 EXTRA_FLAGS_VARIABLE = "STARCHAT_NATIVE_CFLAGS"  # extra compiler flags, e.g. "-mno-avx2" for the portable path
@@ -119,6 +121,11 @@ def load() -> ctypes.CDLL | None:
     library.starchat_decode_attention.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+    ]
+    library.starchat_prompt_attention.restype = ctypes.c_int
+    library.starchat_prompt_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
     ]
     library.starchat_unpack_bf16.restype = ctypes.c_int
     library.starchat_unpack_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,

@@ -64,6 +64,8 @@ int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, cons
                            long offset, const int64_t *slots, const float *mask, long max_len, int head_dim, float scale,
                            float *out, float *scratch);
 long starchat_amx_attention_scratch(long max_len, int head_dim);
+/* Whether AMX tiles are granted here and not taken back (amx.c). */
+int starchat_amx_ready(void);
 /* query and out are of io_type, the cache of type. */
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
                               const float *mask, long batch, long max_len, int heads, int kv_heads, int head_dim,

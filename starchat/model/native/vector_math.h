@@ -62,6 +62,23 @@ static inline __m512 exp_negative16(__m512 x) {
     return _mm512_maskz_mov_ps((__mmask16)~underflow, _mm512_mul_ps(p, _mm512_castsi512_ps(exponent)));
 }
 
+/* 2^x for x <= 0, float32: 2^n * p(f) with x = n + f, |f| <= 1/2, p degree 6 (Taylor of e^(f ln2):
+ * relative error about 1e-7), the power of two applied by vscalefps; below -127 the result is
+ * 2^-127 or less (callers zero what must be zero), NaN stays NaN. 9 operations where
+ * exp_negative16 takes 16: prompt attention exponentiates every score. */
+static inline __m512 exp2_nonpositive16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x); /* this operand order keeps a NaN */
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718055994531f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 static inline __m512 tanh16(__m512 x) {
     const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
     const __m512 one = _mm512_set1_ps(1.0f);

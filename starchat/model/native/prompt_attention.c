@@ -1,0 +1,395 @@
+/* Prompt attention on AMX tiles: every prefill chunk of a step in one call.
+ *
+ * A chunk of n new tokens after c cached ones: token t's query heads attend to keys 0 .. c + t
+ * (causal, aligned to the bottom right). PyTorch's CPU attention took one call per chunk (8
+ * chunks of 64 tokens spent 25 ms of a 145 ms step in those calls on the 2-core Xeon) and, for a
+ * 512-token prompt of tiny_starcoder, 1.3 ms per layer in bfloat16 and 3.8 in float32.
+ *
+ * Per chunk and KV head, the keys are put once into bfloat16 rows (A tiles as they lie) and the
+ * values into columns (V^T: A tiles too). Then each block of 16 query rows of that KV head,
+ * (token, head) pairs token-major (a multi-query model's heads share the keys, so a block spans
+ * one or two tokens), runs:
+ *   S^T = K Q^T, a key per tile row and a query per column (lane),
+ *   the softmax down each lane over all its keys (max, then exponentials and their sum), the
+ *   weights rounded into B tiles whose rows are pairs of keys,
+ *   O^T = V^T P^T, a dimension per row and a query per lane, then 1 / sum and a transpose out.
+ * Two passes over materialised scores (16 queries x the chunk's keys, float32: 128 KiB for
+ * 2,048 keys, in L2) rather than an online softmax: the accumulator tiles cannot be rescaled in
+ * place.
+ *
+ * Precision (`split`): 0 rounds queries, keys, values and weights to bfloat16, sums float32, as
+ * PyTorch's bfloat16 attention does (bfloat16 and int8 models: their products round the same
+ * activations); 1 keeps 16 bits of each as two bfloat16 halves and multiplies three pairs, as
+ * amx.c's float16 products do (float16 models, whose prompt attention was float32).
+ */
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "amx_tiles.h"
+#include "kernels.h"
+#include "vector_math.h"
+
+/* One chunk's description, int64 fields in this order (Python builds them). */
+enum {
+    CHUNK_Q_ROW,    /* its first row in q and out */
+    CHUNK_LENGTH,   /* new tokens */
+    CHUNK_CONTEXT,  /* cached tokens before them */
+    CHUNK_KEYS,     /* address of key row 0 */
+    CHUNK_VALUES,   /* address of value row 0 */
+    CHUNK_KV_TYPE,  /* W_F32, W_F16 or W_BF16 */
+    CHUNK_KV_STRIDE, /* elements from one key (value) row to the next */
+    CHUNK_SLOTS,    /* address of context + length int64 row numbers, or 0: rows 0, 1, 2, ... */
+    CHUNK_FIELDS
+};
+
+#if HAVE_AMX
+
+typedef struct {
+    const int64_t *chunks;
+    long num_chunks;
+    int heads, kv_heads, head_dim, split;
+    float scale;
+    const float *q;
+    long q_stride;
+    float *out;
+    long out_stride;
+    uint16_t *tiles;     /* every chunk's keys and V^T, per KV head (tile_offsets) */
+    long *tile_offsets;  /* per chunk: where its KV heads' keys start in tiles */
+    long *prepare_items; /* per chunk: its first 32-key block in the flattened preparation work (num_chunks + 1) */
+    long *query_items;   /* per chunk: its first 16-row query block in the flattened attention work (num_chunks + 1) */
+} Problem;
+
+static inline long chunk_keys(const int64_t *chunk) { return chunk[CHUNK_CONTEXT] + chunk[CHUNK_LENGTH]; }
+static inline long padded_keys(const int64_t *chunk) { return (chunk_keys(chunk) + 31) / 32 * 32; }
+
+/* uint16 values of one KV head's tiles: keys (padded x head_dim) and V^T (head_dim x padded), each
+ * twice with split halves. Both are stored tile by tile (16 rows x 32 values, 1 KiB contiguous):
+ * tile loads with a power-of-two row stride of a kilobyte or more (V^T's rows) came from a few L1
+ * sets and missed. Keys: tile (l / 16, step of 32 dimensions), row l % 16. V^T: tile (d / 16, pair
+ * block of 32 keys), row d % 16. */
+static inline long head_tile_values(const Problem *p, const int64_t *chunk) {
+    return (p->split ? 2 : 1) * 2 * padded_keys(chunk) * p->head_dim;
+}
+
+/* The chunk whose range of `starts` (non-decreasing, num_chunks + 1 entries) holds item. */
+static inline long chunk_of(const long *starts, long num_chunks, long item) {
+    long low = 0, high = num_chunks - 1;
+    while (low < high) {
+        const long middle = (low + high + 1) / 2;
+        if (starts[middle] <= item) low = middle;
+        else high = middle - 1;
+    }
+    return low;
+}
+
+/* 16 values of a key or value row from element `column`, as float32. */
+static inline __m512 load16(const int64_t *chunk, long row_address, long l, long column) {
+    const int type = (int)chunk[CHUNK_KV_TYPE];
+    const int64_t *slots = (const int64_t *)chunk[CHUNK_SLOTS];
+    const long at = (slots ? slots[l] : l) * chunk[CHUNK_KV_STRIDE] + column;
+    if (type == W_F32) return _mm512_loadu_ps((const float *)row_address + at);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row_address + at));
+    return type == W_F16 ? _mm512_cvtph_ps(raw) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* float32 lanes as bfloat16 high halves (rounded to nearest) and what rounding left out (rounded
+ * again): high + low keeps 16 bits of significand, and float16 or bfloat16 values exactly. */
+static inline void lane_halves(__m512 v, __m512i *high, __m512i *low) {
+    *high = round_to_bf16_bits(v);
+    *low = round_to_bf16_bits(_mm512_sub_ps(v, _mm512_castsi512_ps(*high)));
+}
+
+/* Keys block .. block + 31 of one chunk's KV head into rows of bfloat16 (keys) and columns (V^T),
+ * zeros past the last key. */
+static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, long block, uint16_t *tiles) {
+    const long keys = chunk_keys(chunk), padded = padded_keys(chunk), d = p->head_dim;
+    const long half = padded * d; /* uint16 values per array */
+    uint16_t *key_high = tiles, *key_low = tiles + half;
+    uint16_t *vt_high = tiles + (p->split ? 2 : 1) * half, *vt_low = vt_high + half;
+    const long column0 = (long)kv_head * d, steps = d / 32, pair_blocks = padded / 32;
+    for (long l = block; l < block + 32; l++) {
+        for (long d0 = 0; d0 < d; d0 += 32) {
+            __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
+            if (l < keys) {
+                __m512i h0, l0, h1, l1;
+                lane_halves(load16(chunk, chunk[CHUNK_KEYS], l, column0 + d0), &h0, &l0);
+                lane_halves(load16(chunk, chunk[CHUNK_KEYS], l, column0 + d0 + 16), &h1, &l1);
+                high = pack_high_halves(h0, h1), low = pack_high_halves(l0, l1);
+            }
+            const long at = (l / 16 * steps + d0 / 32) * 512 + l % 16 * 32;
+            _mm512_storeu_si512((__m512i *)(key_high + at), high);
+            if (p->split) _mm512_storeu_si512((__m512i *)(key_low + at), low);
+        }
+    }
+    /* V^T: for 16 dimensions, rows of key pairs (pair_row) transposed into rows of 32 keys. */
+    for (long d0 = 0; d0 < d; d0 += 16) {
+        __m512i high[16], low[16];
+        for (int pair = 0; pair < 16; pair++) {
+            __m512i halves[2][2] = {{_mm512_setzero_si512(), _mm512_setzero_si512()}, {_mm512_setzero_si512(), _mm512_setzero_si512()}};
+            for (int odd = 0; odd < 2; odd++) {
+                const long l = block + 2 * pair + odd;
+                if (l < keys) lane_halves(load16(chunk, chunk[CHUNK_VALUES], l, column0 + d0), &halves[odd][0], &halves[odd][1]);
+            }
+            high[pair] = pair_row(halves[0][0], halves[1][0]);
+            low[pair] = pair_row(halves[0][1], halves[1][1]);
+        }
+        transpose_16x16(high);
+        if (p->split) transpose_16x16(low);
+        const long tile = (d0 / 16 * pair_blocks + block / 32) * 512;
+        for (int j = 0; j < 16; j++) {
+            _mm512_storeu_si512((__m512i *)(vt_high + tile + 32 * j), high[j]);
+            if (p->split) _mm512_storeu_si512((__m512i *)(vt_low + tile + 32 * j), low[j]);
+        }
+    }
+}
+
+/* O^T tile t (0-3) += V^T P^T for one pair block; tile numbers are immediates, hence a macro.
+ * bfloat16: V^T tiles alternate between tmm4 and tmm6, so a load need not wait for the product
+ * reading the previous one. */
+#define VALUES_INTO(t, a)                                                                    \
+    if (tiles_now > t) {                                                                     \
+        const long tile = ((d0 / 16 + t) * all_pair_blocks + pair_block) * 512;             \
+        if (split) {                                                                         \
+            _tile_loadd(4, vt_high + tile, 64);                                              \
+            _tile_dpbf16ps(t, 4, 5);                                                         \
+            _tile_dpbf16ps(t, 4, 7);                                                         \
+            _tile_loadd(6, vt_low + tile, 64);                                               \
+            _tile_dpbf16ps(t, 6, 5);                                                         \
+        } else {                                                                             \
+            _tile_loadd(a, vt_high + tile, 64);                                              \
+            _tile_dpbf16ps(t, a, 5);                                                         \
+        }                                                                                    \
+    }
+
+/* S^T tile t (0-3) += K Q^T for one step of 32 dimensions (Q^T's tiles in tmm5 / tmm7). */
+#define KEYS_INTO(t, a)                                                                      \
+    if (count > t) {                                                                         \
+        const long tile = ((block + t) * steps + step) * 512;                                \
+        if (split) {                                                                         \
+            _tile_loadd(4, key_high + tile, 64);                                             \
+            _tile_dpbf16ps(t, 4, 5);                                                         \
+            _tile_dpbf16ps(t, 4, 7);                                                         \
+            _tile_loadd(6, key_low + tile, 64);                                              \
+            _tile_dpbf16ps(t, 6, 5);                                                         \
+        } else {                                                                             \
+            _tile_loadd(a, key_high + tile, 64);                                             \
+            _tile_dpbf16ps(t, a, 5);                                                         \
+        }                                                                                    \
+    }
+
+/* One block of 16 query rows (first: its first row among the chunk's length x group rows of this
+ * KV head). Tiles: scores in tmm0, outputs in tmm0-3; A high / low in tmm4 / tmm6, B in tmm5 / tmm7.
+ * scratch: query_scratch_floats(...) floats. */
+static void query_block(const Problem *p, const int64_t *chunk, int kv_head, long first, const uint16_t *tiles,
+                        float *scratch) {
+    const int split = p->split, d = p->head_dim, group = p->heads / p->kv_heads, steps = d / 32;
+    const long length = chunk[CHUNK_LENGTH], context = chunk[CHUNK_CONTEXT], padded = padded_keys(chunk);
+    const long rows = length * group, all_pair_blocks = padded / 32;
+    const uint16_t *key_high = tiles, *key_low = tiles + padded * d;
+    const uint16_t *vt_high = tiles + (split ? 2 : 1) * padded * d, *vt_low = vt_high + padded * d;
+    /* Lane i: the query row first + i (token, head), and how many keys it sees. */
+    int32_t limit[16] __attribute__((aligned(64)));
+    const float *query_row[16];
+    float *out_row[16];
+    long keys = 0, least_limit = LONG_MAX;
+    for (int i = 0; i < 16; i++) {
+        const long r = first + i, token = r / group;
+        const int head = kv_head * group + (int)(r % group);
+        limit[i] = r < rows ? (int32_t)(context + token + 1) : 0;
+        query_row[i] = r < rows ? p->q + (chunk[CHUNK_Q_ROW] + token) * p->q_stride + (long)head * d : NULL;
+        out_row[i] = r < rows ? p->out + (chunk[CHUNK_Q_ROW] + token) * p->out_stride + (long)head * d : NULL;
+        if (limit[i] > keys) keys = limit[i];
+        if (r < rows && limit[i] < least_limit) least_limit = limit[i];
+    }
+    const long pair_blocks = (keys + 31) / 32; /* the keys this block reads, in steps of 32 */
+    float *scores = scratch;
+    uint16_t *p_high = (uint16_t *)(scores + pair_blocks * 32 * 16), *p_low = p_high + pair_blocks * 512;
+    uint16_t *q_high = p_low + pair_blocks * 512, *q_low = q_high + steps * 512;
+    float *staging = (float *)(q_low + steps * 512);
+
+    /* Q^T as B tiles: row j, column i = query i's dimensions 2j, 2j + 1 of the step. */
+    for (int step = 0; step < steps; step++) {
+        __m512i high[16], low[16];
+        for (int i = 0; i < 16; i++) {
+            if (query_row[i]) {
+                const __m512 first = _mm512_loadu_ps(query_row[i] + step * 32), second = _mm512_loadu_ps(query_row[i] + step * 32 + 16);
+                if (split) {
+                    __m512i h0, l0, h1, l1;
+                    lane_halves(first, &h0, &l0);
+                    lane_halves(second, &h1, &l1);
+                    high[i] = pack_high_halves(h0, h1), low[i] = pack_high_halves(l0, l1);
+                } else {
+                    high[i] = (__m512i)_mm512_cvtne2ps_pbh(second, first); /* rounded to nearest, in order */
+                }
+            } else {
+                high[i] = low[i] = _mm512_setzero_si512();
+            }
+        }
+        transpose_16x16(high);
+        if (split) transpose_16x16(low);
+        for (int j = 0; j < 16; j++) {
+            _mm512_storeu_si512((__m512i *)(q_high + step * 512 + 32 * j), high[j]);
+            if (split) _mm512_storeu_si512((__m512i *)(q_low + step * 512 + 32 * j), low[j]);
+        }
+    }
+    /* S^T = K Q^T, four tiles of 16 keys at a time: four independent sums keep the tile unit busy
+     * (one tile's chain of products waits on each product's latency). */
+    for (long block = 0; block < pair_blocks * 2; block += 4) {
+        const long count = pair_blocks * 2 - block < 4 ? pair_blocks * 2 - block : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int step = 0; step < steps; step++) {
+            _tile_loadd(5, q_high + step * 512, 64);
+            if (split) _tile_loadd(7, q_low + step * 512, 64);
+            KEYS_INTO(0, 4)
+            KEYS_INTO(1, 6)
+            KEYS_INTO(2, 4)
+            KEYS_INTO(3, 6)
+        }
+        for (int t = 0; t < count; t++) store_c_tile(t, scores + (block + t) * 256, 64);
+    }
+    /* Softmax down each lane, in base 2 with the scale folded in: 2^(c s - c max), c = scale log2(e)
+     * (scale > 0). Keys below every lane's limit need no mask (most of them: the causal edge is
+     * one or two tokens of the block); lanes without a query are never read back. */
+    const __m512i limits = _mm512_load_si512((const void *)limit);
+    const long open_keys = least_limit;
+    __m512 best = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+    long l = 0;
+    for (; l < open_keys; l++) best = _mm512_max_ps(best, _mm512_loadu_ps(scores + l * 16));
+    for (; l < keys; l++)
+        best = _mm512_mask_max_ps(best, _mm512_cmpgt_epi32_mask(limits, _mm512_set1_epi32((int)l)), best,
+                                  _mm512_loadu_ps(scores + l * 16));
+    const __m512 c = _mm512_set1_ps(p->scale * 1.4426950408889634f), offset = _mm512_mul_ps(best, c);
+    /* Weights into B tiles: row `pair` holds keys 2 pair and 2 pair + 1 of each lane side by side. */
+    const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
+                                                 0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001a000a, 0x001b000b,
+                                                 0x001c000c, 0x001d000d, 0x001e000e, 0x001f000f);
+    for (long pair = 0; pair < pair_blocks * 16; pair++) {
+        __m512 w[2];
+        for (int odd = 0; odd < 2; odd++) {
+            const long key = 2 * pair + odd;
+            w[odd] = exp2_nonpositive16(_mm512_fmsub_ps(_mm512_loadu_ps(scores + key * 16), c, offset));
+            if (key >= open_keys) w[odd] = _mm512_maskz_mov_ps(_mm512_cmpgt_epi32_mask(limits, _mm512_set1_epi32((int)key)), w[odd]);
+            total = _mm512_add_ps(total, w[odd]);
+        }
+        if (split) {
+            __m512i high[2], low[2];
+            for (int odd = 0; odd < 2; odd++) lane_halves(w[odd], &high[odd], &low[odd]);
+            _mm512_storeu_si512((__m512i *)(p_high + pair * 32), pair_row(high[0], high[1]));
+            _mm512_storeu_si512((__m512i *)(p_low + pair * 32), pair_row(low[0], low[1]));
+        } else { /* both rounded to nearest in one instruction, then their words interleaved */
+            _mm512_storeu_si512((__m512i *)(p_high + pair * 32),
+                                _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0])));
+        }
+    }
+    float inverse[16] __attribute__((aligned(64)));
+    _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+    /* O^T = V^T P^T, 64 dimensions (four C tiles) at a time. */
+    for (int d0 = 0; d0 < d; d0 += 64) {
+        const int tiles_now = (d - d0) / 16 < 4 ? (d - d0) / 16 : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (long pair_block = 0; pair_block < pair_blocks; pair_block++) {
+            _tile_loadd(5, p_high + pair_block * 512, 64);
+            if (split) _tile_loadd(7, p_low + pair_block * 512, 64);
+            VALUES_INTO(0, 4)
+            VALUES_INTO(1, 6)
+            VALUES_INTO(2, 4)
+            VALUES_INTO(3, 6)
+        }
+        for (int t = 0; t < tiles_now; t++) {
+            __m512i block[16];
+            store_c_tile(t, staging, 64);
+            for (int j = 0; j < 16; j++) block[j] = _mm512_loadu_si512((const void *)(staging + 16 * j));
+            transpose_16x16(block); /* block[i]: query i's 16 dimensions */
+            for (int i = 0; i < 16; i++)
+                if (out_row[i])
+                    _mm512_storeu_ps(out_row[i] + d0 + 16 * t, _mm512_mul_ps(_mm512_castsi512_ps(block[i]), _mm512_set1_ps(inverse[i])));
+        }
+    }
+}
+
+/* Floats of scratch query_block needs for up to max_keys keys. */
+static long query_scratch_floats(long max_keys, int head_dim) {
+    const long pair_blocks = (max_keys + 31) / 32;
+    return pair_blocks * 32 * 16 + (2 * pair_blocks * 512 + 2 * (head_dim / 32) * 512) / 2 + 256 + 16;
+}
+#endif
+
+int starchat_prompt_attention(const float *q, long q_stride, const int64_t *chunks, long num_chunks, int heads, int kv_heads,
+                              int head_dim, float scale, int split, float *out, long out_stride, int threads) {
+#if HAVE_AMX
+    if (!starchat_amx_ready() || head_dim % 32 || kv_heads <= 0 || heads % kv_heads || !(scale > 0.0f)) return 1;
+    for (long c = 0; c < num_chunks; c++) {
+        const long type = chunks[c * CHUNK_FIELDS + CHUNK_KV_TYPE];
+        if (type != W_F32 && type != W_F16 && type != W_BF16) return 1;
+    }
+    Problem p = {chunks, num_chunks, heads, kv_heads, head_dim, split, scale, q, q_stride, out, out_stride,
+                 NULL, NULL, NULL, NULL};
+    const int group = heads / kv_heads;
+    long *offsets = (long *)malloc(sizeof(long) * (3 * num_chunks + 2));
+    if (!offsets) return -2;
+    p.tile_offsets = offsets, p.prepare_items = offsets + num_chunks, p.query_items = offsets + 2 * num_chunks + 1;
+    long tile_values = 0, max_keys = 0;
+    p.prepare_items[0] = p.query_items[0] = 0;
+    for (long c = 0; c < num_chunks; c++) {
+        const int64_t *chunk = chunks + c * CHUNK_FIELDS;
+        p.tile_offsets[c] = tile_values;
+        tile_values += kv_heads * head_tile_values(&p, chunk);
+        p.prepare_items[c + 1] = p.prepare_items[c] + kv_heads * (padded_keys(chunk) / 32);
+        p.query_items[c + 1] = p.query_items[c] + kv_heads * ((chunk[CHUNK_LENGTH] * group + 15) / 16);
+        if (chunk_keys(chunk) > max_keys) max_keys = chunk_keys(chunk);
+    }
+    p.tiles = (uint16_t *)malloc((size_t)tile_values * sizeof(uint16_t) + 64);
+    if (!p.tiles) {
+        free(offsets);
+        return -2;
+    }
+    const long scratch_floats = query_scratch_floats(max_keys, head_dim);
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        float *scratch = starchat_thread_scratch(scratch_floats, &failed);
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (long item = 0; item < p.prepare_items[num_chunks]; item++) {
+                const long c = chunk_of(p.prepare_items, num_chunks, item), within = item - p.prepare_items[c];
+                const int64_t *chunk = chunks + c * CHUNK_FIELDS;
+                const long blocks = padded_keys(chunk) / 32;
+                const int kv_head = (int)(within / blocks);
+                prepare_block(&p, chunk, kv_head, within % blocks * 32,
+                              p.tiles + p.tile_offsets[c] + kv_head * head_tile_values(&p, chunk));
+            }
+            configure_tiles();
+            /* The longest blocks (last in each chunk: the most keys) first, shared out as threads
+             * come free: the causal blocks differ in cost. */
+#pragma omp for schedule(dynamic, 1)
+            for (long reversed = 0; reversed < p.query_items[num_chunks]; reversed++) {
+                const long item = p.query_items[num_chunks] - 1 - reversed;
+                const long c = chunk_of(p.query_items, num_chunks, item), within = item - p.query_items[c];
+                const int64_t *chunk = chunks + c * CHUNK_FIELDS;
+                const long blocks = (chunk[CHUNK_LENGTH] * group + 15) / 16;
+                const int kv_head = (int)(within / blocks);
+                query_block(&p, chunk, kv_head, within % blocks * 16,
+                            p.tiles + p.tile_offsets[c] + kv_head * head_tile_values(&p, chunk), scratch);
+            }
+            _tile_release();
+        }
+        free(scratch);
+    }
+    free(p.tiles);
+    free(offsets);
+    return failed ? -2 : 0;
+#else
+    (void)q; (void)q_stride; (void)chunks; (void)num_chunks; (void)heads; (void)kv_heads; (void)head_dim; (void)scale;
+    (void)split; (void)out; (void)out_stride; (void)threads;
+    return 1;
+#endif
+}
