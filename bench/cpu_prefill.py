@@ -15,7 +15,9 @@ then, for each --concurrent count, output tokens/s of that many requests (64-tok
 new tokens) the same way. Ratios are off / on (times) and on / off (throughput). Prefix caching
 is off, so every run computes the whole prompt. Prints the machine. On a CPU without AMX tiles
 the "on" side runs oneDNN's bf16 product without tiles (slower: the engine never chooses it
-there) and the panels' path stays off.
+there) and the panels' path stays off. `--baseline sdpa-attention` makes the other side AMX
+everywhere but prompt attention, which runs on SDPA per chunk (bfloat16 where oneDNN's products
+pay off, else float32): the engine before prompt attention on tiles.
 """
 
 from __future__ import annotations
@@ -78,6 +80,17 @@ def switch_amx(llm: LLM, on: bool) -> None:
     attach_fused_decode(model)
 
 
+def configure(llm: LLM, side: str, baseline: str) -> None:
+    """"on": everything on AMX as the engine sets it up; "off": the baseline, either AMX off
+    everywhere ("native") or only prompt attention back on SDPA per chunk ("sdpa-attention": the
+    engine before native/prompt_attention.c)."""
+    switch_amx(llm, side == "on" or baseline == "sdpa-attention")
+    if side == "off" and baseline == "sdpa-attention":
+        for attention in llm.engine.runner.model.modules():
+            if isinstance(attention, Attention):
+                attention.prompt_attention = PromptAttention(attention.prompt_attention.dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="tiny_starcoder", choices=sorted(NAMED_SHAPES))
@@ -86,14 +99,17 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", default=["bfloat16", "int8", "float16"],
                         choices=["bfloat16", "int8", "float16"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", choices=["native", "sdpa-attention"], default="native",
+                        help="the other side: AMX off everywhere, or only prompt attention on SDPA per chunk")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    other = "native" if args.baseline == "native" else "SDPA prompt attention"
     path = random_checkpoint(args.shape, torch.bfloat16)
     machine = describe_machine("cpu")
     print(f"machine: {machine}; AMX products chosen by the engine here: {amx_products_pay_off()}, "
           f"from the panels: {native_amx_tiles()}")
     results = {"machine": machine, "shape": args.shape, "engine_chooses_amx": amx_products_pay_off(),
-               "amx_from_panels": native_amx_tiles(), "figures": {}}
+               "amx_from_panels": native_amx_tiles(), "baseline": args.baseline, "figures": {}}
     generator = torch.Generator().manual_seed(0)
     prompts = {n: torch.randint(100, 40000, (n,), generator=generator).tolist() for n in args.prompt_tokens}
     for name in args.weights:
@@ -105,30 +121,30 @@ def main() -> None:
             best = {"on": [], "off": []}
             for round_index in range(args.rounds):
                 for side in (("on", "off") if round_index % 2 == 0 else ("off", "on")):
-                    switch_amx(llm, side == "on")
+                    configure(llm, side, args.baseline)
                     time_to_first_token(llm, prompt)  # warm-up of this side
                     best[side].append(min(time_to_first_token(llm, prompt) for _ in range(2)))
             on, off = min(best["on"]), min(best["off"])
             ratios = sorted(b / a for a, b in zip(best["on"], best["off"]))
-            results["figures"][f"{name}/{n}"] = {"ms_amx": 1e3 * on, "ms_native": 1e3 * off,
+            results["figures"][f"{name}/{n}"] = {"ms_amx": 1e3 * on, f"ms_{args.baseline}": 1e3 * off,
                                                  "speedup": off / on, "round_speedups": ratios}
-            print(f"{name}, {n}-token prompt: first token {1e3 * on:.0f} ms with AMX products, {1e3 * off:.0f} ms "
-                  f"native -> x{off / on:.2f} (rounds x{ratios[0]:.2f}-x{ratios[-1]:.2f}); "
+            print(f"{name}, {n}-token prompt: first token {1e3 * on:.0f} ms with AMX, {1e3 * off:.0f} ms "
+                  f"{other} -> x{off / on:.2f} (rounds x{ratios[0]:.2f}-x{ratios[-1]:.2f}); "
                   f"{n / on:.0f} against {n / off:.0f} prompt tokens/s")
         for count in args.concurrent:
             requests = random_prompts(count, 64)
             rates = {"on": [], "off": []}
             for round_index in range(args.rounds):
                 for side in (("on", "off") if round_index % 2 == 0 else ("off", "on")):
-                    switch_amx(llm, side == "on")
+                    configure(llm, side, args.baseline)
                     output_tokens_per_s(llm, requests[:2], 4)  # warm-up of this side
                     rates[side].append(output_tokens_per_s(llm, requests))
             on, off = max(rates["on"]), max(rates["off"])
             ratios = sorted(a / b for a, b in zip(rates["on"], rates["off"]))
-            results["figures"][f"{name}/{count}_requests"] = {"tokens_per_s_amx": on, "tokens_per_s_native": off,
+            results["figures"][f"{name}/{count}_requests"] = {"tokens_per_s_amx": on, f"tokens_per_s_{args.baseline}": off,
                                                              "speedup": on / off, "round_speedups": ratios}
             print(f"{name}, {count} requests (64-token prompts, 32 new): {on:.0f} output tokens/s with AMX, "
-                  f"{off:.0f} native -> x{on / off:.2f} (rounds x{ratios[0]:.2f}-x{ratios[-1]:.2f})")
+                  f"{off:.0f} {other} -> x{on / off:.2f} (rounds x{ratios[0]:.2f}-x{ratios[-1]:.2f})")
         del llm
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

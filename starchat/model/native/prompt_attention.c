@@ -68,8 +68,8 @@ static inline long padded_keys(const int64_t *chunk) { return (chunk_keys(chunk)
 /* uint16 values of one KV head's tiles: keys (padded x head_dim) and V^T (head_dim x padded), each
  * twice with split halves. Both are stored tile by tile (16 rows x 32 values, 1 KiB contiguous):
  * tile loads with a power-of-two row stride of a kilobyte or more (V^T's rows) came from a few L1
- * sets and missed. Keys: tile (l / 16, step of 32 dimensions), row l % 16. V^T: tile (d / 16, pair
- * block of 32 keys), row d % 16. */
+ * sets and missed. Keys: tile (l / 16, step of 32 dimensions), row l % 16. V^T: tile (pair block
+ * of 32 keys, d / 16), row d % 16: the tiles a step of the product reads lie together. */
 static inline long head_tile_values(const Problem *p, const int64_t *chunk) {
     return (p->split ? 2 : 1) * 2 * padded_keys(chunk) * p->head_dim;
 }
@@ -109,7 +109,7 @@ static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, l
     const long half = padded * d; /* uint16 values per array */
     uint16_t *key_high = tiles, *key_low = tiles + half;
     uint16_t *vt_high = tiles + (p->split ? 2 : 1) * half, *vt_low = vt_high + half;
-    const long column0 = (long)kv_head * d, steps = d / 32, pair_blocks = padded / 32;
+    const long column0 = (long)kv_head * d, steps = d / 32;
     for (long l = block; l < block + 32; l++) {
         for (long d0 = 0; d0 < d; d0 += 32) {
             __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
@@ -138,7 +138,7 @@ static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, l
         }
         transpose_16x16(high);
         if (p->split) transpose_16x16(low);
-        const long tile = (d0 / 16 * pair_blocks + block / 32) * 512;
+        const long tile = (block / 32 * (d / 16) + d0 / 16) * 512;
         for (int j = 0; j < 16; j++) {
             _mm512_storeu_si512((__m512i *)(vt_high + tile + 32 * j), high[j]);
             if (p->split) _mm512_storeu_si512((__m512i *)(vt_low + tile + 32 * j), low[j]);
@@ -151,7 +151,7 @@ static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, l
  * reading the previous one. */
 #define VALUES_INTO(t, a)                                                                    \
     if (tiles_now > t) {                                                                     \
-        const long tile = ((d0 / 16 + t) * all_pair_blocks + pair_block) * 512;             \
+        const long tile = (pair_block * (d / 16) + d0 / 16 + t) * 512;                       \
         if (split) {                                                                         \
             _tile_loadd(4, vt_high + tile, 64);                                              \
             _tile_dpbf16ps(t, 4, 5);                                                         \
@@ -180,6 +180,24 @@ static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, l
         }                                                                                    \
     }
 
+/* Each lane's maximum of `best` and its scores of keys from .. to - 1 (16 lanes a key), among keys
+ * below its limit and below `keys`; keys below open_keys are below every lane's limit. Four
+ * independent maxima: one chain waits 4 cycles a key. */
+static inline __m512 lane_maximum(const float *scores, long from, long to, long keys, long open_keys, __m512i limits,
+                                  __m512 best) {
+    if (to > keys) to = keys;
+    const long open_end = open_keys < to ? open_keys : to;
+    __m512 m[4] = {best, best, best, best};
+    long l = from;
+    for (; l + 4 <= open_end; l += 4)
+        for (int i = 0; i < 4; i++) m[i] = _mm512_max_ps(m[i], _mm512_loadu_ps(scores + (l + i) * 16));
+    for (; l < open_end; l++) m[0] = _mm512_max_ps(m[0], _mm512_loadu_ps(scores + l * 16));
+    for (; l < to; l++)
+        m[1] = _mm512_mask_max_ps(m[1], _mm512_cmpgt_epi32_mask(limits, _mm512_set1_epi32((int)l)), m[1],
+                                  _mm512_loadu_ps(scores + l * 16));
+    return _mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3]));
+}
+
 /* One block of 16 query rows (first: its first row among the chunk's length x group rows of this
  * KV head). Tiles: scores in tmm0, outputs in tmm0-3; A high / low in tmm4 / tmm6, B in tmm5 / tmm7.
  * scratch: query_scratch_floats(...) floats. */
@@ -187,7 +205,7 @@ static void query_block(const Problem *p, const int64_t *chunk, int kv_head, lon
                         float *scratch) {
     const int split = p->split, d = p->head_dim, group = p->heads / p->kv_heads, steps = d / 32;
     const long length = chunk[CHUNK_LENGTH], context = chunk[CHUNK_CONTEXT], padded = padded_keys(chunk);
-    const long rows = length * group, all_pair_blocks = padded / 32;
+    const long rows = length * group;
     const uint16_t *key_high = tiles, *key_low = tiles + padded * d;
     const uint16_t *vt_high = tiles + (split ? 2 : 1) * padded * d, *vt_low = vt_high + padded * d;
     /* Lane i: the query row first + i (token, head), and how many keys it sees. */
@@ -236,9 +254,13 @@ static void query_block(const Problem *p, const int64_t *chunk, int kv_head, lon
         }
     }
     /* S^T = K Q^T, four tiles of 16 keys at a time: four independent sums keep the tile unit busy
-     * (one tile's chain of products waits on each product's latency). */
-    for (long block = 0; block < pair_blocks * 2; block += 4) {
-        const long count = pair_blocks * 2 - block < 4 ? pair_blocks * 2 - block : 4;
+     * (one tile's chain of products waits on each product's latency). Each lane's maximum over
+     * the previous four tiles' scores is taken while the tile unit multiplies the next four. */
+    const __m512i limits = _mm512_load_si512((const void *)limit);
+    const long open_keys = least_limit, score_blocks = pair_blocks * 2;
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (long block = 0; block < score_blocks; block += 4) {
+        const long count = score_blocks - block < 4 ? score_blocks - block : 4;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
@@ -251,19 +273,14 @@ static void query_block(const Problem *p, const int64_t *chunk, int kv_head, lon
             KEYS_INTO(2, 4)
             KEYS_INTO(3, 6)
         }
+        if (block) best = lane_maximum(scores, (block - 4) * 16, block * 16, keys, open_keys, limits, best);
         for (int t = 0; t < count; t++) store_c_tile(t, scores + (block + t) * 256, 64);
     }
+    best = lane_maximum(scores, (score_blocks - 1) / 4 * 64, score_blocks * 16, keys, open_keys, limits, best);
     /* Softmax down each lane, in base 2 with the scale folded in: 2^(c s - c max), c = scale log2(e)
      * (scale > 0). Keys below every lane's limit need no mask (most of them: the causal edge is
      * one or two tokens of the block); lanes without a query are never read back. */
-    const __m512i limits = _mm512_load_si512((const void *)limit);
-    const long open_keys = least_limit;
-    __m512 best = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
-    long l = 0;
-    for (; l < open_keys; l++) best = _mm512_max_ps(best, _mm512_loadu_ps(scores + l * 16));
-    for (; l < keys; l++)
-        best = _mm512_mask_max_ps(best, _mm512_cmpgt_epi32_mask(limits, _mm512_set1_epi32((int)l)), best,
-                                  _mm512_loadu_ps(scores + l * 16));
+    __m512 total = _mm512_setzero_ps();
     const __m512 c = _mm512_set1_ps(p->scale * 1.4426950408889634f), offset = _mm512_mul_ps(best, c);
     /* Weights into B tiles: row `pair` holds keys 2 pair and 2 pair + 1 of each lane side by side. */
     const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
