@@ -286,6 +286,7 @@ PROMPT_ATTENTION_CASES = [  # heads, kv_heads, head_dim, chunks as (length, cont
     (48, 1, 128, [(40, 5), (17, 0)]),  # StarChat-beta's heads
     (8, 2, 64, [(20, 0), (3, 29)]),  # two KV heads
     (20, 1, 32, [(100, 3)]),
+    (4, 4, 32, [(37, 0), (9, 20)]),  # multi-head: a block is 16 tokens of one head
 ]
 
 
