@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from starchat.engine.cuda_graphs import DecodeGraphs
+from starchat.engine.host_memory import keep_freed_host_memory
 from starchat.engine.kv_cache import allocate_kv_cache
 from starchat.engine.request import Request
 from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput
@@ -51,6 +52,8 @@ class ModelRunner:
         self.fused_gelus = fuse_gelu_into_products(model, dtype) if fast_gpu else 0
         self.decode_products = tune_decode_products(model, dtype) if fast_gpu and triton_support.runs_on(device) else []
         self.decode_graphs: DecodeGraphs | None = None
+        if device.type == "cpu":
+            keep_freed_host_memory()  # steps reuse their activations' pages (host_memory.py)
 
     def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:
         """Run pure-decode steps through fixed-shape buffers, replayed as CUDA graphs when `capture`."""
