@@ -167,7 +167,6 @@ def paged_attention(
     return output
 
 
-
 def _prompt_chunks_on_tiles(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_cache: torch.Tensor,
                             output: torch.Tensor, metadata: AttentionMetadata, num_heads: int, num_kv_heads: int,
                             scale: float, split: bool) -> bool:

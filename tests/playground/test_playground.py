@@ -228,7 +228,14 @@ def test_reply_streams_in_pieces_with_starchat_defaults(page, server_url):
     expect(page.locator("#regenerate")).to_be_disabled()
 
 
-def test_stop_ends_the_stream_and_the_server_cancels_the_generation(page, server_url):
+def test_stop_ends_the_stream_and_the_server_cancels_the_generation(page, server_url, monkeypatch):
+    # The tiny model writes its 440 tokens in about half a second, which can be over before the
+    # click reaches the server: each engine step takes 10 ms more here (a slower model), so the
+    # generation is still running when Stop is pressed.
+    from starchat.engine.engine import LLMEngine
+
+    step = LLMEngine.step
+    monkeypatch.setattr(LLMEngine, "step", lambda self: time.sleep(0.01) or step(self))
     aborted_before = metrics(server_url).get('starchat_generations_finished_total{finish_reason="abort"}', 0.0)
     open_playground(page, server_url)
     ask(page, "Write a very long essay about sorting algorithms.", max_tokens=440)

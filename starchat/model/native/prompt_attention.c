@@ -5,8 +5,8 @@
  * chunks of 64 tokens spent 25 ms of a 145 ms step in those calls on the 2-core Xeon) and, for a
  * 512-token prompt of tiny_starcoder, 1.3 ms per layer in bfloat16 and 3.8 in float32.
  *
- * Per chunk and KV head, the keys are put once into bfloat16 rows (A tiles as they lie) and the
- * values into columns (V^T: A tiles too). Then each block of 16 query rows of that KV head,
+ * Per chunk and KV head, the keys are put once into bfloat16 A tiles and the values, transposed,
+ * into A tiles of V^T. Then each block of 16 query rows of that KV head,
  * (token, head) pairs token-major (a multi-query model's heads share the keys, so a block spans
  * one or two tokens), runs:
  *   S^T = K Q^T, a key per tile row and a query per column (lane),
@@ -102,8 +102,8 @@ static inline void lane_halves(__m512 v, __m512i *high, __m512i *low) {
     *low = round_to_bf16_bits(_mm512_sub_ps(v, _mm512_castsi512_ps(*high)));
 }
 
-/* Keys block .. block + 31 of one chunk's KV head into rows of bfloat16 (keys) and columns (V^T),
- * zeros past the last key. */
+/* Keys block .. block + 31 of one chunk's KV head into their key tiles and V^T tiles (the layout
+ * above), zeros past the last key. */
 static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, long block, uint16_t *tiles) {
     const long keys = chunk_keys(chunk), padded = padded_keys(chunk), d = p->head_dim;
     const long half = padded * d; /* uint16 values per array */
