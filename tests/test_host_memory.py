@@ -1,7 +1,8 @@
-"""glibc's malloc thresholds for CPU steps (starchat/engine/host_memory.py), checked in fresh
-processes through glibc's own accounting (mallinfo2): with them a 20 MB block comes from the heap
-and stays there once freed; without them (STARCHAT_MALLOC_TUNING=0, or the user's own
-MALLOC_*_ variables) it is mapped on its own and given back."""
+"""Host memory for CPU inference (starchat/engine/host_memory.py). glibc's malloc thresholds,
+checked in fresh processes through glibc's own accounting (mallinfo2): with them a 20 MB block
+comes from the heap and stays there once freed; without them (STARCHAT_MALLOC_TUNING=0, or the
+user's own MALLOC_*_ variables) it is mapped on its own and given back. Packed weights collapsed
+into 2 MiB pages, checked in the kernel's own accounting (/proc/self/smaps)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,46 @@ def test_turned_off_or_left_to_the_users_settings():
 def test_a_cpu_engine_applies_them(tiny_model_dir, monkeypatch):
     from starchat import LLM
     from starchat.engine import runner
+    from starchat.model.cpu_linear import PackedLinear
 
-    calls = []
+    calls, collapsed = [], []
     monkeypatch.setattr(runner, "keep_freed_host_memory", lambda: calls.append(1) or True)
-    LLM(str(tiny_model_dir), dtype="float32", progress=False)
+    monkeypatch.setattr(runner, "collapse_into_huge_pages", lambda tensors: collapsed.extend(tensors) or 0)
+    llm = LLM(str(tiny_model_dir), dtype="float32", progress=False)
     assert calls == [1]
+    packed = [m.packed_weight for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    assert packed and [t.data_ptr() for t in collapsed] == [t.data_ptr() for t in packed]
+
+
+def _huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address`, in bytes (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and all(c in "0123456789abcdef-" for c in fields[0]):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1]) * 1024
+    return 0
+
+
+def _kernel_collapses() -> bool:
+    release = os.uname().release.split(".")
+    return host_memory.huge_pages_allowed() and (int(release[0]), int(release[1].split("-")[0])) >= (6, 1)
+
+
+@pytest.mark.skipif(not _kernel_collapses(), reason="no transparent huge pages, or a kernel before 6.1 (no MADV_COLLAPSE)")
+def test_weights_are_collapsed_into_huge_pages_in_place(monkeypatch):
+    import torch
+
+    weights = [torch.randn(3 << 20), torch.randn(2 << 20)]  # 12 MB and 8 MB, allocated one after the other
+    before = [w.clone() for w in weights]
+    address = weights[0].data_ptr()
+    huge_before = _huge_bytes_at(address)
+    collapsed = host_memory.collapse_into_huge_pages(weights)
+    assert collapsed >= 8 << 20 and _huge_bytes_at(address) >= huge_before + (4 << 20)
+    assert weights[0].data_ptr() == address and all(torch.equal(a, b) for a, b in zip(weights, before))
+    monkeypatch.setenv("STARCHAT_HUGE_PAGES", "0")
+    assert host_memory.collapse_into_huge_pages([torch.randn(3 << 20)]) == 0

@@ -1,4 +1,5 @@
-"""Keeping freed host memory in the process, so CPU steps reuse pages instead of faulting in new ones.
+"""Host memory for CPU inference: freed memory kept in the process, so steps reuse pages instead of
+faulting in new ones, and packed weights backed by 2 MiB pages.
 
 A CPU step allocates its activations afresh (a 1,024-token prefill of tiny_starcoder: 6-25 MB
 tensors per product) and frees them at the end. glibc's malloc serves blocks over a threshold
@@ -14,6 +15,16 @@ recommended for PyTorch on CPUs, do too.
 Applied once per process by the CPU model runner; not applied where the C library is not glibc,
 where the user set glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, or with
 STARCHAT_MALLOC_TUNING=0.
+
+Huge pages: a packed model's weights, read in full for every decode step, sat in 4 KiB pages
+scattered by the load; decoding tiny_starcoder (328 MB in bfloat16) ran at 63-65 tokens/s as
+loaded and 79-81 once the same weights were backed by 2 MiB pages (the 2-core Xeon, whose L3 is
+reported as 480 MiB: physically contiguous weights share the cache more evenly, and a step walks
+512x fewer pages). Copying the weights did not help by itself unless the copy happened to land
+late in the process's life. After packing, `collapse_into_huge_pages` asks the kernel to back
+the weights' whole 2 MiB pages with huge pages in place (MADV_COLLAPSE, Linux 6.1+: it copies each
+into a huge page, no second copy of the model). Skipped where transparent huge pages are set to
+"never", on older kernels (the call fails and nothing changes), or with STARCHAT_HUGE_PAGES=0.
 """
 
 from __future__ import annotations
@@ -23,14 +34,21 @@ import logging
 import os
 import sys
 
+import torch
+
 logger = logging.getLogger("starchat.engine")
 
 DISABLE_VARIABLE = "STARCHAT_MALLOC_TUNING"
+HUGE_PAGES_VARIABLE = "STARCHAT_HUGE_PAGES"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 TRIM_THRESHOLD = 1 << 30
 
 _applied: bool | None = None
+
+
+def _switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -50,7 +68,7 @@ def keep_freed_host_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off(DISABLE_VARIABLE):
         return False
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
         return False  # the user's own malloc settings stand
@@ -63,3 +81,47 @@ def keep_freed_host_memory() -> bool:
         logger.debug("glibc malloc: blocks under %d MiB from the heap, trimmed past %d MiB free",
                      MMAP_THRESHOLD >> 20, TRIM_THRESHOLD >> 20)
     return _applied
+
+
+HUGE_PAGE = 2 << 20
+MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1+
+MERGE_GAP = 4096
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_allowed() -> bool:
+    """Transparent huge pages exist here and are not set to "never" (the administrator's choice
+    stands), and STARCHAT_HUGE_PAGES is not 0."""
+    if _switched_off(HUGE_PAGES_VARIABLE) or _glibc() is None:
+        return False
+    try:
+        with open(THP_SETTING) as setting:
+            return "[never]" not in setting.read()
+    except OSError:
+        return False
+
+
+def collapse_into_huge_pages(tensors: list[torch.Tensor]) -> int:
+    """Back the CPU tensors' memory with 2 MiB pages in place, where the kernel can: every whole
+    huge page inside their bytes, neighbours up to MERGE_GAP apart taken as one (the allocator's
+    headers between blocks allocated one after another: 64 bytes on its heap, a 4 KiB page before
+    each block it maps on its own; both in use, so collapsing them costs no memory). Returns the
+    bytes collapsed (0 where huge pages are not allowed or the kernel has no MADV_COLLAPSE)."""
+    if not huge_pages_allowed():
+        return 0
+    spans: list[list[int]] = []
+    for start, end in sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                             for t in tensors if t.device.type == "cpu" and t.numel()):
+        if spans and start - spans[-1][1] <= MERGE_GAP:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    collapsed = 0
+    for start, end in spans:
+        for page in range(-(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE, HUGE_PAGE):
+            if libc.madvise(page, HUGE_PAGE, MADV_COLLAPSE) == 0:  # failures (an older kernel) change nothing
+                collapsed += HUGE_PAGE
+    logger.debug("weights: %d MiB collapsed into 2 MiB pages", collapsed >> 20)
+    return collapsed

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from starchat.engine.cuda_graphs import DecodeGraphs
-from starchat.engine.host_memory import keep_freed_host_memory
+from starchat.engine.host_memory import collapse_into_huge_pages, keep_freed_host_memory
 from starchat.engine.kv_cache import allocate_kv_cache
 from starchat.engine.request import Request
 from starchat.engine.sampler import PendingSample, Sampler, SamplerOutput
 from starchat.engine.scheduler import ScheduledBatch
 from starchat.model import AttentionMetadata, GPTBigCodeForCausalLM, PrefillChunk, triton_attention, triton_support
+from starchat.model.cpu_linear import PackedLinear
 from starchat.model.tuned_linear import fuse_gelu_into_products, tune_decode_products
 
 
@@ -54,6 +55,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cpu":
             keep_freed_host_memory()  # steps reuse their activations' pages (host_memory.py)
+            collapse_into_huge_pages([m.packed_weight for m in model.modules() if isinstance(m, PackedLinear)])
 
     def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:
         """Run pure-decode steps through fixed-shape buffers, replayed as CUDA graphs when `capture`."""
