@@ -105,3 +105,17 @@ def test_weights_are_collapsed_into_huge_pages_in_place(monkeypatch):
     assert weights[0].data_ptr() == address and all(torch.equal(a, b) for a, b in zip(weights, before))
     monkeypatch.setenv("STARCHAT_HUGE_PAGES", "0")
     assert host_memory.collapse_into_huge_pages([torch.randn(3 << 20)]) == 0
+
+
+@pytest.mark.skipif(not host_memory.huge_pages_allowed(), reason="no transparent huge pages here")
+def test_the_kv_cache_is_zeros_in_huge_pages():
+    import torch
+
+    from starchat.config import ModelConfig
+    from starchat.engine.kv_cache import allocate_kv_cache
+
+    config = ModelConfig(vocab_size=100, n_positions=64, n_embd=256, n_layer=4, n_head=4, n_inner=1024)
+    cache = allocate_kv_cache(config, num_blocks=1024, block_size=16, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert cache.shape == (4, 2, 16384, config.kv_dim) and cache.dtype == torch.bfloat16 and not cache.any()
+    whole_pages = (cache.numel() * cache.element_size()) // (2 << 20) - 1
+    assert _huge_bytes_at(cache.data_ptr()) >= whole_pages * (2 << 20) // 2  # most of it (the host may lack some)

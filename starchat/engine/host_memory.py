@@ -23,14 +23,16 @@ reported as 480 MiB: physically contiguous weights share the cache more evenly, 
 512x fewer pages). Copying the weights did not help by itself unless the copy happened to land
 late in the process's life. After packing, `collapse_into_huge_pages` asks the kernel to back
 the weights' whole 2 MiB pages with huge pages in place (MADV_COLLAPSE, Linux 6.1+: it copies each
-into a huge page, no second copy of the model). Skipped where transparent huge pages are set to
-"never", on older kernels (the call fails and nothing changes), or with STARCHAT_HUGE_PAGES=0.
+into a huge page, no second copy of the model). The KV cache is allocated in huge pages from the
+start (`huge_page_zeros`). Skipped where transparent huge pages are set to "never", on older
+kernels (the call fails and nothing changes), or with STARCHAT_HUGE_PAGES=0.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 import sys
 
@@ -125,3 +127,26 @@ def collapse_into_huge_pages(tensors: list[torch.Tensor]) -> int:
                 collapsed += HUGE_PAGE
     logger.debug("weights: %d MiB collapsed into 2 MiB pages", collapsed >> 20)
     return collapsed
+
+
+def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros on the CPU in a fresh mapping whose 2 MiB pages are asked for as huge pages
+    before anything touches them (MADV_HUGEPAGE: zeroing it then faults in huge pages; nothing is
+    copied): the KV cache, whose decode steps read scattered blocks of every layer (one layer of
+    StarChat-beta's decode attention, 32 sequences of 1,024 tokens over a bfloat16 cache, 3.0-3.2
+    against 3.5 ms on the 2-core Xeon). A mapping of its own, because memory from the allocator's
+    heap may have been touched already. Plain zeros where huge pages are not allowed."""
+    count = 1
+    for size in shape:
+        count *= size
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if not huge_pages_allowed() or nbytes < HUGE_PAGE:
+        return torch.zeros(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
+    offset = -whole.data_ptr() % HUGE_PAGE
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except (AttributeError, OSError):  # no MADV_HUGEPAGE here: 4 KiB pages
+        pass
+    return whole[offset:offset + nbytes].view(dtype).view(shape).zero_()
