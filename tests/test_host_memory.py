@@ -7,6 +7,7 @@ into 2 MiB pages, checked in the kernel's own accounting (/proc/self/smaps)."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import subprocess
 import sys
@@ -96,12 +97,16 @@ def _kernel_collapses() -> bool:
 def test_weights_are_collapsed_into_huge_pages_in_place(monkeypatch):
     import torch
 
-    weights = [torch.randn(3 << 20), torch.randn(2 << 20)]  # 12 MB and 8 MB, allocated one after the other
+    # 12 MB and 8 MB side by side in a fresh mapping of their own, written in 4 KiB pages (memory
+    # from the allocator's heap may have been collapsed by an engine earlier in this process)
+    mapping = mmap.mmap(-1, 20 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(mapping, dtype=torch.float32)
+    weights = [whole[:3 << 20].normal_(), whole[3 << 20:].normal_()]
     before = [w.clone() for w in weights]
     address = weights[0].data_ptr()
-    huge_before = _huge_bytes_at(address)
     collapsed = host_memory.collapse_into_huge_pages(weights)
-    assert collapsed >= 8 << 20 and _huge_bytes_at(address) >= huge_before + (4 << 20)
+    # every whole 2 MiB page of the 20 MB (the mapping starts 4 KiB-aligned: 9 of them at least)
+    assert collapsed >= 9 * (2 << 20) and _huge_bytes_at(address) >= collapsed
     assert weights[0].data_ptr() == address and all(torch.equal(a, b) for a, b in zip(weights, before))
     monkeypatch.setenv("STARCHAT_HUGE_PAGES", "0")
     assert host_memory.collapse_into_huge_pages([torch.randn(3 << 20)]) == 0

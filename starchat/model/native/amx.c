@@ -298,10 +298,7 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
     float tile[16][16] __attribute__((aligned(64)));
     for (int d0 = 0; d0 < head_dim; d0 += 64) {
         const int tiles = (head_dim - d0) / 16 < 4 ? (head_dim - d0) / 16 : 4;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_c_tiles();
         for (long pair_block = 0; pair_block < blocks / 2; pair_block++) {
             _tile_loadd(4, p_high + pair_block * 512, 64);
             if (split) _tile_loadd(6, p_low + pair_block * 512, 64);

@@ -60,6 +60,13 @@ static inline void start_c_tile(int t, const float *start) {
     default: if (start) _tile_loadd(3, start, 64); else _tile_zero(3); break;
     }
 }
+/* C tiles tmm0-3 all zero: four sums about to start. */
+static inline void zero_c_tiles(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
 static inline void store_c_tile(int t, void *dest, long stride) {
     switch (t) {
     case 0: _tile_stored(0, dest, stride); break;

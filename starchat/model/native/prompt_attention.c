@@ -261,10 +261,7 @@ static void query_block(const Problem *p, const int64_t *chunk, int kv_head, lon
     __m512 best = _mm512_set1_ps(-INFINITY);
     for (long block = 0; block < score_blocks; block += 4) {
         const long count = score_blocks - block < 4 ? score_blocks - block : 4;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_c_tiles();
         for (int step = 0; step < steps; step++) {
             _tile_loadd(5, q_high + step * 512, 64);
             if (split) _tile_loadd(7, q_low + step * 512, 64);
@@ -309,10 +306,7 @@ static void query_block(const Problem *p, const int64_t *chunk, int kv_head, lon
     /* O^T = V^T P^T, 64 dimensions (four C tiles) at a time. */
     for (int d0 = 0; d0 < d; d0 += 64) {
         const int tiles_now = (d - d0) / 16 < 4 ? (d - d0) / 16 : 4;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_c_tiles();
         for (long pair_block = 0; pair_block < pair_blocks; pair_block++) {
             _tile_loadd(5, p_high + pair_block * 512, 64);
             if (split) _tile_loadd(7, p_low + pair_block * 512, 64);
