@@ -198,43 +198,40 @@ static inline __m512 lane_maximum(const float *scores, long from, long to, long 
     return _mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3]));
 }
 
-/* One block of 16 query rows (first: its first row among the chunk's length x group rows of this
- * KV head). Tiles: scores in tmm0, outputs in tmm0-3; A high / low in tmm4 / tmm6, B in tmm5 / tmm7.
- * scratch: query_scratch_floats(...) floats. */
-static void query_block(const Problem *p, const int64_t *chunk, int kv_head, long first, const uint16_t *tiles,
-                        float *scratch) {
-    const int split = p->split, d = p->head_dim, group = p->heads / p->kv_heads, steps = d / 32;
-    const long length = chunk[CHUNK_LENGTH], context = chunk[CHUNK_CONTEXT], padded = padded_keys(chunk);
-    const long rows = length * group;
-    const uint16_t *key_high = tiles, *key_low = tiles + padded * d;
-    const uint16_t *vt_high = tiles + (split ? 2 : 1) * padded * d, *vt_low = vt_high + padded * d;
-    /* Lane i: the query row first + i (token, head), and how many keys it sees. */
+/* The 16 query rows first .. first + 15 of a chunk's KV head (of its length x group rows: (token,
+ * head) pairs, token-major): where each lane reads and writes, and how many keys it sees. */
+typedef struct {
     int32_t limit[16] __attribute__((aligned(64)));
     const float *query_row[16];
     float *out_row[16];
-    long keys = 0, least_limit = LONG_MAX;
+    long keys, least_limit; /* the most and the fewest keys a lane with a query sees */
+} QueryLanes;
+
+static void query_lanes(const Problem *p, const int64_t *chunk, int kv_head, long first, QueryLanes *lanes) {
+    const int d = p->head_dim, group = p->heads / p->kv_heads;
+    const long rows = chunk[CHUNK_LENGTH] * group, context = chunk[CHUNK_CONTEXT];
+    lanes->keys = 0, lanes->least_limit = LONG_MAX;
     for (int i = 0; i < 16; i++) {
         const long r = first + i, token = r / group;
         const int head = kv_head * group + (int)(r % group);
-        limit[i] = r < rows ? (int32_t)(context + token + 1) : 0;
-        query_row[i] = r < rows ? p->q + (chunk[CHUNK_Q_ROW] + token) * p->q_stride + (long)head * d : NULL;
-        out_row[i] = r < rows ? p->out + (chunk[CHUNK_Q_ROW] + token) * p->out_stride + (long)head * d : NULL;
-        if (limit[i] > keys) keys = limit[i];
-        if (r < rows && limit[i] < least_limit) least_limit = limit[i];
+        lanes->limit[i] = r < rows ? (int32_t)(context + token + 1) : 0;
+        lanes->query_row[i] = r < rows ? p->q + (chunk[CHUNK_Q_ROW] + token) * p->q_stride + (long)head * d : NULL;
+        lanes->out_row[i] = r < rows ? p->out + (chunk[CHUNK_Q_ROW] + token) * p->out_stride + (long)head * d : NULL;
+        if (lanes->limit[i] > lanes->keys) lanes->keys = lanes->limit[i];
+        if (r < rows && lanes->limit[i] < lanes->least_limit) lanes->least_limit = lanes->limit[i];
     }
-    const long pair_blocks = (keys + 31) / 32; /* the keys this block reads, in steps of 32 */
-    float *scores = scratch;
-    uint16_t *p_high = (uint16_t *)(scores + pair_blocks * 32 * 16), *p_low = p_high + pair_blocks * 512;
-    uint16_t *q_high = p_low + pair_blocks * 512, *q_low = q_high + steps * 512;
-    float *staging = (float *)(q_low + steps * 512);
+}
 
-    /* Q^T as B tiles: row j, column i = query i's dimensions 2j, 2j + 1 of the step. */
+/* Q^T as B tiles, one per step of 32 dimensions: row j, column i = query i's dimensions 2j, 2j + 1
+ * of the step (with `low`, also what bfloat16 rounding left out). */
+static void query_tiles(const QueryLanes *lanes, int steps, uint16_t *high_tiles, uint16_t *low_tiles) {
     for (int step = 0; step < steps; step++) {
         __m512i high[16], low[16];
         for (int i = 0; i < 16; i++) {
-            if (query_row[i]) {
-                const __m512 first = _mm512_loadu_ps(query_row[i] + step * 32), second = _mm512_loadu_ps(query_row[i] + step * 32 + 16);
-                if (split) {
+            if (lanes->query_row[i]) {
+                const __m512 first = _mm512_loadu_ps(lanes->query_row[i] + step * 32);
+                const __m512 second = _mm512_loadu_ps(lanes->query_row[i] + step * 32 + 16);
+                if (low_tiles) {
                     __m512i h0, l0, h1, l1;
                     lane_halves(first, &h0, &l0);
                     lane_halves(second, &h1, &l1);
@@ -247,42 +244,29 @@ static void query_block(const Problem *p, const int64_t *chunk, int kv_head, lon
             }
         }
         transpose_16x16(high);
-        if (split) transpose_16x16(low);
+        if (low_tiles) transpose_16x16(low);
         for (int j = 0; j < 16; j++) {
-            _mm512_storeu_si512((__m512i *)(q_high + step * 512 + 32 * j), high[j]);
-            if (split) _mm512_storeu_si512((__m512i *)(q_low + step * 512 + 32 * j), low[j]);
+            _mm512_storeu_si512((__m512i *)(high_tiles + step * 512 + 32 * j), high[j]);
+            if (low_tiles) _mm512_storeu_si512((__m512i *)(low_tiles + step * 512 + 32 * j), low[j]);
         }
     }
-    /* S^T = K Q^T, four tiles of 16 keys at a time: four independent sums keep the tile unit busy
-     * (one tile's chain of products waits on each product's latency). Each lane's maximum over
-     * the previous four tiles' scores is taken while the tile unit multiplies the next four. */
-    const __m512i limits = _mm512_load_si512((const void *)limit);
-    const long open_keys = least_limit, score_blocks = pair_blocks * 2;
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    for (long block = 0; block < score_blocks; block += 4) {
-        const long count = score_blocks - block < 4 ? score_blocks - block : 4;
-        zero_c_tiles();
-        for (int step = 0; step < steps; step++) {
-            _tile_loadd(5, q_high + step * 512, 64);
-            if (split) _tile_loadd(7, q_low + step * 512, 64);
-            KEYS_INTO(0, 4)
-            KEYS_INTO(1, 6)
-            KEYS_INTO(2, 4)
-            KEYS_INTO(3, 6)
-        }
-        if (block) best = lane_maximum(scores, (block - 4) * 16, block * 16, keys, open_keys, limits, best);
-        for (int t = 0; t < count; t++) store_c_tile(t, scores + (block + t) * 256, 64);
-    }
-    best = lane_maximum(scores, (score_blocks - 1) / 4 * 64, score_blocks * 16, keys, open_keys, limits, best);
-    /* Softmax down each lane, in base 2 with the scale folded in: 2^(c s - c max), c = scale log2(e)
-     * (scale > 0). Keys below every lane's limit need no mask (most of them: the causal edge is
-     * one or two tokens of the block); lanes without a query are never read back. */
-    __m512 total = _mm512_setzero_ps();
-    const __m512 c = _mm512_set1_ps(p->scale * 1.4426950408889634f), offset = _mm512_mul_ps(best, c);
-    /* Weights into B tiles: row `pair` holds keys 2 pair and 2 pair + 1 of each lane side by side. */
+}
+
+/* The softmax down each lane of scores (keys x 16 lanes; `pair_blocks` 32-key steps) whose lane
+ * maxima are `best`, in base 2 with the scale folded in: 2^(c s - c max), c = scale log2(e)
+ * (scale > 0). Keys below every lane's limit need no mask (most of them: the causal edge is one or
+ * two tokens of the block); lanes without a query are never read back. The weights go into B
+ * tiles (row `pair`: keys 2 pair and 2 pair + 1 of each lane side by side; with p_low, as two
+ * halves), 1 / their sums into inverse. */
+static void softmax_weights(const float *scores, long pair_blocks, const QueryLanes *lanes, __m512 best, float scale,
+                            uint16_t *p_high, uint16_t *p_low, float inverse[16]) {
+    const __m512i limits = _mm512_load_si512((const void *)lanes->limit);
+    const long open_keys = lanes->least_limit;
+    const __m512 c = _mm512_set1_ps(scale * 1.4426950408889634f), offset = _mm512_mul_ps(best, c);
     const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
                                                  0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001a000a, 0x001b000b,
                                                  0x001c000c, 0x001d000d, 0x001e000e, 0x001f000f);
+    __m512 total = _mm512_setzero_ps();
     for (long pair = 0; pair < pair_blocks * 16; pair++) {
         __m512 w[2];
         for (int odd = 0; odd < 2; odd++) {
@@ -291,7 +275,7 @@ static void query_block(const Problem *p, const int64_t *chunk, int kv_head, lon
             if (key >= open_keys) w[odd] = _mm512_maskz_mov_ps(_mm512_cmpgt_epi32_mask(limits, _mm512_set1_epi32((int)key)), w[odd]);
             total = _mm512_add_ps(total, w[odd]);
         }
-        if (split) {
+        if (p_low) {
             __m512i high[2], low[2];
             for (int odd = 0; odd < 2; odd++) lane_halves(w[odd], &high[odd], &low[odd]);
             _mm512_storeu_si512((__m512i *)(p_high + pair * 32), pair_row(high[0], high[1]));
@@ -301,36 +285,142 @@ static void query_block(const Problem *p, const int64_t *chunk, int kv_head, lon
                                 _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0])));
         }
     }
-    float inverse[16] __attribute__((aligned(64)));
-    _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
-    /* O^T = V^T P^T, 64 dimensions (four C tiles) at a time. */
-    for (int d0 = 0; d0 < d; d0 += 64) {
+    _mm512_storeu_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+}
+
+/* C tile t (O^T: 16 dimensions from d0 x the 16 lanes) times 1 / sum, transposed into the lanes'
+ * output rows. */
+static inline void store_output(int t, const QueryLanes *lanes, const float inverse[16], int d0, float *staging) {
+    __m512i block[16];
+    store_c_tile(t, staging, 64);
+    for (int j = 0; j < 16; j++) block[j] = _mm512_loadu_si512((const void *)(staging + 16 * j));
+    transpose_16x16(block); /* block[i]: query i's 16 dimensions */
+    for (int i = 0; i < 16; i++)
+        if (lanes->out_row[i])
+            _mm512_storeu_ps(lanes->out_row[i] + d0, _mm512_mul_ps(_mm512_castsi512_ps(block[i]), _mm512_set1_ps(inverse[i])));
+}
+
+/* Query blocks (of 16 rows) an item takes: two where the weights are one bfloat16 each, so every
+ * key and value tile loaded from L2 feeds two products (the tile products waited on those
+ * loads: from L1 they ran about 3x faster); one with split halves, whose high and low tiles
+ * leave no registers for a second block. */
+static inline int blocks_per_item(const Problem *p) { return p->split ? 1 : 2; }
+
+/* Items of one KV head of a chunk: its length x group query rows in blocks of 16, so many a time. */
+static inline long items_per_head(const Problem *p, const int64_t *chunk) {
+    const long rows_per_item = 16L * blocks_per_item(p);
+    return (chunk[CHUNK_LENGTH] * (p->heads / p->kv_heads) + rows_per_item - 1) / rows_per_item;
+}
+
+/* One item: `blocks` (1 or 2) blocks of 16 query rows from row `first` of a chunk's KV head.
+ * Tiles: scores and outputs in tmm0-3; keys and V^T (A) in tmm4 / tmm6, queries and weights (B)
+ * in tmm5 / tmm7. scratch: query_scratch_floats(...) floats. */
+static void query_item(const Problem *p, const int64_t *chunk, int kv_head, long first, int blocks, const uint16_t *tiles,
+                       float *scratch) {
+    const int split = p->split, d = p->head_dim, steps = d / 32;
+    const long padded = padded_keys(chunk);
+    const uint16_t *key_high = tiles, *key_low = tiles + padded * d;
+    const uint16_t *vt_high = tiles + (split ? 2 : 1) * padded * d, *vt_low = vt_high + padded * d;
+    QueryLanes lanes[2];
+    long keys = 0;
+    for (int b = 0; b < blocks; b++) {
+        query_lanes(p, chunk, kv_head, first + 16 * b, &lanes[b]);
+        if (lanes[b].keys > keys) keys = lanes[b].keys;
+    }
+    if (blocks == 2 && lanes[1].keys == 0) blocks = 1; /* past the chunk's last row */
+    const long pair_blocks = (keys + 31) / 32, score_blocks = pair_blocks * 2; /* keys read, in steps of 32 and 16 */
+    /* scratch: scores per block, then uint16: weights high per block and low, queries high per
+     * block and low, then a float32 staging tile */
+    float *scores[2] = {scratch, scratch + score_blocks * 256};
+    uint16_t *p_high[2], *p_low, *q_high[2], *q_low;
+    p_high[0] = (uint16_t *)(scores[1] + score_blocks * 256), p_high[1] = p_high[0] + pair_blocks * 512;
+    p_low = p_high[1] + pair_blocks * 512;
+    q_high[0] = p_low + pair_blocks * 512, q_high[1] = q_high[0] + steps * 512, q_low = q_high[1] + steps * 512;
+    float *staging = (float *)(q_low + steps * 512);
+    for (int b = 0; b < blocks; b++) query_tiles(&lanes[b], steps, q_high[b], split ? q_low : NULL);
+
+    /* S^T = K Q^T, four C tiles at a time (four independent sums keep the tile unit busy): four
+     * key blocks against one query block, or two against two. Each lane's maximum over the
+     * previous tiles' scores is taken while the tile unit multiplies the next. */
+    const long key_group = blocks == 2 ? 2 : 4;
+    __m512 best[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
+    __m512i limits[2];
+    for (int b = 0; b < blocks; b++) limits[b] = _mm512_load_si512((const void *)lanes[b].limit);
+    for (long block = 0; block < score_blocks; block += key_group) {
+        const long count = score_blocks - block < key_group ? score_blocks - block : key_group;
+        zero_c_tiles();
+        for (int step = 0; step < steps; step++) {
+            if (blocks == 2) { /* tile 2 b + k: query block b, key block block + k */
+                _tile_loadd(5, q_high[0] + step * 512, 64);
+                _tile_loadd(7, q_high[1] + step * 512, 64);
+                _tile_loadd(4, key_high + (block * steps + step) * 512, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_dpbf16ps(2, 4, 7);
+                if (count > 1) {
+                    _tile_loadd(6, key_high + ((block + 1) * steps + step) * 512, 64);
+                    _tile_dpbf16ps(1, 6, 5);
+                    _tile_dpbf16ps(3, 6, 7);
+                }
+            } else {
+                _tile_loadd(5, q_high[0] + step * 512, 64);
+                if (split) _tile_loadd(7, q_low + step * 512, 64);
+                KEYS_INTO(0, 4)
+                KEYS_INTO(1, 6)
+                KEYS_INTO(2, 4)
+                KEYS_INTO(3, 6)
+            }
+        }
+        for (int b = 0; block && b < blocks; b++)
+            best[b] = lane_maximum(scores[b], (block - key_group) * 16, block * 16, lanes[b].keys, lanes[b].least_limit,
+                                   limits[b], best[b]);
+        for (int b = 0; b < blocks; b++)
+            for (int k = 0; k < count; k++)
+                store_c_tile(blocks == 2 ? 2 * b + k : k, scores[b] + (block + k) * 256, 64);
+    }
+    const long last_group = (score_blocks - 1) / key_group * key_group;
+    float inverse[2][16];
+    for (int b = 0; b < blocks; b++) {
+        best[b] = lane_maximum(scores[b], last_group * 16, score_blocks * 16, lanes[b].keys, lanes[b].least_limit, limits[b],
+                               best[b]);
+        softmax_weights(scores[b], pair_blocks, &lanes[b], best[b], p->scale, p_high[b], split ? p_low : NULL, inverse[b]);
+    }
+    /* O^T = V^T P^T: 64 dimensions (four C tiles) of one query block at a time, or 32 of two. */
+    const int dims_per_pass = blocks == 2 ? 32 : 64;
+    for (int d0 = 0; d0 < d; d0 += dims_per_pass) {
         const int tiles_now = (d - d0) / 16 < 4 ? (d - d0) / 16 : 4;
         zero_c_tiles();
         for (long pair_block = 0; pair_block < pair_blocks; pair_block++) {
-            _tile_loadd(5, p_high + pair_block * 512, 64);
-            if (split) _tile_loadd(7, p_low + pair_block * 512, 64);
-            VALUES_INTO(0, 4)
-            VALUES_INTO(1, 6)
-            VALUES_INTO(2, 4)
-            VALUES_INTO(3, 6)
+            if (blocks == 2) { /* tile 2 b + g: query block b, dimensions d0 + 16 g */
+                const long tile = (pair_block * (d / 16) + d0 / 16) * 512;
+                _tile_loadd(5, p_high[0] + pair_block * 512, 64);
+                _tile_loadd(7, p_high[1] + pair_block * 512, 64);
+                _tile_loadd(4, vt_high + tile, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_loadd(6, vt_high + tile + 512, 64);
+                _tile_dpbf16ps(1, 6, 5);
+                _tile_dpbf16ps(3, 6, 7);
+            } else {
+                _tile_loadd(5, p_high[0] + pair_block * 512, 64);
+                if (split) _tile_loadd(7, p_low + pair_block * 512, 64);
+                VALUES_INTO(0, 4)
+                VALUES_INTO(1, 6)
+                VALUES_INTO(2, 4)
+                VALUES_INTO(3, 6)
+            }
         }
-        for (int t = 0; t < tiles_now; t++) {
-            __m512i block[16];
-            store_c_tile(t, staging, 64);
-            for (int j = 0; j < 16; j++) block[j] = _mm512_loadu_si512((const void *)(staging + 16 * j));
-            transpose_16x16(block); /* block[i]: query i's 16 dimensions */
-            for (int i = 0; i < 16; i++)
-                if (out_row[i])
-                    _mm512_storeu_ps(out_row[i] + d0 + 16 * t, _mm512_mul_ps(_mm512_castsi512_ps(block[i]), _mm512_set1_ps(inverse[i])));
+        if (blocks == 2) {
+            for (int t = 0; t < 4; t++) store_output(t, &lanes[t / 2], inverse[t / 2], d0 + 16 * (t % 2), staging);
+        } else {
+            for (int t = 0; t < tiles_now; t++) store_output(t, &lanes[0], inverse[0], d0 + 16 * t, staging);
         }
     }
 }
 
-/* Floats of scratch query_block needs for up to max_keys keys. */
+/* Floats of scratch query_item needs for up to max_keys keys. */
 static long query_scratch_floats(long max_keys, int head_dim) {
     const long pair_blocks = (max_keys + 31) / 32;
-    return pair_blocks * 32 * 16 + (2 * pair_blocks * 512 + 2 * (head_dim / 32) * 512) / 2 + 256 + 16;
+    return 2 * pair_blocks * 32 * 16 + (3 * pair_blocks * 512 + 3 * (head_dim / 32) * 512) / 2 + 256 + 16;
 }
 #endif
 
@@ -344,7 +434,6 @@ int starchat_prompt_attention(const float *q, long q_stride, const int64_t *chun
     }
     Problem p = {chunks, num_chunks, heads, kv_heads, head_dim, split, scale, q, q_stride, out, out_stride,
                  NULL, NULL, NULL, NULL};
-    const int group = heads / kv_heads;
     long *offsets = (long *)malloc(sizeof(long) * (3 * num_chunks + 2));
     if (!offsets) return -2;
     p.tile_offsets = offsets, p.prepare_items = offsets + num_chunks, p.query_items = offsets + 2 * num_chunks + 1;
@@ -355,7 +444,7 @@ int starchat_prompt_attention(const float *q, long q_stride, const int64_t *chun
         p.tile_offsets[c] = tile_values;
         tile_values += kv_heads * head_tile_values(&p, chunk);
         p.prepare_items[c + 1] = p.prepare_items[c] + kv_heads * (padded_keys(chunk) / 32);
-        p.query_items[c + 1] = p.query_items[c] + kv_heads * ((chunk[CHUNK_LENGTH] * group + 15) / 16);
+        p.query_items[c + 1] = p.query_items[c] + kv_heads * items_per_head(&p, chunk);
         if (chunk_keys(chunk) > max_keys) max_keys = chunk_keys(chunk);
     }
     p.tiles = (uint16_t *)malloc((size_t)tile_values * sizeof(uint16_t) + 64);
@@ -386,10 +475,10 @@ int starchat_prompt_attention(const float *q, long q_stride, const int64_t *chun
                 const long item = p.query_items[num_chunks] - 1 - reversed;
                 const long c = chunk_of(p.query_items, num_chunks, item), within = item - p.query_items[c];
                 const int64_t *chunk = chunks + c * CHUNK_FIELDS;
-                const long blocks = (chunk[CHUNK_LENGTH] * group + 15) / 16;
-                const int kv_head = (int)(within / blocks);
-                query_block(&p, chunk, kv_head, within % blocks * 16,
-                            p.tiles + p.tile_offsets[c] + kv_head * head_tile_values(&p, chunk), scratch);
+                const long items = items_per_head(&p, chunk);
+                const int kv_head = (int)(within / items), blocks = blocks_per_item(&p);
+                query_item(&p, chunk, kv_head, within % items * 16 * blocks, blocks,
+                           p.tiles + p.tile_offsets[c] + kv_head * head_tile_values(&p, chunk), scratch);
             }
             _tile_release();
         }
