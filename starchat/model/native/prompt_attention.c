@@ -8,7 +8,7 @@
  * Per chunk and KV head, the keys are put once into bfloat16 A tiles and the values, transposed,
  * into A tiles of V^T. Then each block of 16 query rows of that KV head,
  * (token, head) pairs token-major (a multi-query model's heads share the keys, so a block spans
- * one or two tokens), runs:
+ * one or two tokens; bfloat16 takes two blocks per pass over the keys), runs:
  *   S^T = K Q^T, a key per tile row and a query per column (lane),
  *   the softmax down each lane over all its keys (max, then exponentials and their sum), the
  *   weights rounded into B tiles whose rows are pairs of keys,
