@@ -159,11 +159,6 @@ def decode_attention(query: torch.Tensor, layer_cache: torch.Tensor, slots: torc
     return out
 
 
-def amx_ready() -> bool:
-    """Whether AMX tiles are granted to the library and not taken back (`amx_init` / `amx_disable`)."""
-    return bool(load().starchat_amx_ready())
-
-
 def prompt_attention(query: torch.Tensor, out: torch.Tensor, chunks: list[tuple], num_heads: int, num_kv_heads: int,
                      scale: float, split: bool) -> bool:
     """Causal attention of every prompt chunk in one call on AMX tiles (prompt_attention.c), written
