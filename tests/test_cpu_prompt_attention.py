@@ -104,3 +104,27 @@ def test_a_bfloat16_model_attends_on_tiles_close_to_sdpa(wide_heads_dir, monkeyp
     sdpa = llm.generate(LONG_PROMPTS, params)
     assert not calls
     assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(tiles, sdpa)) >= len(LONG_PROMPTS) - 1
+
+
+def test_an_int8_model_attends_on_bfloat16_tiles(wide_heads_dir, monkeypatch):
+    # int8 weights with bfloat16 activations: the tiles in their bfloat16 mode; prompt logits
+    # within 1% of the largest of the same model's bfloat16 SDPA (0.3% here), and within 3% of HF's
+    # float32 over the unquantized weights (the quantization's own error: about 1.2% here).
+    calls = _count_tile_calls(monkeypatch)
+    llm = LLM(str(wide_heads_dir), dtype="bfloat16", quantize="int8", progress=False, enable_prefix_caching=False)
+    attentions = [m for m in llm.engine.runner.model.modules() if isinstance(m, Attention)]
+    assert all(m.prompt_attention.amx_tiles and not m.prompt_attention.split for m in attentions)
+    reference = _hf_float32(wide_heads_dir, torch.float32)
+    for prompt in LONG_PROMPTS[:3]:
+        ids = llm.tokenizer.encode(prompt)
+        tiles = our_prompt_logits(llm, ids)
+        for module in attentions:
+            module.prompt_attention = PromptAttention(torch.bfloat16)
+        sdpa = our_prompt_logits(llm, ids)
+        for module in attentions:
+            module.prompt_attention = PromptAttention(torch.bfloat16, amx_tiles=True)
+        with torch.no_grad():
+            expected = reference(torch.tensor([ids])).logits[0]
+        assert (tiles - sdpa).abs().max().item() < 0.01 * sdpa.abs().max().item()
+        assert (tiles - expected).abs().max().item() < 0.03 * expected.abs().max().item()
+    assert calls
