@@ -302,3 +302,28 @@ def test_decode_steps_of_any_size_keep_the_native_step(tiny_model_dir, monkeypat
     completions = llm.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert all(len(c.token_ids) == 5 for c in completions)
     assert max(fused_rows) == 70
+
+
+@needs_kernels
+def test_the_mlps_share_one_workspace_and_compute_the_same(tiny_model_dir):
+    """A packed model's MLP up projections write into one buffer that every layer reuses (their
+    output is dead once the down projection has read it): the same logits bit for bit as with a
+    fresh output per layer, and every layer's up projection at the same address."""
+    from test_engine_reference import PROMPTS, our_prompt_logits
+
+    from starchat.model.gpt_bigcode import MLP
+
+    llm = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False)
+    mlps = [m for m in llm.engine.runner.model.modules() if isinstance(m, MLP)]
+    assert len(mlps) > 1 and all(m.workspace is mlps[0].workspace is not None for m in mlps)
+    addresses = []
+    for mlp in mlps:
+        forward = mlp.c_fc.forward
+        mlp.c_fc.forward = (lambda forward: lambda x, out=None: addresses.append(out is not None and out.data_ptr())
+                            or forward(x, out=out))(forward)
+    ids = llm.tokenizer.encode(PROMPTS[3])
+    shared = our_prompt_logits(llm, ids)
+    assert len(addresses) == len(mlps) and len(set(addresses)) == 1 and addresses[0]
+    for mlp in mlps:
+        mlp.workspace = None
+    assert torch.equal(our_prompt_logits(llm, ids), shared)

@@ -521,3 +521,14 @@ def test_packed_models_take_the_native_tanh_gelu(tiny_model_dir, tiny_mha_model_
     exact_mlps = [m for m in LLM(str(tiny_mha_model_dir), dtype="float32", progress=False).engine.runner.model.modules()
                   if isinstance(m, MLP)]
     assert exact_mlps and all(m.act is not native_tanh_gelu for m in exact_mlps)  # the exact GELU: PyTorch's
+
+
+def test_linear_writes_into_a_given_output():
+    generator = torch.Generator().manual_seed(15)
+    x, weight = torch.randn(5, 64, generator=generator), torch.randn(48, 64, generator=generator).bfloat16()
+    packed, bias = native.pack_weight(weight), torch.randn(48, generator=generator)
+    out = torch.full((5, 48), float("nan"))
+    assert native.linear(x, packed, 48, bias, out=out) is out
+    assert torch.equal(out, native.linear(x, packed, 48, bias))
+    with pytest.raises(ValueError, match="out must be"):
+        native.linear(x, packed, 48, bias, out=torch.empty(5, 47))

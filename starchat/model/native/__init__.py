@@ -81,7 +81,7 @@ def amx_disable() -> None:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-           scales: torch.Tensor | None = None, amx_min_rows: int = 0) -> torch.Tensor:
+           scales: torch.Tensor | None = None, amx_min_rows: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T (* scales (N,)) (+ bias (N,)), in x's dtype (float32, float16
     or bfloat16; the arithmetic is float32), for `packed = pack_weight(weight)` and N = out_features.
     From `amx_min_rows` rows (0: never; after `amx_init()`), bfloat16 and int8 weights multiply on
@@ -107,7 +107,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     if activation_type == 3:
         raise ValueError(f"native linear: activations must be float32, float16 or bfloat16, not {x.dtype}")
     rows = x.contiguous()
-    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    shape = (*x.shape[:-1], out_features)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype)
+    elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"native linear: out must be a contiguous {x.dtype} tensor of {shape}, not {out.dtype} {tuple(out.shape)}")
     status = load().starchat_linear(
         rows.data_ptr(), activation_type, rows.numel() // in_features, packed.data_ptr(), weight_type,
         scales.data_ptr() if scales is not None else None, bias.data_ptr() if bias is not None else None,
