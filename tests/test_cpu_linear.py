@@ -170,6 +170,25 @@ def test_amx_products_equal_the_native_kernel_to_bfloat16_rounding(kind, monkeyp
     assert torch.equal(cpu_linear.unpack_weight(layer.packed_weight, 40, torch.float32), source.weight.float())
 
 
+@needs_kernels
+def test_amx_products_unpack_into_one_shared_buffer(monkeypatch):
+    """The layers of a model unpack their weights for oneDNN's products into one Workspace (the
+    weight is dead once multiplied): the same results as unpacking into fresh memory, one address."""
+    from starchat.model import cpu_linear
+
+    torch.manual_seed(1)
+    layers = [PackedLinear.from_module(nn.Linear(96, n).to(torch.bfloat16)) for n in (64, 40)]  # the buffer never grows
+    x = torch.randn(cpu_linear.AMX_MIN_ROWS, 96)
+    fresh = [layer._amx_forward(x) for layer in layers]
+    shared, addresses = cpu_linear.Workspace(), []
+    unpack = native.unpack_bf16
+    monkeypatch.setattr(native, "unpack_bf16", lambda packed, n, out=None: addresses.append(out.data_ptr()) or unpack(packed, n, out))
+    for layer in layers:
+        layer.unpack_workspace = shared
+    assert all(torch.equal(layer._amx_forward(x), expected) for layer, expected in zip(layers, fresh))
+    assert len(addresses) == 2 and addresses[0] == addresses[1]
+
+
 def test_amx_products_are_chosen_by_the_cpu_and_can_be_turned_off(monkeypatch):
     from starchat.model import cpu_linear
 
@@ -316,6 +335,9 @@ def test_the_mlps_share_one_workspace_and_compute_the_same(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False)
     mlps = [m for m in llm.engine.runner.model.modules() if isinstance(m, MLP)]
     assert len(mlps) > 1 and all(m.workspace is mlps[0].workspace is not None for m in mlps)
+    packed = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    assert all(m.unpack_workspace is packed[0].unpack_workspace is not None for m in packed)
+    assert packed[0].unpack_workspace is not mlps[0].workspace  # both live at once in an MLP
     addresses = []
     for mlp in mlps:
         forward = mlp.c_fc.forward

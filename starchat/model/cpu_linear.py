@@ -153,11 +153,12 @@ def streams_its_weights(model: nn.Module) -> bool:
     return weight_bytes > last_level_cache_bytes()
 
 
-def unpack_weight(packed: torch.Tensor, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+def unpack_weight(packed: torch.Tensor, out_features: int, dtype: torch.dtype, workspace: Workspace | None = None) -> torch.Tensor:
     """The (out_features, K) weight held in `packed`'s panels, converted to `dtype` on the way
-    (int8 values are exact in bfloat16)."""
+    (int8 values are exact in bfloat16); bfloat16 into the workspace's buffer where given."""
     if dtype == torch.bfloat16 and packed.dtype in (torch.bfloat16, torch.int8) and native.available():
-        return native.unpack_bf16(packed, out_features)  # register transposes: 2.4x PyTorch's permuted copy
+        out = workspace.take((out_features, packed.shape[1]), dtype) if workspace is not None else None
+        return native.unpack_bf16(packed, out_features, out)  # register transposes: 2.4x PyTorch's permuted copy
     panels, in_features, width = packed.shape
     weight = torch.empty(panels * width, in_features, dtype=dtype)
     weight.view(panels, width, in_features).copy_(packed.permute(0, 2, 1))
@@ -188,6 +189,10 @@ class PackedLinear(nn.Module):
         # (amx_products); float16 ones from 12 rows on the panels' tiles only.
         self.amx_products = packed_weight.dtype in (torch.bfloat16, torch.int8) and amx_products_pay_off()
         self.amx_min_rows = native_amx_min_rows(packed_weight.dtype)
+        # Where the unpacked weight of an oneDNN product goes: one buffer the model's layers share
+        # (prepare_cpu_linears), else a new tensor per call. StarChat-beta's mlp.c_fc at 2,048
+        # rows: unpacking 30 against 97 ms into fresh memory; the product 487 against 558 ms.
+        self.unpack_workspace: Workspace | None = None
 
     @classmethod
     def from_module(cls, module: nn.Linear | Int8Linear, in_place: bool = False,
@@ -214,7 +219,7 @@ class PackedLinear(nn.Module):
         second copy is kept: the model's memory stays one packed weight) and oneDNN's bf16 tile
         product. Its inputs and outputs are rounded to bfloat16, as HF's bfloat16 models round
         every product's; scales and bias are applied in float32 after it."""
-        weight = unpack_weight(self.packed_weight, self.out_features, torch.bfloat16)
+        weight = unpack_weight(self.packed_weight, self.out_features, torch.bfloat16, self.unpack_workspace)
         out = F.linear(x.to(torch.bfloat16), weight).float()
         if self.scales is not None:
             out *= self.scales
@@ -283,6 +288,9 @@ def prepare_cpu_linears(model: nn.Module) -> None:
     if streams_its_weights(model):  # AMX pays off from fewer rows
         for layer in packed_by_weight.values():
             layer.amx_min_rows = native_amx_min_rows(layer.packed_weight.dtype, streamed=True)
+    unpacked = Workspace()  # oneDNN's products run one after another
+    for layer in packed_by_weight.values():
+        layer.unpack_workspace = unpacked
 
 
 def _children_of_type(model: nn.Module, types: tuple[type, ...]) -> list[tuple[nn.Module, list[str]]]:
@@ -296,11 +304,12 @@ def _children_of_type(model: nn.Module, types: tuple[type, ...]) -> list[tuple[n
 
 
 class Workspace:
-    """One buffer a packed CPU model reuses for its widest activation, the MLP's up projection:
-    layers run one after another and that output is dead once the down projection has read it.
+    """One buffer a packed CPU model reuses across its layers for a tensor that is dead before the
+    next layer needs it: the MLP's up projection (dead once the down projection has read it), an
+    oneDNN product's unpacked weight (dead once multiplied). Layers run one after another.
     A fresh one per layer is mapped and faulted in anew where it outgrows glibc's heap threshold
-    (32 MB: StarChat-beta's from about 350 rows; engine/host_memory.py): StarChat-beta's MLP at
-    512 rows (bfloat16, 2-core Xeon) 211 against 221 ms with a fresh output each time."""
+    (32 MB; engine/host_memory.py): StarChat-beta's MLP at 512 rows (bfloat16, 2-core Xeon) 211
+    against 221 ms with a fresh up projection each time; its unpacked weights are 75-302 MB."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None

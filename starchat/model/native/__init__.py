@@ -54,15 +54,19 @@ def unpack_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return packed[rows // PANEL, :, rows % PANEL]
 
 
-def unpack_bf16(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def unpack_bf16(packed: torch.Tensor, out_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The (out_features, K) weight that bfloat16 or int8 `packed` holds, as bfloat16 (int8 values
-    are exact; scales not applied): an AMX product's weight, unpacked per call. Requires `available()`."""
+    are exact; scales not applied), into `out` where given: an AMX product's weight, unpacked per
+    call. Requires `available()`."""
     weight_type = WEIGHT_TYPES.get(packed.dtype)
     if weight_type not in (2, 3) or packed.dim() != 3 or packed.shape[2] != PANEL or not packed.is_contiguous() \
             or not 0 <= packed.shape[0] * PANEL - out_features < PANEL:
         raise ValueError(f"native unpack: needs a packed bfloat16 or int8 weight of {out_features} outputs, "
                          f"not {tuple(packed.shape)} {packed.dtype}")
-    out = torch.empty(out_features, packed.shape[1], dtype=torch.bfloat16)
+    if out is None:
+        out = torch.empty(out_features, packed.shape[1], dtype=torch.bfloat16)
+    elif out.shape != (out_features, packed.shape[1]) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        raise ValueError(f"native unpack: out must be a contiguous bfloat16 tensor of {(out_features, packed.shape[1])}")
     load().starchat_unpack_bf16(packed.data_ptr(), weight_type, out_features, packed.shape[1], out.data_ptr(),
                                 torch.get_num_threads())
     return out
