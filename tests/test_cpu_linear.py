@@ -327,25 +327,30 @@ def test_decode_steps_of_any_size_keep_the_native_step(tiny_model_dir, monkeypat
 def test_the_mlps_share_one_workspace_and_compute_the_same(tiny_model_dir):
     """A packed model's MLP up projections write into one buffer that every layer reuses (their
     output is dead once the down projection has read it): the same logits bit for bit as with a
-    fresh output per layer, and every layer's up projection at the same address."""
+    fresh output per layer, and every layer's up projection at the same address. The model's
+    products unpack their weights for oneDNN into another shared buffer."""
     from test_engine_reference import PROMPTS, our_prompt_logits
 
     from starchat.model.gpt_bigcode import MLP
 
     llm = LLM(str(tiny_model_dir), dtype="bfloat16", progress=False)
     mlps = [m for m in llm.engine.runner.model.modules() if isinstance(m, MLP)]
-    assert len(mlps) > 1 and all(m.workspace is mlps[0].workspace is not None for m in mlps)
+    workspace = mlps[0].c_fc.output_workspace
+    assert len(mlps) > 1 and workspace is not None and all(m.c_fc.output_workspace is workspace for m in mlps)
+    assert all(m.c_proj.output_workspace is None for m in mlps)
     packed = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
     assert all(m.unpack_workspace is packed[0].unpack_workspace is not None for m in packed)
-    assert packed[0].unpack_workspace is not mlps[0].workspace  # both live at once in an MLP
+    assert packed[0].unpack_workspace is not workspace  # both live at once in an MLP
     addresses = []
     for mlp in mlps:
-        forward = mlp.c_fc.forward
-        mlp.c_fc.forward = (lambda forward: lambda x, out=None: addresses.append(out is not None and out.data_ptr())
-                            or forward(x, out=out))(forward)
+        def spy(x, forward=mlp.c_fc.forward):
+            out = forward(x)
+            addresses.append(out.data_ptr())
+            return out
+        mlp.c_fc.forward = spy
     ids = llm.tokenizer.encode(PROMPTS[3])
     shared = our_prompt_logits(llm, ids)
-    assert len(addresses) == len(mlps) and len(set(addresses)) == 1 and addresses[0]
+    assert len(addresses) == len(mlps) and set(addresses) == {workspace._buffer.data_ptr()}
     for mlp in mlps:
-        mlp.workspace = None
+        mlp.c_fc.output_workspace = None
     assert torch.equal(our_prompt_logits(llm, ids), shared)

@@ -193,6 +193,9 @@ class PackedLinear(nn.Module):
         # (prepare_cpu_linears), else a new tensor per call. StarChat-beta's mlp.c_fc at 2,048
         # rows: unpacking 30 against 97 ms into fresh memory; the product 487 against 558 ms.
         self.unpack_workspace: Workspace | None = None
+        # Set on an MLP's up projection (compute_in_float32): its output goes into a buffer all the
+        # model's up projections share (dead once the down projection has read it).
+        self.output_workspace: Workspace | None = None
 
     @classmethod
     def from_module(cls, module: nn.Linear | Int8Linear, in_place: bool = False,
@@ -207,10 +210,12 @@ class PackedLinear(nn.Module):
             packed = native.pack_weight(weight)
         return cls(packed, module.out_features, module.bias, scales)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """`out`: where the native kernel writes the result (a Workspace's buffer), else a new tensor."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_products and x.numel() >= AMX_MIN_ROWS * self.in_features:
             return self._amx_forward(x)
+        out = None
+        if self.output_workspace is not None:
+            out = self.output_workspace.take((*x.shape[:-1], self.out_features), x.dtype)
         return native.linear(x, self.packed_weight, self.out_features, self.bias, self.scales, self.amx_min_rows,
                              out=out)
 
@@ -353,5 +358,5 @@ def compute_in_float32(model: nn.Module) -> None:
         if isinstance(module, MLP) and module.gelu_tanh:
             module.act = native_tanh_gelu
         if isinstance(module, MLP) and isinstance(module.c_fc, PackedLinear):
-            module.workspace = workspace
+            module.c_fc.output_workspace = workspace
     model.transformer.wpe.float()

@@ -70,16 +70,10 @@ class MLP(nn.Module):
         # Set on a GPU by tuned_linear.fuse_gelu_into_products: c_fc then applies the GELU in its
         # product's epilogue (no separate pass over the widest activations of the block).
         self.fused_activation = False
-        # Set on a CPU with packed weights (cpu_linear.compute_in_float32): c_fc writes into a
-        # buffer every layer reuses (its output is dead once c_proj has read it).
-        self.workspace = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.fused_activation:
             return self.c_proj(self.c_fc(hidden, gelu_tanh=True))
-        if self.workspace is not None:
-            up = self.c_fc(hidden, out=self.workspace.take((*hidden.shape[:-1], self.c_fc.out_features), hidden.dtype))
-            return self.c_proj(self.act(up))
         return self.c_proj(self.act(self.c_fc(hidden)))
 
 
