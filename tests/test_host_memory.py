@@ -108,8 +108,10 @@ def test_weights_are_collapsed_into_huge_pages_in_place(monkeypatch):
     # every whole 2 MiB page of the 20 MB (the mapping starts 4 KiB-aligned: 9 of them at least)
     assert collapsed >= 9 * (2 << 20) and _huge_bytes_at(address) >= collapsed
     assert weights[0].data_ptr() == address and all(torch.equal(a, b) for a, b in zip(weights, before))
-    monkeypatch.setenv("STARCHAT_HUGE_PAGES", "0")
+    monkeypatch.setattr(host_memory, "COLLAPSE_MAX_BYTES", 8 << 20)  # weights beyond the cap stay as they are
     assert host_memory.collapse_into_huge_pages([torch.randn(3 << 20)]) == 0
+    monkeypatch.setenv("STARCHAT_HUGE_PAGES", "0")
+    assert host_memory.collapse_into_huge_pages([torch.randn(1 << 20)]) == 0
 
 
 @pytest.mark.skipif(not host_memory.huge_pages_allowed(), reason="no transparent huge pages here")
