@@ -117,6 +117,13 @@ static inline __m512i pack_high_halves(__m512i first, __m512i second) {
     return _mm512_permutex2var_epi16(first, odd_words, second);
 }
 
+/* float32 lanes as bfloat16 high halves (rounded to nearest) and what rounding left out (rounded
+ * again): high + low keeps 16 bits of significand, and float16 or bfloat16 values exactly. */
+static inline void lane_halves(__m512 v, __m512i *high, __m512i *low) {
+    *high = round_to_bf16_bits(v);
+    *low = round_to_bf16_bits(_mm512_sub_ps(v, _mm512_castsi512_ps(*high)));
+}
+
 /* 32 values of a float32 row (or of a float16 cache row) as bfloat16 high and low halves, each
  * one tile row. float16 values are exact as the two halves; float32 ones keep 16 bits. */
 static inline void row_halves(__m512 first, __m512 second, int exact_split, __m512i *high, __m512i *low) {
@@ -125,9 +132,8 @@ static inline void row_halves(__m512 first, __m512 second, int exact_split, __m5
         split_f16_bits(_mm512_castps_si512(first), &h0, &l0);
         split_f16_bits(_mm512_castps_si512(second), &h1, &l1);
     } else {
-        h0 = round_to_bf16_bits(first), h1 = round_to_bf16_bits(second);
-        l0 = round_to_bf16_bits(_mm512_sub_ps(first, _mm512_castsi512_ps(h0)));
-        l1 = round_to_bf16_bits(_mm512_sub_ps(second, _mm512_castsi512_ps(h1)));
+        lane_halves(first, &h0, &l0);
+        lane_halves(second, &h1, &l1);
     }
     *high = pack_high_halves(h0, h1);
     *low = pack_high_halves(l0, l1);

@@ -95,13 +95,6 @@ static inline __m512 load16(const int64_t *chunk, long row_address, long l, long
     return type == W_F16 ? _mm512_cvtph_ps(raw) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-/* float32 lanes as bfloat16 high halves (rounded to nearest) and what rounding left out (rounded
- * again): high + low keeps 16 bits of significand, and float16 or bfloat16 values exactly. */
-static inline void lane_halves(__m512 v, __m512i *high, __m512i *low) {
-    *high = round_to_bf16_bits(v);
-    *low = round_to_bf16_bits(_mm512_sub_ps(v, _mm512_castsi512_ps(*high)));
-}
-
 /* Keys block .. block + 31 of one chunk's KV head into their key tiles and V^T tiles (the layout
  * above), zeros past the last key. */
 static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, long block, uint16_t *tiles) {
@@ -113,12 +106,9 @@ static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, l
     for (long l = block; l < block + 32; l++) {
         for (long d0 = 0; d0 < d; d0 += 32) {
             __m512i high = _mm512_setzero_si512(), low = _mm512_setzero_si512();
-            if (l < keys) {
-                __m512i h0, l0, h1, l1;
-                lane_halves(load16(chunk, chunk[CHUNK_KEYS], l, column0 + d0), &h0, &l0);
-                lane_halves(load16(chunk, chunk[CHUNK_KEYS], l, column0 + d0 + 16), &h1, &l1);
-                high = pack_high_halves(h0, h1), low = pack_high_halves(l0, l1);
-            }
+            if (l < keys)
+                row_halves(load16(chunk, chunk[CHUNK_KEYS], l, column0 + d0),
+                           load16(chunk, chunk[CHUNK_KEYS], l, column0 + d0 + 16), 0, &high, &low);
             const long at = (l / 16 * steps + d0 / 32) * 512 + l % 16 * 32;
             _mm512_storeu_si512((__m512i *)(key_high + at), high);
             if (p->split) _mm512_storeu_si512((__m512i *)(key_low + at), low);
@@ -232,10 +222,7 @@ static void query_tiles(const QueryLanes *lanes, int steps, uint16_t *high_tiles
                 const __m512 first = _mm512_loadu_ps(lanes->query_row[i] + step * 32);
                 const __m512 second = _mm512_loadu_ps(lanes->query_row[i] + step * 32 + 16);
                 if (low_tiles) {
-                    __m512i h0, l0, h1, l1;
-                    lane_halves(first, &h0, &l0);
-                    lane_halves(second, &h1, &l1);
-                    high[i] = pack_high_halves(h0, h1), low[i] = pack_high_halves(l0, l1);
+                    row_halves(first, second, 0, &high[i], &low[i]);
                 } else {
                     high[i] = (__m512i)_mm512_cvtne2ps_pbh(second, first); /* rounded to nearest, in order */
                 }
