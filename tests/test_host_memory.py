@@ -11,6 +11,7 @@ import mmap
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,8 +75,8 @@ def test_a_cpu_engine_applies_them(tiny_model_dir, monkeypatch):
     assert packed and [t.data_ptr() for t in collapsed] == [t.data_ptr() for t in packed]
 
 
-def _huge_bytes_at(address: int) -> int:
-    """AnonHugePages of the mapping that holds `address`, in bytes (/proc/self/smaps)."""
+def _mapping_bytes_at(address: int, field: str) -> int:
+    """A /proc/self/smaps field (Rss, AnonHugePages, ...) of the mapping that holds `address`, in bytes."""
     inside = False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -83,9 +84,13 @@ def _huge_bytes_at(address: int) -> int:
             if "-" in fields[0] and len(fields) >= 5 and all(c in "0123456789abcdef-" for c in fields[0]):
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 inside = start <= address < end
-            elif inside and fields[0] == "AnonHugePages:":
+            elif inside and fields[0] == f"{field}:":
                 return int(fields[1]) * 1024
     return 0
+
+
+def _huge_bytes_at(address: int) -> int:
+    return _mapping_bytes_at(address, "AnonHugePages")
 
 
 def _kernel_collapses() -> bool:
@@ -114,15 +119,32 @@ def test_weights_are_collapsed_into_huge_pages_in_place(monkeypatch):
     assert host_memory.collapse_into_huge_pages([torch.randn(1 << 20)]) == 0
 
 
-@pytest.mark.skipif(not host_memory.huge_pages_allowed(), reason="no transparent huge pages here")
-def test_the_kv_cache_is_zeros_in_huge_pages():
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+@pytest.mark.parametrize("huge_pages", ["allowed", "switched off"])
+def test_the_kv_cache_is_zeros_faulted_in_as_written(huge_pages, monkeypatch):
     import torch
+
+    if huge_pages == "switched off":
+        monkeypatch.setenv("STARCHAT_HUGE_PAGES", "0")
+    elif not host_memory.huge_pages_allowed():
+        pytest.skip("no transparent huge pages here")
 
     from starchat.config import ModelConfig
     from starchat.engine.kv_cache import allocate_kv_cache
 
     config = ModelConfig(vocab_size=100, n_positions=64, n_embd=256, n_layer=4, n_head=4, n_inner=1024)
     cache = allocate_kv_cache(config, num_blocks=1024, block_size=16, dtype=torch.bfloat16, device=torch.device("cpu"))
-    assert cache.shape == (4, 2, 16384, config.kv_dim) and cache.dtype == torch.bfloat16 and not cache.any()
-    whole_pages = (cache.numel() * cache.element_size()) // (2 << 20) - 1
-    assert _huge_bytes_at(cache.data_ptr()) >= whole_pages * (2 << 20) // 2  # most of it (the host may lack some)
+    assert cache.shape == (4, 2, 16384, config.kv_dim) and cache.dtype == torch.bfloat16
+    nbytes = cache.numel() * cache.element_size()
+    assert _mapping_bytes_at(cache.data_ptr(), "Rss") < nbytes // 8  # nothing faulted in up front
+    assert not cache.any()  # reads as zeros (reading maps the shared zero page, not memory)
+    assert _mapping_bytes_at(cache.data_ptr(), "Rss") < nbytes // 8
+    cache[0, 0].fill_(1.0)  # the first layer's keys: an eighth of the cache
+    assert _mapping_bytes_at(cache.data_ptr(), "Rss") < nbytes // 2
+    cache.fill_(1.0)
+    assert _mapping_bytes_at(cache.data_ptr(), "Rss") >= nbytes
+    if huge_pages == "allowed":
+        whole_pages = nbytes // (2 << 20) - 1
+        assert _huge_bytes_at(cache.data_ptr()) >= whole_pages * (2 << 20) // 2  # most of it (the host may lack some)
+    elif "[always]" not in Path(host_memory.THP_SETTING).read_text():
+        assert _huge_bytes_at(cache.data_ptr()) == 0  # not asked for

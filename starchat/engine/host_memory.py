@@ -24,9 +24,9 @@ reported as 480 MiB: physically contiguous weights share the cache more evenly, 
 late in the process's life. After packing, `collapse_into_huge_pages` asks the kernel to back
 the weights' whole 2 MiB pages with huge pages in place (MADV_COLLAPSE, Linux 6.1+: it copies each
 into a huge page, no second copy of the model), for weights up to COLLAPSE_MAX_BYTES. The KV
-cache is allocated in huge pages from the start (`huge_page_zeros`; faulting in huge pages ran at
-about 0.9 GiB/s here against 3.3 for 4 KiB pages: 2 GiB of cache takes 2.3 s to set up instead of
-0.6, once). Skipped where transparent huge pages are set to "never", on older
+cache is a fresh mapping advised as huge pages before it is touched (`lazy_zeros`), and faulted
+in as blocks are first written (faulting in huge pages ran at about 0.9 GiB/s here against 3.3 for
+4 KiB pages: zeroing the default 2 GiB up front took 2.3 s per engine). Skipped where transparent huge pages are set to "never", on older
 kernels (the call fails and nothing changes), or with STARCHAT_HUGE_PAGES=0.
 """
 
@@ -142,24 +142,29 @@ def collapse_into_huge_pages(tensors: list[torch.Tensor]) -> int:
     return collapsed
 
 
-def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """torch.zeros on the CPU in a fresh mapping whose 2 MiB pages are asked for as huge pages
-    before anything touches them (MADV_HUGEPAGE: zeroing it then faults in huge pages; nothing is
-    copied): the KV cache, whose decode steps read scattered blocks of every layer (one layer of
-    StarChat-beta's decode attention, 32 sequences of 1,024 tokens over a bfloat16 cache, 3.0-3.2
-    against 3.5 ms on the 2-core Xeon). A mapping of its own, because memory from the allocator's
-    heap may have been touched already. Plain zeros where huge pages are not allowed."""
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros on the CPU whose memory is faulted in as it is first written: the KV cache. A
+    fresh anonymous mapping reads as zeros, so nothing is written here; zeroing it (torch.zeros)
+    would fault in every page up front (2.3 s per engine for the CPU's default 2 GiB cache in huge
+    pages on the 2-core Xeon, 0.6 s in 4 KiB ones) and hold memory the cache may never fill.
+    A mapping of its own also because memory from the allocator's heap may have been touched
+    already: where huge pages are allowed (huge_pages_allowed), its 2 MiB pages are asked for as
+    huge pages before anything touches them (MADV_HUGEPAGE; nothing is copied). Decode steps read
+    scattered blocks of every layer: one layer of StarChat-beta's decode attention, 32 sequences of
+    1,024 tokens over a bfloat16 cache, took 3.0-3.2 against 3.5 ms in 4 KiB pages on that Xeon.
+    Plain torch.zeros below one huge page or where there is no anonymous mmap."""
     count = 1
     for size in shape:
         count *= size
     nbytes = count * torch.empty((), dtype=dtype).element_size()
-    if not huge_pages_allowed() or nbytes < HUGE_PAGE:
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.zeros(shape, dtype=dtype)
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
     offset = -whole.data_ptr() % HUGE_PAGE
-    try:
-        mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
-    except (AttributeError, OSError):  # no MADV_HUGEPAGE here: 4 KiB pages
-        pass
-    return whole[offset:offset + nbytes].view(dtype).view(shape).zero_()
+    if huge_pages_allowed():
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+        except (AttributeError, OSError):  # no MADV_HUGEPAGE here: 4 KiB pages
+            pass
+    return whole[offset:offset + nbytes].view(dtype).view(shape)

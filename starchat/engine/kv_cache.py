@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from starchat.config import ModelConfig
-from starchat.engine.host_memory import huge_page_zeros
+from starchat.engine.host_memory import lazy_zeros
 
 
 def block_hashes(hashes: list[bytes], token_at: Callable[[int], int], block_size: int, num_blocks: int) -> list[bytes]:
@@ -132,6 +132,6 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Slots index straight into (num_blocks * block_size): no indirection beyond the block table.
     shape = (config.n_layer, 2, num_blocks * block_size, config.kv_dim)
-    if device.type == "cpu":  # in 2 MiB pages where the host allows them (host_memory.py)
-        return huge_page_zeros(shape, dtype)
+    if device.type == "cpu":  # faulted in as written, in 2 MiB pages where the host allows them (host_memory.py)
+        return lazy_zeros(shape, dtype)
     return torch.zeros(shape, dtype=dtype, device=device)
