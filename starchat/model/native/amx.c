@@ -65,6 +65,22 @@ static inline __m512i panel_row_bits(const void *panel, int wtype, long j, long 
 /* The B tile of rows k0 .. k0 + 31 of a bfloat16 or int8 panel. */
 static inline void b_tile(const void *panel, int wtype, long k, long k0, uint16_t tile[16 * 32]) {
     const long row_bytes = PANEL * element_size(wtype);
+    if (wtype == W_BF16 && k0 + 32 <= k) {
+        /* Rows k0 + 2p and k0 + 2p + 1 are 64 contiguous bytes of the panel: one load and one word
+         * permutation give the tile row (column c's two values side by side), where widening both
+         * rows to float32 and blending them took six vector operations (tiny_starcoder's four
+         * products at 32 rows 0.49 against 0.59 ms, 64 rows 0.60 against 0.75 on the 2-core Xeon).
+         * int8 panels widen as before: through float32 and bfloat16 pairs it measured no faster. */
+        const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                    23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const uint16_t *rows = (const uint16_t *)panel + k0 * PANEL;
+        for (int p = 0; p < 16; p++) {
+            _mm_prefetch((const char *)(rows + (2 * p + 64) * PANEL), _MM_HINT_T0); /* 2 KiB ahead */
+            _mm512_store_si512((__m512i *)(tile + 32 * p),
+                               _mm512_permutexvar_epi16(interleave, _mm512_loadu_si512((const void *)(rows + 2 * p * PANEL))));
+        }
+        return;
+    }
     for (int p = 0; p < 16; p++) {
         _mm_prefetch((const char *)panel + (k0 + 2 * p + 64) * row_bytes, _MM_HINT_T0); /* 2 KiB ahead (bf16) */
         _mm512_store_si512((__m512i *)(tile + 32 * p),
