@@ -166,14 +166,22 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
     } else {
         for (int t = 0; t < count; t++) start_c_tile(t, &partial[t][0][0]);
     }
+    /* The B tiles of a step are built one step ahead of their products (uncached: in alternate
+     * halves of `tiles`): a tile load right after the stores that wrote its bytes waits for them
+     * to reach the cache. */
+#define STEP_TILES(k0) (cached ? tiles + (k0) / 32 * tile_values : tiles + ((k0) / 32 & 1) * tile_values)
+#define BUILD_TILES(k0)                                                                       \
+    do {                                                                                      \
+        if (split)                                                                            \
+            b_tiles_f16(panel, k, (k0), STEP_TILES(k0), STEP_TILES(k0) + 512);                \
+        else                                                                                  \
+            b_tile(panel, wtype, k, (k0), STEP_TILES(k0));                                    \
+    } while (0)
+    const int build = !cached || first == 0;
+    if (build) BUILD_TILES(k_begin);
     for (long k0 = k_begin; k0 < k_end; k0 += 32) {
-        uint16_t *b = cached ? tiles + k0 / 32 * tile_values : tiles;
-        if (!cached || first == 0) {
-            if (split)
-                b_tiles_f16(panel, k, k0, b, b + 512);
-            else
-                b_tile(panel, wtype, k, k0, b);
-        }
+        uint16_t *b = STEP_TILES(k0);
+        if (build && k0 + 32 < k_end) BUILD_TILES(k0 + 32);
         if (split) _tile_loadd(6, b + 512, 64);
         _tile_loadd(5, b, 64);
         MULTIPLY_ROW_BLOCK(0)
@@ -181,6 +189,8 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
         MULTIPLY_ROW_BLOCK(2)
         MULTIPLY_ROW_BLOCK(3)
     }
+#undef BUILD_TILES
+#undef STEP_TILES
     if (k_end < k_padded) {
         for (int t = 0; t < count; t++) store_c_tile(t, &partial[t][0][0], 64);
         return;
@@ -427,7 +437,7 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
      * every thread (one loop to share); a thread that gets no memory (or would keep more than
      * KEPT_TILES_MAX) builds per step instead. */
     const long tile_values = (split ? 2 : 1) * 512, passes = (row_blocks + ROW_BLOCKS_PER_PASS - 1) / ROW_BLOCKS_PER_PASS;
-    uint16_t step_tiles[2 * 512] __attribute__((aligned(64)));
+    uint16_t step_tiles[2 * 2 * 512] __attribute__((aligned(64))); /* two steps' tiles (panel_steps) */
     const long panel_values = k_padded / 32 * tile_values, blocks = (n + PANEL - 1) / PANEL, panel_bytes = k * PANEL * element_size(wtype);
     const long kept_bytes = PANELS_PER_GROUP * panel_values * 2;
     uint16_t *group_tiles = passes > 1 && kept_bytes <= KEPT_TILES_MAX ? (uint16_t *)aligned_alloc(64, (size_t)kept_bytes) : NULL;
