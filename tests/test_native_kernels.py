@@ -79,11 +79,13 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
     # bfloat16, float32 sums; K not a multiple of 32 and a partial last panel exercise the padding,
     # 100 rows two passes of four 16-row tiles (B tiles kept across passes, panels in groups of
     # four, a partial group); K of 8,200 (64-row passes over 1 MiB) goes a few steps of K at a time
-    # with partial sums, the last block of K short. Fewer rows than asked keep the native tiles' bits.
+    # with partial sums, the last block of K short. Up to 32 rows (8, 17) take panels two at a
+    # time, an odd last panel alone; 20 outputs make a pair whose second panel is partial. Fewer
+    # rows than asked keep the native tiles' bits.
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(7)
-    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 8200)):
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 8200), (20, 100)):
         weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
         packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
         for rows in (7, 8, 17, 64, 100):
@@ -95,6 +97,9 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
             expected = x.to(torch.bfloat16).double() @ dense.T + bias.double()
             error = (out.double() - expected).abs().max() / expected.abs().max()
             assert error < 1e-5, (out_features, in_features, rows, float(error))
+            unbiased = native.linear(x, packed, out_features, None, scales, amx_min_rows=8)
+            error = (unbiased.double() - (expected - bias.double())).abs().max() / expected.abs().max()
+            assert error < 1e-5, (out_features, in_features, rows, "no bias", float(error))
             # bfloat16 in and out: the same sums (bias and scales included), rounded once on the way out
             rounded_in = x.to(torch.bfloat16)
             assert torch.equal(native.linear(rounded_in, packed, out_features, bias, scales, amx_min_rows=8),

@@ -139,6 +139,29 @@ static inline void row_to_bf16(const float *x, long k, long k_padded, uint16_t *
         }                                                                       \
     }
 
+/* A C tile's start for columns n0 .. n0 + columns - 1: the bias in every row (in c), or NULL
+ * (zeros) where there is none or int8 scales are still to be applied to the sums. */
+static inline const float *bias_start(const Output *out, long n0, long columns, float (*c)[PANEL]) {
+    if (!out->bias || out->scales) return NULL;
+    for (long r = 0; r < 16; r++)
+        for (long col = 0; col < PANEL; col++) c[r][col] = col < columns ? out->bias[n0 + col] : 0.0f;
+    return &c[0][0];
+}
+
+/* C tile `tile`'s finished sums (rows row0 .., columns n0 ..) into the output: a full float32
+ * tile straight into the output rows, else through c and store_tile_rows, which applies what
+ * the tile did not start from (bias_start). */
+static inline void finish_c_tile(int tile, const Output *out, long m, long row0, long n0, long columns, float (*c)[PANEL]) {
+    if (out->type == W_F32 && !out->scales && columns == PANEL && row0 + 16 <= m) {
+        store_c_tile(tile, (float *)out->data + row0 * out->n_total + n0, out->n_total * (long)sizeof(float));
+        return;
+    }
+    Output rest = *out;
+    if (out->bias && !out->scales) rest.bias = NULL; /* already in the sums */
+    store_c_tile(tile, c, 64);
+    store_tile_rows(&rest, row0, (int)(m - row0 < 16 ? m - row0 : 16), n0, columns, c);
+}
+
 /* Part of one panel's product with up to four row blocks (rows of a and a_low from `first` blocks
  * on): steps k_begin .. k_end of K. The C tiles start from `partial` (the sums of the steps before,
  * 16 x 16 float32 per row block) or, at k_begin 0, from the bias or zeros; at k_end == k_padded
@@ -156,13 +179,9 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
                                                              float (*c)[PANEL], const Output *out, long m, long first, long n0,
                                                              long columns) {
     const long tile_values = (split ? 2 : 1) * 512;
-    const int bias_in_tiles = out->bias && !out->scales;
     if (k_begin == 0) {
-        if (bias_in_tiles) {
-            for (long r = 0; r < 16; r++)
-                for (long col = 0; col < PANEL; col++) c[r][col] = col < columns ? out->bias[n0 + col] : 0.0f;
-        }
-        for (int t = 0; t < count; t++) start_c_tile(t, bias_in_tiles ? &c[0][0] : NULL);
+        const float *start = bias_start(out, n0, columns, c);
+        for (int t = 0; t < count; t++) start_c_tile(t, start);
     } else {
         for (int t = 0; t < count; t++) start_c_tile(t, &partial[t][0][0]);
     }
@@ -195,16 +214,52 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
         for (int t = 0; t < count; t++) store_c_tile(t, &partial[t][0][0], 64);
         return;
     }
-    Output rest = *out; /* what store_tile_rows still has to apply */
-    if (bias_in_tiles) rest.bias = NULL;
-    for (int t = 0; t < count; t++) {
-        const long row0 = (first + t) * 16;
-        if (out->type == W_F32 && !out->scales && columns == PANEL && row0 + 16 <= m) {
-            store_c_tile(t, (float *)out->data + row0 * out->n_total + n0, out->n_total * (long)sizeof(float));
-        } else {
-            store_c_tile(t, c, 64);
-            store_tile_rows(&rest, row0, (int)(m - row0 < 16 ? m - row0 : 16), n0, columns, c);
+    for (int t = 0; t < count; t++) finish_c_tile(t, out, m, (first + t) * 16, n0, columns, c);
+}
+
+/* Two neighbouring panels' products (bfloat16 or int8 weights) with one pass of up to two row
+ * blocks over the whole of K: the decode steps of up to 32 sequences. Each step of K loads its
+ * activation tiles once for both panels (C tiles: row block t of panel q in tmm(t + 2q); A in tmm4
+ * and tmm6, B in tmm5 and tmm7), where panel by panel loaded them once per panel: streaming all
+ * of tiny_starcoder's products at 32 rows took 14.4 ms without the activation tile loads
+ * against 17.8 with them, and the same with or without the tile products themselves, so those
+ * loads (from L2, 1 KiB each) were what held the weights' stream below the memory's rate. The
+ * B tiles of both panels are built one step ahead (as in panel_steps), in alternate halves of
+ * tiles (2 x 2 x 512 values). The second panel may be the last, narrower one. */
+static inline __attribute__((always_inline)) void panel_pair_steps(const char *panel, long panel_bytes, int wtype, long k,
+                                                                  long k_padded, const uint16_t *a, long count, uint16_t *tiles,
+                                                                  float (*c)[PANEL], const Output *out, long m, long n0,
+                                                                  long second_columns) {
+    const float *start = bias_start(out, n0, PANEL, c);
+    start_c_tile(0, start);
+    if (count > 1) start_c_tile(1, start);
+    start = bias_start(out, n0 + PANEL, second_columns, c); /* c is free again: the tiles above are loaded */
+    start_c_tile(2, start);
+    if (count > 1) start_c_tile(3, start);
+#define PAIR_TILES(k0) (tiles + ((k0) / 32 & 1) * 1024)
+    b_tile(panel, wtype, k, 0, PAIR_TILES(0));
+    b_tile(panel + panel_bytes, wtype, k, 0, PAIR_TILES(0) + 512);
+    for (long k0 = 0; k0 < k_padded; k0 += 32) {
+        const uint16_t *b = PAIR_TILES(k0);
+        if (k0 + 32 < k_padded) {
+            b_tile(panel, wtype, k, k0 + 32, PAIR_TILES(k0 + 32));
+            b_tile(panel + panel_bytes, wtype, k, k0 + 32, PAIR_TILES(k0 + 32) + 512);
         }
+        _tile_loadd(5, b, 64);
+        _tile_loadd(7, b + 512, 64);
+        _tile_loadd(4, a + k0 * 16, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(2, 4, 7);
+        if (count > 1) {
+            _tile_loadd(6, a + 16 * k_padded + k0 * 16, 64);
+            _tile_dpbf16ps(1, 6, 5);
+            _tile_dpbf16ps(3, 6, 7);
+        }
+    }
+#undef PAIR_TILES
+    for (int t = 0; t < count; t++) {
+        finish_c_tile(t, out, m, t * 16, n0, PANEL, c);
+        finish_c_tile(2 + t, out, m, t * 16, n0 + PANEL, second_columns, c);
     }
 }
 
@@ -444,12 +499,21 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
     const int cached = group_tiles != NULL;
     const long pass_bytes = (row_blocks < ROW_BLOCKS_PER_PASS ? row_blocks : ROW_BLOCKS_PER_PASS) * 16 * k_padded * 2 * (split ? 2 : 1);
     const long k_block = pass_bytes > K_BLOCK_FROM ? (split ? K_STEPS_SPLIT : K_STEPS) * 32 : k_padded;
-    const long group_panels = passes > 1 || k_block < k_padded ? PANELS_PER_GROUP : 1, groups = (blocks + group_panels - 1) / group_panels;
+    /* Decode steps of up to 32 sequences: panels two at a time (panel_pair_steps). */
+    const int pairs = !split && passes == 1 && row_blocks <= 2 && k_block == k_padded;
+    const long group_panels = pairs ? 2 : passes > 1 || k_block < k_padded ? PANELS_PER_GROUP : 1;
+    const long groups = (blocks + group_panels - 1) / group_panels;
     float c[16][PANEL] __attribute__((aligned(64)));
     float partials[PANELS_PER_GROUP][ROW_BLOCKS_PER_PASS][16][PANEL] __attribute__((aligned(64)));
 #pragma omp for schedule(static) nowait
     for (long group = 0; group < groups; group++) {
         const long first_block = group * group_panels, end_block = first_block + group_panels < blocks ? first_block + group_panels : blocks;
+        if (pairs && end_block - first_block == 2) {
+            const long n0 = first_block * PANEL;
+            panel_pair_steps((const char *)w + first_block * panel_bytes, panel_bytes, wtype, k, k_padded, rows, row_blocks,
+                             step_tiles, c, out, m, n0, n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
+            continue;
+        }
         for (long first = 0; first < row_blocks; first += ROW_BLOCKS_PER_PASS) {
             const long count = row_blocks - first < ROW_BLOCKS_PER_PASS ? row_blocks - first : ROW_BLOCKS_PER_PASS;
             const uint16_t *a = rows + first * 16 * k_padded, *a_low = split ? rows_low + first * 16 * k_padded : NULL;
