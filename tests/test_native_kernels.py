@@ -80,7 +80,8 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
     # 100 rows two passes of four 16-row tiles (B tiles kept across passes, panels in groups of
     # four, a partial group); K of 8,200 (64-row passes over 1 MiB) goes a few steps of K at a time
     # with partial sums, the last block of K short. Up to 32 rows (8, 17) take panels two at a
-    # time, an odd last panel alone; 20 outputs make a pair whose second panel is partial. Fewer
+    # time, an odd last panel alone, and so do 40 and 64 rows of bfloat16 in two passes (the
+    # second of one row block at 40); 20 outputs make a pair whose second panel is partial. Fewer
     # rows than asked keep the native tiles' bits.
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
@@ -88,7 +89,7 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
     for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 8200), (20, 100)):
         weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
         packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
-        for rows in (7, 8, 17, 64, 100):
+        for rows in (7, 8, 17, 40, 64, 100):
             x = torch.randn(rows, in_features, generator=generator)
             out = native.linear(x, packed, out_features, bias, scales, amx_min_rows=8)
             if rows < 8:

@@ -217,8 +217,8 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
     for (int t = 0; t < count; t++) finish_c_tile(t, out, m, (first + t) * 16, n0, columns, c);
 }
 
-/* Two neighbouring panels' products (bfloat16 or int8 weights) with one pass of up to two row
- * blocks over the whole of K: the decode steps of up to 32 sequences. Each step of K loads its
+/* Two neighbouring panels' products (bfloat16 or int8 weights) with up to two row blocks (from
+ * block `first` on) over the whole of K: the decode steps of up to 32 sequences. Each step of K loads its
  * activation tiles once for both panels (C tiles: row block t of panel q in tmm(t + 2q); A in tmm4
  * and tmm6, B in tmm5 and tmm7), where panel by panel loaded them once per panel: streaming all
  * of tiny_starcoder's products at 32 rows took 14.4 ms without the activation tile loads
@@ -227,9 +227,10 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
  * B tiles of both panels are built one step ahead (as in panel_steps), in alternate halves of
  * tiles (2 x 2 x 512 values). The second panel may be the last, narrower one. */
 static inline __attribute__((always_inline)) void panel_pair_steps(const char *panel, long panel_bytes, int wtype, long k,
-                                                                  long k_padded, const uint16_t *a, long count, uint16_t *tiles,
-                                                                  float (*c)[PANEL], const Output *out, long m, long n0,
-                                                                  long second_columns) {
+                                                                  long k_padded, const uint16_t *a, long first, long count,
+                                                                  uint16_t *tiles, float (*c)[PANEL], const Output *out, long m,
+                                                                  long n0, long second_columns) {
+    a += first * 16 * k_padded;
     const float *start = bias_start(out, n0, PANEL, c);
     start_c_tile(0, start);
     if (count > 1) start_c_tile(1, start);
@@ -258,8 +259,8 @@ static inline __attribute__((always_inline)) void panel_pair_steps(const char *p
     }
 #undef PAIR_TILES
     for (int t = 0; t < count; t++) {
-        finish_c_tile(t, out, m, t * 16, n0, PANEL, c);
-        finish_c_tile(2 + t, out, m, t * 16, n0 + PANEL, second_columns, c);
+        finish_c_tile(t, out, m, (first + t) * 16, n0, PANEL, c);
+        finish_c_tile(2 + t, out, m, (first + t) * 16, n0 + PANEL, second_columns, c);
     }
 }
 
@@ -499,8 +500,12 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
     const int cached = group_tiles != NULL;
     const long pass_bytes = (row_blocks < ROW_BLOCKS_PER_PASS ? row_blocks : ROW_BLOCKS_PER_PASS) * 16 * k_padded * 2 * (split ? 2 : 1);
     const long k_block = pass_bytes > K_BLOCK_FROM ? (split ? K_STEPS_SPLIT : K_STEPS) * 32 : k_padded;
-    /* Decode steps of up to 32 sequences: panels two at a time (panel_pair_steps). */
-    const int pairs = !split && passes == 1 && row_blocks <= 2 && k_block == k_padded;
+    /* Decode steps of up to 32 sequences: panels two at a time (panel_pair_steps); 33-64 rows of
+     * bfloat16 weights as two passes of them, the second building the pair's B tiles again from
+     * L2 (one permutation per tile row): every layer of tiny_starcoder streamed at 48 / 64 rows
+     * 18.7-19.3 / 20.6-21.9 against 22.0-22.2 / 25.0-25.2 ms. int8 B tiles cost too much to build
+     * twice (19.2-19.6 ms at 64 rows took 23.5-27.9). */
+    const int pairs = !split && passes == 1 && (row_blocks <= 2 || wtype == W_BF16) && k_block == k_padded;
     const long group_panels = pairs ? 2 : passes > 1 || k_block < k_padded ? PANELS_PER_GROUP : 1;
     const long groups = (blocks + group_panels - 1) / group_panels;
     float c[16][PANEL] __attribute__((aligned(64)));
@@ -510,8 +515,10 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
         const long first_block = group * group_panels, end_block = first_block + group_panels < blocks ? first_block + group_panels : blocks;
         if (pairs && end_block - first_block == 2) {
             const long n0 = first_block * PANEL;
-            panel_pair_steps((const char *)w + first_block * panel_bytes, panel_bytes, wtype, k, k_padded, rows, row_blocks,
-                             step_tiles, c, out, m, n0, n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
+            for (long first = 0; first < row_blocks; first += 2)
+                panel_pair_steps((const char *)w + first_block * panel_bytes, panel_bytes, wtype, k, k_padded, rows, first,
+                                 row_blocks - first < 2 ? row_blocks - first : 2, step_tiles, c, out, m, n0,
+                                 n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
             continue;
         }
         for (long first = 0; first < row_blocks; first += ROW_BLOCKS_PER_PASS) {
