@@ -57,6 +57,19 @@ def test_bench_latency_against_hf_in_turns(tiny_model_dir, tmp_path):
     assert figures["hf"]["weight_bytes_per_token"] > 0
 
 
+def test_bench_throughput_runs_at_most_max_concurrent_requests(tiny_model_dir, tmp_path):
+    output = tmp_path / "throughput.json"
+    command = [sys.executable, "-m", "starchat.cli.main", "bench", "throughput", "--model", str(tiny_model_dir),
+               "--dtype", "float32", "--device", "cpu", "--num-prompts", "5", "--prompt-len", "8", "--new-tokens", "3",
+               "--json", str(output)]
+    result = subprocess.run(command + ["--max-concurrent", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())["ours"]
+    assert figures["max_concurrent"] == 2 and figures["output_tokens_per_s"] > 0
+    refused = subprocess.run(command + ["--max-concurrent", "0"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "max-concurrent" in refused.stderr
+
+
 def test_host_step_timers_count_steps_and_restore_the_engine(tiny_model_dir):
     from starchat import LLM, SamplingParams
     from starchat.bench.offline import host_step_timers

@@ -90,14 +90,19 @@ def throughput_command(
     num_prompts: int = typer.Option(32),
     prompt_len: int = typer.Option(128),
     new_tokens: int = typer.Option(128),
+    max_concurrent: Optional[int] = typer.Option(
+        None, min=1, help="Requests running at once (the engine's batch; the rest wait): the offline side of a "
+                          "`starchat serve --max-concurrent-requests N` + `starchat bench serve --concurrency N` "
+                          "run. Default: all of them."),
     hf: bool = typer.Option(False, "--hf", help="Also run HF transformers generate (one static batch) as the baseline."),
     output: Optional[str] = typer.Option(None, "--json"),
 ):
-    """N concurrent requests end to end: output tokens/s."""
+    """N requests end to end (all at once, or --max-concurrent at a time): output tokens/s."""
     from starchat.bench.offline import HFBaseline, ours_throughput
 
-    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, max(64, num_prompts))
-    rows = {"ours": ours_throughput(llm, num_prompts, prompt_len, new_tokens).as_dict()}
+    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, max_concurrent or max(64, num_prompts))
+    rows = {"ours": {**ours_throughput(llm, num_prompts, prompt_len, new_tokens).as_dict(),
+                     "max_concurrent": llm.engine.config.max_num_seqs}}
     if hf:
         rows["hf"] = HFBaseline(model_dir, str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.device)).throughput(
             num_prompts, prompt_len, new_tokens).as_dict()
