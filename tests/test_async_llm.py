@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -115,3 +116,51 @@ def test_speculative_streams_with_a_cancellation(tiny_model_dir):
         assert asyncio.run(wait_until_freed(engine)).kv_cache_used_blocks == 0
     finally:
         engine.shutdown()
+
+
+def test_the_engine_is_built_and_stepped_in_its_own_thread(tiny_model_dir, monkeypatch):
+    # One thread for both keeps one team of OpenMP threads on a CPU (engine_thread.py).
+    import threading
+
+    from starchat.engine import async_llm, engine_thread
+
+    built_in, stepped_in = [], []
+    real_engine = async_llm.LLMEngine
+
+    class RecordingEngine(real_engine):
+        def __init__(self, *args, **kwargs):
+            built_in.append(threading.current_thread())
+            super().__init__(*args, **kwargs)
+
+        def step(self):
+            stepped_in.append(threading.current_thread())
+            return super().step()
+
+    monkeypatch.setattr(async_llm, "LLMEngine", RecordingEngine)
+    engine = AsyncLLM(EngineConfig(model=str(tiny_model_dir), dtype="float32"), progress=False)
+    try:
+        deltas = asyncio.run(collect(engine, "def f(", SamplingParams(max_new_tokens=3, ignore_eos=True)))
+        assert sum(len(d.token_ids) for d in deltas) == 3 and deltas[-1].finished
+        assert built_in == [engine._thread] and set(stepped_in) == {engine._thread}
+        assert engine._thread is not threading.current_thread() and engine._thread.name == "starchat-engine"
+    finally:
+        engine.shutdown()
+
+    # What building raises reaches the caller; the thread ends.
+    running_before = {t for t in threading.enumerate() if t.name == "starchat-engine"}
+
+    def failing_build():
+        raise FileNotFoundError("no such model")
+
+    with pytest.raises(FileNotFoundError, match="no such model"):
+        engine_thread.start_engine_thread(failing_build, lambda engine: None)
+    from starchat.model.loader import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no such folder"):
+        AsyncLLM(EngineConfig(model=str(tiny_model_dir / "missing"), dtype="float32"), progress=False)
+    for _ in range(500):
+        left = {t for t in threading.enumerate() if t.name == "starchat-engine"} - running_before
+        if not left:
+            break
+        time.sleep(0.01)
+    assert not left

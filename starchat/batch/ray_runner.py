@@ -58,20 +58,22 @@ class EngineActor:
     def __init__(self, model, dtype, device, max_concurrency, max_retries, job_parameters):
         from starchat.config import EngineConfig
         from starchat.engine.engine import LLMEngine
+        from starchat.engine.engine_thread import start_engine_thread
 
         options = {"max_num_seqs": max_concurrency} if max_concurrency else {}
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **options), progress=False)
         self.source = _QueueSource()
         self.waiters: dict[tuple[int, int], _Waiter] = {}
         self.lock = threading.Lock()
         self.failure: BaseException | None = None
-        self.thread = threading.Thread(target=self._drive, args=(max_concurrency or self.engine.config.max_num_seqs,
-                                                                 max_retries, job_parameters), daemon=True)
-        self.thread.start()
+        # Loaded in the thread that drives it (one team of OpenMP threads on a CPU: engine_thread.py).
+        self.engine, self.thread = start_engine_thread(
+            lambda: LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **options), progress=False),
+            lambda engine: self._drive(engine, max_concurrency or engine.config.max_num_seqs, max_retries, job_parameters),
+            name="starchat-batch-engine")
 
-    def _drive(self, max_in_flight: int, max_retries: int, job_parameters) -> None:
+    def _drive(self, engine, max_in_flight: int, max_retries: int, job_parameters) -> None:
         try:
-            for record in generate_rows(self.engine, self.source, max_in_flight=max_in_flight,
+            for record in generate_rows(engine, self.source, max_in_flight=max_in_flight,
                                         max_retries=max_retries, job_parameters=job_parameters):
                 with self.lock:
                     waiter = self.waiters.pop(tuple(record["k"]), None)

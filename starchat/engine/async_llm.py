@@ -19,6 +19,7 @@ from typing import AsyncIterator
 
 from starchat.config import EngineConfig
 from starchat.engine.engine import EngineStats, LLMEngine
+from starchat.engine.engine_thread import start_engine_thread
 from starchat.outputs import StreamDelta
 from starchat.sampling_params import SamplingParams
 
@@ -43,15 +44,16 @@ class _Abort:
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig | None = None, progress: bool = True, engine: LLMEngine | None = None):
-        self.engine = engine or LLMEngine(config, progress=progress)
+        """Loads the model (unless `engine` is given) in the engine thread, which then steps it:
+        one thread for both keeps one team of OpenMP threads on a CPU (engine_thread.py)."""
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._stats = self.engine.stats()
-        self._thread = threading.Thread(target=self._loop, name="starchat-engine", daemon=True)
-        self._thread.start()
+        self._stats: EngineStats | None = None  # the loop's first pass sets it
+        self.engine, self._thread = start_engine_thread(lambda: engine or LLMEngine(config, progress=progress), self._loop)
+        self._stats = self._stats or self.engine.stats()
 
     # ---- what callers read ----------------------------------------------------------------
 
@@ -136,11 +138,10 @@ class AsyncLLM:
         self._inbox.put(command)
         self._wakeup.set()
 
-    def _loop(self) -> None:
-        engine = self.engine
+    def _loop(self, engine: LLMEngine) -> None:
         while not self._stopping.is_set():
             outputs: list[tuple[str, object]] = []
-            self._drain_inbox(outputs)
+            self._drain_inbox(engine, outputs)
             if engine.has_unfinished_requests():
                 try:
                     outputs.extend((delta.request_id, delta) for delta in engine.step())
@@ -156,7 +157,7 @@ class AsyncLLM:
                 self._wakeup.clear()
         self._fail_all(EngineDeadError("the server is shutting down"))
 
-    def _drain_inbox(self, outputs: list) -> None:
+    def _drain_inbox(self, engine: LLMEngine, outputs: list) -> None:
         while True:
             try:
                 command = self._inbox.get_nowait()
@@ -168,11 +169,11 @@ class AsyncLLM:
                 if not wanted:  # cancelled before it started
                     continue
                 try:
-                    self.engine.add_request(command.prompt_token_ids, command.params, command.request_id)
+                    engine.add_request(command.prompt_token_ids, command.params, command.request_id)
                 except Exception as error:
                     outputs.append((command.request_id, error))
             else:
-                delta = self.engine.abort_request(command.request_id)
+                delta = engine.abort_request(command.request_id)
                 if delta is not None:
                     outputs.append((command.request_id, delta))
 

@@ -476,7 +476,7 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
     rows = (uint16_t *)aligned_alloc(64, (size_t)((split ? 2 : 1) * padded_rows * k_padded * 2 + 63) / 64 * 64);
     if (!rows) return 0;
     uint16_t *rows_low = split ? rows + padded_rows * k_padded : NULL;
-#pragma omp for schedule(guided)
+#pragma omp for schedule(static)
     for (long r = 0; r < padded_rows; r++) {
         const long at = r / 16 * 16 * k_padded + r % 16 * 32;
         row_to_bf16(r < m ? x + r * k : NULL, k, k_padded, rows + at, split ? rows_low + at : NULL);
@@ -510,7 +510,7 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
     const long groups = (blocks + group_panels - 1) / group_panels;
     float c[16][PANEL] __attribute__((aligned(64)));
     float partials[PANELS_PER_GROUP][ROW_BLOCKS_PER_PASS][16][PANEL] __attribute__((aligned(64)));
-#pragma omp for schedule(guided) nowait
+#pragma omp for schedule(static) nowait
     for (long group = 0; group < groups; group++) {
         const long first_block = group * group_panels, end_block = first_block + group_panels < blocks ? first_block + group_panels : blocks;
         if (pairs && end_block - first_block == 2) {

@@ -257,7 +257,7 @@ void starchat_attention_items(const void *query, int io_type, const void *keys, 
     int group = heads / kv_heads, split, per_item;
     long kv_dim = (long)kv_heads * head_dim;
     work_split(batch, heads, kv_heads, threads, &split, &per_item);
-#pragma omp for schedule(guided)
+#pragma omp for schedule(static)
     for (long item = 0; item < batch * kv_heads * split; item++) {
         long b = item / (kv_heads * split), rest = item % (kv_heads * split);
         int kv_head = (int)(rest / split), part = (int)(rest % split);

@@ -74,7 +74,7 @@ typedef struct {
  * sublayer and the norm of the next share a loop (and a barrier). */
 static void add_and_norm_rows(float *x, const float *residual, long rows, long width, const float *weight,
                               const float *bias, float eps, float *out) {
-#pragma omp for schedule(guided)
+#pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
         float *xr = x + r * width;
         float *yr = out + r * width;
@@ -134,7 +134,7 @@ static inline float gelu(float x, int tanh_approximation) {
 /* x = gelu(x) over `count` floats, shared among the threads (orphaned work-sharing loop). */
 static void gelu_rows(float *x, long count, int tanh_approximation) {
     const long chunk = 512, chunks = (count + chunk - 1) / chunk;
-#pragma omp for schedule(guided)
+#pragma omp for schedule(static)
     for (long c = 0; c < chunks; c++) {
         long i = c * chunk, end = i + chunk < count ? i + chunk : count;
 #if defined(__AVX512F__) && defined(__FMA__)
@@ -179,7 +179,7 @@ static void token_row(const Model *m, long token, float *out) {
  * block_table[r][l / block_size] * block_size + l % block_size), its attention mask over max_len
  * positions, and its first hidden state. */
 static void step_inputs(const Model *m, const Step *s, const Buffers *buf) {
-#pragma omp for schedule(guided)
+#pragma omp for schedule(static)
     for (long r = 0; r < s->rows; r++) {
         const int64_t *blocks = s->block_table + r * s->max_blocks;
         const long position = s->positions[r];
@@ -206,7 +206,7 @@ static const float *block(const Model *m, const Layer *layer, const Step *s, con
     product(buf->normed, rows, &layer->c_attn, buf->qkv, m->qkv, embed);
     /* The new tokens' keys and values go to the cache before attention reads it; the queries (the
      * first `embed` columns of each qkv row) are compacted for it. */
-#pragma omp for schedule(guided)
+#pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) {
         const float *row = buf->qkv + r * m->qkv;
         store_cache_row(keys, s->cache_type, buf->write_slots[r], kv_dim, row + embed);
@@ -268,7 +268,7 @@ static long argmax_row(const float *row, long width) {
 }
 
 static void argmax_rows(const float *logits, long rows, long width, int64_t *out) {
-#pragma omp for schedule(guided)
+#pragma omp for schedule(static)
     for (long r = 0; r < rows; r++) out[r] = argmax_row(logits + r * width, width);
 }
 
