@@ -40,35 +40,28 @@ from starchat.model import native  # noqa: E402
 from starchat.model.quant import quantize_per_channel  # noqa: E402
 
 
+def packed_weight(out_features: int, in_features: int, dtype: str, generator: torch.Generator, bias: bool) -> dict:
+    """A random weight stored as `dtype` (int8: per-channel scales), packed, with its bias."""
+    weight = torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5
+    scales = None
+    if dtype == "int8":
+        weight, scales = quantize_per_channel(weight)
+    else:
+        weight = weight.to(getattr(torch, dtype))
+    return {"packed": native.pack_weight(weight), "out": out_features, "in": in_features, "scales": scales,
+            "bias": torch.randn(out_features, generator=generator) if bias else None,
+            "bytes": weight.numel() * weight.element_size()}
+
+
 def layer_weights(shape: dict, dtype: str, generator: torch.Generator) -> list[dict]:
-    weights = []
-    for name, (out_features, in_features) in linear_weight_shapes(shape).items():
-        if name == "lm_head":
-            continue
-        weight = torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5
-        scales = None
-        if dtype == "int8":
-            weight, scales = quantize_per_channel(weight)
-        else:
-            weight = weight.to(getattr(torch, dtype))
-        weights.append({"packed": native.pack_weight(weight), "out": out_features, "in": in_features,
-                        "scales": scales, "bias": torch.randn(out_features, generator=generator),
-                        "bytes": weight.numel() * weight.element_size()})
-    return weights
+    return [packed_weight(out_features, in_features, dtype, generator, bias=True)
+            for name, (out_features, in_features) in linear_weight_shapes(shape).items() if name != "lm_head"]
 
 
 def model_weights(shape: dict, dtype: str, generator: torch.Generator) -> list[dict]:
     """Every layer's four weights (each its own) and the lm_head, packed, in 2 MiB pages."""
     weights = [w for _ in range(shape["n_layer"]) for w in layer_weights(shape, dtype, generator)]
-    out_features, in_features = linear_weight_shapes(shape)["lm_head"]
-    head = torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5
-    scales = None
-    if dtype == "int8":
-        head, scales = quantize_per_channel(head)
-    else:
-        head = head.to(getattr(torch, dtype))
-    weights.append({"packed": native.pack_weight(head), "out": out_features, "in": in_features, "scales": scales,
-                    "bias": None, "bytes": head.numel() * head.element_size()})
+    weights.append(packed_weight(*linear_weight_shapes(shape)["lm_head"], dtype, generator, bias=False))
     collapse_into_huge_pages([w["packed"] for w in weights])
     return weights
 
