@@ -5,9 +5,10 @@ the native kernels' OpenMP threads belong to the thread that starts a parallel r
 keeps one team per such thread. An engine built (packed, warmed up) in one thread and stepped in
 another leaves two teams alive on the machine's cores, and with more OpenMP threads than cores
 libgomp cuts its waits at barriers to a few spins before sleeping, so every barrier of a step
-paid for a wake-up: on the 2-core Xeon a tiny_starcoder decode step took 14.7-15.0 ms from the
-second thread against 11.7-12.1 from the thread that built it (docs/PERFORMANCE.md). Building
-the engine in the thread that steps it keeps one team.
+paid for a wake-up: on the 2-core Xeon tiny_starcoder decoded at 18.7-20.2 ms a token from a
+second thread against 12.2-12.8 from the thread that built it, and 12.2-12.5 built and stepped
+in a thread of its own (`bench/engine_thread.py`, docs/PERFORMANCE.md). Building the engine in
+the thread that steps it keeps one team.
 """
 
 from __future__ import annotations
