@@ -137,10 +137,15 @@ def test_guided_requests_drafted_for_keep_their_tokens(llm):
         assert [c.text for c in speculative.generate(prompts, params)] == [c.text for c in llm.generate(prompts, params)]
     stats = speculative.engine.stats()
     assert stats.spec_decode_accepted_tokens > 10 and stats.spec_decode_draft_tokens > stats.spec_decode_accepted_tokens
-    for completion in speculative.generate(prompts * 3, guided("json_schema", json.dumps(repeated), do_sample=True,
-                                                                  temperature=0.9)):
-        assert completion.finish_reason == "stop"
-        jsonschema.validate(json.loads(completion.text), repeated)
+    # Sampled (unseeded: seeded requests are never drafted for): a round of six completions
+    # accepted no draft about one time in twelve, so up to four rounds, each checked.
+    for _ in range(4):
+        for completion in speculative.generate(prompts * 3, guided("json_schema", json.dumps(repeated), do_sample=True,
+                                                                      temperature=0.9)):
+            assert completion.finish_reason == "stop"
+            jsonschema.validate(json.loads(completion.text), repeated)
+        if speculative.engine.stats().spec_decode_accepted_tokens > stats.spec_decode_accepted_tokens:
+            break
     assert speculative.engine.stats().spec_decode_accepted_tokens > stats.spec_decode_accepted_tokens
 
 
