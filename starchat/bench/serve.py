@@ -9,6 +9,9 @@ p50/p90/p99, end-to-end latency, request and token throughput, and errors.
         --input-len 128 --output-len 128 --json results.json
 
 Every request asks for exactly --output-len tokens (`ignore_eos`), as vLLM's random dataset does.
+The prompts follow from --seed, so a repeated run sends the same ones: against a server with
+prefix caching they are found cached and their prefill is skipped. The report says how many of
+the run's prompt tokens the server found cached (from its /metrics, where it is starchat).
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ async def run(args) -> dict:
         for _ in range(args.warmup):
             await send_one(client, model, prompt(), args)
 
+        cache_before = await prefix_cache_counters(client)
         slots = asyncio.Semaphore(args.concurrency)
         tasks: list[asyncio.Task] = []
         started = time.perf_counter()
@@ -157,7 +161,34 @@ async def run(args) -> dict:
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
-    return summarize(args, results, duration, model, server_info)
+        cache_after = await prefix_cache_counters(client)
+    prefix_cache = None
+    if cache_before is not None and cache_after is not None:
+        queried, hits = (cache_after[key] - cache_before[key] for key in ("queried", "hits"))
+        prefix_cache = {"queried_tokens": queried, "hit_tokens": hits, "hit_rate": hits / queried if queried else 0.0}
+    return summarize(args, results, duration, model, server_info, prefix_cache)
+
+
+_PREFIX_CACHE_COUNTERS = {"starchat_prefix_cache_queries": "queried", "starchat_prefix_cache_hits": "hits"}
+
+
+async def prefix_cache_counters(client: httpx.AsyncClient) -> dict[str, float] | None:
+    """The server's prefix-cache counters (prompt tokens looked up, found) from its Prometheus
+    /metrics, or None where it has none (another server, metrics off)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = await client.get("/metrics")
+        if response.status_code != 200:
+            return None
+        counters = {}
+        for family in text_string_to_metric_families(response.text):
+            if family.name in _PREFIX_CACHE_COUNTERS:
+                counters[_PREFIX_CACHE_COUNTERS[family.name]] = sum(sample.value for sample in family.samples
+                                                                    if sample.name.endswith("_total"))
+        return counters if len(counters) == 2 else None
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def _percentiles(values: list[float], scale: float = 1000.0) -> dict:
@@ -168,7 +199,8 @@ def _percentiles(values: list[float], scale: float = 1000.0) -> dict:
             "p90": float(np.percentile(array, 90)), "p99": float(np.percentile(array, 99))}
 
 
-def summarize(args, results: list[RequestResult], duration: float, model: str, server_info: dict) -> dict:
+def summarize(args, results: list[RequestResult], duration: float, model: str, server_info: dict,
+              prefix_cache: dict | None = None) -> dict:
     good = [r for r in results if r.ok]
     errors = [r.error for r in results if not r.ok]
     output_tokens = sum(r.output_tokens for r in good)
@@ -190,6 +222,7 @@ def summarize(args, results: list[RequestResult], duration: float, model: str, s
         "tpot_ms": _percentiles([r.tpot for r in good if r.tpot is not None]),
         "itl_ms": _percentiles([gap for r in good for gap in r.itl]),
         "e2e_ms": _percentiles([r.e2e for r in good]),
+        "prefix_cache": prefix_cache,  # the server's own count over the run, where it reports one
     }
 
 
@@ -217,6 +250,15 @@ def print_report(summary: dict) -> None:
         for key in ("mean", "p50", "p90", "p99"):
             value = values[key]
             print(f"{(key.upper() if key != 'mean' else 'Mean') + ' (ms):':<36}{'-' if value is None else f'{value:.2f}':>12}")
+    cache = summary.get("prefix_cache")
+    if cache is not None:
+        print(f"{'-' * 17}{'Prefix cache (server)':^26}{'-' * 17}")
+        print(f"{'Prompt tokens found cached:':<36}{cache['hit_tokens']:>12.0f}")
+        print(f"{'Of prompt tokens looked up:':<36}{cache['queried_tokens']:>12.0f}")
+        print(f"{'Hit rate:':<36}{100 * cache['hit_rate']:>11.1f}%")
+        if cache["hit_rate"] > 0.5:
+            print("note: most prompt tokens were already cached (a repeated --seed?): their prefill was skipped. "
+                  "Use another --seed, or a server started with --no-prefix-caching, to measure it.")
     print("=" * 60)
 
 
