@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 # Token ids drawn for prompts: plain BPE tokens, away from the specials at both ends of StarChat's vocabulary.
 _PROMPT_TOKEN_RANGE = (1000, 40000)
@@ -175,8 +176,6 @@ _PREFIX_CACHE_COUNTERS = {"starchat_prefix_cache_queries": "queried", "starchat_
 async def prefix_cache_counters(client: httpx.AsyncClient) -> dict[str, float] | None:
     """The server's prefix-cache counters (prompt tokens looked up, found) from its Prometheus
     /metrics, or None where it has none (another server, metrics off)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         response = await client.get("/metrics")
         if response.status_code != 200:

@@ -51,9 +51,8 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._stats: EngineStats | None = None  # the loop's first pass sets it
         self.engine, self._thread = start_engine_thread(lambda: engine or LLMEngine(config, progress=progress), self._loop)
-        self._stats = self._stats or self.engine.stats()
+        self._stats = self.engine.stats()
 
     # ---- what callers read ----------------------------------------------------------------
 
