@@ -82,7 +82,8 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
     # with partial sums, the last block of K short. Up to 32 rows (8, 17) take panels two at a
     # time, an odd last panel alone, and so do 40 and 64 rows of bfloat16 in two passes (the
     # second of one row block at 40); 20 outputs make a pair whose second panel is partial. Fewer
-    # rows than asked keep the native tiles' bits.
+    # rows than asked keep the native tiles' bits. int8 weights take bfloat16 tiles only where
+    # their rows are too many for AMX-INT8's (K of 8,200 from 64 rows), if the CPU has those.
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(7)
@@ -90,6 +91,8 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
         weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
         packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
         for rows in (7, 8, 17, 40, 64, 100):
+            if weight_dtype == torch.int8 and 8 <= rows <= native.amx_int8_max_rows(in_features):
+                continue  # AMX-INT8 tiles: the next test
             x = torch.randn(rows, in_features, generator=generator)
             out = native.linear(x, packed, out_features, bias, scales, amx_min_rows=8)
             if rows < 8:
@@ -105,6 +108,52 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
             rounded_in = x.to(torch.bfloat16)
             assert torch.equal(native.linear(rounded_in, packed, out_features, bias, scales, amx_min_rows=8),
                                native.linear(rounded_in.float(), packed, out_features, bias, scales, amx_min_rows=8).to(torch.bfloat16))
+
+
+def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (float32) as the AMX-INT8 products see it, in float64: each row scaled to +-16,256
+    (127 x 128) by its largest magnitude, rounded to integers (half to even), scaled back."""
+    largest = x.abs().amax(dim=1, keepdim=True)
+    levels = torch.tensor(16256.0)
+    inverse = torch.where(largest > 0, levels / largest, torch.zeros_like(largest))  # float32, as the kernel
+    return torch.round(x * inverse).double() * (largest / levels).double()
+
+
+def test_amx_int8_products_quantize_each_row_to_15_bits():
+    # int8 weights on AMX-INT8 tiles (amx.c): each activation row as s (128 hi + lo), two int8
+    # parts, integer sums of each part, float32 from there on. Pinned against that quantization
+    # in float64 (1e-5: only the float32 finish differs), and shown finer than rounding the
+    # activations to bfloat16 (the bfloat16 tiles' way). K not a multiple of 64 (masked loads of
+    # the last panel's rows), an odd last panel (alone), a partial one, 1-7 row blocks (B tiles
+    # built in the first and kept); outputs in bfloat16 and float16 rounded once from the same sums.
+    if not native.amx_init() or native.amx_int8_max_rows(64) == 0:
+        pytest.skip("no AMX-INT8 tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(11)
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (20, 100), (33, 129)):
+        weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), torch.int8)
+        packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
+        for rows in (4, 8, 17, 40, 64, 100):
+            assert rows <= native.amx_int8_max_rows(in_features)
+            x = torch.randn(rows, in_features, generator=generator) * 3
+            out = native.linear(x, packed, out_features, bias, scales, amx_min_rows=4)
+            expected = _quantized_rows(x) @ dense.T + bias.double()
+            error = (out.double() - expected).abs().max() / expected.abs().max()
+            assert error < 1e-5, (out_features, in_features, rows, float(error))
+            exact = x.double() @ dense.T + bias.double()
+            bf16_error = (x.to(torch.bfloat16).double() @ dense.T + bias.double() - exact).abs().max()
+            assert (out.double() - exact).abs().max() < bf16_error / 4, (out_features, in_features, rows)
+            for dtype in (torch.bfloat16, torch.float16):
+                assert torch.equal(native.linear(x.to(dtype), packed, out_features, bias, scales, amx_min_rows=4),
+                                   native.linear(x.to(dtype).float(), packed, out_features, bias, scales, amx_min_rows=4).to(dtype))
+    # a row with an infinity or a NaN is NaN throughout, the others untouched; a zero row is the bias
+    weight, scales, _ = _stored(torch.randn(37, 771, generator=generator), torch.int8)
+    packed, bias = native.pack_weight(weight), torch.randn(37, generator=generator)
+    x = torch.randn(8, 771, generator=generator)
+    clean = native.linear(x, packed, 37, bias, scales, amx_min_rows=4)
+    x[2, 770], x[5, 3], x[6] = float("nan"), float("-inf"), 0.0  # 770: past the last 16 (scalar tail)
+    out = native.linear(x, packed, 37, bias, scales, amx_min_rows=4)
+    assert out[[2, 5]].isnan().all() and torch.equal(out[6], bias)
+    assert torch.equal(out[[0, 1, 3, 4, 7]], clean[[0, 1, 3, 4, 7]])
 
 
 def test_amx_float16_products_keep_the_weights_exact_and_16_bits_of_the_activations():

@@ -79,6 +79,12 @@ def amx_init() -> bool:
     return bool(load().starchat_amx_init())
 
 
+def amx_int8_max_rows(in_features: int) -> int:
+    """The most rows whose product with int8 weights of `in_features` columns runs on AMX-INT8 tiles
+    (activations quantized per row to 15 bits, amx.c); 0 without them (or before `amx_init()`)."""
+    return int(load().starchat_amx_int8_max_rows(in_features))
+
+
 def amx_disable() -> None:
     """No AMX tiles in the native library from now on (until `amx_init()` again)."""
     load().starchat_amx_disable()
@@ -88,9 +94,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
            scales: torch.Tensor | None = None, amx_min_rows: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T (* scales (N,)) (+ bias (N,)), in x's dtype (float32, float16
     or bfloat16; the arithmetic is float32), for `packed = pack_weight(weight)` and N = out_features.
-    From `amx_min_rows` rows (0: never; after `amx_init()`), bfloat16 and int8 weights multiply on
-    AMX tiles, the activations rounded to bfloat16; float16 weights too, as two exact bfloat16
-    halves against activations kept to 16 bits of significand (amx.c).
+    From `amx_min_rows` rows (0: never; after `amx_init()`), bfloat16 weights multiply on AMX
+    tiles, the activations rounded to bfloat16; int8 weights on AMX-INT8 tiles against activations
+    quantized per row to 15 bits (up to `amx_int8_max_rows(K)` rows; more on bfloat16 tiles like
+    bfloat16 weights); float16 weights as two exact bfloat16 halves against activations kept to 16
+    bits of significand (amx.c).
 
     The weight is float32, float16, bfloat16 or int8 (then `scales` is required); bias and scales
     are float32. Requires `available()`.

@@ -11,7 +11,8 @@
  *
  * The activations are rounded to bfloat16 (as oneDNN's AMX products round them on the prefill
  * path, and as HF's bfloat16 models round every product's input); sums, scales and bias stay
- * float32. float16 weights have no AMX product on these CPUs (AMX-FP16 came later), and rounding
+ * float32. int8 weights multiply on AMX-INT8 tiles instead where the CPU has them and the rows
+ * fit (int8_columns: the activations quantized per row to 15 bits, finer than bfloat16). float16 weights have no AMX product on these CPUs (AMX-FP16 came later), and rounding
  * them to bfloat16 would drop 3 bits of each: each is split into two bfloat16 halves that sum to it
  * exactly, each activation into two that keep 16 bits of its significand, and three tile products
  * (high x high, high x low, low x high; low x low, about 2^-17 of a term, is left out) give a
@@ -264,6 +265,212 @@ static inline __attribute__((always_inline)) void panel_pair_steps(const char *p
     }
 }
 
+/* ---- int8 weights on AMX-INT8 tiles ------------------------------------------------------------ */
+#if defined(__AMX_INT8__) && defined(__AVX512VBMI__)
+#define HAVE_AMX_INT8 1
+/* int8 weights multiply as int8 (tdpbssd) against activations quantized per row to 15 bits, in
+ * two int8 parts: a = s (128 hi + lo), s = max |a| / QUANT_LEVELS, |hi| <= 127, |lo| <= 64. Each
+ * product's error is at most s / 2 = max |a| / 32,512 per activation, where rounding it to
+ * bfloat16 (the bfloat16 tiles' way) costs up to |a| / 512: finer for every activation above
+ * 1/64 of its row's largest, and the sums are exact integers until the float32 finish.
+ *
+ * Why: on bfloat16 tiles every int8 B tile had to be widened to bfloat16 (two conversions per
+ * 16 values), and that, not the memory, bounded decode steps of 16-64 sequences (tiny_starcoder's
+ * products streamed at 32 rows in 13.9 ms against 7.1 for one row). An AMX-INT8 B tile is the
+ * panel's own bytes, four rows of K per column: one 64-byte load and one byte permutation per
+ * tile row, for 64 values of K where bfloat16 tiles take 32. hi and lo take a tile product each,
+ * as many per step of K as bfloat16 tiles do. */
+#define QUANT_LEVELS 16256.0f /* 127 x 128 */
+/* Every row block reads its activations once per pair of panels: up to this many bytes of them
+ * (hi and lo) stay in L2 across the pairs. */
+#define INT8_ROWS_MAX_BYTES (1L << 20)
+
+/* Value j of a quantized activation row sits at this offset from the row's first byte (row r's:
+ * (r / 16) * 16 * k_padded + (r % 16) * 64): each row block's 16 rows x 64 values of a step of K
+ * contiguous, one A tile. */
+static inline long int8_tile_offset(long j) { return j / 64 * 1024 + j % 64; }
+
+/* Row x (k float32; NULL: a padding row) as its hi and lo parts in tile order, zeros up to k_padded,
+ * and its scale s. A row with an infinity or NaN gets a NaN scale (its outputs are NaN). */
+static void quantize_row(const float *x, long k, long k_padded, int8_t *hi, int8_t *lo, float *scale) {
+    float largest = 0.0f;
+    long j = 0;
+    if (x) {
+        /* v - v is 0 for finite v, NaN for an infinity or NaN (which max would pass over) */
+        __m512 top = _mm512_setzero_ps(), not_finite = _mm512_setzero_ps();
+        for (; j + 16 <= k; j += 16) {
+            const __m512 v = _mm512_loadu_ps(x + j);
+            top = _mm512_max_ps(top, _mm512_abs_ps(v));
+            not_finite = _mm512_or_ps(not_finite, _mm512_sub_ps(v, v));
+        }
+        largest = _mm512_reduce_max_ps(top);
+        int finite = _mm512_test_epi32_mask(_mm512_castps_si512(not_finite), _mm512_castps_si512(not_finite)) == 0;
+        for (; j < k; j++) {
+            largest = fmaxf(largest, fabsf(x[j]));
+            finite = finite && isfinite(x[j]);
+        }
+        if (!finite) largest = NAN;
+    }
+    const int usable = x && isfinite(largest) && largest > 0.0f;
+    *scale = !x ? 0.0f : usable ? largest / QUANT_LEVELS : isfinite(largest) ? 0.0f : NAN;
+    const float inverse = usable ? QUANT_LEVELS / largest : 0.0f;
+    j = 0;
+    if (usable)
+        for (; j + 16 <= k; j += 16) { /* 16 values never straddle two steps of 64 */
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(inverse)));
+            const __m512i high = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(64)), 7);
+            _mm_storeu_si128((__m128i *)(hi + int8_tile_offset(j)), _mm512_cvtepi32_epi8(high));
+            _mm_storeu_si128((__m128i *)(lo + int8_tile_offset(j)), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(high, 7))));
+        }
+    for (; j < k_padded; j++) {
+        const int q = usable && j < k ? (int)lrintf(x[j] * inverse) : 0;
+        const int high = (q + 64) >> 7;
+        hi[int8_tile_offset(j)] = (int8_t)high;
+        lo[int8_tile_offset(j)] = (int8_t)(q - high * 128);
+    }
+}
+
+/* The B tile of panel rows k0 .. k0 + 63 (int8, PANEL bytes a row): row p holds, for each column c,
+ * rows k0 + 4p .. k0 + 4p + 3 side by side. Rows past K are zeros (masked loads: the last panel's
+ * bytes end there). */
+static inline void int8_b_tile(const int8_t *panel, long k, long k0, int8_t tile[1024]) {
+    /* byte 4c + i of a tile row is byte 16i + c of the four panel rows */
+    const __m512i gather = _mm512_set_epi8(63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12,
+                                           59, 43, 27, 11, 58, 42, 26, 10, 57, 41, 25, 9, 56, 40, 24, 8,
+                                           55, 39, 23, 7, 54, 38, 22, 6, 53, 37, 21, 5, 52, 36, 20, 4,
+                                           51, 35, 19, 3, 50, 34, 18, 2, 49, 33, 17, 1, 48, 32, 16, 0);
+    for (int p = 0; p < 16; p++) {
+        const long row = k0 + 4 * p;
+        const int8_t *source = panel + row * PANEL;
+        _mm_prefetch((const char *)source + 2048, _MM_HINT_T0); /* 2 KiB ahead */
+        __m512i rows;
+        if (row + 4 <= k)
+            rows = _mm512_loadu_si512((const void *)source);
+        else if (row >= k)
+            rows = _mm512_setzero_si512();
+        else
+            rows = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (PANEL * (k - row))) - 1), source);
+        _mm512_store_si512((__m512i *)(tile + 64 * p), _mm512_permutexvar_epi8(gather, rows));
+    }
+}
+
+/* float32 lanes as bfloat16 bits (low half of each lane): rounded to nearest even, NaN kept NaN. */
+static inline __m512i bf16_bits_of(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)),
+                                                               _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+}
+
+/* The finished sums of row block `block` for the panel of columns n0 ..: C tiles hi (sums[0]) and
+ * lo (sums[1]) as (128 hi + lo) s per row, times the weights' scales, plus the bias, into the
+ * output. A full panel goes one vector a row (store_tile_rows' per-value loops cost about a
+ * millisecond per 16 rows of a tiny_starcoder decode step's products); a partial one through c. */
+static inline void finish_int8_tiles(const int32_t (*sums)[16][16], const float *row_scales, const Output *out, long m,
+                                     long block, long n0, long columns, float (*c)[PANEL]) {
+    const long row0 = block * 16;
+    const int rows = (int)(m - row0 < 16 ? m - row0 : 16), full = columns == PANEL;
+    const __m512 scales = full ? _mm512_loadu_ps(out->scales + n0) : _mm512_set1_ps(1.0f);
+    const __m512 bias = full && out->bias ? _mm512_loadu_ps(out->bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[0][r]));
+        const __m512 low = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[1][r]));
+        const __m512 total = _mm512_mul_ps(_mm512_fmadd_ps(high, _mm512_set1_ps(128.0f), low), _mm512_set1_ps(row_scales[row0 + r]));
+        if (!full) {
+            _mm512_store_ps(c[r], total);
+            continue;
+        }
+        const __m512 value = _mm512_fmadd_ps(total, scales, bias);
+        const long at = (row0 + r) * out->n_total + n0;
+        if (out->type == W_F32)
+            _mm512_storeu_ps((float *)out->data + at, value);
+        else if (out->type == W_BF16) /* f32_to_bf16's rounding (vcvtneps2bf16 would flush denormals) */
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out->data + at), _mm512_cvtepi32_epi16(bf16_bits_of(value)));
+        else
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out->data + at), _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    if (!full) store_tile_rows(out, row0, rows, n0, columns, c);
+}
+
+/* The whole product for int8 weights (see above): panels two at a time, each pair's B tiles built
+ * while its first row block multiplies and kept (per thread: 2 KiB per 64 rows of K) for its other
+ * row blocks. Tiles: C hi / lo of the first panel in tmm0 / tmm1, of the second in tmm2 / tmm3;
+ * A hi / lo in tmm4 / tmm5; B of the two panels in tmm6 / tmm7. */
+static int int8_columns(const float *x, long m, const int8_t *w, const Output *out, long n, long k) {
+    const long k_padded = (k + 63) / 64 * 64, steps = k_padded / 64, row_blocks = (m + 15) / 16, padded_rows = row_blocks * 16;
+    int8_t *rows = NULL;
+#pragma omp single copyprivate(rows)
+    rows = (int8_t *)aligned_alloc(64, (size_t)(2 * padded_rows * k_padded + padded_rows * (long)sizeof(float) + 63) / 64 * 64);
+    if (!rows) return 0;
+    int8_t *rows_low = rows + padded_rows * k_padded;
+    float *row_scales = (float *)(rows_low + padded_rows * k_padded);
+#pragma omp for schedule(static)
+    for (long r = 0; r < padded_rows; r++) {
+        const long at = r / 16 * 16 * k_padded + r % 16 * 64;
+        quantize_row(r < m ? x + r * k : NULL, k, k_padded, rows + at, rows_low + at, &row_scales[r]);
+    }
+    configure_tiles();
+    const long blocks = (n + PANEL - 1) / PANEL, pairs = (blocks + 1) / 2, panel_bytes = k * PANEL;
+    int8_t *kept = row_blocks > 1 ? (int8_t *)aligned_alloc(64, (size_t)(2 * steps * 1024)) : NULL;
+    int8_t step_tiles[2 * 2 * 1024] __attribute__((aligned(64))); /* without `kept`: two steps' tiles, built one ahead */
+    int32_t sums[4][16][16] __attribute__((aligned(64)));
+    float c[16][PANEL] __attribute__((aligned(64)));
+#pragma omp for schedule(static) nowait
+    for (long pair = 0; pair < pairs; pair++) {
+        const long first_block = 2 * pair;
+        const int two = first_block + 1 < blocks;
+        const int8_t *panel = w + first_block * panel_bytes;
+        for (long block = 0; block < row_blocks; block++) {
+            const int build = block == 0 || !kept;
+#define STEP_TILES(s) (kept ? kept + (s) * 2048 : step_tiles + ((s) & 1) * 2048)
+#define BUILD_STEP(s)                                                                      \
+    do {                                                                                   \
+        int8_b_tile(panel, k, (s) * 64, STEP_TILES(s));                                    \
+        if (two) int8_b_tile(panel + panel_bytes, k, (s) * 64, STEP_TILES(s) + 1024);      \
+    } while (0)
+            zero_c_tiles();
+            if (build) BUILD_STEP(0);
+            const int8_t *a_hi = rows + block * 16 * k_padded, *a_lo = rows_low + block * 16 * k_padded;
+            for (long s = 0; s < steps; s++) {
+                if (build && s + 1 < steps) BUILD_STEP(s + 1); /* a tile load right after the stores that wrote it waits */
+                const int8_t *b = STEP_TILES(s);
+                _tile_loadd(6, b, 64);
+                _tile_loadd(4, a_hi + s * 1024, 64);
+                _tile_loadd(5, a_lo + s * 1024, 64);
+                _tile_dpbssd(0, 4, 6);
+                _tile_dpbssd(1, 5, 6);
+                if (two) {
+                    _tile_loadd(7, b + 1024, 64);
+                    _tile_dpbssd(2, 4, 7);
+                    _tile_dpbssd(3, 5, 7);
+                }
+            }
+#undef BUILD_STEP
+#undef STEP_TILES
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(1, sums[1], 64);
+            const long n0 = first_block * PANEL;
+            finish_int8_tiles((const int32_t (*)[16][16])sums, row_scales, out, m, block, n0, n - n0 < PANEL ? n - n0 : PANEL, c);
+            if (two) {
+                _tile_stored(2, sums[2], 64);
+                _tile_stored(3, sums[3], 64);
+                const long n1 = n0 + PANEL;
+                finish_int8_tiles((const int32_t (*)[16][16])(sums + 2), row_scales, out, m, block, n1, n - n1 < PANEL ? n - n1 : PANEL, c);
+            }
+        }
+    }
+    _tile_release();
+    free(kept);
+#pragma omp barrier
+#pragma omp single
+    free(rows);
+    return 1;
+}
+#else
+#define HAVE_AMX_INT8 0
+#endif
+
 /* ---- Decode attention over a 16-bit cache (decode_attention.c's items) ---------------------- */
 
 /* Cache row l's 16 values from column `column` as float32 bits (zeros for a masked or absent row). */
@@ -463,10 +670,23 @@ int starchat_amx_ready(void) {
 #endif
 }
 
+long starchat_amx_int8_max_rows(long k) {
+#if HAVE_AMX && HAVE_AMX_INT8
+    /* the rows' hi and lo parts, 16-row blocks of K padded to 64, within INT8_ROWS_MAX_BYTES */
+    return amx_granted && k > 0 ? INT8_ROWS_MAX_BYTES / (2 * ((k + 63) / 64 * 64)) / 16 * 16 : 0;
+#else
+    (void)k;
+    return 0;
+#endif
+}
+
 int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k) {
 #if HAVE_AMX
     /* The same answer on every thread of the region (they all meet the loops below or none). */
     if (!amx_granted || (wtype != W_BF16 && wtype != W_I8 && wtype != W_F16)) return 0;
+#if HAVE_AMX_INT8
+    if (wtype == W_I8 && m <= starchat_amx_int8_max_rows(k)) return int8_columns(x, m, (const int8_t *)w, out, n, k);
+#endif
     /* float16 weights are exact as two bfloat16 halves; their activations get a low half too, so
      * the product keeps more than float16's precision (three tile products instead of one). */
     const int split = wtype == W_F16;

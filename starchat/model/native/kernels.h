@@ -55,6 +55,9 @@ void starchat_linear_columns(const float *x, long m, const void *w, int wtype, c
 /* The same product on AMX tiles (amx.c), for bfloat16, int8 and float16 weights: 1 when done, 0 (on
  * every thread) when AMX is not available here or the weights are float32. */
 int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const Output *out, long n, long k);
+/* The most rows whose product with int8 weights of K columns runs on AMX-INT8 tiles (amx.c: the
+ * activations quantized per row to 15 bits); 0 where there are none. More rows take bfloat16 tiles. */
+long starchat_amx_int8_max_rows(long k);
 /* One sequence's attention for `heads` (at most 16) query heads of one KV head over a bfloat16 or
  * float16 cache (`type`), on AMX tiles (amx.c): q (heads x head_dim) and out float32, keys/values
  * rows kv_dim apart, this head's columns from `offset`; 1 when done, 0 when AMX is not available
