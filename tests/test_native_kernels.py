@@ -214,6 +214,29 @@ def test_output_rounding_is_bit_exact(dtype):
         assert torch.equal(out[0].float(), expected.float()), (row, scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_full_panels_round_their_outputs_bit_for_bit(dtype):
+    # Full 16-column panels leave the sums eight values a vector (store_tile_rows): the same 16-bit
+    # values as PyTorch's rounding of the same float32 ones (subnormals, overflow to infinity in
+    # float16), through the weight's scales (int8) and the bias; a row with a NaN is NaN.
+    # Diagonal weights: one product per output, exact.
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(5 * 16, generator=generator) * 10 ** torch.randint(-9, 4, (5 * 16,), generator=generator).float()
+    values[:6] = torch.tensor([65000.0, -65000.0, 1e-40, -0.0, 3e-8, 6e-8])
+    values[64:] = float("nan")
+    x = values.reshape(5, 16).to(dtype)  # five rows: the many-row tiles, not the one-row kernel
+    scale, bias = torch.rand(16, generator=generator) + 0.5, torch.randn(16, generator=generator)
+    scale[:2] = 1.4  # 65,000 x 1.4 is past float16's largest
+    for weight, scales in ((torch.diag(scale), None), (torch.eye(16, dtype=torch.int8), scale)):
+        for with_bias in (False, True):
+            out = native.linear(x, native.pack_weight(weight), 16, bias if with_bias else None, scales)
+            expected = (x.float() * scale + (bias if with_bias else 0.0)).to(dtype)
+            assert out[4].isnan().all() and not out[:4].isnan().any()
+            assert torch.equal(out[:4].float(), expected[:4].float()), (weight.dtype, with_bias)  # -0 equals +0
+            if dtype == torch.float16:
+                assert out[0, :2].isinf().all()
+
+
 def test_nan_stays_nan():
     x = torch.tensor([[float("nan"), 1.0], [2.0, 1.0]])
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])

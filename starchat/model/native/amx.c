@@ -354,43 +354,20 @@ static inline void int8_b_tile(const int8_t *panel, long k, long k0, int8_t tile
     }
 }
 
-/* float32 lanes as bfloat16 bits (low half of each lane): rounded to nearest even, NaN kept NaN. */
-static inline __m512i bf16_bits_of(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)),
-                                                               _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-}
-
 /* The finished sums of row block `block` for the panel of columns n0 ..: C tiles hi (sums[0]) and
- * lo (sums[1]) as (128 hi + lo) s per row, times the weights' scales, plus the bias, into the
- * output. A full panel goes one vector a row (store_tile_rows' per-value loops cost about a
- * millisecond per 16 rows of a tiny_starcoder decode step's products); a partial one through c. */
+ * lo (sums[1]) as (128 hi + lo) s per row, then the weights' scales and the bias into the output
+ * (store_tile_rows: a vector a row, where per-value loops had cost about 2 ms of tiny_starcoder's
+ * products streamed at 32 rows). */
 static inline void finish_int8_tiles(const int32_t (*sums)[16][16], const float *row_scales, const Output *out, long m,
                                      long block, long n0, long columns, float (*c)[PANEL]) {
     const long row0 = block * 16;
-    const int rows = (int)(m - row0 < 16 ? m - row0 : 16), full = columns == PANEL;
-    const __m512 scales = full ? _mm512_loadu_ps(out->scales + n0) : _mm512_set1_ps(1.0f);
-    const __m512 bias = full && out->bias ? _mm512_loadu_ps(out->bias + n0) : _mm512_setzero_ps();
+    const int rows = (int)(m - row0 < 16 ? m - row0 : 16);
     for (int r = 0; r < rows; r++) {
         const __m512 high = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[0][r]));
         const __m512 low = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[1][r]));
-        const __m512 total = _mm512_mul_ps(_mm512_fmadd_ps(high, _mm512_set1_ps(128.0f), low), _mm512_set1_ps(row_scales[row0 + r]));
-        if (!full) {
-            _mm512_store_ps(c[r], total);
-            continue;
-        }
-        const __m512 value = _mm512_fmadd_ps(total, scales, bias);
-        const long at = (row0 + r) * out->n_total + n0;
-        if (out->type == W_F32)
-            _mm512_storeu_ps((float *)out->data + at, value);
-        else if (out->type == W_BF16) /* f32_to_bf16's rounding (vcvtneps2bf16 would flush denormals) */
-            _mm256_storeu_si256((__m256i *)((uint16_t *)out->data + at), _mm512_cvtepi32_epi16(bf16_bits_of(value)));
-        else
-            _mm256_storeu_si256((__m256i *)((uint16_t *)out->data + at), _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm512_store_ps(c[r], _mm512_mul_ps(_mm512_fmadd_ps(high, _mm512_set1_ps(128.0f), low), _mm512_set1_ps(row_scales[row0 + r])));
     }
-    if (!full) store_tile_rows(out, row0, rows, n0, columns, c);
+    store_tile_rows(out, row0, rows, n0, columns, c);
 }
 
 /* The whole product for int8 weights (see above): panels two at a time, each pair's B tiles built
