@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "amx_tiles.h"
+#include "int8_rows.h"
 #include "kernels.h"
 #include "vector_math.h"
 
@@ -269,10 +270,8 @@ static inline __attribute__((always_inline)) void panel_pair_steps(const char *p
 #if defined(__AMX_INT8__) && defined(__AVX512VBMI__)
 #define HAVE_AMX_INT8 1
 /* int8 weights multiply as int8 (tdpbssd) against activations quantized per row to 15 bits, in
- * two int8 parts: a = s (128 hi + lo), s = max |a| / QUANT_LEVELS, |hi| <= 127, |lo| <= 64. Each
- * product's error is at most s / 2 = max |a| / 32,512 per activation, where rounding it to
- * bfloat16 (the bfloat16 tiles' way) costs up to |a| / 512: finer for every activation above
- * 1/64 of its row's largest, and the sums are exact integers until the float32 finish.
+ * two int8 parts (int8_rows.h: finer than rounding them to bfloat16, the bfloat16 tiles' way);
+ * the sums are exact integers until the float32 finish.
  *
  * Why: on bfloat16 tiles every int8 B tile had to be widened to bfloat16 (two conversions per
  * 16 values), and that, not the memory, bounded decode steps of 16-64 sequences (tiny_starcoder's
@@ -280,77 +279,18 @@ static inline __attribute__((always_inline)) void panel_pair_steps(const char *p
  * panel's own bytes, four rows of K per column: one 64-byte load and one byte permutation per
  * tile row, for 64 values of K where bfloat16 tiles take 32. hi and lo take a tile product each,
  * as many per step of K as bfloat16 tiles do. */
-#define QUANT_LEVELS 16256.0f /* 127 x 128 */
 /* Every row block reads its activations once per pair of panels: up to this many bytes of them
  * (hi and lo) stay in L2 across the pairs. */
 #define INT8_ROWS_MAX_BYTES (1L << 20)
-
-/* Value j of a quantized activation row sits at this offset from the row's first byte (row r's:
- * (r / 16) * 16 * k_padded + (r % 16) * 64): each row block's 16 rows x 64 values of a step of K
- * contiguous, one A tile. */
-static inline long int8_tile_offset(long j) { return j / 64 * 1024 + j % 64; }
-
-/* Row x (k float32; NULL: a padding row) as its hi and lo parts in tile order, zeros up to k_padded,
- * and its scale s. A row with an infinity or NaN gets a NaN scale (its outputs are NaN). */
-static void quantize_row(const float *x, long k, long k_padded, int8_t *hi, int8_t *lo, float *scale) {
-    float largest = 0.0f;
-    long j = 0;
-    if (x) {
-        /* v - v is 0 for finite v, NaN for an infinity or NaN (which max would pass over) */
-        __m512 top = _mm512_setzero_ps(), not_finite = _mm512_setzero_ps();
-        for (; j + 16 <= k; j += 16) {
-            const __m512 v = _mm512_loadu_ps(x + j);
-            top = _mm512_max_ps(top, _mm512_abs_ps(v));
-            not_finite = _mm512_or_ps(not_finite, _mm512_sub_ps(v, v));
-        }
-        largest = _mm512_reduce_max_ps(top);
-        int finite = _mm512_test_epi32_mask(_mm512_castps_si512(not_finite), _mm512_castps_si512(not_finite)) == 0;
-        for (; j < k; j++) {
-            largest = fmaxf(largest, fabsf(x[j]));
-            finite = finite && isfinite(x[j]);
-        }
-        if (!finite) largest = NAN;
-    }
-    const int usable = x && isfinite(largest) && largest > 0.0f;
-    *scale = !x ? 0.0f : usable ? largest / QUANT_LEVELS : isfinite(largest) ? 0.0f : NAN;
-    const float inverse = usable ? QUANT_LEVELS / largest : 0.0f;
-    j = 0;
-    if (usable)
-        for (; j + 16 <= k; j += 16) { /* 16 values never straddle two steps of 64 */
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), _mm512_set1_ps(inverse)));
-            const __m512i high = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(64)), 7);
-            _mm_storeu_si128((__m128i *)(hi + int8_tile_offset(j)), _mm512_cvtepi32_epi8(high));
-            _mm_storeu_si128((__m128i *)(lo + int8_tile_offset(j)), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(high, 7))));
-        }
-    for (; j < k_padded; j++) {
-        const int q = usable && j < k ? (int)lrintf(x[j] * inverse) : 0;
-        const int high = (q + 64) >> 7;
-        hi[int8_tile_offset(j)] = (int8_t)high;
-        lo[int8_tile_offset(j)] = (int8_t)(q - high * 128);
-    }
-}
 
 /* The B tile of panel rows k0 .. k0 + 63 (int8, PANEL bytes a row): row p holds, for each column c,
  * rows k0 + 4p .. k0 + 4p + 3 side by side. Rows past K are zeros (masked loads: the last panel's
  * bytes end there). */
 static inline void int8_b_tile(const int8_t *panel, long k, long k0, int8_t tile[1024]) {
-    /* byte 4c + i of a tile row is byte 16i + c of the four panel rows */
-    const __m512i gather = _mm512_set_epi8(63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12,
-                                           59, 43, 27, 11, 58, 42, 26, 10, 57, 41, 25, 9, 56, 40, 24, 8,
-                                           55, 39, 23, 7, 54, 38, 22, 6, 53, 37, 21, 5, 52, 36, 20, 4,
-                                           51, 35, 19, 3, 50, 34, 18, 2, 49, 33, 17, 1, 48, 32, 16, 0);
     for (int p = 0; p < 16; p++) {
         const long row = k0 + 4 * p;
-        const int8_t *source = panel + row * PANEL;
-        _mm_prefetch((const char *)source + 2048, _MM_HINT_T0); /* 2 KiB ahead */
-        __m512i rows;
-        if (row + 4 <= k)
-            rows = _mm512_loadu_si512((const void *)source);
-        else if (row >= k)
-            rows = _mm512_setzero_si512();
-        else
-            rows = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (PANEL * (k - row))) - 1), source);
-        _mm512_store_si512((__m512i *)(tile + 64 * p), _mm512_permutexvar_epi8(gather, rows));
+        _mm_prefetch((const char *)(panel + row * PANEL) + 2048, _MM_HINT_T0); /* 2 KiB ahead */
+        _mm512_store_si512((__m512i *)(tile + 64 * p), four_rows_by_column(four_panel_rows(panel, k, row)));
     }
 }
 
@@ -385,7 +325,7 @@ static int int8_columns(const float *x, long m, const int8_t *w, const Output *o
 #pragma omp for schedule(static)
     for (long r = 0; r < padded_rows; r++) {
         const long at = r / 16 * 16 * k_padded + r % 16 * 64;
-        quantize_row(r < m ? x + r * k : NULL, k, k_padded, rows + at, rows_low + at, &row_scales[r]);
+        quantize_row_15_bits(r < m ? x + r * k : NULL, k, k_padded, 1024, rows + at, rows_low + at, &row_scales[r]);
     }
     configure_tiles();
     const long blocks = (n + PANEL - 1) / PANEL, pairs = (blocks + 1) / 2, panel_bytes = k * PANEL;

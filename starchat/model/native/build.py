@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("linear.c", "amx.c", "decode_attention.c", "decode_step.c", "prompt_attention.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h", "vector_math.h", "amx_tiles.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h", "vector_math.h", "amx_tiles.h", "int8_rows.h")]
 ABI = 5  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
 EXTRA_FLAGS_VARIABLE = "STARCHAT_NATIVE_CFLAGS"  # extra compiler flags, e.g. "-mno-avx2" for the portable path
