@@ -165,7 +165,8 @@ def test_amx_products_equal_the_native_kernel_to_bfloat16_rounding(kind, monkeyp
         out = layer(x.view(1, rows, 96)).view(rows, 40)
         assert out.dtype == torch.float32
         error = ((out.double() - expected).abs().max() / expected.abs().max()).item()
-        assert error < (1e-5 if rows < cpu_linear.AMX_MIN_ROWS else 1.6e-2), (rows, error)
+        native_tolerance = 1e-4 if kind == "int8" and native.int8_rows_quantized() else 1e-5  # 15-bit rows (VNNI)
+        assert error < (native_tolerance if rows < cpu_linear.AMX_MIN_ROWS else 1.6e-2), (rows, error)
     assert len(calls) == 2  # the two prefill-sized products only
     assert torch.equal(cpu_linear.unpack_weight(layer.packed_weight, 40, torch.float32), source.weight.float())
 

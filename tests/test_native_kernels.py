@@ -34,6 +34,8 @@ def _product(x, weight, bias=None, scales=None):
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("activation_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_linear_matches_float64_reference(weight_dtype, activation_dtype):
+    # int8 weights on a CPU with AVX512-VNNI: rows quantized to 15 bits (int8_rows.h), which the
+    # reference then takes too (the same 1e-5 pins the quantization, not only its accuracy)
     generator = torch.Generator().manual_seed(1)
     # 1-6 rows: one tile; 7+: panels widened once; 150: more than one block of rows (ROW_BLOCK 144)
     for rows in (1, 2, 3, 4, 5, 6, 8, 17, 33, 150):
@@ -42,7 +44,10 @@ def test_linear_matches_float64_reference(weight_dtype, activation_dtype):
             weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
             bias = torch.randn(out_features, generator=generator)
             out = _product(x, weight, bias, scales)
-            expected = x.double() @ dense.T + bias.double()
+            rows_in = x.double()
+            if weight_dtype == torch.int8 and native.int8_rows_quantized():  # 2 x rows > 1: 15-bit rows (VNNI)
+                rows_in = _quantized_rows(x.float().reshape(-1, in_features)).reshape(x.shape)
+            expected = rows_in @ dense.T + bias.double()
             assert out.dtype == activation_dtype and out.shape == (2, rows, out_features)
             error = (out.double() - expected).abs().max() / expected.abs().max()
             assert error < ACTIVATION_TOLERANCE[activation_dtype], (rows, out_features, in_features, float(error))
@@ -110,12 +115,15 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
                                native.linear(rounded_in.float(), packed, out_features, bias, scales, amx_min_rows=8).to(torch.bfloat16))
 
 
-def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
-    """x (float32) as the AMX-INT8 products see it, in float64: each row scaled to +-16,256
-    (127 x 128) by its largest magnitude, rounded to integers (half to even), scaled back."""
+def _quantized_rows(x: torch.Tensor, float32: bool = False) -> torch.Tensor:
+    """x (float32) as the int8-by-int8 products see it (AMX-INT8, VNNI), in float64: each row
+    scaled to +-16,256 (127 x 128) by its largest magnitude, rounded to integers (half to even),
+    scaled back; with float32, scaled back in float32 as the kernels do (their integer sums exact)."""
     largest = x.abs().amax(dim=1, keepdim=True)
     levels = torch.tensor(16256.0)
     inverse = torch.where(largest > 0, levels / largest, torch.zeros_like(largest))  # float32, as the kernel
+    if float32:
+        return torch.round(x * inverse) * (largest / levels)
     return torch.round(x * inverse).double() * (largest / levels).double()
 
 
@@ -230,7 +238,10 @@ def test_full_panels_round_their_outputs_bit_for_bit(dtype):
     for weight, scales in ((torch.diag(scale), None), (torch.eye(16, dtype=torch.int8), scale)):
         for with_bias in (False, True):
             out = native.linear(x, native.pack_weight(weight), 16, bias if with_bias else None, scales)
-            expected = (x.float() * scale + (bias if with_bias else 0.0)).to(dtype)
+            rows = x.float()
+            if scales is not None and native.int8_rows_quantized():
+                rows = _quantized_rows(rows, float32=True)  # (q s) x scale + bias, each rounded to float32
+            expected = (rows * scale + (bias if with_bias else 0.0)).to(dtype)
             assert out[4].isnan().all() and not out[:4].isnan().any()
             assert torch.equal(out[:4].float(), expected[:4].float()), (weight.dtype, with_bias)  # -0 equals +0
             if dtype == torch.float16:
@@ -514,7 +525,9 @@ def test_a_build_without_this_cpus_flags_says_so(tmp_path, monkeypatch, caplog):
 def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypatch):
     """On a CPU with AVX-512 the many-row tiles (and int8's one-row product, and the tanh GELU) are
     16 wide: the same per-element operations in the same order as the 8-wide AVX2 code, so the
-    same bits (built both ways here)."""
+    same bits (built both ways here). int8 products of several rows take VNNI's byte dot products
+    where the CPU has them (15-bit rows: test_linear_matches_float64_reference); a third build
+    without VNNI keeps them on the 16-wide float32 tiles, compared here."""
     library = build.load()
     if library is None or not library.starchat_linear_has_avx512():
         pytest.skip("this CPU (or compiler) has no AVX-512: only the AVX2 tiles exist here")
@@ -529,16 +542,25 @@ def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypa
     values = torch.cat([torch.randn(3000, generator=generator) * 4, torch.tensor([0.0, -0.0, 60.0, -60.0, 1e-30])])
     outputs = {}
     try:
-        for flags in ("", "-mno-avx512f"):
+        for flags in ("", "-mno-avx512vnni", "-mno-avx512f"):
             monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path / (flags or "native")))
             monkeypatch.setenv("STARCHAT_NATIVE_CFLAGS", flags)
             build.load.cache_clear()
-            assert build.load().starchat_linear_has_avx512() == (flags == "")
+            assert build.load().starchat_linear_has_avx512() == (flags != "-mno-avx512f")
             outputs[flags] = [_product(x, weight, bias, scales) for x, weight, bias, scales in cases]
             outputs[flags].append(native.gelu_(values.clone(), tanh_approximation=True))
+            if flags == "":
+                vnni = native.int8_rows_quantized()
+            if flags == "-mno-avx512vnni":
+                assert not native.int8_rows_quantized()
     finally:
         build.load.cache_clear()
-    assert all(torch.equal(a, b) for a, b in zip(outputs[""], outputs["-mno-avx512f"]))
+    several_int8_rows = [scales is not None and x.shape[0] > 1 for x, _, _, scales in cases] + [False]
+    for vnni_case, with_avx512, without_vnni, avx2 in zip(several_int8_rows, outputs[""], outputs["-mno-avx512vnni"],
+                                                           outputs["-mno-avx512f"]):
+        assert torch.equal(without_vnni, avx2)
+        if not (vnni and vnni_case):
+            assert torch.equal(with_avx512, avx2)
 
 
 def test_portable_path_without_avx2(tmp_path, monkeypatch):

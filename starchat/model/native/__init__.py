@@ -85,6 +85,13 @@ def amx_int8_max_rows(in_features: int) -> int:
     return int(load().starchat_amx_int8_max_rows(in_features))
 
 
+def int8_rows_quantized() -> bool:
+    """Whether int8 products of more than one row quantize the activation rows to 15 bits (AVX512-VNNI
+    byte dot products, linear.c; AMX-INT8 tiles quantize them too, `amx_int8_max_rows`) instead of
+    multiplying float32 rows. Requires `available()`."""
+    return bool(load().starchat_linear_int8_rows_quantized())
+
+
 def amx_disable() -> None:
     """No AMX tiles in the native library from now on (until `amx_init()` again)."""
     load().starchat_amx_disable()
@@ -98,7 +105,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     tiles, the activations rounded to bfloat16; int8 weights on AMX-INT8 tiles against activations
     quantized per row to 15 bits (up to `amx_int8_max_rows(K)` rows; more on bfloat16 tiles like
     bfloat16 weights); float16 weights as two exact bfloat16 halves against activations kept to 16
-    bits of significand (amx.c).
+    bits of significand (amx.c). Other int8 products of 2+ rows quantize the rows the same way
+    where the CPU has AVX512-VNNI (`int8_rows_quantized()`).
 
     The weight is float32, float16, bfloat16 or int8 (then `scales` is required); bias and scales
     are float32. Requires `available()`.

@@ -117,6 +117,8 @@ def load() -> ctypes.CDLL | None:
     library.starchat_amx_init.argtypes = []
     library.starchat_amx_disable.restype = None
     library.starchat_amx_int8_max_rows.restype = ctypes.c_long
+    library.starchat_linear_int8_rows_quantized.restype = ctypes.c_int
+    library.starchat_linear_int8_rows_quantized.argtypes = []
     library.starchat_amx_int8_max_rows.argtypes = [ctypes.c_long]
     library.starchat_amx_disable.argtypes = []
     library.starchat_decode_attention.restype = ctypes.c_int
