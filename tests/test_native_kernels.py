@@ -115,6 +115,17 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
                                native.linear(rounded_in.float(), packed, out_features, bias, scales, amx_min_rows=8).to(torch.bfloat16))
 
 
+def test_int8_rows_longer_than_vnni_sums_hold_take_the_float32_tiles():
+    # Past K 65,536 a VNNI lane's int32 sum of (w + 128) x part could overflow: such products
+    # multiply float32 rows (exact activations) wherever VNNI would have quantized them.
+    generator = torch.Generator().manual_seed(13)
+    weight, scales, dense = _stored(torch.randn(16, 65_600, generator=generator), torch.int8)
+    x = torch.randn(3, 65_600, generator=generator)
+    out = _product(x, weight, None, scales)
+    expected = x.double() @ dense.T
+    assert ((out.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
 def _quantized_rows(x: torch.Tensor, float32: bool = False) -> torch.Tensor:
     """x (float32) as the int8-by-int8 products see it (AMX-INT8, VNNI), in float64: each row
     scaled to +-16,256 (127 x 128) by its largest magnitude, rounded to integers (half to even),

@@ -12,7 +12,9 @@
  * The activations are rounded to bfloat16 (as oneDNN's AMX products round them on the prefill
  * path, and as HF's bfloat16 models round every product's input); sums, scales and bias stay
  * float32. int8 weights multiply on AMX-INT8 tiles instead where the CPU has them and the rows
- * fit (int8_columns: the activations quantized per row to 15 bits, finer than bfloat16). float16 weights have no AMX product on these CPUs (AMX-FP16 came later), and rounding
+ * fit (int8_columns: the activations quantized per row to 15 bits, finer than bfloat16).
+ *
+ * float16 weights have no AMX product on these CPUs (AMX-FP16 came later), and rounding
  * them to bfloat16 would drop 3 bits of each: each is split into two bfloat16 halves that sum to it
  * exactly, each activation into two that keep 16 bits of its significand, and three tile products
  * (high x high, high x low, low x high; low x low, about 2^-17 of a term, is left out) give a
@@ -590,6 +592,7 @@ int starchat_amx_ready(void) {
 long starchat_amx_int8_max_rows(long k) {
 #if HAVE_AMX && HAVE_AMX_INT8
     /* the rows' hi and lo parts, 16-row blocks of K padded to 64, within INT8_ROWS_MAX_BYTES */
+    /* (none past K 32,768, so a tile's int32 sums of int8 x hi, up to 127 x 127 x K, never overflow) */
     return amx_granted && k > 0 ? INT8_ROWS_MAX_BYTES / (2 * ((k + 63) / 64 * 64)) / 16 * 16 : 0;
 #else
     (void)k;

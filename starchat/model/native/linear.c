@@ -509,12 +509,16 @@ static void vnni_tile_rows(const int8_t *parts, long k_padded, const float *scal
 }
 #undef VNNI_CASE
 
-/* int8 weights times m > 1 rows on a CPU with AVX512-VNNI and no AMX tiles (Ice Lake and later
- * Xeons without AMX, AMD Zen 4): the rows quantized to 15 bits in two int8 parts as the AMX-INT8
- * products do (int8_rows.h), the panels read in their own bytes. The float32 tiles widen every
- * weight and do one FMA per weight and row; a dot product here does four per 32-bit lane, two
- * (hi, lo) per weight and row. Returns 0 (on every thread) when out of memory. */
+/* int8 weights times m > 1 rows on a CPU with AVX512-VNNI (Ice Lake and later Xeons without AMX,
+ * AMD Zen 4; on AMX Xeons the products their tiles do not take): the rows quantized to 15 bits in
+ * two int8 parts as the AMX-INT8 products do (int8_rows.h), the panels read in their own bytes.
+ * The float32 tiles widen every weight and do one FMA per weight and row; a dot product here does
+ * four per 32-bit lane, two (hi, lo) per weight and row. Returns 0 (on every thread) when out of
+ * memory, or for K over VNNI_MAX_K: a lane's sum of (w + 128) x part reaches 255 x 127 x K, which
+ * must stay within int32. */
+#define VNNI_MAX_K 65536
 static int int8_vnni_columns(const float *x, long m, const int8_t *w, const Output *out, long n, long k) {
+    if (k > VNNI_MAX_K) return 0;
     const long k_padded = (k + 63) / 64 * 64;
     int8_t *parts = NULL; /* per row hi, lo (k_padded each); then per row its scale and the parts' sums */
 #pragma omp single copyprivate(parts)
