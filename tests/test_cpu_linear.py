@@ -228,7 +228,7 @@ def test_amx_row_thresholds_follow_whether_the_weights_fit_in_the_cpus_cache(tin
     from starchat.model import cpu_linear
 
     monkeypatch.setattr(cpu_linear, "native_amx_tiles", lambda: True)
-    cached = {torch.bfloat16: cpu_linear.NATIVE_AMX_MIN_ROWS, torch.int8: cpu_linear.NATIVE_AMX_MIN_ROWS,
+    cached = {torch.bfloat16: cpu_linear.NATIVE_AMX_MIN_ROWS, torch.int8: cpu_linear.NATIVE_AMX_MIN_ROWS_INT8,
               torch.float16: cpu_linear.NATIVE_AMX_MIN_ROWS_FLOAT16}
     for cache_bytes, expected in ((1 << 40, cached), (1 << 10, cpu_linear.STREAMED_AMX_MIN_ROWS)):
         monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: cache_bytes)

@@ -41,9 +41,13 @@ ROWS_FOR_FLOAT32 = 8  # measured: from 8 rows, widening 16-bit weights to float3
 # On a CPU with AMX, bfloat16 and int8 products of this many rows and more run on AMX tiles from
 # the packed panels (native/amx.c). One tiny_starcoder layer's four bfloat16 products (with their
 # biases) on a 2-core Xeon: 0.36 against 0.38 ms at 8 rows, 0.34 against 1.10 at 16, 0.59 against
-# 2.9 at 64, 3.9 against 23.7 at 512 (int8 alike); below 8 the native tiles win (0.27 against
-# 0.36 at 4 rows: one row's weights are read either way, and building B tiles costs more).
+# 2.9 at 64, 3.9 against 23.7 at 512; below 8 the native tiles win (0.27 against 0.36 at 4 rows:
+# one row's weights are read either way, and building B tiles costs more).
 NATIVE_AMX_MIN_ROWS = 8
+# int8 weights on AMX-INT8 tiles (their B tiles the panels' bytes permuted) against the native
+# kernel's VNNI rows: 0.30-0.32 against 0.32-0.34 ms at 6 rows, 0.31-0.32 against 0.41-0.42 at 8,
+# level at 5, 0.30-0.31 against 0.27-0.28 at 4 (session 16).
+NATIVE_AMX_MIN_ROWS_INT8 = 6
 # float16 weights (split into two bfloat16 halves, three tile products): 0.44 against 0.44 ms at
 # 10 rows, 0.44 against 0.52 at 12, 0.45 against 1.08 at 16, 2.1 against 5.7 at 128, 7.9 against
 # 23.9 at 512; they never go to oneDNN (it would round the weights to bfloat16).
@@ -132,7 +136,8 @@ def native_amx_min_rows(weight_dtype: torch.dtype, streamed: bool = False) -> in
         return 0
     if streamed:
         return STREAMED_AMX_MIN_ROWS[weight_dtype]
-    return NATIVE_AMX_MIN_ROWS_FLOAT16 if weight_dtype == torch.float16 else NATIVE_AMX_MIN_ROWS
+    return {torch.float16: NATIVE_AMX_MIN_ROWS_FLOAT16, torch.int8: NATIVE_AMX_MIN_ROWS_INT8}.get(weight_dtype,
+                                                                                                NATIVE_AMX_MIN_ROWS)
 
 
 def last_level_cache_bytes() -> int:
