@@ -387,6 +387,11 @@ PROMPT_ATTENTION_CASES = [  # heads, kv_heads, head_dim, chunks as (length, cont
     (8, 2, 64, [(20, 0), (3, 29)]),  # two KV heads
     (20, 1, 32, [(100, 3)]),
     (4, 4, 32, [(37, 0), (9, 20)]),  # multi-head: a block is 16 tokens of one head
+    # past 1,024 keys (KEY_BLOCK) the keys go in blocks with an online softmax: three blocks with
+    # the causal edge in the last, a chunk straddling the first boundary, a fresh long prompt
+    (12, 1, 64, [(40, 2100)]),
+    (4, 4, 32, [(30, 1010)]),
+    (12, 1, 64, [(1100, 0)]),
 ]
 
 
@@ -408,11 +413,12 @@ def test_prompt_attention_on_amx_tiles_matches_float64(split):
         total = decodes + sum(length for length, _ in lengths)
         qkv = torch.randn(total, (heads + 2 * kv_heads) * head_dim, generator=generator)
         query, key, value = qkv.split((heads * head_dim, kv_dim, kv_dim), dim=-1)
-        cache = torch.randn(2, 400, kv_dim, generator=generator).to(cache_dtype)
+        cache_rows = max(400, max(length + context_len for length, context_len in lengths))
+        cache = torch.randn(2, cache_rows, kv_dim, generator=generator).to(cache_dtype)
         chunks, expected, rounded, row = [], [], [], decodes
         for length, context_len in lengths:
             if context_len:
-                slots = torch.randperm(400, generator=generator)[:context_len + length]
+                slots = torch.randperm(cache_rows, generator=generator)[:context_len + length]
                 cache[0][slots[context_len:]] = key[row:row + length].to(cache_dtype)
                 cache[1][slots[context_len:]] = value[row:row + length].to(cache_dtype)
                 chunks.append((row, length, context_len, cache[0], cache[1], slots))
