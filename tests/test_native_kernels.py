@@ -387,11 +387,11 @@ PROMPT_ATTENTION_CASES = [  # heads, kv_heads, head_dim, chunks as (length, cont
     (8, 2, 64, [(20, 0), (3, 29)]),  # two KV heads
     (20, 1, 32, [(100, 3)]),
     (4, 4, 32, [(37, 0), (9, 20)]),  # multi-head: a block is 16 tokens of one head
-    # past 1,024 keys (KEY_BLOCK) the keys go in blocks with an online softmax: three blocks with
-    # the causal edge in the last, a chunk straddling the first boundary, a fresh long prompt
+    # past 1,536 keys the keys go 1,024 at a time (KEY_BLOCK, a last block of up to 1,536) with an
+    # online softmax: two blocks, three (multi-head), a fresh long prompt whose first rows see one
     (12, 1, 64, [(40, 2100)]),
-    (4, 4, 32, [(30, 1010)]),
-    (12, 1, 64, [(1100, 0)]),
+    (4, 4, 32, [(30, 2550)]),
+    (12, 1, 64, [(1700, 0)]),
 ]
 
 

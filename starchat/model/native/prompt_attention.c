@@ -10,12 +10,13 @@
  * (token, head) pairs token-major (a multi-query model's heads share the keys, so a block spans
  * one or two tokens; bfloat16 takes two blocks per pass over the keys), runs:
  *   S^T = K Q^T, a key per tile row and a query per column (lane),
- *   the softmax down each lane over all its keys (max, then exponentials and their sum), the
+ *   the softmax down each lane over its keys (max, then exponentials and their sum), the
  *   weights rounded into B tiles whose rows are pairs of keys,
  *   O^T = V^T P^T, a dimension per row and a query per lane, then 1 / sum and a transpose out.
- * Two passes over materialised scores (16 queries x the chunk's keys, float32: 128 KiB for
- * 2,048 keys, in L2) rather than an online softmax: the accumulator tiles cannot be rescaled in
- * place.
+ * Two passes over materialised scores (16 queries x the keys, float32, in L2) for up to
+ * MAX_BLOCK_KEYS keys; past that the keys go KEY_BLOCK at a time with an online softmax, for
+ * ITEM_GROUP items of query rows at a time (query_item): O^T kept in memory between key blocks,
+ * where it is rescaled (the accumulator tiles cannot be rescaled in place).
  *
  * Precision (`split`): 0 rounds queries, keys, values and weights to bfloat16, sums float32, as
  * PyTorch's bfloat16 attention does (bfloat16 and int8 models: their products round the same
@@ -170,14 +171,15 @@ static void prepare_block(const Problem *p, const int64_t *chunk, int kv_head, l
         }                                                                                    \
     }
 
-/* Each lane's maximum of `best` and its scores of keys from .. to - 1 (16 lanes a key), among keys
- * below its limit and below `keys`; keys below open_keys are below every lane's limit. Four
- * independent maxima: one chain waits 4 cycles a key. */
-static inline __m512 lane_maximum(const float *scores, long from, long to, long keys, long open_keys, __m512i limits,
-                                  __m512 best) {
+/* Each lane's maximum of `best` and its scores of keys from .. to - 1 (16 lanes a key; scores
+ * starts at key first_key), among keys below its limit and below `keys`; keys below open_keys are
+ * below every lane's limit. Four independent maxima: one chain waits 4 cycles a key. */
+static inline __m512 lane_maximum(const float *scores, long first_key, long from, long to, long keys, long open_keys,
+                                  __m512i limits, __m512 best) {
     if (to > keys) to = keys;
     const long open_end = open_keys < to ? open_keys : to;
     __m512 m[4] = {best, best, best, best};
+    scores -= first_key * 16; /* scores holds keys first_key .. */
     long l = from;
     for (; l + 4 <= open_end; l += 4)
         for (int i = 0; i < 4; i++) m[i] = _mm512_max_ps(m[i], _mm512_loadu_ps(scores + (l + i) * 16));
@@ -239,14 +241,14 @@ static void query_tiles(const QueryLanes *lanes, int steps, uint16_t *high_tiles
     }
 }
 
-/* The softmax down each lane of scores (keys x 16 lanes; `pair_blocks` 32-key steps) whose lane
- * maxima are `best`, in base 2 with the scale folded in: 2^(c s - c max), c = scale log2(e)
- * (scale > 0). Keys below every lane's limit need no mask (most of them: the causal edge is one or
- * two tokens of the block); lanes without a query are never read back. The weights go into B
- * tiles (row `pair`: keys 2 pair and 2 pair + 1 of each lane side by side; with p_low, as two
- * halves), 1 / their sums into inverse. */
-static void softmax_weights(const float *scores, long pair_blocks, const QueryLanes *lanes, __m512 best, float scale,
-                            uint16_t *p_high, uint16_t *p_low, float inverse[16]) {
+/* The softmax weights down each lane of scores (keys first_key .. x 16 lanes; `pair_blocks` 32-key
+ * steps) against lane maxima `best`, in base 2 with the scale folded in: 2^(c s - c max), c = scale
+ * log2(e) (scale > 0). Keys below every lane's limit need no mask (most of them: the causal edge
+ * is one or two tokens of the block); lanes without a query are never read back. The weights go
+ * into B tiles (row `pair`: keys 2 pair and 2 pair + 1 of each lane side by side; with p_low, as
+ * two halves); their sums are returned. */
+static __m512 softmax_weights(const float *scores, long first_key, long pair_blocks, const QueryLanes *lanes, __m512 best,
+                              float scale, uint16_t *p_high, uint16_t *p_low) {
     const __m512i limits = _mm512_load_si512((const void *)lanes->limit);
     const long open_keys = lanes->least_limit;
     const __m512 c = _mm512_set1_ps(scale * 1.4426950408889634f), offset = _mm512_mul_ps(best, c);
@@ -257,8 +259,8 @@ static void softmax_weights(const float *scores, long pair_blocks, const QueryLa
     for (long pair = 0; pair < pair_blocks * 16; pair++) {
         __m512 w[2];
         for (int odd = 0; odd < 2; odd++) {
-            const long key = 2 * pair + odd;
-            w[odd] = exp2_nonpositive16(_mm512_fmsub_ps(_mm512_loadu_ps(scores + key * 16), c, offset));
+            const long local = 2 * pair + odd, key = first_key + local;
+            w[odd] = exp2_nonpositive16(_mm512_fmsub_ps(_mm512_loadu_ps(scores + local * 16), c, offset));
             if (key >= open_keys) w[odd] = _mm512_maskz_mov_ps(_mm512_cmpgt_epi32_mask(limits, _mm512_set1_epi32((int)key)), w[odd]);
             total = _mm512_add_ps(total, w[odd]);
         }
@@ -272,20 +274,31 @@ static void softmax_weights(const float *scores, long pair_blocks, const QueryLa
                                 _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0])));
         }
     }
-    _mm512_storeu_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+    return total;
 }
 
-/* C tile t (O^T: 16 dimensions from d0 x the 16 lanes) times 1 / sum, transposed into the lanes'
- * output rows. */
-static inline void store_output(int t, const QueryLanes *lanes, const float inverse[16], int d0, float *staging) {
+/* O^T rows d0 .. d0 + 15 (a dimension per row, the 16 lanes across) times 1 / sum, transposed into
+ * the lanes' output rows. */
+static inline void store_output(const float *o_t, const QueryLanes *lanes, const float inverse[16], int d0) {
     __m512i block[16];
-    store_c_tile(t, staging, 64);
-    for (int j = 0; j < 16; j++) block[j] = _mm512_loadu_si512((const void *)(staging + 16 * j));
+    for (int j = 0; j < 16; j++) block[j] = _mm512_loadu_si512((const void *)(o_t + 16 * (d0 + j)));
     transpose_16x16(block); /* block[i]: query i's 16 dimensions */
     for (int i = 0; i < 16; i++)
         if (lanes->out_row[i])
             _mm512_storeu_ps(lanes->out_row[i] + d0, _mm512_mul_ps(_mm512_castsi512_ps(block[i]), _mm512_set1_ps(inverse[i])));
 }
+
+/* Keys per block of the online softmax (a multiple of 64: the score tiles go two or four 16-key
+ * blocks at a time, the weights 32 keys a tile): two query blocks' scores 128 KiB, their weights
+ * 64 KiB, the key and V^T tiles of 64 dimensions 256 KiB, together in L2. */
+#ifndef KEY_BLOCK
+#define KEY_BLOCK 1024
+#endif
+#ifndef ITEM_GROUP
+#define ITEM_GROUP 8
+#endif
+/* The longest key block: a last one of up to half KEY_BLOCK joins the block before it. */
+#define MAX_BLOCK_KEYS (KEY_BLOCK + KEY_BLOCK / 2)
 
 /* Query blocks (of 16 rows) an item takes: two where the weights are one bfloat16 each, so every
  * key and value tile loaded from L2 feeds two products (the tile products waited on those
@@ -295,46 +308,68 @@ static inline int blocks_per_item(const Problem *p) { return p->split ? 1 : 2; }
 
 /* Items of one KV head of a chunk: its length x group query rows in blocks of 16, so many a time. */
 static inline long items_per_head(const Problem *p, const int64_t *chunk) {
-    const long rows_per_item = 16L * blocks_per_item(p);
+    const long rows_per_item = 16L * blocks_per_item(p) * ITEM_GROUP;
     return (chunk[CHUNK_LENGTH] * (p->heads / p->kv_heads) + rows_per_item - 1) / rows_per_item;
 }
 
-/* One item: `blocks` (1 or 2) blocks of 16 query rows from row `first` of a chunk's KV head.
- * Tiles: scores and outputs in tmm0-3; keys and V^T (A) in tmm4 / tmm6, queries and weights (B)
- * in tmm5 / tmm7. scratch: query_scratch_floats(...) floats. */
-static void query_item(const Problem *p, const int64_t *chunk, int kv_head, long first, int blocks, const uint16_t *tiles,
-                       float *scratch) {
-    const int split = p->split, d = p->head_dim, steps = d / 32;
-    const long padded = padded_keys(chunk);
-    const uint16_t *key_high = tiles, *key_low = tiles + padded * d;
-    const uint16_t *vt_high = tiles + (split ? 2 : 1) * padded * d, *vt_low = vt_high + padded * d;
-    QueryLanes lanes[2];
-    long keys = 0;
-    for (int b = 0; b < blocks; b++) {
-        query_lanes(p, chunk, kv_head, first + 16 * b, &lanes[b]);
-        if (lanes[b].keys > keys) keys = lanes[b].keys;
-    }
-    if (blocks == 2 && lanes[1].keys == 0) blocks = 1; /* past the chunk's last row */
-    const long pair_blocks = (keys + 31) / 32, score_blocks = pair_blocks * 2; /* keys read, in steps of 32 and 16 */
-    /* scratch: scores per block, then uint16: weights high per block and low, queries high per
-     * block and low, then a float32 staging tile */
-    float *scores[2] = {scratch, scratch + score_blocks * 256};
-    uint16_t *p_high[2], *p_low, *q_high[2], *q_low;
-    p_high[0] = (uint16_t *)(scores[1] + score_blocks * 256), p_high[1] = p_high[0] + pair_blocks * 512;
-    p_low = p_high[1] + pair_blocks * 512;
-    q_high[0] = p_low + pair_blocks * 512, q_high[1] = q_high[0] + steps * 512, q_low = q_high[1] + steps * 512;
-    float *staging = (float *)(q_low + steps * 512);
-    for (int b = 0; b < blocks; b++) query_tiles(&lanes[b], steps, q_high[b], split ? q_low : NULL);
+/* Work items take ITEM_GROUP sub-items of `blocks_per_item` blocks of 16 query rows each, and go
+ * over the keys one KEY_BLOCK at a time for all of them: the block's key and V^T tiles are read
+ * from L2 by every sub-item (from beyond it once), where each sub-item going over all the keys
+ * read every tile of a long context again (a 512-token chunk after 7,680 cached tokens: 0.63
+ * TFLOP/s, against 0.92 after 1,536). */
 
+/* A sub-item's softmax state between key blocks: its lanes, Q^T tiles, running lane maxima and
+ * sums, and O^T (a dimension per row, a lane per query) in memory, rescaled by 2^(c old max - c new
+ * max) per lane before each key block's products add to it (the accumulator tiles cannot be
+ * rescaled in place). */
+typedef struct {
+    QueryLanes lanes[2];
+    int blocks;
+    long keys;
+    __m512 best[2], total[2];
+    __m512i limits[2];
+    uint16_t *q_high[2], *q_low;
+    float *o_t[2];
+} QueryState;
+
+static void query_state(const Problem *p, const int64_t *chunk, int kv_head, long first, int blocks, uint16_t *q_memory,
+                        float *o_memory, QueryState *st) {
+    const int steps = p->head_dim / 32;
+    st->keys = 0;
+    for (int b = 0; b < blocks; b++) {
+        query_lanes(p, chunk, kv_head, first + 16 * b, &st->lanes[b]);
+        if (st->lanes[b].keys > st->keys) st->keys = st->lanes[b].keys;
+        st->limits[b] = _mm512_load_si512((const void *)st->lanes[b].limit);
+        st->best[b] = _mm512_set1_ps(-INFINITY);
+        st->total[b] = _mm512_setzero_ps();
+    }
+    if (blocks == 2 && st->lanes[1].keys == 0) blocks = 1; /* past the chunk's last row */
+    st->blocks = blocks;
+    st->q_high[0] = q_memory, st->q_high[1] = q_memory + steps * 512, st->q_low = q_memory + 2 * steps * 512;
+    st->o_t[0] = o_memory, st->o_t[1] = o_memory + p->head_dim * 16;
+    for (int b = 0; b < blocks; b++) query_tiles(&st->lanes[b], steps, st->q_high[b], p->split ? st->q_low : NULL);
+    memset(o_memory, 0, sizeof(float) * (size_t)(blocks * p->head_dim * 16));
+}
+
+/* One sub-item's keys first_key .. end_key - 1 (those it sees). Tiles: scores and
+ * outputs in tmm0-3; keys and V^T (A) in tmm4 / tmm6, queries and weights (B) in tmm5 / tmm7.
+ * scores, p_high and p_low: one key block's worth, shared by the sub-items in turn. */
+static void query_key_block(const Problem *p, QueryState *st, long first_key, long end_key, const uint16_t *key_high,
+                            const uint16_t *key_low, const uint16_t *vt_high, const uint16_t *vt_low, float *scores[2],
+                            uint16_t *p_high[2], uint16_t *p_low) {
+    const int split = p->split, d = p->head_dim, steps = d / 32, blocks = st->blocks;
+    uint16_t *const *q_high = st->q_high, *q_low = st->q_low;
+    const long block_keys = (st->keys < end_key ? st->keys : end_key) - first_key;
+    const long pair_blocks = (block_keys + 31) / 32, score_blocks = pair_blocks * 2, first_score = first_key / 16;
+    const float c = p->scale * 1.4426950408889634f;
     /* S^T = K Q^T, four C tiles at a time (four independent sums keep the tile unit busy): four
      * key blocks against one query block, or two against two. Each lane's maximum over the
      * previous tiles' scores is taken while the tile unit multiplies the next. */
     const long key_group = blocks == 2 ? 2 : 4;
-    __m512 best[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
-    __m512i limits[2];
-    for (int b = 0; b < blocks; b++) limits[b] = _mm512_load_si512((const void *)lanes[b].limit);
-    for (long block = 0; block < score_blocks; block += key_group) {
-        const long count = score_blocks - block < key_group ? score_blocks - block : key_group;
+    __m512 block_best[2] = {st->best[0], st->best[1]};
+    for (long local = 0; local < score_blocks; local += key_group) {
+        const long block = first_score + local;
+        const long count = score_blocks - local < key_group ? score_blocks - local : key_group;
         zero_c_tiles();
         for (int step = 0; step < steps; step++) {
             if (blocks == 2) { /* tile 2 b + k: query block b, key block block + k */
@@ -357,30 +392,46 @@ static void query_item(const Problem *p, const int64_t *chunk, int kv_head, long
                 KEYS_INTO(3, 6)
             }
         }
-        for (int b = 0; block && b < blocks; b++)
-            best[b] = lane_maximum(scores[b], (block - key_group) * 16, block * 16, lanes[b].keys, lanes[b].least_limit,
-                                   limits[b], best[b]);
+        for (int b = 0; local && b < blocks; b++)
+            block_best[b] = lane_maximum(scores[b], first_key, (block - key_group) * 16, block * 16, st->lanes[b].keys,
+                                         st->lanes[b].least_limit, st->limits[b], block_best[b]);
         for (int b = 0; b < blocks; b++)
             for (int k = 0; k < count; k++)
-                store_c_tile(blocks == 2 ? 2 * b + k : k, scores[b] + (block + k) * 256, 64);
+                store_c_tile(blocks == 2 ? 2 * b + k : k, scores[b] + (local + k) * 256, 64);
     }
-    const long last_group = (score_blocks - 1) / key_group * key_group;
-    float inverse[2][16];
+    const long last_group = first_score + (score_blocks - 1) / key_group * key_group;
     for (int b = 0; b < blocks; b++) {
-        best[b] = lane_maximum(scores[b], last_group * 16, score_blocks * 16, lanes[b].keys, lanes[b].least_limit, limits[b],
-                               best[b]);
-        softmax_weights(scores[b], pair_blocks, &lanes[b], best[b], p->scale, p_high[b], split ? p_low : NULL, inverse[b]);
+        block_best[b] = lane_maximum(scores[b], first_key, last_group * 16, (first_score + score_blocks) * 16,
+                                     st->lanes[b].keys, st->lanes[b].least_limit, st->limits[b], block_best[b]);
+        if (first_key) {
+            /* lanes that have seen no key (none with a query: key 0 is every query's) keep a
+             * scale of 0 rather than 2^(-inf + inf) */
+            const __mmask16 seen = _mm512_cmp_ps_mask(block_best[b], _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            const __m512 rescale = _mm512_maskz_mov_ps(
+                seen, exp2_nonpositive16(_mm512_mul_ps(_mm512_sub_ps(st->best[b], block_best[b]), _mm512_set1_ps(c))));
+            for (int j = 0; j < d; j++)
+                _mm512_storeu_ps(st->o_t[b] + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(st->o_t[b] + 16 * j), rescale));
+            st->total[b] = _mm512_mul_ps(st->total[b], rescale);
+        }
+        st->best[b] = block_best[b];
+        st->total[b] = _mm512_add_ps(st->total[b], softmax_weights(scores[b], first_key, pair_blocks, &st->lanes[b],
+                                                                   st->best[b], p->scale, p_high[b], split ? p_low : NULL));
     }
-    /* O^T = V^T P^T: 64 dimensions (four C tiles) of one query block at a time, or 32 of two. */
+    /* O^T += V^T P^T: 64 dimensions (four C tiles) of one query block at a time, or 32 of two. */
     const int dims_per_pass = blocks == 2 ? 32 : 64;
     for (int d0 = 0; d0 < d; d0 += dims_per_pass) {
         const int tiles_now = (d - d0) / 16 < 4 ? (d - d0) / 16 : 4;
-        zero_c_tiles();
-        for (long pair_block = 0; pair_block < pair_blocks; pair_block++) {
+        if (blocks == 2) {
+            for (int t = 0; t < 4; t++) start_c_tile(t, st->o_t[t / 2] + 16 * (d0 + 16 * (t % 2)));
+        } else {
+            for (int t = 0; t < tiles_now; t++) start_c_tile(t, st->o_t[0] + 16 * (d0 + 16 * t));
+        }
+        for (long local_pair = 0; local_pair < pair_blocks; local_pair++) {
+            const long pair_block = first_key / 32 + local_pair;
             if (blocks == 2) { /* tile 2 b + g: query block b, dimensions d0 + 16 g */
                 const long tile = (pair_block * (d / 16) + d0 / 16) * 512;
-                _tile_loadd(5, p_high[0] + pair_block * 512, 64);
-                _tile_loadd(7, p_high[1] + pair_block * 512, 64);
+                _tile_loadd(5, p_high[0] + local_pair * 512, 64);
+                _tile_loadd(7, p_high[1] + local_pair * 512, 64);
                 _tile_loadd(4, vt_high + tile, 64);
                 _tile_dpbf16ps(0, 4, 5);
                 _tile_dpbf16ps(2, 4, 7);
@@ -388,8 +439,8 @@ static void query_item(const Problem *p, const int64_t *chunk, int kv_head, long
                 _tile_dpbf16ps(1, 6, 5);
                 _tile_dpbf16ps(3, 6, 7);
             } else {
-                _tile_loadd(5, p_high[0] + pair_block * 512, 64);
-                if (split) _tile_loadd(7, p_low + pair_block * 512, 64);
+                _tile_loadd(5, p_high[0] + local_pair * 512, 64);
+                if (split) _tile_loadd(7, p_low + local_pair * 512, 64);
                 VALUES_INTO(0, 4)
                 VALUES_INTO(1, 6)
                 VALUES_INTO(2, 4)
@@ -397,17 +448,63 @@ static void query_item(const Problem *p, const int64_t *chunk, int kv_head, long
             }
         }
         if (blocks == 2) {
-            for (int t = 0; t < 4; t++) store_output(t, &lanes[t / 2], inverse[t / 2], d0 + 16 * (t % 2), staging);
+            for (int t = 0; t < 4; t++) store_c_tile(t, st->o_t[t / 2] + 16 * (d0 + 16 * (t % 2)), 64);
         } else {
-            for (int t = 0; t < tiles_now; t++) store_output(t, &lanes[0], inverse[0], d0 + 16 * t, staging);
+            for (int t = 0; t < tiles_now; t++) store_c_tile(t, st->o_t[0] + 16 * (d0 + 16 * t), 64);
         }
     }
 }
 
-/* Floats of scratch query_item needs for up to max_keys keys. */
-static long query_scratch_floats(long max_keys, int head_dim) {
-    const long pair_blocks = (max_keys + 31) / 32;
-    return 2 * pair_blocks * 32 * 16 + (3 * pair_blocks * 512 + 3 * (head_dim / 32) * 512) / 2 + 256 + 16;
+/* One work item: up to ITEM_GROUP sub-items of `blocks` (1 or 2) blocks of 16 query rows from row
+ * `first` of a chunk's KV head, the keys a block at a time for all of them. scratch:
+ * query_scratch_floats(...) floats. */
+static void query_item(const Problem *p, const int64_t *chunk, int kv_head, long first, int blocks, const uint16_t *tiles,
+                       float *scratch) {
+    const int split = p->split, d = p->head_dim, steps = d / 32;
+    const long padded = padded_keys(chunk);
+    const uint16_t *key_high = tiles, *key_low = tiles + padded * d;
+    const uint16_t *vt_high = tiles + (split ? 2 : 1) * padded * d, *vt_low = vt_high + padded * d;
+    /* scratch: scores per query block (one key block), then uint16 weights high per block and
+     * low; per sub-item its Q^T tiles (uint16, three sets) and O^T (two blocks of d x 16 float32) */
+    const long block_scores = MAX_BLOCK_KEYS / 16, block_pairs = MAX_BLOCK_KEYS / 32;
+    float *scores[2] = {scratch, scratch + block_scores * 256};
+    uint16_t *p_high[2] = {(uint16_t *)(scores[1] + block_scores * 256), NULL}, *p_low;
+    p_high[1] = p_high[0] + block_pairs * 512, p_low = p_high[1] + block_pairs * 512;
+    float *states_memory = (float *)(p_low + block_pairs * 512);
+    const long state_floats = 3 * steps * 512 / 2 + 2 * d * 16;
+    QueryState states[ITEM_GROUP];
+    int count = 0;
+    long keys = 0;
+    for (int g = 0; g < ITEM_GROUP; g++) {
+        const long sub_first = first + (long)g * 16 * blocks;
+        if (sub_first >= chunk[CHUNK_LENGTH] * (p->heads / p->kv_heads)) break;
+        float *memory = states_memory + g * state_floats;
+        query_state(p, chunk, kv_head, sub_first, blocks, (uint16_t *)(memory + 2 * d * 16), memory, &states[g]);
+        if (states[g].keys > keys) keys = states[g].keys;
+        count++;
+    }
+    for (long first_key = 0, end_key; first_key < keys; first_key = end_key) {
+        /* a last block of up to half KEY_BLOCK joins the one before (MAX_BLOCK_KEYS): a block
+         * costs a rescale of each O^T, and one of 1,280 keys as two took StarChat-beta's heads 6%
+         * longer than the two-pass kernel */
+        end_key = keys - first_key <= MAX_BLOCK_KEYS ? keys : first_key + KEY_BLOCK;
+        for (int g = 0; g < count; g++)
+            if (states[g].keys > first_key)
+                query_key_block(p, &states[g], first_key, end_key, key_high, key_low, vt_high, vt_low, scores, p_high, p_low);
+    }
+    for (int g = 0; g < count; g++)
+        for (int b = 0; b < states[g].blocks; b++) {
+            float inverse[16];
+            _mm512_storeu_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), states[g].total[b]));
+            for (int d0 = 0; d0 < d; d0 += 16) store_output(states[g].o_t[b], &states[g].lanes[b], inverse, d0);
+        }
+}
+
+/* Floats of scratch query_item needs: scores and weights for one key block of KEY_BLOCK, and its
+ * sub-items' states. */
+static long query_scratch_floats(int head_dim) {
+    const long pair_blocks = MAX_BLOCK_KEYS / 32;
+    return 2 * pair_blocks * 32 * 16 + 3 * pair_blocks * 512 / 2 + ITEM_GROUP * (3 * (head_dim / 32) * 512 / 2 + 2 * head_dim * 16) + 16;
 }
 #endif
 
@@ -424,7 +521,7 @@ int starchat_prompt_attention(const float *q, long q_stride, const int64_t *chun
     long *offsets = (long *)malloc(sizeof(long) * (3 * num_chunks + 2));
     if (!offsets) return -2;
     p.tile_offsets = offsets, p.prepare_items = offsets + num_chunks, p.query_items = offsets + 2 * num_chunks + 1;
-    long tile_values = 0, max_keys = 0;
+    long tile_values = 0;
     p.prepare_items[0] = p.query_items[0] = 0;
     for (long c = 0; c < num_chunks; c++) {
         const int64_t *chunk = chunks + c * CHUNK_FIELDS;
@@ -432,14 +529,13 @@ int starchat_prompt_attention(const float *q, long q_stride, const int64_t *chun
         tile_values += kv_heads * head_tile_values(&p, chunk);
         p.prepare_items[c + 1] = p.prepare_items[c] + kv_heads * (padded_keys(chunk) / 32);
         p.query_items[c + 1] = p.query_items[c] + kv_heads * items_per_head(&p, chunk);
-        if (chunk_keys(chunk) > max_keys) max_keys = chunk_keys(chunk);
     }
     p.tiles = (uint16_t *)malloc((size_t)tile_values * sizeof(uint16_t) + 64);
     if (!p.tiles) {
         free(offsets);
         return -2;
     }
-    const long scratch_floats = query_scratch_floats(max_keys, head_dim);
+    const long scratch_floats = query_scratch_floats(head_dim);
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
@@ -464,7 +560,7 @@ int starchat_prompt_attention(const float *q, long q_stride, const int64_t *chun
                 const int64_t *chunk = chunks + c * CHUNK_FIELDS;
                 const long items = items_per_head(&p, chunk);
                 const int kv_head = (int)(within / items), blocks = blocks_per_item(&p);
-                query_item(&p, chunk, kv_head, within % items * 16 * blocks, blocks,
+                query_item(&p, chunk, kv_head, within % items * 16 * blocks * ITEM_GROUP, blocks,
                            p.tiles + p.tile_offsets[c] + kv_head * head_tile_values(&p, chunk), scratch);
             }
             _tile_release();
