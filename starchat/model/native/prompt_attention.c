@@ -179,14 +179,13 @@ static inline __m512 lane_maximum(const float *scores, long first_key, long from
     if (to > keys) to = keys;
     const long open_end = open_keys < to ? open_keys : to;
     __m512 m[4] = {best, best, best, best};
-    scores -= first_key * 16; /* scores holds keys first_key .. */
     long l = from;
     for (; l + 4 <= open_end; l += 4)
-        for (int i = 0; i < 4; i++) m[i] = _mm512_max_ps(m[i], _mm512_loadu_ps(scores + (l + i) * 16));
-    for (; l < open_end; l++) m[0] = _mm512_max_ps(m[0], _mm512_loadu_ps(scores + l * 16));
+        for (int i = 0; i < 4; i++) m[i] = _mm512_max_ps(m[i], _mm512_loadu_ps(scores + (l + i - first_key) * 16));
+    for (; l < open_end; l++) m[0] = _mm512_max_ps(m[0], _mm512_loadu_ps(scores + (l - first_key) * 16));
     for (; l < to; l++)
         m[1] = _mm512_mask_max_ps(m[1], _mm512_cmpgt_epi32_mask(limits, _mm512_set1_epi32((int)l)), m[1],
-                                  _mm512_loadu_ps(scores + l * 16));
+                                  _mm512_loadu_ps(scores + (l - first_key) * 16));
     return _mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3]));
 }
 
@@ -294,6 +293,11 @@ static inline void store_output(const float *o_t, const QueryLanes *lanes, const
 #ifndef KEY_BLOCK
 #define KEY_BLOCK 1024
 #endif
+/* Work items take ITEM_GROUP sub-items of `blocks_per_item` blocks of 16 query rows each, and go
+ * over the keys one key block at a time for all of them: the block's key and V^T tiles are read
+ * from L2 by every sub-item (from beyond it once), where each sub-item going over all the keys
+ * read every tile of a long context again (a 512-token chunk after 7,680 cached tokens: 0.63
+ * TFLOP/s, against 0.92 after 1,536). */
 #ifndef ITEM_GROUP
 #define ITEM_GROUP 8
 #endif
@@ -311,12 +315,6 @@ static inline long items_per_head(const Problem *p, const int64_t *chunk) {
     const long rows_per_item = 16L * blocks_per_item(p) * ITEM_GROUP;
     return (chunk[CHUNK_LENGTH] * (p->heads / p->kv_heads) + rows_per_item - 1) / rows_per_item;
 }
-
-/* Work items take ITEM_GROUP sub-items of `blocks_per_item` blocks of 16 query rows each, and go
- * over the keys one KEY_BLOCK at a time for all of them: the block's key and V^T tiles are read
- * from L2 by every sub-item (from beyond it once), where each sub-item going over all the keys
- * read every tile of a long context again (a 512-token chunk after 7,680 cached tokens: 0.63
- * TFLOP/s, against 0.92 after 1,536). */
 
 /* A sub-item's softmax state between key blocks: its lanes, Q^T tiles, running lane maxima and
  * sums, and O^T (a dimension per row, a lane per query) in memory, rescaled by 2^(c old max - c new
