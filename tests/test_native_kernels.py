@@ -540,8 +540,8 @@ def test_a_build_without_this_cpus_flags_says_so(tmp_path, monkeypatch, caplog):
 
 
 def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypatch):
-    """On a CPU with AVX-512 the many-row tiles (and int8's one-row product, and the tanh GELU) are
-    16 wide: the same per-element operations in the same order as the 8-wide AVX2 code, so the
+    """On a CPU with AVX-512 the many-row tiles (and int8's one-row product, and the tanh GELU, alone
+    or in a product's stores) are 16 wide: the same per-element operations in the same order as the 8-wide AVX2 code, so the
     same bits (built both ways here). int8 products of several rows take VNNI's byte dot products
     where the CPU has them (15-bit rows: test_linear_matches_float64_reference); a third build
     without VNNI keeps them on the 16-wide float32 tiles, compared here."""
@@ -566,13 +566,15 @@ def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypa
             assert build.load().starchat_linear_has_avx512() == (flags != "-mno-avx512f")
             outputs[flags] = [_product(x, weight, bias, scales) for x, weight, bias, scales in cases]
             outputs[flags].append(native.gelu_(values.clone(), tanh_approximation=True))
+            for x, weight, bias, scales in cases[10:20:3]:  # float16 weights with the GELU in their stores
+                outputs[flags].append(native.linear(x, native.pack_weight(weight), 37, bias, scales, gelu_tanh=True))
             if flags == "":
                 vnni = native.int8_rows_quantized()
             if flags == "-mno-avx512vnni":
                 assert not native.int8_rows_quantized()
     finally:
         build.load.cache_clear()
-    several_int8_rows = [scales is not None and x.shape[0] > 1 for x, _, _, scales in cases] + [False]
+    several_int8_rows = [scales is not None and x.shape[0] > 1 for x, _, _, scales in cases] + [False] * 5
     for vnni_case, with_avx512, without_vnni, avx2 in zip(several_int8_rows, outputs[""], outputs["-mno-avx512vnni"],
                                                            outputs["-mno-avx512f"]):
         assert torch.equal(without_vnni, avx2)
@@ -595,6 +597,9 @@ def test_portable_path_without_avx2(tmp_path, monkeypatch):
                 expected = x.double() @ dense.T
                 error = (_product(x, weight, None, scales).double() - expected).abs().max() / expected.abs().max()
                 assert error < 1e-5, (weight_dtype, rows, float(error))
+                packed = native.pack_weight(weight)  # the tanh GELU in the stores: the separate pass's scalar bits
+                assert torch.equal(native.linear(x, packed, 29, None, scales, gelu_tanh=True),
+                                   native.gelu_(native.linear(x, packed, 29, None, scales), True))
             if weight_dtype in (torch.bfloat16, torch.int8):  # the unpacking's plain loop
                 assert torch.equal(native.unpack_bf16(native.pack_weight(weight), 29), weight.to(torch.bfloat16))
         cache = torch.randn(2, 50, 32, generator=generator).half()
@@ -626,18 +631,79 @@ def test_gelu_in_place_matches_float64(tanh):
         native.gelu_(torch.zeros(4, dtype=torch.float16), tanh)
 
 
+def _separate_gelu(out: torch.Tensor) -> torch.Tensor:
+    """gelu_ over a product's float32 output padded to whole panels of 16 columns, so that every
+    value takes the vector code, as in a fused product's stores (a count's last few values take
+    the scalar tanhf in gelu_)."""
+    padded = torch.nn.functional.pad(out.reshape(-1, out.shape[-1]), (0, -out.shape[-1] % 16)).contiguous()
+    return native.gelu_(padded, True)[:, :out.shape[-1]].reshape(out.shape)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+def test_products_with_the_tanh_gelu_give_the_separate_gelus_bits(weight_dtype):
+    """An MLP's up projection applies the tanh GELU in its stores (kernels.h: store_tile_rows, and
+    amx.c's full float32 tiles, which go to the output directly): after scales and bias, before any
+    rounding to 16 bits, the bits of the separate pass (gelu_). Every path: one row, the register
+    tiles, VNNI rows, AMX tiles (bfloat16, AMX-INT8, float16 split, full float32 tiles stored
+    straight into the output and partial ones through the store loop), a partial last panel."""
+    generator = torch.Generator().manual_seed(21)
+    amx = native.amx_init()
+    for out_features, in_features in ((96, 64), (37, 771), (3072, 768)):
+        weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator) / 8, weight_dtype)
+        packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
+        for rows in (1, 3, 8, 17, 100):
+            x = torch.randn(rows, in_features, generator=generator)
+            for amx_min_rows in ((0, 8) if amx else (0,)):
+                plain = native.linear(x, packed, out_features, bias, scales, amx_min_rows)
+                fused = native.linear(x, packed, out_features, bias, scales, amx_min_rows, gelu_tanh=True)
+                assert torch.equal(fused, _separate_gelu(plain)), (out_features, in_features, rows, amx_min_rows)
+                expected = torch.nn.functional.gelu(plain.double(), approximate="tanh")
+                assert (fused.double() - expected).abs().max() < 2e-6
+                rounded_in = x.to(torch.bfloat16)  # 16-bit outputs: the GELU of the float32 sums, rounded once
+                assert torch.equal(
+                    native.linear(rounded_in, packed, out_features, bias, scales, amx_min_rows, gelu_tanh=True),
+                    _separate_gelu(native.linear(rounded_in.float(), packed, out_features, bias, scales,
+                                                 amx_min_rows)).to(torch.bfloat16))
+
+
+def test_add_layer_norm_matches_float64_and_adds_in_place():
+    """The module path's residual add and layer norm on a CPU (native.add_layer_norm_): the sum
+    written into hidden with PyTorch's float32 add's bits, the norm against float64."""
+    generator = torch.Generator().manual_seed(22)
+    for rows, width in ((1, 64), (7, 771), (512, 768)):
+        hidden, delta = torch.randn(rows, width, generator=generator) * 3, torch.randn(rows, width, generator=generator)
+        weight, bias = torch.randn(width, generator=generator), torch.randn(width, generator=generator)
+        expected_sum = hidden + delta
+        summed, normed = native.add_layer_norm_(hidden, delta, weight, bias, 1e-5)
+        assert summed.data_ptr() == hidden.data_ptr() and torch.equal(summed, expected_sum)
+        expected = torch.nn.functional.layer_norm(expected_sum.double(), (width,), weight.double(), bias.double(), 1e-5)
+        assert (normed.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+        unchanged = hidden.clone()
+        same, normed = native.add_layer_norm_(hidden, None, weight, bias, 1e-5)
+        assert torch.equal(same, unchanged)
+        expected = torch.nn.functional.layer_norm(unchanged.double(), (width,), weight.double(), bias.double(), 1e-5)
+        assert (normed.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    rows = torch.zeros(4, 8)
+    assert not native.add_layer_norm_applies(rows.t(), None, torch.ones(4), torch.zeros(4))  # not contiguous
+    assert not native.add_layer_norm_applies(rows.bfloat16(), None, torch.ones(8), torch.zeros(8))
+    assert not native.add_layer_norm_applies(rows, rows.t().contiguous().t(), torch.ones(8), torch.zeros(8))
+    assert native.add_layer_norm_applies(rows, rows, torch.ones(8), torch.zeros(8))
+    assert not native.add_layer_norm_applies(rows.requires_grad_(), None, torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match="add_layer_norm"):
+        native.add_layer_norm_(torch.zeros(4, 8), torch.zeros(4, 9), torch.ones(8), torch.zeros(8), 1e-5)
+
+
 @pytest.mark.skipif(not native.available(), reason="no C compiler")
-def test_packed_models_take_the_native_tanh_gelu(tiny_model_dir, tiny_mha_model_dir):
+def test_packed_models_fuse_the_tanh_gelu_into_their_up_projections(tiny_model_dir, tiny_mha_model_dir):
     from starchat import LLM
-    from starchat.model.cpu_linear import native_tanh_gelu
     from starchat.model.gpt_bigcode import MLP
 
     tanh_mlps = [m for m in LLM(str(tiny_model_dir), dtype="float32", progress=False).engine.runner.model.modules()
                  if isinstance(m, MLP)]
-    assert tanh_mlps and all(m.act is native_tanh_gelu for m in tanh_mlps)
+    assert tanh_mlps and all(m.fused_activation for m in tanh_mlps)
     exact_mlps = [m for m in LLM(str(tiny_mha_model_dir), dtype="float32", progress=False).engine.runner.model.modules()
                   if isinstance(m, MLP)]
-    assert exact_mlps and all(m.act is not native_tanh_gelu for m in exact_mlps)  # the exact GELU: PyTorch's
+    assert exact_mlps and not any(m.fused_activation for m in exact_mlps)  # the exact GELU: PyTorch's, separate
 
 
 def test_linear_writes_into_a_given_output():

@@ -215,14 +215,18 @@ class PackedLinear(nn.Module):
             packed = native.pack_weight(weight)
         return cls(packed, module.out_features, module.bias, scales)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+        """x @ weight.T (* scales) + bias; with `gelu_tanh`, then the tanh GELU (an MLP's up
+        projection, compute_in_float32): in the native product's stores, while each panel's
+        results are in L1, rather than a pass of its own over the MLP's widest activations."""
         if self.amx_products and x.numel() >= AMX_MIN_ROWS * self.in_features:
-            return self._amx_forward(x)
+            out = self._amx_forward(x)
+            return native_tanh_gelu(out) if gelu_tanh else out
         out = None
         if self.output_workspace is not None:
             out = self.output_workspace.take((*x.shape[:-1], self.out_features), x.dtype)
         return native.linear(x, self.packed_weight, self.out_features, self.bias, self.scales, self.amx_min_rows,
-                             out=out)
+                             out=out, gelu_tanh=gelu_tanh)
 
     def _amx_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows (a prefill chunk) on a CPU with AMX: the weight unpacked for the call (no
@@ -334,9 +338,10 @@ class Workspace:
 
 
 def native_tanh_gelu(x: torch.Tensor) -> torch.Tensor:
-    """The tanh-approximated GELU of a packed CPU model's MLPs: the native kernel's, in place on
-    c_fc's fresh float32 output (the decode step's arithmetic; 0.42 against PyTorch's 1.2 ms for
-    512 x 3,072 values on a 2-core Xeon), PyTorch's for anything else."""
+    """The tanh-approximated GELU of an oneDNN product's fresh float32 output: the native kernel's,
+    in place (the decode step's arithmetic; 0.42 against PyTorch's 1.2 ms for 512 x 3,072 values on
+    a 2-core Xeon), PyTorch's for anything else. The panels' products apply the same GELU in their
+    stores (PackedLinear.forward)."""
     if x.dtype == torch.float32 and x.is_contiguous():
         return native.gelu_(x, True)
     return F.gelu(x, approximate="tanh")
@@ -347,11 +352,12 @@ def compute_in_float32(model: nn.Module) -> None:
 
     The packed products read 16-bit and int8 weights and compute in float32 anyway; this keeps
     their inputs and outputs in float32 too, so the rest of a prefill step (layer norms, GELU,
-    attention) runs on PyTorch's float32 CPU kernels instead of its much slower 16-bit ones,
-    and nothing is rounded to 16 bits between layers (as in the fused decode path). The KV cache
-    keeps the model dtype. Only the layer norms and the position table become float32; token
-    embeddings stay as stored and are promoted when the positions are added. MLPs with the tanh
-    GELU apply the native kernel's (`native_tanh_gelu`), as the decode step does. The MLPs' up
+    attention) runs on float32 kernels (the native add + layer norm, native.add_layer_norm_)
+    instead of PyTorch's much slower 16-bit ones, and nothing is rounded to 16 bits between
+    layers (as in the fused decode path). The KV cache keeps the model dtype. Only the layer norms
+    and the position table become float32; token embeddings stay as stored and are promoted when
+    the positions are added. MLPs with the tanh GELU apply the native kernel's in their up
+    projection's stores (`PackedLinear.forward`), as the decode step does. The MLPs' up
     projections write into one shared Workspace.
     """
     from starchat.model.gpt_bigcode import MLP
@@ -360,8 +366,7 @@ def compute_in_float32(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             module.float()
-        if isinstance(module, MLP) and module.gelu_tanh:
-            module.act = native_tanh_gelu
         if isinstance(module, MLP) and isinstance(module.c_fc, PackedLinear):
             module.c_fc.output_workspace = workspace
+            module.fused_activation = module.gelu_tanh
     model.transformer.wpe.float()

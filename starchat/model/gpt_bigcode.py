@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starchat.config import ModelConfig
-from starchat.model import triton_layer_norm
+from starchat.model import native, triton_layer_norm
 from starchat.model.attention import AttentionMetadata, PromptAttention, paged_attention
 
 
@@ -24,9 +24,13 @@ def activation(config: ModelConfig):
 
 def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden + delta, norm(hidden + delta)): the residual stream and the next sublayer's input.
-    On a GPU one Triton kernel (triton_layer_norm.py), elsewhere PyTorch's add and LayerNorm."""
+    On a GPU one Triton kernel (triton_layer_norm.py); on a CPU with float32 activations the native
+    kernel's single pass (which adds delta into hidden in place: callers rebind hidden); elsewhere
+    PyTorch's add and LayerNorm."""
     if triton_layer_norm.supports(hidden):
         return triton_layer_norm.add_layer_norm(hidden, delta, norm.weight, norm.bias, norm.eps)
+    if native.add_layer_norm_applies(hidden, delta, norm.weight, norm.bias):
+        return native.add_layer_norm_(hidden, delta, norm.weight, norm.bias, norm.eps)
     if delta is not None:
         hidden = hidden + delta
     return hidden, norm(hidden)
@@ -67,8 +71,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
         self.act = activation(config)
         self.gelu_tanh = config.gelu_tanh
-        # Set on a GPU by tuned_linear.fuse_gelu_into_products: c_fc then applies the GELU in its
-        # product's epilogue (no separate pass over the widest activations of the block).
+        # Set by tuned_linear.fuse_gelu_into_products on a GPU, cpu_linear.compute_in_float32 on a
+        # CPU: c_fc then applies the tanh GELU in its product's epilogue (no separate pass over the
+        # widest activations of the block).
         self.fused_activation = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from starchat.model.native.build import load
 
 WEIGHT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
+ACTIVATION_NONE, ACTIVATION_GELU_TANH = 0, 1  # a product's activation (kernels.h)
 PANEL = 16  # output columns per packed panel (PANEL in kernels.h)
 
 
@@ -98,9 +99,12 @@ def amx_disable() -> None:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-           scales: torch.Tensor | None = None, amx_min_rows: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+           scales: torch.Tensor | None = None, amx_min_rows: int = 0, out: torch.Tensor | None = None,
+           gelu_tanh: bool = False) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T (* scales (N,)) (+ bias (N,)), in x's dtype (float32, float16
-    or bfloat16; the arithmetic is float32), for `packed = pack_weight(weight)` and N = out_features.
+    or bfloat16; the arithmetic is float32), for `packed = pack_weight(weight)` and N = out_features;
+    with `gelu_tanh`, then the tanh GELU of `gelu_` (its bits), applied to each panel's float32
+    results while they are in L1, before any rounding to x's dtype.
     From `amx_min_rows` rows (0: never; after `amx_init()`), bfloat16 weights multiply on AMX
     tiles, the activations rounded to bfloat16; int8 weights on AMX-INT8 tiles against activations
     quantized per row to 15 bits (up to `amx_int8_max_rows(K)` rows; more on bfloat16 tiles like
@@ -136,6 +140,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
         rows.data_ptr(), activation_type, rows.numel() // in_features, packed.data_ptr(), weight_type,
         scales.data_ptr() if scales is not None else None, bias.data_ptr() if bias is not None else None,
         out.data_ptr(), activation_type, out_features, in_features, torch.get_num_threads(), amx_min_rows,
+        ACTIVATION_GELU_TANH if gelu_tanh else ACTIVATION_NONE,
     )
     if status:
         raise MemoryError(f"native linear: out of memory for {rows.numel()} activations") if status == -2 else \
@@ -151,6 +156,35 @@ def gelu_(x: torch.Tensor, tanh_approximation: bool) -> torch.Tensor:
         raise ValueError(f"native gelu: needs a contiguous float32 CPU tensor, got {x.dtype} on {x.device}")
     load().starchat_gelu(x.data_ptr(), x.numel(), int(tanh_approximation), torch.get_num_threads())
     return x
+
+
+def add_layer_norm_applies(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None,
+                           bias: torch.Tensor | None) -> bool:
+    """Whether `add_layer_norm_` takes these: contiguous float32 CPU rows outside autograd, with the
+    kernels built (a packed model's prompt chunks from the first layer's second norm on, or the
+    first too where the embeddings are float32)."""
+    return (hidden.device.type == "cpu" and hidden.dtype == torch.float32 and hidden.dim() == 2 and hidden.is_contiguous()
+            and weight is not None and bias is not None and weight.dtype == bias.dtype == torch.float32
+            and (delta is None or (delta.dtype == torch.float32 and delta.is_contiguous()))
+            and not hidden.requires_grad and not (delta is not None and delta.requires_grad) and available())
+
+
+def add_layer_norm_(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + delta, layer_norm(hidden + delta)) for float32 CPU rows (T, C), the sum written into
+    `hidden` (delta None: nothing added): the decode step's add and layer norm (means and
+    variances summed in double), one pass over each row. Requires `available()`."""
+    tensors = (hidden, weight, bias) if delta is None else (hidden, delta, weight, bias)
+    if hidden.dim() != 2 or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors) \
+            or (delta is not None and delta.shape != hidden.shape) or weight.shape != hidden.shape[1:] \
+            or bias.shape != hidden.shape[1:]:
+        raise ValueError("native add_layer_norm: needs contiguous float32 CPU rows (T, C), a delta of their shape "
+                         "and a weight and bias of C")
+    normed = torch.empty_like(hidden)
+    load().starchat_add_layer_norm(hidden.data_ptr(), delta.data_ptr() if delta is not None else None, hidden.shape[0],
+                                   hidden.shape[1], weight.data_ptr(), bias.data_ptr(), eps, normed.data_ptr(),
+                                   torch.get_num_threads())
+    return hidden, normed
 
 
 CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -157,7 +157,10 @@ static inline const float *bias_start(const Output *out, long n0, long columns, 
  * the tile did not start from (bias_start). */
 static inline void finish_c_tile(int tile, const Output *out, long m, long row0, long n0, long columns, float (*c)[PANEL]) {
     if (out->type == W_F32 && !out->scales && columns == PANEL && row0 + 16 <= m) {
-        store_c_tile(tile, (float *)out->data + row0 * out->n_total + n0, out->n_total * (long)sizeof(float));
+        float *rows = (float *)out->data + row0 * out->n_total + n0;
+        store_c_tile(tile, rows, out->n_total * (long)sizeof(float));
+        if (out->activation == ACTIVATION_GELU_TANH)
+            for (int r = 0; r < 16; r++) gelu_tanh_16(rows + r * out->n_total); /* still in L1 */
         return;
     }
     Output rest = *out;

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("linear.c", "amx.c", "decode_attention.c", "decode_step.c", "prompt_attention.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("convert.h", "kernels.h", "vector_math.h", "amx_tiles.h", "int8_rows.h")]
-ABI = 5  # STARCHAT_LINEAR_ABI in linear.c
+ABI = 6  # STARCHAT_LINEAR_ABI in linear.c
 DISABLE_VARIABLE = "STARCHAT_NATIVE_KERNELS"
 EXTRA_FLAGS_VARIABLE = "STARCHAT_NATIVE_CFLAGS"  # extra compiler flags, e.g. "-mno-avx2" for the portable path
 
@@ -112,6 +112,7 @@ def load() -> ctypes.CDLL | None:
     library.starchat_linear.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_long,
+        ctypes.c_int,
     ]
     library.starchat_amx_init.restype = ctypes.c_int
     library.starchat_amx_init.argtypes = []
@@ -136,6 +137,9 @@ def load() -> ctypes.CDLL | None:
                                              ctypes.c_void_p, ctypes.c_int]
     library.starchat_gelu.restype = ctypes.c_int
     library.starchat_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]
+    library.starchat_add_layer_norm.restype = ctypes.c_int
+    library.starchat_add_layer_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     library.starchat_decode_step.restype = ctypes.c_int
     library.starchat_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Step), ctypes.c_void_p, ctypes.c_void_p,
                                              ctypes.c_int]

@@ -127,7 +127,7 @@ static void store_cache_row(void *cache, int type, long slot, long width, const 
 }
 
 static inline float gelu(float x, int tanh_approximation) {
-    if (tanh_approximation) return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    if (tanh_approximation) return gelu_tanh(x);
     return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
 }
 
@@ -149,6 +149,18 @@ static void gelu_rows(float *x, long count, int tanh_approximation) {
     }
 }
 
+/* x += residual (NULL: nothing added), then out = layer_norm(x), for `rows` rows of `width`
+ * float32 values on `threads` threads: the module path's residual adds and layer norms on a CPU
+ * (prompt chunks), the decode step's arithmetic in one pass (PyTorch's add and LayerNorm took
+ * 0.34 ms for 512 x 768 values on a 2-core Xeon). */
+int starchat_add_layer_norm(float *x, const float *residual, long rows, long width, const float *weight, const float *bias,
+                            float eps, float *out, int threads) {
+    if (rows <= 0) return 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    add_and_norm_rows(x, residual, rows, width, weight, bias, eps, out);
+    return 0;
+}
+
 /* x = gelu(x) in place for `count` float32 values on `threads` threads: the module path's GELU on
  * a CPU (prompt chunks), the same arithmetic as the decode step's. */
 int starchat_gelu(float *x, long count, int tanh_approximation, int threads) {
@@ -158,8 +170,8 @@ int starchat_gelu(float *x, long count, int tanh_approximation, int threads) {
     return 0;
 }
 
-static void product(const float *x, long rows, const Linear *layer, float *y, long n, long k) {
-    Output out = {y, W_F32, n, layer->scales, layer->bias, layer->amx_min_rows};
+static void product(const float *x, long rows, const Linear *layer, float *y, long n, long k, int activation) {
+    Output out = {y, W_F32, n, layer->scales, layer->bias, layer->amx_min_rows, activation};
     starchat_linear_columns(x, rows, layer->weight, layer->wtype, &out, n, k);
 }
 
@@ -203,7 +215,7 @@ static const float *block(const Model *m, const Layer *layer, const Step *s, con
                           void *keys, void *values, int threads, float *attention_scratch) {
     const long rows = s->rows, embed = m->embed, kv_dim = (long)m->kv_heads * m->head_dim;
     add_and_norm_rows(buf->hidden, pending, rows, embed, layer->ln1_weight, layer->ln1_bias, m->eps, buf->normed);
-    product(buf->normed, rows, &layer->c_attn, buf->qkv, m->qkv, embed);
+    product(buf->normed, rows, &layer->c_attn, buf->qkv, m->qkv, embed, ACTIVATION_NONE);
     /* The new tokens' keys and values go to the cache before attention reads it; the queries (the
      * first `embed` columns of each qkv row) are compacted for it. */
 #pragma omp for schedule(static)
@@ -216,11 +228,12 @@ static const float *block(const Model *m, const Layer *layer, const Step *s, con
     starchat_attention_items(buf->normed, W_F32, keys, values, s->cache_type, buf->read_slots, buf->mask, rows,
                              buf->max_len, m->heads, m->kv_heads, m->head_dim, m->scale, buf->attended, threads,
                              attention_scratch);
-    product(buf->attended, rows, &layer->attn_proj, buf->wide, embed, embed);
+    product(buf->attended, rows, &layer->attn_proj, buf->wide, embed, embed, ACTIVATION_NONE);
     add_and_norm_rows(buf->hidden, buf->wide, rows, embed, layer->ln2_weight, layer->ln2_bias, m->eps, buf->normed);
-    product(buf->normed, rows, &layer->c_fc, buf->wide, m->inner, embed);
-    gelu_rows(buf->wide, rows * m->inner, m->gelu_tanh);
-    product(buf->wide, rows, &layer->mlp_proj, buf->attended, embed, m->inner);
+    /* the tanh GELU in the product's stores, while each panel's sums are in L1 */
+    product(buf->normed, rows, &layer->c_fc, buf->wide, m->inner, embed, m->gelu_tanh ? ACTIVATION_GELU_TANH : ACTIVATION_NONE);
+    if (!m->gelu_tanh) gelu_rows(buf->wide, rows * m->inner, 0);
+    product(buf->wide, rows, &layer->mlp_proj, buf->attended, embed, m->inner, ACTIVATION_NONE);
     return buf->attended;
 }
 
@@ -323,7 +336,7 @@ int starchat_decode_step(const Model *m, const Step *s, float *logits, int64_t *
                 pending = block(m, &m->layer[i], s, &buf, pending, keys, values, threads, attention_scratch);
             }
             add_and_norm_rows(buf.hidden, pending, rows, m->embed, m->lnf_weight, m->lnf_bias, m->eps, buf.normed);
-            product(buf.normed, rows, &m->lm_head, logits, m->vocab, m->embed);
+            product(buf.normed, rows, &m->lm_head, logits, m->vocab, m->embed, ACTIVATION_NONE);
             if (greedy) argmax_rows(logits, rows, m->vocab, greedy);
         }
         free(attention_scratch);

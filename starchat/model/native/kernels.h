@@ -5,17 +5,42 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <math.h>
+
 #include "convert.h"
+#include "vector_math.h"
+
+/* Output.activation */
+enum { ACTIVATION_NONE = 0, ACTIVATION_GELU_TANH = 1 };
 
 /* Where a product's results go: row-major (m, n_total) in float32, float16 or bfloat16, each
- * times scales[n] (int8 weights) plus bias[n] when given. */
+ * times scales[n] (int8 weights) plus bias[n] when given, then the activation (in float32). */
 typedef struct {
     void *data;
     int type;
     long n_total;
     const float *scales, *bias;
     long amx_min_rows; /* products of at least this many rows go to AMX tiles (amx.c) where granted; 0: never */
+    int activation;    /* ACTIVATION_*: an MLP's up projection applies its GELU while its sums are in L1 */
 } Output;
+
+/* GELU, tanh approximation, one value (where no vector code applies). */
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+/* The tanh GELU of 16 floats in place (a panel's row): the vector functions the separate GELU
+ * pass (decode_step.c: gelu_rows) applies, so a fused product gives that pass's bits. */
+static inline void gelu_tanh_16(float *values) {
+#if defined(__AVX512F__) && defined(__FMA__)
+    _mm512_storeu_ps(values, gelu_tanh16(_mm512_loadu_ps(values)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    _mm256_storeu_ps(values, gelu_tanh8(_mm256_loadu_ps(values)));
+    _mm256_storeu_ps(values + 8, gelu_tanh8(_mm256_loadu_ps(values + 8)));
+#else
+    for (int i = 0; i < 16; i++) values[i] = gelu_tanh(values[i]);
+#endif
+}
 
 /* Inside a parallel region: this thread's scratch of `floats` floats, allocated by every thread;
  * after the barrier each knows whether any allocation failed (*failed), so all threads take the
@@ -56,7 +81,8 @@ static inline void store_eight_as(void *out, int type, long at, __m256 v) {
 #endif
 
 /* Rows row0 .. row0 + rows - 1 of the output, columns n0 .. n0 + columns - 1, from float32 sums
- * (tile[r][c]; scaled and biased in place: times the scale, then plus the bias, two roundings).
+ * (tile[r][c]; scaled and biased in place: times the scale, then plus the bias, two roundings;
+ * then the activation).
  * A full panel goes eight values a vector: per value, the output conversions had cost a third as
  * much as a 512-row bfloat16 product on AMX tiles (tiny_starcoder's c_fc, bfloat16 out). */
 static inline void store_tile_rows(const Output *out, long row0, int rows, long n0, long columns, float (*tile)[PANEL]) {
@@ -76,6 +102,15 @@ static inline void store_tile_rows(const Output *out, long row0, int rows, long 
                 low = _mm256_add_ps(low, bias_low);
                 high = _mm256_add_ps(high, bias_high);
             }
+            if (out->activation == ACTIVATION_GELU_TANH) {
+#if defined(__FMA__)
+                low = gelu_tanh8(low), high = gelu_tanh8(high);
+#else
+                _mm256_storeu_ps(tile[r], low), _mm256_storeu_ps(tile[r] + 8, high);
+                gelu_tanh_16(tile[r]);
+                low = _mm256_loadu_ps(tile[r]), high = _mm256_loadu_ps(tile[r] + 8);
+#endif
+            }
             const long at = (row0 + r) * out->n_total + n0;
             store_eight_as(out->data, out->type, at, low);
             store_eight_as(out->data, out->type, at + 8, high);
@@ -89,6 +124,7 @@ static inline void store_tile_rows(const Output *out, long row0, int rows, long 
             for (long c = 0; c < columns; c++) values[c] *= out->scales[n0 + c];
         if (out->bias)
             for (long c = 0; c < columns; c++) values[c] += out->bias[n0 + c];
+        if (out->activation == ACTIVATION_GELU_TANH) gelu_tanh_16(values); /* the row has PANEL floats */
         long at = (row0 + r) * out->n_total + n0;
         if (out->type == W_F32)
             memcpy((float *)out->data + at, values, (size_t)columns * sizeof(float));

@@ -29,7 +29,7 @@
 #include "int8_rows.h"
 #include "kernels.h"
 
-#define STARCHAT_LINEAR_ABI 5  /* 5: starchat_linear takes amx_min_rows */
+#define STARCHAT_LINEAR_ABI 6  /* 6: starchat_linear takes an activation; starchat_add_layer_norm */
 
 int starchat_linear_abi(void) { return STARCHAT_LINEAR_ABI; }
 
@@ -725,13 +725,15 @@ int starchat_unpack_bf16(const void *w, int wtype, long n, long k, uint16_t *out
     return 0;
 }
 
-/* The entry point: y (m, n) = x (m, k) @ w^T, times scales, plus bias, for w packed into panels.
- * x and y are W_F32, W_F16 or W_BF16; w any weight type; from amx_min_rows rows (0: never) a
- * bfloat16, int8 or float16 product goes to AMX tiles where starchat_amx_init() was granted them. Returns
- * 0, -1 for a type it does not know, -2 when out of memory. */
+/* The entry point: y (m, n) = activation(x (m, k) @ w^T, times scales, plus bias), for w packed
+ * into panels. x and y are W_F32, W_F16 or W_BF16; w any weight type; activation ACTIVATION_NONE or
+ * ACTIVATION_GELU_TANH; from amx_min_rows rows (0: never) a bfloat16, int8 or float16 product goes
+ * to AMX tiles where starchat_amx_init() was granted them. Returns 0, -1 for a type it does not
+ * know, -2 when out of memory. */
 int starchat_linear(const void *x, int xtype, long m, const void *w, int wtype, const float *scales,
-                    const float *bias, void *y, int ytype, long n, long k, int threads, long amx_min_rows) {
+                    const float *bias, void *y, int ytype, long n, long k, int threads, long amx_min_rows, int activation) {
     if (wtype < W_F32 || wtype > W_I8 || xtype < W_F32 || xtype > W_BF16 || ytype < W_F32 || ytype > W_BF16) return -1;
+    if (activation != ACTIVATION_NONE && activation != ACTIVATION_GELU_TANH) return -1;
     if (m <= 0) return 0;
     float *widened = NULL;
     if (xtype != W_F32) {
@@ -739,7 +741,7 @@ int starchat_linear(const void *x, int xtype, long m, const void *w, int wtype, 
         if (!widened) return -2;
     }
     const float *rows = widened ? widened : (const float *)x;
-    Output out = {y, ytype, n, scales, bias, amx_min_rows};
+    Output out = {y, ytype, n, scales, bias, amx_min_rows, activation};
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         if (widened) {
