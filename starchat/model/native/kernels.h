@@ -24,9 +24,11 @@ typedef struct {
     int activation;    /* ACTIVATION_*: an MLP's up projection applies its GELU while its sums are in L1 */
 } Output;
 
-/* GELU, tanh approximation, one value (where no vector code applies). */
+/* GELU, tanh approximation, one value (where no vector code applies): x / (1 + 2^z) as the vector
+ * code (vector_math.h: gelu_tanh8), with the C library's exp2f. */
 static inline float gelu_tanh(float x) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    const float a = -2.0f * 0.7978845608028654f * 1.4426950408889634f, z = x * (a + a * 0.044715f * x * x);
+    return x / (1.0f + exp2f(z < -126.0f ? -126.0f : z > 126.0f ? 126.0f : z));
 }
 
 /* The tanh GELU of 16 floats in place (a panel's row): the vector functions the separate GELU

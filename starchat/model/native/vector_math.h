@@ -25,25 +25,36 @@ static inline __m256 exp_negative(__m256 x) {
     return _mm256_andnot_ps(underflow, result);
 }
 
-/* tanh(x) = sign(x) (1 - e^(-2|x|)) / (1 + e^(-2|x|)), with e^(-2|x|) <= 1 from exp_negative. */
-static inline __m256 tanh8(__m256 x) {
-    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-    __m256 magnitude = _mm256_andnot_ps(sign, x);
-    __m256 e = exp_negative(_mm256_mul_ps(magnitude, _mm256_set1_ps(-2.0f)));
-    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-    return _mm256_or_ps(t, _mm256_and_ps(sign, x));
+/* 2^x for x in [-126, 126] (clamped to it; NaN stays NaN), float32: 2^n p(f), x = n + f, |f| <= 1/2,
+ * p of degree 6 (relative error about 1e-7), 2^n exact. */
+static inline __m256 exp2_clamped8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(126.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), x)); /* operand order keeps a NaN */
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022650695910071f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.69314718055994531f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
 }
 
-/* GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). */
+/* GELU, tanh approximation: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as
+ * x / (1 + 2^z), z = -2 u log2(e) = x (A + B x^2): one exponential and one division. Through tanh
+ * it took twice the operations (512 x 3,072 values on a 2-core Xeon: 0.23 against 0.46 ms) and lost
+ * the negative tail to cancellation in 1 + tanh (relative error 1.6e-4 there, now under 1e-6). */
+#define GELU_A (-2.0f * 0.7978845608028654f * 1.4426950408889634f)
+#define GELU_B (GELU_A * 0.044715f)
 static inline __m256 gelu_tanh8(__m256 x) {
-    __m256 inner = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
-                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x));
-    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.0f), tanh8(inner)));
+    const __m256 z = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_set1_ps(GELU_B), _mm256_mul_ps(x, x), _mm256_set1_ps(GELU_A)));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp2_clamped8(z)));
 }
 
 #if defined(__AVX512F__)
-/* The same three functions 16 wide: the same operations per lane, so the same bits as the 8-wide
- * ones (a GELU over 128 rows of tiny_starcoder's 3,072-wide MLP: 0.084 against 0.109 ms 8 wide). */
+/* The same functions 16 wide: the same operations per lane, so the same bits as the 8-wide ones
+ * (a GELU over 128 rows of tiny_starcoder's 3,072-wide MLP: 0.084 against 0.109 ms 8 wide). */
 static inline __m512 exp_negative16(__m512 x) {
     const __m512 lowest = _mm512_set1_ps(-87.0f);
     const __mmask16 underflow = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
@@ -79,19 +90,35 @@ static inline __m512 exp2_nonpositive16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-static inline __m512 tanh16(__m512 x) {
-    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-    const __m512 one = _mm512_set1_ps(1.0f);
-    __m512 magnitude = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(x)));
-    __m512 e = exp_negative16(_mm512_mul_ps(magnitude, _mm512_set1_ps(-2.0f)));
-    __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(sign, _mm512_castps_si512(x))));
+/* exp2_nonpositive16 for results rounded to bfloat16 (8 significant bits): degree 3 (minimax),
+ * relative error under 7.5e-5 where a bfloat16 rounding is up to 2e-3; three operations fewer
+ * (prompt attention's bfloat16 softmax weights: one layer 4-9% faster). */
+static inline __m512 exp2_nonpositive16_bf16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x); /* this operand order keeps a NaN */
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(0.05517132207751274f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24261054396629333f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999281167984009f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 exp2_clamped16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-126.0f), x));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718055994531f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n); /* p 2^n, exactly as the 8-wide multiply */
 }
 
 static inline __m512 gelu_tanh16(__m512 x) {
-    __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), tanh16(inner)));
+    const __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_set1_ps(GELU_B), _mm512_mul_ps(x, x), _mm512_set1_ps(GELU_A)));
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp2_clamped16(z)));
 }
 #endif
 #endif
