@@ -674,6 +674,35 @@ def test_products_with_the_tanh_gelu_give_the_separate_gelus_bits(weight_dtype):
                                                  amx_min_rows)).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cache_writes_give_pytorchs_conversion_and_copy(dtype):
+    """The module path's cache write on a CPU (native.write_cache): the new rows' keys and values
+    (views of the fused projection's output) into their slots with the bits of PyTorch's dtype
+    conversion and index_copy_, a width with a tail past the 8-wide vectors, rounding edge
+    values; a slot outside the cache writes nothing and raises."""
+    generator = torch.Generator().manual_seed(23)
+    for width in (64, 20):
+        qkv = torch.randn(37, 3 * width + 5, generator=generator) * 100
+        qkv[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, 70000.0, -0.0])
+        key, value = qkv[:, 5:5 + width], qkv[:, 5 + width:5 + 2 * width]
+        slots = torch.randperm(90, generator=generator)[:37]
+        ours, expected = torch.zeros(2, 90, width, dtype=dtype), torch.zeros(2, 90, width, dtype=dtype)
+        assert native.write_cache_applies(ours, key, value, slots)
+        native.write_cache(ours, key, value, slots)
+        expected[0].index_copy_(0, slots, key.to(dtype))
+        expected[1].index_copy_(0, slots, value.to(dtype))
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(ours.isnan(), expected.isnan())  # NaN payloads aside, the same bits (-0.0 included)
+        assert torch.equal(ours.view(bits)[~ours.isnan()], expected.view(bits)[~expected.isnan()])
+        before = ours.clone()
+        with pytest.raises(IndexError, match="outside the cache"):
+            native.write_cache(ours, key, value, torch.cat([slots[:-1], torch.tensor([90])]))
+        assert torch.equal(ours.view(bits), before.view(bits))
+    assert not native.write_cache_applies(ours, key.t().contiguous().t(), value, slots)  # column stride 37
+    assert not native.write_cache_applies(ours, key.double(), value.double(), slots)
+    assert not native.write_cache_applies(ours, key, value, slots.int())
+
+
 def test_add_layer_norm_matches_float64_and_adds_in_place():
     """The module path's residual add and layer norm on a CPU (native.add_layer_norm_): the sum
     written into hidden with PyTorch's float32 add's bits, the norm against float64."""

@@ -190,6 +190,30 @@ def add_layer_norm_(hidden: torch.Tensor, delta: torch.Tensor | None, weight: to
 CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def write_cache_applies(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Whether `write_cache` takes these: float32 CPU rows with unit column stride and one row stride,
+    a contiguous CPU layer cache of a CACHE_TYPES dtype, int64 slots; the kernels built."""
+    return (key.device.type == "cpu" and key.dtype == value.dtype == torch.float32 and key.dim() == 2
+            and key.stride(1) == value.stride(1) == 1 and key.stride(0) == value.stride(0) and key.shape == value.shape
+            and layer_cache.device.type == "cpu" and layer_cache.dtype in CACHE_TYPES and layer_cache.is_contiguous()
+            and layer_cache.dim() == 3 and layer_cache.shape[2] == key.shape[1]
+            and slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == key.shape[0] and available())
+
+
+def write_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """layer_cache[0][slots[r]] = key[r] and layer_cache[1][slots[r]] = value[r], rounded to the
+    cache's dtype (nearest even, as PyTorch's conversion), for `write_cache_applies` arguments;
+    IndexError (nothing written) for a slot outside the cache. Requires `available()`."""
+    if not write_cache_applies(layer_cache, key, value, slots):
+        raise ValueError("native write_cache: needs float32 rows with unit column stride, a contiguous 16/32-bit "
+                         "(2, slots, width) cache and int64 slots, one per row")
+    status = load().starchat_write_cache(key.data_ptr(), value.data_ptr(), key.stride(0), key.shape[0], key.shape[1],
+                                         slots.data_ptr(), layer_cache[0].data_ptr(), layer_cache[1].data_ptr(),
+                                         layer_cache.shape[1], CACHE_TYPES[layer_cache.dtype], torch.get_num_threads())
+    if status == -2:
+        raise IndexError(f"native write_cache: a slot outside the cache's {layer_cache.shape[1]} rows")
+
+
 def decode_attention(query: torch.Tensor, layer_cache: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                      num_heads: int, num_kv_heads: int, scale: float) -> torch.Tensor:
     """One new token per sequence attending to its cached tokens (see decode_attention.c).

@@ -137,6 +137,10 @@ def load() -> ctypes.CDLL | None:
                                              ctypes.c_void_p, ctypes.c_int]
     library.starchat_gelu.restype = ctypes.c_int
     library.starchat_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]
+    library.starchat_write_cache.restype = ctypes.c_int
+    library.starchat_write_cache.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
+                                             ctypes.c_int]
     library.starchat_add_layer_norm.restype = ctypes.c_int
     library.starchat_add_layer_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
                                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]

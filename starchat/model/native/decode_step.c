@@ -122,8 +122,33 @@ static void add_and_norm_rows(float *x, const float *residual, long rows, long w
     }
 }
 
+/* One float32 row into row `slot` of a cache of `width` values per row, as its type: eight values
+ * a vector (store_eight_as: store_as's bits), the rest one by one. */
 static void store_cache_row(void *cache, int type, long slot, long width, const float *row) {
-    for (long i = 0; i < width; i++) store_as(cache, type, slot * width + i, row[i]);
+    long i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; i + 8 <= width; i += 8) store_eight_as(cache, type, slot * width + i, _mm256_loadu_ps(row + i));
+#endif
+    for (; i < width; i++) store_as(cache, type, slot * width + i, row[i]);
+}
+
+/* The new tokens' keys and values into a layer's cache (the module path's write on a CPU):
+ * float32 rows `row_stride` apart (views of the fused projection's output), row r to row slots[r]
+ * of keys_cache and values_cache (`type`, `width` values per row, num_slots rows; -2 and nothing
+ * written for a slot outside them). PyTorch's conversion and two
+ * index_copy_ calls took 0.2 ms per layer of a 512-token prompt (2-core Xeon). */
+int starchat_write_cache(const float *keys, const float *values, long row_stride, long rows, long width,
+                         const int64_t *slots, void *keys_cache, void *values_cache, long num_slots, int type, int threads) {
+    if (type != W_F32 && type != W_F16 && type != W_BF16) return -1;
+    for (long r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= num_slots) return -2; /* nothing written */
+    if (rows <= 0) return 0;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (long r = 0; r < rows; r++) {
+        store_cache_row(keys_cache, type, slots[r], width, keys + r * row_stride);
+        store_cache_row(values_cache, type, slots[r], width, values + r * row_stride);
+    }
+    return 0;
 }
 
 static inline float gelu(float x, int tanh_approximation) {
