@@ -135,8 +135,8 @@ static void store_cache_row(void *cache, int type, long slot, long width, const 
 /* The new tokens' keys and values into a layer's cache (the module path's write on a CPU):
  * float32 rows `row_stride` apart (views of the fused projection's output), row r to row slots[r]
  * of keys_cache and values_cache (`type`, `width` values per row, num_slots rows; -2 and nothing
- * written for a slot outside them). PyTorch's conversion and two
- * index_copy_ calls took 0.2 ms per layer of a 512-token prompt (2-core Xeon). */
+ * written for a slot outside them). PyTorch's conversions and two index_copy_ calls took 55 us
+ * for 512 rows of 64 where this takes 13 (2-core Xeon). */
 int starchat_write_cache(const float *keys, const float *values, long row_stride, long rows, long width,
                          const int64_t *slots, void *keys_cache, void *values_cache, long num_slots, int type, int threads) {
     if (type != W_F32 && type != W_F16 && type != W_BF16) return -1;
@@ -176,8 +176,9 @@ static void gelu_rows(float *x, long count, int tanh_approximation) {
 
 /* x += residual (NULL: nothing added), then out = layer_norm(x), for `rows` rows of `width`
  * float32 values on `threads` threads: the module path's residual adds and layer norms on a CPU
- * (prompt chunks), the decode step's arithmetic in one pass (PyTorch's add and LayerNorm took
- * 0.34 ms for 512 x 768 values on a 2-core Xeon). */
+ * (prompt chunks), the decode step's arithmetic in one pass. In a loop about as fast as PyTorch's
+ * add and LayerNorm (2-core Xeon: 24 us for 128 x 768 values either way); in the engine, with one
+ * call per norm instead of two operations, a 128-token prompt's first token x1.026. */
 int starchat_add_layer_norm(float *x, const float *residual, long rows, long width, const float *weight, const float *bias,
                             float eps, float *out, int threads) {
     if (rows <= 0) return 0;

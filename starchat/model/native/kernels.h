@@ -2,10 +2,9 @@
  * exported entry points through ctypes). */
 #ifndef STARCHAT_KERNELS_H
 #define STARCHAT_KERNELS_H
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-
-#include <math.h>
 
 #include "convert.h"
 #include "vector_math.h"
