@@ -25,20 +25,24 @@ static inline __m256 exp_negative(__m256 x) {
     return _mm256_andnot_ps(underflow, result);
 }
 
-/* 2^x for x in [-126, 126] (clamped to it; NaN stays NaN), float32: 2^n p(f), x = n + f, |f| <= 1/2,
- * p of degree 6 (relative error about 1e-7), 2^n exact. */
-static inline __m256 exp2_clamped8(__m256 x) {
-    x = _mm256_min_ps(_mm256_set1_ps(126.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), x)); /* operand order keeps a NaN */
-    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm256_sub_ps(x, n);
+/* 2^f for |f| <= 1/2: degree-6 Taylor polynomial of e^(f ln2), relative error about 1e-7. */
+static inline __m256 exp2_fraction8(__m256 f) {
     __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022650695910071f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.69314718055994531f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    return _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+}
+
+/* 2^x for x in [-126, 126] (clamped to it; NaN stays NaN), float32: 2^n p(f), x = n + f, |f| <= 1/2,
+ * 2^n exact. */
+static inline __m256 exp2_clamped8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(126.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), x)); /* operand order keeps a NaN */
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+    return _mm256_mul_ps(exp2_fraction8(_mm256_sub_ps(x, n)), _mm256_castsi256_ps(power));
 }
 
 /* GELU, tanh approximation: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed as
@@ -73,21 +77,29 @@ static inline __m512 exp_negative16(__m512 x) {
     return _mm512_maskz_mov_ps((__mmask16)~underflow, _mm512_mul_ps(p, _mm512_castsi512_ps(exponent)));
 }
 
-/* 2^x for x <= 0, float32: 2^n * p(f) with x = n + f, |f| <= 1/2, p degree 6 (Taylor of e^(f ln2):
- * relative error about 1e-7), the power of two applied by vscalefps; below -127 the result is
- * 2^-127 or less (callers zero what must be zero), NaN stays NaN. 9 operations where
- * exp_negative16 takes 16: prompt attention exponentiates every score. */
-static inline __m512 exp2_nonpositive16(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x); /* this operand order keeps a NaN */
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(x, n);
+static inline __m512 exp2_fraction16(__m512 f) { /* exp2_fraction8, 16 wide */
     __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718055994531f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+}
+
+/* 2^n p(f) for x = n + f, |f| <= 1/2, the power of two applied by vscalefps (exactly, as the 8-wide
+ * multiply, wherever the result is a normal float). */
+static inline __m512 exp2_scaled16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_scalef_ps(exp2_fraction16(_mm512_sub_ps(x, n)), n);
+}
+
+/* 2^x for x <= 0, float32: 2^n * p(f) with x = n + f, |f| <= 1/2, p degree 6 (Taylor of e^(f ln2):
+ * relative error about 1e-7), the power of two applied by vscalefps; below -127 the result is
+ * 2^-127 or less (callers zero what must be zero), NaN stays NaN. 9 operations where
+ * exp_negative16 takes 16: prompt attention exponentiates every score. */
+static inline __m512 exp2_nonpositive16(__m512 x) {
+    return exp2_scaled16(_mm512_max_ps(_mm512_set1_ps(-127.0f), x)); /* this operand order keeps a NaN */
 }
 
 /* exp2_nonpositive16 for results rounded to bfloat16 (8 significant bits): degree 3 (minimax),
@@ -103,17 +115,8 @@ static inline __m512 exp2_nonpositive16_bf16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-static inline __m512 exp2_clamped16(__m512 x) {
-    x = _mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-126.0f), x));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718055994531f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n); /* p 2^n, exactly as the 8-wide multiply */
+static inline __m512 exp2_clamped16(__m512 x) { /* exp2_clamped8, 16 wide */
+    return exp2_scaled16(_mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-126.0f), x)));
 }
 
 static inline __m512 gelu_tanh16(__m512 x) {
