@@ -541,10 +541,11 @@ def test_a_build_without_this_cpus_flags_says_so(tmp_path, monkeypatch, caplog):
 
 def test_avx512_tiles_give_the_avx2_tiles_results_bit_for_bit(tmp_path, monkeypatch):
     """On a CPU with AVX-512 the many-row tiles (and int8's one-row product, and the tanh GELU, alone
-    or in a product's stores) are 16 wide: the same per-element operations in the same order as the 8-wide AVX2 code, so the
-    same bits (built both ways here). int8 products of several rows take VNNI's byte dot products
-    where the CPU has them (15-bit rows: test_linear_matches_float64_reference); a third build
-    without VNNI keeps them on the 16-wide float32 tiles, compared here."""
+    or in a product's stores) are 16 wide: the same per-element operations in the same order as
+    the 8-wide AVX2 code, so the same bits (built both ways here). int8 products of several rows
+    take VNNI's byte dot products where the CPU has them (15-bit rows:
+    test_linear_matches_float64_reference); a third build without VNNI keeps them on the 16-wide
+    float32 tiles, compared here."""
     library = build.load()
     if library is None or not library.starchat_linear_has_avx512():
         pytest.skip("this CPU (or compiler) has no AVX-512: only the AVX2 tiles exist here")
@@ -642,7 +643,7 @@ def test_gelu_in_place_matches_float64(tanh):
 def _separate_gelu(out: torch.Tensor) -> torch.Tensor:
     """gelu_ over a product's float32 output padded to whole panels of 16 columns, so that every
     value takes the vector code, as in a fused product's stores (a count's last few values take
-    the scalar tanhf in gelu_)."""
+    the scalar code in gelu_)."""
     padded = torch.nn.functional.pad(out.reshape(-1, out.shape[-1]), (0, -out.shape[-1] % 16)).contiguous()
     return native.gelu_(padded, True)[:, :out.shape[-1]].reshape(out.shape)
 
@@ -657,7 +658,7 @@ def test_products_with_the_tanh_gelu_give_the_separate_gelus_bits(weight_dtype):
     generator = torch.Generator().manual_seed(21)
     amx = native.amx_init()
     for out_features, in_features in ((96, 64), (37, 771), (3072, 768)):
-        weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator) / 8, weight_dtype)
+        weight, scales, _ = _stored(torch.randn(out_features, in_features, generator=generator) / 8, weight_dtype)
         packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
         for rows in (1, 3, 8, 17, 100):
             x = torch.randn(rows, in_features, generator=generator)
