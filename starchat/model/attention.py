@@ -86,8 +86,7 @@ class AttentionMetadata:
 def write_kv_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     # The cache keeps the model's dtype; on a CPU, 16-bit models compute in float32 (cpu_linear.py)
     # and the native kernel converts and stores their rows in one pass.
-    if key.device.type == "cpu" and native.write_cache_applies(layer_cache, key, value, slot_mapping):
-        native.write_cache(layer_cache, key, value, slot_mapping)
+    if key.device.type == "cpu" and native.try_write_cache(layer_cache, key, value, slot_mapping):
         return
     layer_cache[0].index_copy_(0, slot_mapping, key.to(layer_cache.dtype))  # (num_slots, kv_dim)
     layer_cache[1].index_copy_(0, slot_mapping, value.to(layer_cache.dtype))

@@ -29,8 +29,9 @@ def add_and_norm(hidden: torch.Tensor, delta: torch.Tensor | None, norm: nn.Laye
     PyTorch's add and LayerNorm."""
     if triton_layer_norm.supports(hidden):
         return triton_layer_norm.add_layer_norm(hidden, delta, norm.weight, norm.bias, norm.eps)
-    if native.add_layer_norm_applies(hidden, delta, norm.weight, norm.bias):
-        return native.add_layer_norm_(hidden, delta, norm.weight, norm.bias, norm.eps)
+    summed_and_normed = native.try_add_layer_norm_(hidden, delta, norm.weight, norm.bias, norm.eps)
+    if summed_and_normed is not None:
+        return summed_and_normed
     if delta is not None:
         hidden = hidden + delta
     return hidden, norm(hidden)

@@ -160,13 +160,21 @@ def gelu_(x: torch.Tensor, tanh_approximation: bool) -> torch.Tensor:
 
 def add_layer_norm_applies(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None,
                            bias: torch.Tensor | None) -> bool:
-    """Whether `add_layer_norm_` takes these: contiguous float32 CPU rows outside autograd, with the
-    kernels built (a packed model's prompt chunks from the first layer's second norm on, or the
-    first too where the embeddings are float32)."""
+    """Whether `add_layer_norm_` takes these: contiguous float32 CPU rows (T, C) outside autograd, a
+    delta of their shape, a weight and bias of C, with the kernels built (a packed model's prompt
+    chunks from the first layer's second norm on, or the first too where the embeddings are float32)."""
     return (hidden.device.type == "cpu" and hidden.dtype == torch.float32 and hidden.dim() == 2 and hidden.is_contiguous()
             and weight is not None and bias is not None and weight.dtype == bias.dtype == torch.float32
-            and (delta is None or (delta.dtype == torch.float32 and delta.is_contiguous()))
+            and weight.shape == bias.shape == hidden.shape[1:] and weight.is_contiguous() and bias.is_contiguous()
+            and (delta is None or (delta.dtype == torch.float32 and delta.is_contiguous() and delta.shape == hidden.shape))
             and not hidden.requires_grad and not (delta is not None and delta.requires_grad) and available())
+
+
+def try_add_layer_norm_(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None,
+                        bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`add_layer_norm_` where `add_layer_norm_applies`, else None (nothing done): the model's
+    per-layer call, which checks its arguments once."""
+    return _add_layer_norm(hidden, delta, weight, bias, eps) if add_layer_norm_applies(hidden, delta, weight, bias) else None
 
 
 def add_layer_norm_(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
@@ -180,6 +188,11 @@ def add_layer_norm_(hidden: torch.Tensor, delta: torch.Tensor | None, weight: to
             or bias.shape != hidden.shape[1:]:
         raise ValueError("native add_layer_norm: needs contiguous float32 CPU rows (T, C), a delta of their shape "
                          "and a weight and bias of C")
+    return _add_layer_norm(hidden, delta, weight, bias, eps)
+
+
+def _add_layer_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     normed = torch.empty_like(hidden)
     load().starchat_add_layer_norm(hidden.data_ptr(), delta.data_ptr() if delta is not None else None, hidden.shape[0],
                                    hidden.shape[1], weight.data_ptr(), bias.data_ptr(), eps, normed.data_ptr(),
@@ -200,18 +213,26 @@ def write_cache_applies(layer_cache: torch.Tensor, key: torch.Tensor, value: tor
             and slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == key.shape[0] and available())
 
 
-def write_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-    """layer_cache[0][slots[r]] = key[r] and layer_cache[1][slots[r]] = value[r], rounded to the
-    cache's dtype (nearest even, as PyTorch's conversion), for `write_cache_applies` arguments;
-    IndexError (nothing written) for a slot outside the cache. Requires `available()`."""
+def try_write_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> bool:
+    """`write_cache` where `write_cache_applies` (True), else False (nothing written): the model's
+    per-layer call, which checks its arguments once."""
     if not write_cache_applies(layer_cache, key, value, slots):
-        raise ValueError("native write_cache: needs float32 rows with unit column stride, a contiguous 16/32-bit "
-                         "(2, slots, width) cache and int64 slots, one per row")
+        return False
     status = load().starchat_write_cache(key.data_ptr(), value.data_ptr(), key.stride(0), key.shape[0], key.shape[1],
                                          slots.data_ptr(), layer_cache[0].data_ptr(), layer_cache[1].data_ptr(),
                                          layer_cache.shape[1], CACHE_TYPES[layer_cache.dtype], torch.get_num_threads())
     if status == -2:
         raise IndexError(f"native write_cache: a slot outside the cache's {layer_cache.shape[1]} rows")
+    return True
+
+
+def write_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """layer_cache[0][slots[r]] = key[r] and layer_cache[1][slots[r]] = value[r], rounded to the
+    cache's dtype (nearest even, as PyTorch's conversion), for `write_cache_applies` arguments;
+    IndexError (nothing written) for a slot outside the cache. Requires `available()`."""
+    if not try_write_cache(layer_cache, key, value, slots):
+        raise ValueError("native write_cache: needs float32 rows with unit column stride, a contiguous 16/32-bit "
+                         "(2, slots, width) cache and int64 slots, one per row")
 
 
 def decode_attention(query: torch.Tensor, layer_cache: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
