@@ -115,6 +115,42 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
                                native.linear(rounded_in.float(), packed, out_features, bias, scales, amx_min_rows=8).to(torch.bfloat16))
 
 
+def test_amx_kernels_do_not_depend_on_the_compilers_inlining(tmp_path, monkeypatch):
+    """The tile configuration must reach the CPU whole however the compiler inlines: built on the
+    stack, GCC 12 dropped its stores wherever configure_tiles was not inlined and the tile load
+    faulted (a crash, seen when a change to amx.c tipped the inliner). A build without inlining
+    (-fno-inline) gives the default build's bits for AMX products of each weight kind (bfloat16
+    tiles, AMX-INT8, float16's split) and prompt attention."""
+    if not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(17)
+    products = []
+    for weight_dtype in (torch.bfloat16, torch.int8, torch.float16):
+        weight, scales, _ = _stored(torch.randn(48, 100, generator=generator), weight_dtype)
+        for rows in (17, 100):
+            products.append((torch.randn(rows, 100, generator=generator), weight, torch.randn(48, generator=generator), scales))
+    qkv = torch.randn(40, 3 * 64, generator=generator)
+    query, key, value = qkv.split((64, 64, 64), dim=-1)
+
+    def outputs():
+        results = [native.linear(x, native.pack_weight(weight), 48, bias, scales, amx_min_rows=8)
+                   for x, weight, bias, scales in products]
+        attention = torch.zeros(40, 64)
+        assert native.prompt_attention(query, attention, [(0, 40, 0, key, value, None)], 2, 2, 0.125, False)
+        return results + [attention]
+
+    try:
+        expected = outputs()
+        monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path))
+        monkeypatch.setenv("STARCHAT_NATIVE_CFLAGS", "-fno-inline")
+        build.load.cache_clear()
+        assert native.amx_init()
+        for got, want in zip(outputs(), expected, strict=True):
+            assert torch.equal(got, want)
+    finally:
+        build.load.cache_clear()
+
+
 def test_int8_rows_longer_than_vnni_sums_hold_take_the_float32_tiles():
     # Past K 65,536 a VNNI lane's int32 sum of (w + 128) x part could overflow: such products
     # multiply float32 rows (exact activations) wherever VNNI would have quantized them.

@@ -23,17 +23,16 @@ typedef struct __attribute__((packed, aligned(64))) {
     uint8_t rows[16];
 } TileConfig;
 
-/* Every tile register as 16 rows of 64 bytes (palette 1), for this thread. */
-static inline void configure_tiles(void) {
-    TileConfig config;
-    memset(&config, 0, sizeof config);
-    config.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        config.rows[t] = 16;
-        config.bytes_per_row[t] = 64;
-    }
-    _tile_loadconfig(&config);
-}
+/* Every tile register as 16 rows of 64 bytes (palette 1), for this thread. The configuration is
+ * a constant in memory: built on the stack, GCC 12 dropped the stores of its rows and widths when
+ * this function was not inlined (it does not see _tile_loadconfig read all 64 bytes), and the
+ * load faulted on the garbage left there. */
+static const TileConfig tile_config = {
+    .palette_id = 1,
+    .bytes_per_row = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+static inline void configure_tiles(void) { _tile_loadconfig(&tile_config); }
 
 /* Row p of a B tile from two panel rows' float32 bits: for each column c, the bfloat16 (high
  * halves) of rows k0 + 2p (low word) and k0 + 2p + 1 (high word) side by side, one 32-bit lane per
