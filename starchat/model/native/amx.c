@@ -158,9 +158,15 @@ static inline const float *bias_start(const Output *out, long n0, long columns, 
 static inline void finish_c_tile(int tile, const Output *out, long m, long row0, long n0, long columns, float (*c)[PANEL]) {
     if (out->type == W_F32 && !out->scales && columns == PANEL && row0 + 16 <= m) {
         float *rows = (float *)out->data + row0 * out->n_total + n0;
-        store_c_tile(tile, rows, out->n_total * (long)sizeof(float));
-        if (out->activation == ACTIVATION_GELU_TANH)
-            for (int r = 0; r < 16; r++) gelu_tanh_16(rows + r * out->n_total); /* still in L1 */
+        if (out->activation == ACTIVATION_NONE) {
+            store_c_tile(tile, rows, out->n_total * (long)sizeof(float));
+            return;
+        }
+        /* The GELU on the tile's contiguous copy, then one store a row: read back from the
+         * output rows (12 KiB apart in an MLP's up projection, so all 16 in one set of L1) it
+         * cost c_fc at 512 rows 0.34-0.43 ms of 1.9 where this costs 0.10-0.14. */
+        store_c_tile(tile, c, 64);
+        for (int r = 0; r < 16; r++) _mm512_storeu_ps(rows + r * out->n_total, gelu_tanh16(_mm512_load_ps(c[r])));
         return;
     }
     Output rest = *out;
@@ -225,17 +231,21 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
 }
 
 /* Two neighbouring panels' products (bfloat16 or int8 weights) with up to two row blocks (from
- * block `first` on) over the whole of K: the decode steps of up to 32 sequences. Each step of K loads its
+ * block `first` on) over the whole of K: the decode steps of up to 32 sequences, and every 2 x 2
+ * block of a pass of more rows (see starchat_amx_columns). Each step of K loads its
  * activation tiles once for both panels (C tiles: row block t of panel q in tmm(t + 2q); A in tmm4
  * and tmm6, B in tmm5 and tmm7), where panel by panel loaded them once per panel: streaming all
  * of tiny_starcoder's products at 32 rows took 14.4 ms without the activation tile loads
  * against 17.8 with them, and the same with or without the tile products themselves, so those
  * loads (from L2, 1 KiB each) were what held the weights' stream below the memory's rate. The
  * B tiles of both panels are built one step ahead (as in panel_steps), in alternate halves of
- * tiles (2 x 2 x 512 values). The second panel may be the last, narrower one. */
+ * tiles (2 x 2 x 512 values), or with `kept`, into kept (both panels' tiles of every step of K,
+ * step by step) where `build`, else read from there. The second panel may be the last, narrower
+ * one. */
 static inline __attribute__((always_inline)) void panel_pair_steps(const char *panel, long panel_bytes, int wtype, long k,
                                                                   long k_padded, const uint16_t *a, long first, long count,
-                                                                  uint16_t *tiles, float (*c)[PANEL], const Output *out, long m,
+                                                                  uint16_t *tiles, uint16_t *kept, int build, float (*c)[PANEL],
+                                                                  const Output *out, long m,
                                                                   long n0, long second_columns) {
     a += first * 16 * k_padded;
     const float *start = bias_start(out, n0, PANEL, c);
@@ -244,12 +254,14 @@ static inline __attribute__((always_inline)) void panel_pair_steps(const char *p
     start = bias_start(out, n0 + PANEL, second_columns, c); /* c is free again: the tiles above are loaded */
     start_c_tile(2, start);
     if (count > 1) start_c_tile(3, start);
-#define PAIR_TILES(k0) (tiles + ((k0) / 32 & 1) * 1024)
-    b_tile(panel, wtype, k, 0, PAIR_TILES(0));
-    b_tile(panel + panel_bytes, wtype, k, 0, PAIR_TILES(0) + 512);
+#define PAIR_TILES(k0) (kept ? kept + (k0) / 32 * 1024 : tiles + ((k0) / 32 & 1) * 1024)
+    if (build) {
+        b_tile(panel, wtype, k, 0, PAIR_TILES(0));
+        b_tile(panel + panel_bytes, wtype, k, 0, PAIR_TILES(0) + 512);
+    }
     for (long k0 = 0; k0 < k_padded; k0 += 32) {
         const uint16_t *b = PAIR_TILES(k0);
-        if (k0 + 32 < k_padded) {
+        if (build && k0 + 32 < k_padded) {
             b_tile(panel, wtype, k, k0 + 32, PAIR_TILES(k0 + 32));
             b_tile(panel + panel_bytes, wtype, k, k0 + 32, PAIR_TILES(k0 + 32) + 512);
         }
@@ -649,6 +661,12 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
      * 18.7-19.3 / 20.6-21.9 against 22.0-22.2 / 25.0-25.2 ms. int8 B tiles cost too much to build
      * twice (19.2-19.6 ms at 64 rows took 23.5-27.9). */
     const int pairs = !split && passes == 1 && (row_blocks <= 2 || wtype == W_BF16) && k_block == k_padded;
+    /* Passes of bfloat16 tiles with kept B tiles multiply in 2 x 2 blocks (two row blocks by two
+     * panels: panel_pair_steps, four A and B tile loads for four tile products, where a panel with
+     * four row blocks takes five): at 512 rows a tile product took 19.6 against 22 ns on one core
+     * of the 2-core Xeon (a stand-alone loop of each: 7.9 against 12.8, the rest being the output's
+     * stores), c_fc 512 x 768 x 3,072 x1.14, c_proj x1.12. */
+    const int quads = !split && cached && k_block == k_padded;
     const long group_panels = pairs ? 2 : passes > 1 || k_block < k_padded ? PANELS_PER_GROUP : 1;
     const long groups = (blocks + group_panels - 1) / group_panels;
     float c[16][PANEL] __attribute__((aligned(64)));
@@ -660,8 +678,28 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
             const long n0 = first_block * PANEL;
             for (long first = 0; first < row_blocks; first += 2)
                 panel_pair_steps((const char *)w + first_block * panel_bytes, panel_bytes, wtype, k, k_padded, rows, first,
-                                 row_blocks - first < 2 ? row_blocks - first : 2, step_tiles, c, out, m, n0,
+                                 row_blocks - first < 2 ? row_blocks - first : 2, step_tiles, NULL, 1, c, out, m, n0,
                                  n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
+            continue;
+        }
+        if (quads) {
+            for (long first = 0; first < row_blocks; first += ROW_BLOCKS_PER_PASS) {
+                const long pass_end = first + ROW_BLOCKS_PER_PASS < row_blocks ? first + ROW_BLOCKS_PER_PASS : row_blocks;
+                for (long block = first_block; block < end_block; block += 2) {
+                    const long n0 = block * PANEL;
+                    uint16_t *kept = group_tiles + (block - first_block) * panel_values;
+                    if (block + 1 == end_block) { /* the weight's last panel, alone */
+                        panel_steps((const char *)w + block * panel_bytes, wtype, 0, k, k_padded, 0, k_padded,
+                                    rows + first * 16 * k_padded, NULL, pass_end - first, kept, 1, partials[0], c, out, m,
+                                    first, n0, n - n0);
+                        continue;
+                    }
+                    for (long pair = first; pair < pass_end; pair += 2)
+                        panel_pair_steps((const char *)w + block * panel_bytes, panel_bytes, wtype, k, k_padded, rows, pair,
+                                         pass_end - pair < 2 ? pass_end - pair : 2, step_tiles, kept, pair == 0, c, out, m, n0,
+                                         n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
+                }
+            }
             continue;
         }
         for (long first = 0; first < row_blocks; first += ROW_BLOCKS_PER_PASS) {
