@@ -5,6 +5,9 @@ fallback when no compiler is available."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -115,12 +118,26 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
                                native.linear(rounded_in.float(), packed, out_features, bias, scales, amx_min_rows=8).to(torch.bfloat16))
 
 
-def test_amx_kernels_do_not_depend_on_the_compilers_inlining(tmp_path, monkeypatch):
+_AMX_OUTPUTS_SCRIPT = """
+import sys, torch
+from starchat.model import native
+assert native.amx_init(), "no AMX tiles in the child process"
+products, (query, key, value) = torch.load(sys.argv[1])
+results = [native.linear(x, native.pack_weight(weight), weight.shape[0], bias, scales, amx_min_rows=8)
+           for x, weight, bias, scales in products]
+attention = torch.zeros(query.shape)
+assert native.prompt_attention(query, attention, [(0, query.shape[0], 0, key, value, None)], 2, 2, 0.125, False)
+torch.save(results + [attention], sys.argv[2])
+"""
+
+
+def test_amx_kernels_do_not_depend_on_the_compilers_inlining(tmp_path):
     """The tile configuration must reach the CPU whole however the compiler inlines: built on the
     stack, GCC 12 dropped its stores wherever configure_tiles was not inlined and the tile load
     faulted (a crash, seen when a change to amx.c tipped the inliner). A build without inlining
-    (-fno-inline) gives the default build's bits for AMX products of each weight kind (bfloat16
-    tiles, AMX-INT8, float16's split) and prompt attention."""
+    (-fno-inline), in a child process so that a crash fails this test alone, gives the default
+    build's bits for AMX products of each weight kind (bfloat16 tiles, AMX-INT8, float16's split)
+    and prompt attention."""
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(17)
@@ -130,25 +147,15 @@ def test_amx_kernels_do_not_depend_on_the_compilers_inlining(tmp_path, monkeypat
         for rows in (17, 100):
             products.append((torch.randn(rows, 100, generator=generator), weight, torch.randn(48, generator=generator), scales))
     qkv = torch.randn(40, 3 * 64, generator=generator)
-    query, key, value = qkv.split((64, 64, 64), dim=-1)
-
-    def outputs():
-        results = [native.linear(x, native.pack_weight(weight), 48, bias, scales, amx_min_rows=8)
-                   for x, weight, bias, scales in products]
-        attention = torch.zeros(40, 64)
-        assert native.prompt_attention(query, attention, [(0, 40, 0, key, value, None)], 2, 2, 0.125, False)
-        return results + [attention]
-
-    try:
-        expected = outputs()
-        monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path))
-        monkeypatch.setenv("STARCHAT_NATIVE_CFLAGS", "-fno-inline")
-        build.load.cache_clear()
-        assert native.amx_init()
-        for got, want in zip(outputs(), expected, strict=True):
-            assert torch.equal(got, want)
-    finally:
-        build.load.cache_clear()
+    torch.save((products, [part.contiguous() for part in qkv.split((64, 64, 64), dim=-1)]), tmp_path / "inputs.pt")
+    for name, flags in (("default", None), ("no-inline", "-fno-inline")):  # the default: this process's build
+        environment = dict(os.environ) if flags is None else \
+            {**os.environ, "STARCHAT_CACHE_DIR": str(tmp_path / name), "STARCHAT_NATIVE_CFLAGS": flags}
+        child = subprocess.run([sys.executable, "-c", _AMX_OUTPUTS_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / f"{name}.pt")],
+                               env=environment, capture_output=True, text=True)
+        assert child.returncode == 0, f"the {name} build failed (exit {child.returncode}): {child.stderr[-2000:]}"
+    for got, want in zip(torch.load(tmp_path / "no-inline.pt"), torch.load(tmp_path / "default.pt"), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_int8_rows_longer_than_vnni_sums_hold_take_the_float32_tiles():
