@@ -5,7 +5,6 @@
 #ifndef STARCHAT_AMX_TILES_H
 #define STARCHAT_AMX_TILES_H
 #include <stdint.h>
-#include <string.h>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__linux__)
 #include <immintrin.h>
