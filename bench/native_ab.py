@@ -2,6 +2,7 @@
 
     python bench/native_ab.py --baseline b97f660 [--rows 128 512] [--shape tiny_starcoder]
                               [--dtype bfloat16] [--prompts 128 512 2048] [--rounds 16]
+                              [--decode-batch 32] [--long-contexts 0 2000]
 
 Builds both versions of starchat/model/native (the baseline's sources taken with `git show`,
 each build cached under its own key as usual) and loads both libraries. Then:
@@ -9,7 +10,11 @@ each build cached under its own key as usual) and loads both libraries. Then:
   each --rows, the two libraries in turns, fastest of --rounds each, bits compared;
 - prompts: one engine whose native calls switch library between runs, a fresh random prompt
   of each --prompts length to its first token, in turns (the order swapped every round);
-  prints the fastest and median of each and the median of the rounds' ratios.
+  prints the fastest and median of each and the median of the rounds' ratios;
+- decodes: --decode-batch sequences of 128-token prompts, one of them --long-contexts tokens
+  long instead (0: none), prefilled, then 8 engine decode steps with each library in turns
+  (the order swapped every round); milliseconds a step, fastest and median, and the median of
+  the rounds' ratios.
 Ratios are baseline / this checkout: above 1 means this checkout is faster. The machine's noise
 moves both alike only when they run in turns, which is why nothing here compares separate runs.
 """
@@ -30,7 +35,7 @@ from starchat.bench.checkpoints import random_checkpoint
 from starchat.bench.machine import describe_machine
 from starchat.config import NAMED_SHAPES
 from starchat.llm import LLM
-from starchat.model import native
+from starchat.model import cpu_decode, native
 from starchat.model.native import build
 from starchat.model.quant import quantize_per_channel
 from starchat.sampling_params import SamplingParams
@@ -67,6 +72,7 @@ def load_library(directory: Path | None):
 
 def use(library) -> None:
     native.load = lambda: library
+    cpu_decode.load = native.load  # the fused decode step calls its own import of load
 
 
 def products(libraries, shape: dict, rows_list: list[int], dtype: torch.dtype, rounds: int) -> None:
@@ -123,6 +129,41 @@ def prompts(libraries, model_dir: str, dtype: str, lengths: list[int], rounds: i
               f"{statistics.median(times[1]) * 1e3:.1f})  median ratio x{statistics.median(ratios):.3f}")
 
 
+def decodes(libraries, model_dir: str, dtype: str, batch: int, long_contexts: list[int], rounds: int) -> None:
+    use(libraries[1])
+    rng = random.Random(1)
+    for long_context in long_contexts:
+        lengths = [128] * batch
+        if long_context:
+            lengths[0] = long_context
+        llm = LLM(model_dir, dtype=dtype, progress=False, max_num_seqs=max(batch, 8), enable_prefix_caching=False)
+        engine, steps_per_turn = llm.engine, 8
+        for length in lengths:
+            engine.add_request([rng.randrange(100, 40000) for _ in range(length)],
+                               SamplingParams(max_new_tokens=2 * rounds * steps_per_turn + 4, ignore_eos=True))
+        scheduler = engine.scheduler
+        while scheduler.waiting or not all(request.output_token_ids for request in scheduler.running):
+            engine.step()  # until every prompt is prefilled: the steps timed below are decodes only
+        times, ratios = [[], []], []
+        for round_number in range(rounds):
+            elapsed = [0.0, 0.0]
+            for i in ((0, 1) if round_number % 2 else (1, 0)):
+                use(libraries[i])
+                start = time.perf_counter()
+                for _ in range(steps_per_turn):
+                    engine.step()
+                elapsed[i] = (time.perf_counter() - start) / steps_per_turn
+            times[0].append(elapsed[0]), times[1].append(elapsed[1])
+            ratios.append(elapsed[0] / elapsed[1])
+        while engine.has_unfinished_requests():
+            engine.step()
+        label = f"{batch} sequences" + (f", one of {long_context} tokens" if long_context else "")
+        print(f"  {label}: baseline {min(times[0]) * 1e3:.2f} ms a step (median {statistics.median(times[0]) * 1e3:.2f})"
+              f"  this {min(times[1]) * 1e3:.2f} (median {statistics.median(times[1]) * 1e3:.2f})"
+              f"  median ratio x{statistics.median(ratios):.3f}")
+        del llm, engine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="a git revision of this repository")
@@ -131,6 +172,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[128, 512])
     parser.add_argument("--prompts", type=int, nargs="*", default=[128, 512, 2048])
     parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--decode-batch", type=int, default=32)
+    parser.add_argument("--long-contexts", type=int, nargs="*", default=[0, 2000],
+                        help="decode steps with one sequence this long among 128-token ones (0: all 128); none: skip")
     args = parser.parse_args()
 
     print(describe_machine())
@@ -146,6 +190,11 @@ def main() -> None:
             if args.dtype == "int8":
                 print("  (int8: the prompts run the model's own dtype; --dtype int8 affects the products only)")
             prompts(libraries, str(random_checkpoint(args.shape, torch.bfloat16, seed=0)), model_dtype, args.prompts, args.rounds)
+        if args.long_contexts:
+            model_dtype = "bfloat16" if args.dtype == "int8" else args.dtype
+            print(f"decode steps, {args.shape} random weights, {model_dtype}, {args.rounds} rounds in turns:")
+            decodes(libraries, str(random_checkpoint(args.shape, torch.bfloat16, seed=0)), model_dtype, args.decode_batch,
+                    args.long_contexts, args.rounds)
 
 
 if __name__ == "__main__":

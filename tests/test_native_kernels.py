@@ -514,6 +514,46 @@ def test_prompt_attention_is_causal_and_declines_what_the_tiles_do_not_take():
         native.prompt_attention(query, out, [(0, 4, 2, key, value, torch.arange(5))], heads, 1, 0.125, False)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tiles", [True, False])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype, tiles, threads):
+    # A row's work ends at its last unmasked position, not at the batch's longest context (whose
+    # masked tail added nothing but time), and the threads share the rows by their lengths: each
+    # row's output equals, bit for bit, that row attended alone over its own positions. Rows:
+    # one long context among short ones, a length off every step of 8 and 16, a single position,
+    # a masked hole, a row masked throughout (zeros), and lengths in no order.
+    if tiles and not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    if tiles and cache_dtype == torch.float32:
+        pytest.skip("a float32 cache takes the vector code")
+    generator = torch.Generator().manual_seed(13)
+    lengths = [300, 5, 17, 64, 1, 33, 120, 0]
+    batch, heads, head_dim, max_len = len(lengths), 12, 64, max(lengths)
+    cache = torch.randn(2, 400, head_dim, generator=generator).to(cache_dtype)
+    query = torch.randn(batch, heads * head_dim, generator=generator)
+    slots = torch.randint(0, 400, (batch, max_len), generator=generator)
+    mask = torch.zeros(batch, max_len).masked_fill_(torch.arange(max_len)[None] >= torch.tensor(lengths)[:, None],
+                                                     float("-inf"))
+    mask[6, 50] = float("-inf")  # a hole inside a row's context stays masked
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if not tiles:
+            native.amx_disable()
+        together = native.decode_attention(query, cache, slots, mask, heads, 1, 0.125)
+        for row, length in enumerate(lengths):
+            if length == 0:
+                assert torch.equal(together[row], torch.zeros(heads * head_dim))
+                continue
+            alone = native.decode_attention(query[row:row + 1], cache, slots[row:row + 1, :length],
+                                            mask[row:row + 1, :length], heads, 1, 0.125)
+            assert torch.equal(together[row], alone[0]), (row, length)
+    finally:
+        torch.set_num_threads(previous)
+        native.amx_init()
+
+
 @pytest.mark.parametrize("head_dim", [64, 12])  # vector path (multiple of 8) and scalar path
 def test_decode_attention_of_a_fully_masked_row_is_zero(head_dim):
     cache = torch.randn(2, 40, head_dim)

@@ -11,6 +11,7 @@
  * a float16 one).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,22 +252,46 @@ long starchat_attention_scratch(long batch, long max_len, int heads, int kv_head
            starchat_amx_attention_scratch(max_len, head_dim);
 }
 
+void starchat_attention_lengths(const float *mask, long batch, long max_len, int64_t *lengths) {
+    for (long b = 0; b < batch; b++) {
+        long length = max_len;
+        while (length > 1 && masked(mask + b * max_len, length - 1)) length--;
+        lengths[b] = length;
+    }
+}
+
+static inline long clamped_length(int64_t length, long max_len) { return length < 1 ? 1 : length > max_len ? max_len : length; }
+
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
-                              const float *mask, long batch, long max_len, int heads, int kv_heads, int head_dim,
-                              float scale, void *out, int threads, float *scratch) {
+                              const float *mask, const int64_t *lengths, long batch, long max_len,
+                              int heads, int kv_heads, int head_dim, float scale, void *out, int threads, float *scratch) {
     int group = heads / kv_heads, split, per_item;
     long kv_dim = (long)kv_heads * head_dim;
     work_split(batch, heads, kv_heads, threads, &split, &per_item);
-#pragma omp for schedule(static)
-    for (long item = 0; item < batch * kv_heads * split; item++) {
-        long b = item / (kv_heads * split), rest = item % (kv_heads * split);
+    /* Each thread takes a run of consecutive items of about equal work (a row's length, plus a
+     * fixed cost per item): with one long context among short ones, equal counts of rows left
+     * one thread with the long row and half the short ones. Equal lengths give the equal shares
+     * of a static schedule, the rows whose new keys and queries the same thread just wrote. */
+    const long items = batch * kv_heads * split, per_row = kv_heads * split, item_cost = 32;
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    double total = 0.0;
+    for (long b = 0; b < batch; b++) total += (double)per_row * (clamped_length(lengths[b], max_len) + item_cost);
+    double before = 0.0;
+    for (long item = 0; item < items; item++) {
+        long b = item / per_row, rest = item % per_row;
+        long length = clamped_length(lengths[b], max_len);
+        double middle = before + 0.5 * (length + item_cost);
+        before += length + item_cost;
+        int owner = (int)(middle * team / total);
+        if ((owner < team ? owner : team - 1) != thread) continue;
         int kv_head = (int)(rest / split), part = (int)(rest % split);
         int first = part * per_item, count = group - first < per_item ? group - first : per_item;
         if (count <= 0) continue;
         long q_offset = b * (long)heads * head_dim + ((long)kv_head * group + first) * head_dim;
-        group_attention(query, io_type, keys, values, type, slots + b * max_len, mask + b * max_len, max_len, kv_dim,
+        group_attention(query, io_type, keys, values, type, slots + b * max_len, mask + b * max_len, length, kv_dim,
                         count, head_dim, kv_head, scale, out, q_offset, scratch);
     }
+#pragma omp barrier
 }
 
 /* query, out: (batch, heads * head_dim) of io_type; keys, values: (num_slots, kv_heads * head_dim)
@@ -280,14 +305,18 @@ int starchat_decode_attention(const void *query, int io_type, const void *keys, 
         return -1;
     threads = threads > 0 ? threads : 1;
     long scratch_floats = starchat_attention_scratch(batch, max_len, heads, kv_heads, head_dim, threads);
+    int64_t *lengths = (int64_t *)malloc((size_t)(batch + 1) * sizeof(int64_t));
+    if (!lengths) return -2;
+    starchat_attention_lengths(mask, batch, max_len, lengths);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *scratch = starchat_thread_scratch(scratch_floats, &failed);
         if (!failed)
-            starchat_attention_items(query, io_type, keys, values, type, slots, mask, batch, max_len, heads, kv_heads,
-                                     head_dim, scale, out, threads, scratch);
+            starchat_attention_items(query, io_type, keys, values, type, slots, mask, lengths, batch, max_len, heads,
+                                     kv_heads, head_dim, scale, out, threads, scratch);
         free(scratch);
     }
+    free(lengths);
     return failed ? -2 : 0;
 }

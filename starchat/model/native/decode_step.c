@@ -67,6 +67,7 @@ typedef struct {
 typedef struct {
     float *hidden, *normed, *qkv, *attended, *wide, *mask;
     int64_t *write_slots, *read_slots;
+    int64_t *lengths; /* each row's context (position + 1): where its attention ends */
     long max_len;
 } Buffers;
 
@@ -251,9 +252,8 @@ static const float *block(const Model *m, const Layer *layer, const Step *s, con
         store_cache_row(values, s->cache_type, buf->write_slots[r], kv_dim, row + embed + kv_dim);
         for (long i = 0; i < embed; i++) buf->normed[r * embed + i] = row[i];
     }
-    starchat_attention_items(buf->normed, W_F32, keys, values, s->cache_type, buf->read_slots, buf->mask, rows,
-                             buf->max_len, m->heads, m->kv_heads, m->head_dim, m->scale, buf->attended, threads,
-                             attention_scratch);
+    starchat_attention_items(buf->normed, W_F32, keys, values, s->cache_type, buf->read_slots, buf->mask, buf->lengths, rows, buf->max_len, m->heads, m->kv_heads, m->head_dim, m->scale, buf->attended,
+                             threads, attention_scratch);
     product(buf->attended, rows, &layer->attn_proj, buf->wide, embed, embed, ACTIVATION_NONE);
     add_and_norm_rows(buf->hidden, buf->wide, rows, embed, layer->ln2_weight, layer->ln2_bias, m->eps, buf->normed);
     /* the tanh GELU in the product's stores, while each panel's sums are in L1 */
@@ -332,15 +332,17 @@ int starchat_decode_step(const Model *m, const Step *s, float *logits, int64_t *
     }
     const long wide = m->inner > m->embed ? m->inner : m->embed;
     const long floats = rows * (3 * m->embed + m->qkv + wide + max_len);
-    const long slots = rows * (1 + max_len);
+    const long slots = rows * (2 + max_len);
     /* One allocation: the slot tables first (8-byte aligned), then the float buffers. */
     int64_t *shared = (int64_t *)malloc((size_t)slots * sizeof(int64_t) + (size_t)floats * sizeof(float));
     if (!shared) return -2;
     Buffers buf;
     buf.max_len = max_len;
     buf.write_slots = shared;
-    buf.read_slots = buf.write_slots + rows;
+    buf.lengths = buf.write_slots + rows;
+    buf.read_slots = buf.lengths + rows;
     buf.hidden = (float *)(buf.read_slots + rows * max_len);
+    for (long r = 0; r < rows; r++) buf.lengths[r] = s->positions[r] + 1;
     buf.normed = buf.hidden + rows * m->embed;
     buf.attended = buf.normed + rows * m->embed;
     buf.qkv = buf.attended + rows * m->embed;

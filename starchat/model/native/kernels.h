@@ -153,10 +153,16 @@ int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, cons
 long starchat_amx_attention_scratch(long max_len, int head_dim);
 /* Whether AMX tiles are granted here and not taken back (amx.c). */
 int starchat_amx_ready(void);
-/* query and out are of io_type, the cache of type. */
+/* Decode attention's items inside a parallel region (decode_attention.c), shared among its threads
+ * by work. query and out are of io_type, the cache of type; slots and mask (batch, max_len);
+ * lengths (batch,): each row's positions up to its last unmasked one (starchat_attention_lengths),
+ * so that a row's work ends there and not at the batch's longest context. */
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
-                              const float *mask, long batch, long max_len, int heads, int kv_heads, int head_dim,
-                              float scale, void *out, int threads, float *scratch);
+                              const float *mask, const int64_t *lengths, long batch, long max_len, int heads, int kv_heads,
+                              int head_dim, float scale, void *out, int threads, float *scratch);
+/* lengths[b]: 1 + the last position of mask row b (batch rows of max_len) that is not -inf; 1 for a
+ * row masked throughout (its zeros come from the usual path). */
+void starchat_attention_lengths(const float *mask, long batch, long max_len, int64_t *lengths);
 /* Floats of per-thread scratch starchat_attention_items needs. */
 long starchat_attention_scratch(long batch, long max_len, int heads, int kv_heads, int head_dim, int threads);
 
