@@ -522,20 +522,21 @@ def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype
     # masked tail added nothing but time), and the threads share the rows by their lengths: each
     # row's output equals, bit for bit, that row attended alone over its own positions. Rows:
     # one long context among short ones, a length off every step of 8 and 16, a single position,
-    # a masked hole, a row masked throughout (zeros), and lengths in no order.
+    # a masked hole, a row masked throughout (zeros), long rows whose keys go in parts, and
+    # lengths in no order.
     if tiles and not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     if tiles and cache_dtype == torch.float32:
         pytest.skip("a float32 cache takes the vector code")
     generator = torch.Generator().manual_seed(13)
-    lengths = [300, 5, 17, 64, 1, 33, 120, 0]
+    lengths = [300, 5, 17, 2100, 64, 1, 33, 1100, 120, 0]  # 2,100 and 1,100: keys in parts, merged
     batch, heads, head_dim, max_len = len(lengths), 12, 64, max(lengths)
-    cache = torch.randn(2, 400, head_dim, generator=generator).to(cache_dtype)
+    cache = torch.randn(2, 4000, head_dim, generator=generator).to(cache_dtype)
     query = torch.randn(batch, heads * head_dim, generator=generator)
-    slots = torch.randint(0, 400, (batch, max_len), generator=generator)
+    slots = torch.randint(0, 4000, (batch, max_len), generator=generator)
     mask = torch.zeros(batch, max_len).masked_fill_(torch.arange(max_len)[None] >= torch.tensor(lengths)[:, None],
                                                      float("-inf"))
-    mask[6, 50] = float("-inf")  # a hole inside a row's context stays masked
+    mask[8, 50] = float("-inf")  # a hole inside a row's context stays masked
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -549,6 +550,53 @@ def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype
             alone = native.decode_attention(query[row:row + 1], cache, slots[row:row + 1, :length],
                                             mask[row:row + 1, :length], heads, 1, 0.125)
             assert torch.equal(together[row], alone[0]), (row, length)
+    finally:
+        torch.set_num_threads(previous)
+        native.amx_init()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tiles", [True, False])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_attention_of_long_rows_in_key_parts_matches_float64(cache_dtype, tiles, threads):
+    # Rows of 1,024+ keys attend in parts of 512 (the last up to 1,023), each part's sums kept
+    # unnormalised with its maximum and total, then merged: against float64 within each path's
+    # bound (tiles: the bfloat16 / split rounding of the test above; vectors: float32's). Rows:
+    # a part with every key masked, a row whose only keys sit in its last part, a row whose only
+    # key is its first, one long row alone (its parts shared among the threads) and two KV heads.
+    if tiles and not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    if tiles and cache_dtype == torch.float32:
+        pytest.skip("a float32 cache takes the vector code")
+    generator = torch.Generator().manual_seed(17)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if not tiles:
+            native.amx_disable()
+        for lengths, heads, kv_heads, head_dim in (([1500, 40, 3000, 1024, 2047], 12, 1, 64), ([5000], 12, 1, 64),
+                                                   ([1300, 2600], 8, 2, 32)):
+            batch, max_len = len(lengths), max(lengths)
+            cache = torch.randn(2, 6000, kv_heads * head_dim, generator=generator).to(cache_dtype)
+            query = torch.randn(batch, heads * head_dim, generator=generator)
+            slots = torch.randint(0, 6000, (batch, max_len), generator=generator)
+            mask = torch.zeros(batch, max_len).masked_fill_(
+                torch.arange(max_len)[None] >= torch.tensor(lengths)[:, None], float("-inf"))
+            if batch == 5:
+                mask[0, 512:1024] = float("-inf")  # the second part: nothing to attend to
+                mask[2, :2560] = float("-inf")  # only the last part's keys
+                mask[3, 1:] = float("-inf")  # only the first key
+            scale = 1 / math.sqrt(head_dim)
+            out = native.decode_attention(query, cache, slots, mask, heads, kv_heads, scale)
+
+            keys = cache[0][slots].double().view(batch, max_len, kv_heads, head_dim)
+            values = cache[1][slots].double().view(batch, max_len, kv_heads, head_dim)
+            grouped = query.double().view(batch, kv_heads, heads // kv_heads, head_dim)
+            scores = torch.einsum("bkgd,blkd->bkgl", grouped, keys) * scale + mask.double()[:, None, None, :]
+            expected = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores, -1), values).reshape(batch, -1)
+            bound = 1e-5 if not tiles else 1.5e-2 if cache_dtype == torch.bfloat16 else 5e-5
+            error = (out.double() - expected).abs().max().item()
+            assert error < bound, (lengths, error)
     finally:
         torch.set_num_threads(previous)
         native.amx_init()

@@ -419,10 +419,12 @@ static inline __m512i cache_bits(const uint16_t *cache, int split, const int64_t
  * (split) float16 cache. With a float16 cache every product is split as the float16 products
  * are (header comment): keys and values as two exact bfloat16 halves, queries and softmax
  * weights as two halves keeping 16 bits, three tile products each. Tiles: C in tmm0 (scores) or
- * tmm0-3 (outputs), A high / low in tmm4 / tmm6, B high / low in tmm5 / tmm7. */
+ * tmm0-3 (outputs), A high / low in tmm4 / tmm6, B high / low in tmm5 / tmm7. stats (not NULL):
+ * the outputs are left unnormalised and head h's maximum score and sum of weights go to
+ * stats[2h], stats[2h + 1] (a part of the keys, merged with the others by the caller). */
 static int attention_item(const float *q, int heads, const uint16_t *keys, const uint16_t *values, int split, long kv_dim,
                           long offset, const int64_t *slots, const float *mask, long max_len, int head_dim, float scale,
-                          float *out, float *scratch) {
+                          float *out, float *stats, float *scratch) {
     if (!amx_granted || heads < 1 || heads > 16 || head_dim % 32 || head_dim > 256) return 0;
     const long blocks = (max_len + 31) / 32 * 2; /* 16-key blocks, an even number (PV takes 32 keys a step) */
     const int dim_steps = head_dim / 32;
@@ -517,7 +519,12 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
     }
     /* O = P V, 64 dimensions (four C tiles) at a time; V's B tiles built from pairs of key rows. */
     float inverse[16];
-    _mm512_storeu_ps(inverse, _mm512_maskz_div_ps((__mmask16)~empty, _mm512_set1_ps(1.0f), total));
+    _mm512_storeu_ps(inverse, stats ? _mm512_set1_ps(1.0f) : _mm512_maskz_div_ps((__mmask16)~empty, _mm512_set1_ps(1.0f), total));
+    if (stats) {
+        float maxima[16], totals[16];
+        _mm512_storeu_ps(maxima, best), _mm512_storeu_ps(totals, total);
+        for (int h = 0; h < heads; h++) stats[2 * h] = maxima[h], stats[2 * h + 1] = totals[h];
+    }
     float tile[16][16] __attribute__((aligned(64)));
     for (int d0 = 0; d0 < head_dim; d0 += 64) {
         const int tiles = (head_dim - d0) / 16 < 4 ? (head_dim - d0) / 16 : 4;
@@ -563,14 +570,14 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
 
 int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, const uint16_t *values, int type, long kv_dim,
                            long offset, const int64_t *slots, const float *mask, long max_len, int head_dim, float scale,
-                           float *out, float *scratch) {
+                           float *out, float *stats, float *scratch) {
 #if HAVE_AMX
     if (type != W_BF16 && type != W_F16) return 0;
     return attention_item(q, heads, keys, values, type == W_F16, kv_dim, offset, slots, mask, max_len, head_dim, scale, out,
-                          scratch);
+                          stats, scratch);
 #else
     (void)q; (void)heads; (void)keys; (void)values; (void)type; (void)kv_dim; (void)offset; (void)slots; (void)mask; (void)max_len;
-    (void)head_dim; (void)scale; (void)out; (void)scratch;
+    (void)head_dim; (void)scale; (void)out; (void)stats; (void)scratch;
     return 0;
 #endif
 }

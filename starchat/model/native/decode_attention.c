@@ -106,11 +106,22 @@ static inline __attribute__((always_inline)) void weighted_values(const float *w
 #define WEIGHTED_VALUES8(n) weighted_values(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, n, acc)
 #define WEIGHTED_VALUES16(n) weighted_values16(scores + (long)g * max_len, max_len, rows, max_len, head_dim, c, n, acc)
 
-/* All query heads of one KV head for one sequence; every key/value row is widened once and used
- * by every head of the group. `scratch`: starchat_attention_scratch(...) floats. */
-static void group_attention(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
-                            const float *mask, long max_len, long kv_dim, int group, int head_dim, int kv_head,
-                            float scale, void *out, long q_offset, float *scratch) {
+/* Where an item's heads go: output rows of `type` from `offset` on, normalised; or, for a part of
+ * a long row's keys (stats not NULL), float32 sums left unnormalised, with each head's maximum
+ * score and sum of weights in stats[2h], stats[2h + 1], for merge_parts. */
+typedef struct {
+    void *out;
+    int type;
+    long offset;
+    float *stats;
+} Destination;
+
+/* All query heads of one KV head for one sequence (the query's heads from element q_offset on)
+ * over `max_len` keys; every key/value row is widened once and used by every head of the group.
+ * `scratch`: starchat_attention_scratch(...) floats. */
+static void group_attention(const void *query, int io_type, long q_offset, const void *keys, const void *values, int type,
+                            const int64_t *slots, const float *mask, long max_len, long kv_dim, int group, int head_dim,
+                            int kv_head, float scale, Destination to, float *scratch) {
     float *scores = scratch;                                   /* group x max_len: scores, then weights */
     float *q = scores + (long)group * max_len;                 /* group x head_dim */
     float *rows = q + (long)group * head_dim;                  /* max_len x head_dim widened keys, then values */
@@ -126,12 +137,12 @@ static void group_attention(const void *query, int io_type, const void *keys, co
         for (int g = 0; g < group && done; g += 16)
             done = starchat_amx_attention(q + (long)g * head_dim, group - g < 16 ? group - g : 16, (const uint16_t *)keys,
                                           (const uint16_t *)values, type, kv_dim, offset, slots, mask, max_len, head_dim,
-                                          scale, result + (long)g * head_dim, amx_scratch);
+                                          scale, result + (long)g * head_dim, to.stats ? to.stats + 2 * g : NULL, amx_scratch);
         if (done) {
-            if (io_type == W_F32)
-                memcpy((float *)out + q_offset, result, (size_t)group * head_dim * sizeof(float));
+            if (to.type == W_F32)
+                memcpy((float *)to.out + to.offset, result, (size_t)group * head_dim * sizeof(float));
             else
-                for (long i = 0; i < (long)group * head_dim; i++) store_as(out, io_type, q_offset + i, result[i]);
+                for (long i = 0; i < (long)group * head_dim; i++) store_as(to.out, to.type, to.offset + i, result[i]);
             return;
         }
     }
@@ -186,7 +197,9 @@ static void group_attention(const void *query, int io_type, const void *keys, co
     for (l = 0; l < max_len; l++)
         cache_row(values, type, slots[l] * kv_dim + offset, head_dim, masked(mask, l), rows + l * head_dim);
 
-    /* out[g] = weights[g] @ values / total[g] */
+    /* out[g] = weights[g] @ values / total[g] (a part: not divided, the maximum and total kept) */
+    if (to.stats)
+        for (int h = 0; h < group; h++) to.stats[2 * h] = best[h], to.stats[2 * h + 1] = total[h];
     int g = 0;
 #if ATTENTION_AVX2 && defined(__AVX512F__)
     if (head_dim % 16 == 0)
@@ -196,15 +209,15 @@ static void group_attention(const void *query, int io_type, const void *keys, co
                 __m512 acc[8];
                 WITH_HEAD_COUNT(heads, WEIGHTED_VALUES16)
                 for (int h = 0; h < heads; h++) {
-                    const float inverse = total[g + h] > 0.0f ? 1.0f / total[g + h] : 0.0f;
+                    const float inverse = to.stats ? 1.0f : total[g + h] > 0.0f ? 1.0f / total[g + h] : 0.0f;
                     const __m512 result = _mm512_mul_ps(acc[h], _mm512_set1_ps(inverse));
-                    const long at = q_offset + (long)(g + h) * head_dim + c;
-                    if (io_type == W_F32) {
-                        _mm512_storeu_ps((float *)out + at, result);
+                    const long at = to.offset + (long)(g + h) * head_dim + c;
+                    if (to.type == W_F32) {
+                        _mm512_storeu_ps((float *)to.out + at, result);
                     } else {
                         float lanes[16];
                         _mm512_storeu_ps(lanes, result);
-                        for (int d = 0; d < 16; d++) store_as(out, io_type, at + d, lanes[d]);
+                        for (int d = 0; d < 16; d++) store_as(to.out, to.type, at + d, lanes[d]);
                     }
                 }
             }
@@ -218,37 +231,46 @@ static void group_attention(const void *query, int io_type, const void *keys, co
                 __m256 acc[8];
                 WITH_HEAD_COUNT(heads, WEIGHTED_VALUES8)
                 for (int h = 0; h < heads; h++) {
-                    float lanes[8], inverse = total[g + h] > 0.0f ? 1.0f / total[g + h] : 0.0f;
+                    float lanes[8], inverse = to.stats ? 1.0f : total[g + h] > 0.0f ? 1.0f / total[g + h] : 0.0f;
                     _mm256_storeu_ps(lanes, _mm256_mul_ps(acc[h], _mm256_set1_ps(inverse)));
-                    for (int d = 0; d < 8; d++) store_as(out, io_type, q_offset + (long)(g + h) * head_dim + c + d, lanes[d]);
+                    for (int d = 0; d < 8; d++) store_as(to.out, to.type, to.offset + (long)(g + h) * head_dim + c + d, lanes[d]);
                 }
             }
         }
 #endif
     for (; g < group; g++) {
-        float inverse = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
+        float inverse = to.stats ? 1.0f : total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
         for (int d = 0; d < head_dim; d++) {
             float sum = 0.0f;
             for (long i = 0; i < max_len; i++) sum += scores[g * max_len + i] * rows[i * head_dim + d];
-            store_as(out, io_type, q_offset + (long)g * head_dim + d, sum * inverse);
+            store_as(to.out, to.type, to.offset + (long)g * head_dim + d, sum * inverse);
         }
     }
 }
 
-/* How the work is cut: items are (sequence, KV head, part of the group). With fewer
- * (sequence, KV head) pairs than threads (one multi-query sequence), the group's heads are split
- * into one part per thread, each widening the shared key/value rows once. */
-static void work_split(long batch, int heads, int kv_heads, int threads, int *split, int *per_item) {
-    int group = heads / kv_heads;
-    *split = (batch * kv_heads < threads) ? (threads < group ? threads : group) : 1;
-    *per_item = (group + *split - 1) / *split;
+/* A row's keys go in parts of KEY_PART (the last one up to twice that), each part an item of its
+ * own whose unnormalised sums are merged after the others: a long context is shared among the
+ * threads instead of running on one (or on all of them, each over every key, for a part of the
+ * heads). The parts depend on the row's length alone, so a row's output is the same bits in any
+ * batch and on any number of threads. */
+#define KEY_PART 1024
+static long key_parts(long length) { return length < 2 * KEY_PART ? 1 : length / KEY_PART; }
+
+static inline long clamped_length(int64_t length, long max_len) { return length < 1 ? 1 : length > max_len ? max_len : length; }
+
+long starchat_attention_partials(const int64_t *lengths, long batch, long max_len, int heads, int head_dim) {
+    long floats = 0;
+    for (long b = 0; b < batch; b++) {
+        const long parts = key_parts(clamped_length(lengths[b], max_len));
+        if (parts > 1) floats += parts * heads * (head_dim + 2);
+    }
+    return floats;
 }
 
-long starchat_attention_scratch(long batch, long max_len, int heads, int kv_heads, int head_dim, int threads) {
-    int split, per_item;
-    work_split(batch, heads, kv_heads, threads, &split, &per_item);
+long starchat_attention_scratch(long max_len, int heads, int kv_heads, int head_dim) {
+    const long group = heads / kv_heads;
     /* group_attention's regions, then the AMX path's result and scratch */
-    return (long)per_item * (max_len + head_dim + 2) + max_len * head_dim + (long)per_item * head_dim +
+    return group * (max_len + head_dim + 2) + max_len * head_dim + group * head_dim +
            starchat_amx_attention_scratch(max_len, head_dim);
 }
 
@@ -260,36 +282,91 @@ void starchat_attention_lengths(const float *mask, long batch, long max_len, int
     }
 }
 
-static inline long clamped_length(int64_t length, long max_len) { return length < 1 ? 1 : length > max_len ? max_len : length; }
+/* One row's parts (`parts` blocks of heads x (head_dim + 2) floats: each head's sums, then its
+ * maximum and total) into its output rows: each part rescaled to the largest maximum. */
+static void merge_parts(const float *partials, long parts, int heads, int head_dim, void *out, int type, long offset) {
+    const long stride = (long)heads * (head_dim + 2);
+    const float *stats = partials + (long)heads * head_dim;
+    for (int h = 0; h < heads; h++) {
+        float best = -INFINITY, total = 0.0f, factor[parts];
+        for (long p = 0; p < parts; p++) best = fmaxf(best, stats[p * stride + 2 * h]);
+        for (long p = 0; p < parts; p++) {
+            const float part_best = stats[p * stride + 2 * h];
+            factor[p] = isinf(part_best) ? 0.0f : expf(part_best - best); /* a part with every key masked adds nothing */
+            total += factor[p] * stats[p * stride + 2 * h + 1];
+        }
+        const float inverse = total > 0.0f ? 1.0f / total : 0.0f; /* every key masked: zeros */
+        float sum[head_dim];
+        for (int d = 0; d < head_dim; d++) sum[d] = 0.0f;
+        for (long p = 0; p < parts; p++) {
+            const float *part = partials + p * stride + (long)h * head_dim;
+            for (int d = 0; d < head_dim; d++) sum[d] += factor[p] * part[d];
+        }
+        if (type == W_F32) {
+            float *row = (float *)out + offset + (long)h * head_dim;
+            for (int d = 0; d < head_dim; d++) row[d] = sum[d] * inverse;
+        } else {
+            for (int d = 0; d < head_dim; d++) store_as(out, type, offset + (long)h * head_dim + d, sum[d] * inverse);
+        }
+    }
+}
 
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
-                              const float *mask, const int64_t *lengths, long batch, long max_len,
-                              int heads, int kv_heads, int head_dim, float scale, void *out, int threads, float *scratch) {
-    int group = heads / kv_heads, split, per_item;
-    long kv_dim = (long)kv_heads * head_dim;
-    work_split(batch, heads, kv_heads, threads, &split, &per_item);
-    /* Each thread takes a run of consecutive items of about equal work (a row's length, plus a
-     * fixed cost per item): with one long context among short ones, equal counts of rows left
-     * one thread with the long row and half the short ones. Equal lengths give the equal shares
-     * of a static schedule, the rows whose new keys and queries the same thread just wrote. */
-    const long items = batch * kv_heads * split, per_row = kv_heads * split, item_cost = 32;
-    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
-    double total = 0.0;
-    for (long b = 0; b < batch; b++) total += (double)per_row * (clamped_length(lengths[b], max_len) + item_cost);
+                              const float *mask, const int64_t *lengths, long batch, long max_len, int heads, int kv_heads,
+                              int head_dim, float scale, void *out, float *partials, float *scratch) {
+    const int group = heads / kv_heads, thread = omp_get_thread_num(), team = omp_get_num_threads();
+    const long kv_dim = (long)kv_heads * head_dim, part_floats = (long)heads * (head_dim + 2);
+    /* Items are (row, KV head, part of the group's heads, part of the keys). With fewer (row, KV
+     * head, key part) units than threads (one short multi-query row), the group's heads are split
+     * into one part per thread, each widening the shared key/value rows once. */
+    long units = 0;
+    for (long b = 0; b < batch; b++) units += kv_heads * key_parts(clamped_length(lengths[b], max_len));
+    const int split = units < team ? (team < group ? team : group) : 1, per_item = (group + split - 1) / split;
+    /* Each thread takes a run of consecutive items of about equal work (its keys, plus a fixed
+     * cost per item): with one long context among short ones, equal counts of rows left one
+     * thread with the long row and half the short ones. Equal lengths give the equal shares of a
+     * static schedule, the rows whose new keys and queries the same thread just wrote. */
+    const long item_cost = 32;
+    double work = 0.0;
+    for (long b = 0; b < batch; b++) {
+        const long length = clamped_length(lengths[b], max_len);
+        work += (double)kv_heads * split * (length + item_cost * key_parts(length));
+    }
     double before = 0.0;
-    for (long item = 0; item < items; item++) {
-        long b = item / per_row, rest = item % per_row;
-        long length = clamped_length(lengths[b], max_len);
-        double middle = before + 0.5 * (length + item_cost);
-        before += length + item_cost;
-        int owner = (int)(middle * team / total);
-        if ((owner < team ? owner : team - 1) != thread) continue;
-        int kv_head = (int)(rest / split), part = (int)(rest % split);
-        int first = part * per_item, count = group - first < per_item ? group - first : per_item;
-        if (count <= 0) continue;
-        long q_offset = b * (long)heads * head_dim + ((long)kv_head * group + first) * head_dim;
-        group_attention(query, io_type, keys, values, type, slots + b * max_len, mask + b * max_len, length, kv_dim,
-                        count, head_dim, kv_head, scale, out, q_offset, scratch);
+    long partial_at = 0;
+    for (long b = 0; b < batch; b++) {
+        const long length = clamped_length(lengths[b], max_len), parts = key_parts(length);
+        float *row_partials = parts > 1 ? partials + partial_at : NULL;
+        partial_at += parts > 1 ? parts * part_floats : 0;
+        for (long item = 0; item < kv_heads * split * parts; item++) {
+            const long part = item % parts, first_key = part * KEY_PART;
+            const long part_keys = part == parts - 1 ? length - first_key : KEY_PART;
+            const double middle = before + 0.5 * (part_keys + item_cost);
+            before += part_keys + item_cost;
+            const int owner = (int)(middle * team / work);
+            if ((owner < team ? owner : team - 1) != thread) continue;
+            const int kv_head = (int)(item / parts / split), first = (int)(item / parts % split) * per_item;
+            const int count = group - first < per_item ? group - first : per_item;
+            if (count <= 0) continue;
+            const long head = (long)kv_head * group + first, q_offset = (b * heads + head) * head_dim;
+            Destination to = {out, io_type, q_offset, NULL};
+            if (row_partials) {
+                float *at = row_partials + part * part_floats;
+                to = (Destination){at, W_F32, head * head_dim, at + (long)heads * head_dim + 2 * head};
+            }
+            group_attention(query, io_type, q_offset, keys, values, type, slots + b * max_len + first_key,
+                            mask + b * max_len + first_key, part_keys, kv_dim, count, head_dim, kv_head, scale, to, scratch);
+        }
+    }
+    if (partial_at) { /* the long rows' parts, merged once every thread has written its own */
+#pragma omp barrier
+        long at = 0, long_rows = 0;
+        for (long b = 0; b < batch; b++) {
+            const long parts = key_parts(clamped_length(lengths[b], max_len));
+            if (parts == 1) continue;
+            if (long_rows++ % team == thread) merge_parts(partials + at, parts, heads, head_dim, out, io_type, b * heads * head_dim);
+            at += parts * part_floats;
+        }
     }
 #pragma omp barrier
 }
@@ -304,19 +381,24 @@ int starchat_decode_attention(const void *query, int io_type, const void *keys, 
         head_dim <= 0)
         return -1;
     threads = threads > 0 ? threads : 1;
-    long scratch_floats = starchat_attention_scratch(batch, max_len, heads, kv_heads, head_dim, threads);
+    long scratch_floats = starchat_attention_scratch(max_len, heads, kv_heads, head_dim);
     int64_t *lengths = (int64_t *)malloc((size_t)(batch + 1) * sizeof(int64_t));
     if (!lengths) return -2;
     starchat_attention_lengths(mask, batch, max_len, lengths);
+    float *partials = (float *)malloc((size_t)(starchat_attention_partials(lengths, batch, max_len, heads, head_dim) + 1) * sizeof(float));
+    if (!partials) {
+        free(lengths);
+        return -2;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *scratch = starchat_thread_scratch(scratch_floats, &failed);
         if (!failed)
             starchat_attention_items(query, io_type, keys, values, type, slots, mask, lengths, batch, max_len, heads,
-                                     kv_heads, head_dim, scale, out, threads, scratch);
+                                     kv_heads, head_dim, scale, out, partials, scratch);
         free(scratch);
     }
-    free(lengths);
+    free(lengths), free(partials);
     return failed ? -2 : 0;
 }

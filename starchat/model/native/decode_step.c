@@ -65,7 +65,7 @@ typedef struct {
 
 /* Buffers of a step, shared by the threads. */
 typedef struct {
-    float *hidden, *normed, *qkv, *attended, *wide, *mask;
+    float *hidden, *normed, *qkv, *attended, *wide, *mask, *partials; /* partials: long rows' attention parts */
     int64_t *write_slots, *read_slots;
     int64_t *lengths; /* each row's context (position + 1): where its attention ends */
     long max_len;
@@ -239,7 +239,7 @@ static void step_inputs(const Model *m, const Step *s, const Buffers *buf) {
 /* One block, inside the step's parallel region. `pending`: the previous block's MLP output, not
  * yet added to the residual stream (NULL for the first block); returns this block's. */
 static const float *block(const Model *m, const Layer *layer, const Step *s, const Buffers *buf, const float *pending,
-                          void *keys, void *values, int threads, float *attention_scratch) {
+                          void *keys, void *values, float *attention_scratch) {
     const long rows = s->rows, embed = m->embed, kv_dim = (long)m->kv_heads * m->head_dim;
     add_and_norm_rows(buf->hidden, pending, rows, embed, layer->ln1_weight, layer->ln1_bias, m->eps, buf->normed);
     product(buf->normed, rows, &layer->c_attn, buf->qkv, m->qkv, embed, ACTIVATION_NONE);
@@ -252,8 +252,9 @@ static const float *block(const Model *m, const Layer *layer, const Step *s, con
         store_cache_row(values, s->cache_type, buf->write_slots[r], kv_dim, row + embed + kv_dim);
         for (long i = 0; i < embed; i++) buf->normed[r * embed + i] = row[i];
     }
-    starchat_attention_items(buf->normed, W_F32, keys, values, s->cache_type, buf->read_slots, buf->mask, buf->lengths, rows, buf->max_len, m->heads, m->kv_heads, m->head_dim, m->scale, buf->attended,
-                             threads, attention_scratch);
+    starchat_attention_items(buf->normed, W_F32, keys, values, s->cache_type, buf->read_slots, buf->mask, buf->lengths, rows,
+                             buf->max_len, m->heads, m->kv_heads, m->head_dim, m->scale, buf->attended, buf->partials,
+                             attention_scratch);
     product(buf->attended, rows, &layer->attn_proj, buf->wide, embed, embed, ACTIVATION_NONE);
     add_and_norm_rows(buf->hidden, buf->wide, rows, embed, layer->ln2_weight, layer->ln2_bias, m->eps, buf->normed);
     /* the tanh GELU in the product's stores, while each panel's sums are in L1 */
@@ -330,8 +331,13 @@ int starchat_decode_step(const Model *m, const Step *s, float *logits, int64_t *
         }
         max_len = position + 1 > max_len ? position + 1 : max_len;
     }
+    long partial_floats = 0;
+    for (long r = 0; r < rows; r++) {
+        const int64_t length = s->positions[r] + 1;
+        partial_floats += starchat_attention_partials(&length, 1, max_len, m->heads, m->head_dim);
+    }
     const long wide = m->inner > m->embed ? m->inner : m->embed;
-    const long floats = rows * (3 * m->embed + m->qkv + wide + max_len);
+    const long floats = rows * (3 * m->embed + m->qkv + wide + max_len) + partial_floats;
     const long slots = rows * (2 + max_len);
     /* One allocation: the slot tables first (8-byte aligned), then the float buffers. */
     int64_t *shared = (int64_t *)malloc((size_t)slots * sizeof(int64_t) + (size_t)floats * sizeof(float));
@@ -348,8 +354,9 @@ int starchat_decode_step(const Model *m, const Step *s, float *logits, int64_t *
     buf.qkv = buf.attended + rows * m->embed;
     buf.wide = buf.qkv + rows * m->qkv;
     buf.mask = buf.wide + rows * wide;
+    buf.partials = buf.mask + rows * max_len;
     threads = threads > 0 ? threads : 1;
-    const long attention_floats = starchat_attention_scratch(rows, max_len, m->heads, m->kv_heads, m->head_dim, threads);
+    const long attention_floats = starchat_attention_scratch(max_len, m->heads, m->kv_heads, m->head_dim);
     const long layer_elements = 2 * s->num_slots * kv_dim;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -361,7 +368,7 @@ int starchat_decode_step(const Model *m, const Step *s, float *logits, int64_t *
             for (long i = 0; i < m->layers; i++) {
                 char *keys = (char *)s->cache + i * layer_elements * element_size(s->cache_type);
                 char *values = keys + s->num_slots * kv_dim * element_size(s->cache_type);
-                pending = block(m, &m->layer[i], s, &buf, pending, keys, values, threads, attention_scratch);
+                pending = block(m, &m->layer[i], s, &buf, pending, keys, values, attention_scratch);
             }
             add_and_norm_rows(buf.hidden, pending, rows, m->embed, m->lnf_weight, m->lnf_bias, m->eps, buf.normed);
             product(buf.normed, rows, &m->lm_head, logits, m->vocab, m->embed, ACTIVATION_NONE);

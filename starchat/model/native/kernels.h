@@ -145,25 +145,30 @@ long starchat_amx_int8_max_rows(long k);
 /* One sequence's attention for `heads` (at most 16) query heads of one KV head over a bfloat16 or
  * float16 cache (`type`), on AMX tiles (amx.c): q (heads x head_dim) and out float32, keys/values
  * rows kv_dim apart, this head's columns from `offset`; 1 when done, 0 when AMX is not available
- * or the shape does not fit (head_dim a multiple of 32, at most 256). scratch:
+ * or the shape does not fit (head_dim a multiple of 32, at most 256). stats (not NULL): out left
+ * unnormalised, each head's maximum score and sum of weights in stats[2h], stats[2h + 1]. scratch:
  * starchat_amx_attention_scratch(max_len, head_dim) floats. */
 int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, const uint16_t *values, int type, long kv_dim,
                            long offset, const int64_t *slots, const float *mask, long max_len, int head_dim, float scale,
-                           float *out, float *scratch);
+                           float *out, float *stats, float *scratch);
 long starchat_amx_attention_scratch(long max_len, int head_dim);
 /* Whether AMX tiles are granted here and not taken back (amx.c). */
 int starchat_amx_ready(void);
 /* Decode attention's items inside a parallel region (decode_attention.c), shared among its threads
  * by work. query and out are of io_type, the cache of type; slots and mask (batch, max_len);
  * lengths (batch,): each row's positions up to its last unmasked one (starchat_attention_lengths),
- * so that a row's work ends there and not at the batch's longest context. */
+ * so that a row's work ends there and not at the batch's longest context. A long row's keys go
+ * in parts, merged after: partials holds starchat_attention_partials(...) floats shared by the
+ * team, scratch starchat_attention_scratch(...) floats of the calling thread's own. */
 void starchat_attention_items(const void *query, int io_type, const void *keys, const void *values, int type, const int64_t *slots,
                               const float *mask, const int64_t *lengths, long batch, long max_len, int heads, int kv_heads,
-                              int head_dim, float scale, void *out, int threads, float *scratch);
+                              int head_dim, float scale, void *out, float *partials, float *scratch);
 /* lengths[b]: 1 + the last position of mask row b (batch rows of max_len) that is not -inf; 1 for a
  * row masked throughout (its zeros come from the usual path). */
 void starchat_attention_lengths(const float *mask, long batch, long max_len, int64_t *lengths);
+/* Floats of the shared partial sums starchat_attention_items needs for these rows' lengths. */
+long starchat_attention_partials(const int64_t *lengths, long batch, long max_len, int heads, int head_dim);
 /* Floats of per-thread scratch starchat_attention_items needs. */
-long starchat_attention_scratch(long batch, long max_len, int heads, int kv_heads, int head_dim, int threads);
+long starchat_attention_scratch(long max_len, int heads, int kv_heads, int head_dim);
 
 #endif
