@@ -8,7 +8,11 @@ p50/p90/p99, end-to-end latency, request and token throughput, and errors.
     starchat bench serve --base-url http://127.0.0.1:8000 --concurrency 64 --duration 120 \
         --input-len 128 --output-len 128 --json results.json
 
-Every request asks for exactly --output-len tokens (`ignore_eos`), as vLLM's random dataset does.
+Every request asks for exactly its output length (`ignore_eos`), as vLLM's random dataset does.
+With --range-ratio R each request's input and output lengths are drawn uniformly from
+[len * (1 - R), len * (1 + R)] (vLLM's --random-range-ratio): a server's real mix, whose long and
+short sequences share its batches, where equal lengths can hide costs that grow with the
+longest sequence of a batch.
 The prompts follow from --seed, so a repeated run sends the same ones: against a server with
 prefix caching they are found cached and their prefill is skipped. The report says how many of
 the run's prompt tokens the server found cached (from its /metrics, where it is starchat).
@@ -65,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Poisson arrival rate in requests/s (default: inf = as fast as concurrency allows).")
     parser.add_argument("--input-len", type=int, default=128, help="Prompt tokens per request (default: %(default)s).")
     parser.add_argument("--output-len", type=int, default=128, help="Generated tokens per request (default: %(default)s).")
+    parser.add_argument("--range-ratio", type=float, default=0.0,
+                        help="Draw each request's input and output lengths uniformly from len * (1 -/+ this); "
+                             "0 = exactly --input-len / --output-len (default).")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default).")
     parser.add_argument("--seed", type=int, default=0, help="Seed for prompts and arrivals.")
     parser.add_argument("--timeout", type=float, default=600.0, help="Per-request timeout in seconds.")
@@ -76,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.request_rate <= 0:
         parser.error("--request-rate must be > 0")
+    if not 0 <= args.range_ratio < 1:
+        parser.error("--range-ratio must be >= 0 and < 1")
     return args
 
 
@@ -84,8 +93,16 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "python": platform.python_version()}
 
 
-async def send_one(client: httpx.AsyncClient, model: str, prompt: list[int], args) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": args.temperature,
+def length_drawer(rng: random.Random, ratio: float):
+    """A function of a length giving the length of one request: the length itself with ratio 0,
+    else uniform over [length * (1 - ratio), length * (1 + ratio)], at least 1."""
+    if not ratio:
+        return lambda length: length
+    return lambda length: rng.randint(max(1, math.floor(length * (1 - ratio))), max(1, math.ceil(length * (1 + ratio))))
+
+
+async def send_one(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int, args) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": args.temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     result = RequestResult(ok=False, prompt_tokens=len(prompt))
     started = time.perf_counter()
@@ -118,8 +135,8 @@ async def send_one(client: httpx.AsyncClient, model: str, prompt: list[int], arg
     except (httpx.HTTPError, json.JSONDecodeError) as error:
         result.error = f"{type(error).__name__}: {error}"
     result.e2e = time.perf_counter() - started
-    if result.ok and result.output_tokens != args.output_len:
-        result.ok, result.error = False, f"got {result.output_tokens} tokens, asked for {args.output_len}"
+    if result.ok and result.output_tokens != output_len:
+        result.ok, result.error = False, f"got {result.output_tokens} tokens, asked for {output_len}"
     return result
 
 
@@ -133,20 +150,24 @@ async def run(args) -> dict:
         info = await client.get("/info")  # TGI's route: dtype and device, when the server has it
         server_info = info.json() if info.status_code == 200 else {}
 
-        def prompt() -> list[int]:
-            return [rng.randrange(*_PROMPT_TOKEN_RANGE) for _ in range(args.input_len)]
+        draw_length = length_drawer(rng, args.range_ratio)
+
+        def request() -> tuple[list[int], int]:
+            """A prompt and the output length to ask for."""
+            input_len, output_len = draw_length(args.input_len), draw_length(args.output_len)
+            return [rng.randrange(*_PROMPT_TOKEN_RANGE) for _ in range(input_len)], output_len
 
         for _ in range(args.warmup):
-            await send_one(client, model, prompt(), args)
+            await send_one(client, model, *request(), args)
 
         cache_before = await prefix_cache_counters(client)
         slots = asyncio.Semaphore(args.concurrency)
         tasks: list[asyncio.Task] = []
         started = time.perf_counter()
 
-        async def limited(request_prompt: list[int]) -> RequestResult:
+        async def limited(request_prompt: list[int], output_len: int) -> RequestResult:
             try:
-                return await send_one(client, model, request_prompt, args)
+                return await send_one(client, model, request_prompt, output_len, args)
             finally:
                 slots.release()
 
@@ -157,7 +178,7 @@ async def run(args) -> dict:
             if args.duration is None and len(tasks) >= args.num_prompts:
                 break
             await slots.acquire()
-            tasks.append(asyncio.create_task(limited(prompt())))
+            tasks.append(asyncio.create_task(limited(*request())))
             if math.isfinite(args.request_rate):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -214,6 +235,8 @@ def summarize(args, results: list[RequestResult], duration: float, model: str, s
         "successful": len(good),
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:5],
+        "input_len_mean": float(np.mean([r.prompt_tokens for r in good])) if good else None,
+        "output_len_mean": float(np.mean([r.output_tokens for r in good])) if good else None,
         "request_throughput": len(good) / duration,
         "output_token_throughput": output_tokens / duration,
         "total_token_throughput": (output_tokens + sum(r.prompt_tokens for r in good)) / duration,
@@ -231,8 +254,9 @@ def print_report(summary: dict) -> None:
     print(f"server:  {summary['server']['base_url']}  model={summary['server']['model']}  "
           f"dtype={summary['server']['dtype']}  device={summary['server']['device']}")
     rate = "inf" if s["request_rate"] is None else s["request_rate"]
-    print(f"load:    concurrency={s['concurrency']}  rate={rate}/s  input={s['input_len']}  "
-          f"output={s['output_len']}  " + (f"duration={s['duration']}s" if s["duration"] else f"prompts={s['num_prompts']}"))
+    spread = f" +/-{s['range_ratio']:.0%}" if s.get("range_ratio") else ""
+    print(f"load:    concurrency={s['concurrency']}  rate={rate}/s  input={s['input_len']}{spread}  "
+          f"output={s['output_len']}{spread}  " + (f"duration={s['duration']}s" if s["duration"] else f"prompts={s['num_prompts']}"))
     print("=" * 60)
     print(f"{'Successful requests:':<36}{summary['successful']:>12}")
     print(f"{'Errors:':<36}{summary['errors']:>12}")

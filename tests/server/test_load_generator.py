@@ -46,3 +46,31 @@ def test_no_prefix_cache_figures_from_servers_without_them():
     text = ("# TYPE starchat_prefix_cache_queries_total counter\nstarchat_prefix_cache_queries_total 96.0\n"
             "# TYPE starchat_prefix_cache_hits_total counter\nstarchat_prefix_cache_hits_total 32.0\n")
     assert asyncio.run(counters(200, text)) == {"queried": 96.0, "hits": 32.0}
+
+
+def test_lengths_drawn_around_the_given_ones(server, tmp_path):
+    # --range-ratio 0.5: each request's lengths uniform over [len / 2, 3 len / 2], as vLLM's random
+    # dataset draws them; every request gets exactly the output length it asked for (a request
+    # checked against --output-len instead would count as an error).
+    path = tmp_path / "mixed.json"
+    code = load_generator.main(["--base-url", server.url, "--concurrency", "4", "--num-prompts", "8", "--input-len", "40",
+                                "--output-len", "6", "--range-ratio", "0.5", "--seed", "77", "--json", str(path)])
+    summary = json.loads(path.read_text())
+    assert code == 0 and summary["successful"] == 8 and summary["errors"] == 0
+    assert 20 <= summary["input_len_mean"] <= 60 and 3 <= summary["output_len_mean"] <= 9
+    assert (summary["input_len_mean"], summary["output_len_mean"]) != (40, 6)
+
+
+def test_length_drawer_bounds():
+    import random
+
+    import pytest
+
+    draw = load_generator.length_drawer(random.Random(0), 0.5)
+    drawn = [draw(40) for _ in range(2000)]
+    assert min(drawn) == 20 and max(drawn) == 60 and len(set(drawn)) == 41  # every length in the range, both ends
+    assert {load_generator.length_drawer(random.Random(0), 0.9)(1) for _ in range(50)} <= {1, 2}  # never below 1
+    exact = load_generator.length_drawer(random.Random(0), 0.0)
+    assert [exact(40) for _ in range(5)] == [40] * 5
+    with pytest.raises(SystemExit):
+        load_generator.parse_args(["--range-ratio", "1"])
