@@ -543,6 +543,9 @@ def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype
         if not tiles:
             native.amx_disable()
         together = native.decode_attention(query, cache, slots, mask, heads, 1, 0.125)
+        # the engine hands each row's length over instead of having the mask's tail scanned
+        assert torch.equal(native.decode_attention(query, cache, slots, mask, heads, 1, 0.125, torch.tensor(lengths)),
+                           together)
         for row, length in enumerate(lengths):
             if length == 0:
                 assert torch.equal(together[row], torch.zeros(heads * head_dim))
@@ -597,6 +600,9 @@ def test_decode_attention_of_long_rows_in_key_parts_matches_float64(cache_dtype,
             bound = 1e-5 if not tiles else 1.5e-2 if cache_dtype == torch.bfloat16 else 5e-5
             error = (out.double() - expected).abs().max().item()
             assert error < bound, (lengths, error)
+            # lengths given (the third and fourth rows' masked heads then go in parts too)
+            given = native.decode_attention(query, cache, slots, mask, heads, kv_heads, scale, torch.tensor(lengths))
+            assert (given.double() - expected).abs().max().item() < bound
     finally:
         torch.set_num_threads(previous)
         native.amx_init()

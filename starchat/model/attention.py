@@ -125,7 +125,8 @@ def paged_attention(
         if num_decode and query.device.type == "cpu" and native.available():
             # A dozen small PyTorch operations per layer cost more than the arithmetic here.
             slots, mask = metadata.decode_reads()
-            decoded = native.decode_attention(query[:num_decode], layer_cache, slots, mask, num_heads, num_kv_heads, scale)
+            decoded = native.decode_attention(query[:num_decode], layer_cache, slots, mask, num_heads, num_kv_heads, scale,
+                                              metadata.decode_context_lens)
     if decoded is not None and not metadata.prefill_chunks:
         return decoded
     output = torch.empty_like(query)

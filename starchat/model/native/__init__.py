@@ -236,12 +236,14 @@ def write_cache(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 def decode_attention(query: torch.Tensor, layer_cache: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                     num_heads: int, num_kv_heads: int, scale: float) -> torch.Tensor:
+                     num_heads: int, num_kv_heads: int, scale: float, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence attending to its cached tokens (see decode_attention.c).
 
     query (B, H*D) and layer_cache (2, num_slots, KVH*D) are float32, float16 or bfloat16 (not
     necessarily the same); slots (B, L) int64 cache rows; mask (B, L) or (B, 1, 1, L) float32, 0 to
-    keep and -inf for padding. Returns (B, H*D) in the query's dtype. Requires `available()`.
+    keep and -inf for padding. lengths (B,): each row's keys, where its mask is -inf from there on
+    (the engine knows them); None: found in the mask (a scan of each row's masked tail). Returns
+    (B, H*D) in the query's dtype. Requires `available()`.
     """
     query_type, cache_type = CACHE_TYPES.get(query.dtype), CACHE_TYPES.get(layer_cache.dtype)
     batch, max_len = slots.shape
@@ -251,10 +253,15 @@ def decode_attention(query: torch.Tensor, layer_cache: torch.Tensor, slots: torc
     if slots.dtype != torch.int64 or mask.dtype != torch.float32 or mask.numel() != batch * max_len:
         raise ValueError("native decode attention: slots must be int64 (B, L) and mask float32 with B * L elements")
     query, slots, mask = query.contiguous(), slots.contiguous(), mask.contiguous()
+    if lengths is not None:
+        lengths = lengths.to(torch.int64).contiguous()
+        if lengths.shape != (batch,):
+            raise ValueError(f"native decode attention: lengths must have shape ({batch},), not {tuple(lengths.shape)}")
     out = torch.empty_like(query)
     status = load().starchat_decode_attention(
         query.data_ptr(), query_type, layer_cache[0].data_ptr(), layer_cache[1].data_ptr(), cache_type, slots.data_ptr(),
-        mask.data_ptr(), batch, max_len, num_heads, num_kv_heads, head_dim, scale, out.data_ptr(), torch.get_num_threads(),
+        mask.data_ptr(), None if lengths is None else lengths.data_ptr(), batch, max_len, num_heads, num_kv_heads,
+        head_dim, scale, out.data_ptr(), torch.get_num_threads(),
     )
     if status:
         raise MemoryError("native decode attention: out of memory") if status == -2 else \

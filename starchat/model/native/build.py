@@ -125,7 +125,8 @@ def load() -> ctypes.CDLL | None:
     library.starchat_decode_attention.restype = ctypes.c_int
     library.starchat_decode_attention.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_int,
     ]
     library.starchat_prompt_attention.restype = ctypes.c_int
     library.starchat_prompt_attention.argtypes = [

@@ -372,11 +372,12 @@ void starchat_attention_items(const void *query, int io_type, const void *keys, 
 }
 
 /* query, out: (batch, heads * head_dim) of io_type; keys, values: (num_slots, kv_heads * head_dim)
- * of `type` (each W_F32, W_F16 or W_BF16); slots: (batch, max_len); mask: (batch, max_len) additive.
+ * of `type` (each W_F32, W_F16 or W_BF16); slots: (batch, max_len); mask: (batch, max_len) additive;
+ * lengths: (batch,) each row's keys, the mask -inf from there on, or NULL: found in the mask.
  * Returns 0, -1 for a bad type or shape, -2 when out of memory. */
 int starchat_decode_attention(const void *query, int io_type, const void *keys, const void *values, int type,
-                              const int64_t *slots, const float *mask, long batch, long max_len, int heads, int kv_heads,
-                              int head_dim, float scale, void *out, int threads) {
+                              const int64_t *slots, const float *mask, const int64_t *given_lengths, long batch,
+                              long max_len, int heads, int kv_heads, int head_dim, float scale, void *out, int threads) {
     if (type < W_F32 || type > W_BF16 || io_type < W_F32 || io_type > W_BF16 || kv_heads <= 0 || heads % kv_heads ||
         head_dim <= 0)
         return -1;
@@ -384,7 +385,10 @@ int starchat_decode_attention(const void *query, int io_type, const void *keys, 
     long scratch_floats = starchat_attention_scratch(max_len, heads, kv_heads, head_dim);
     int64_t *lengths = (int64_t *)malloc((size_t)(batch + 1) * sizeof(int64_t));
     if (!lengths) return -2;
-    starchat_attention_lengths(mask, batch, max_len, lengths);
+    if (given_lengths)
+        memcpy(lengths, given_lengths, (size_t)batch * sizeof(int64_t));
+    else
+        starchat_attention_lengths(mask, batch, max_len, lengths);
     float *partials = (float *)malloc((size_t)(starchat_attention_partials(lengths, batch, max_len, heads, head_dim) + 1) * sizeof(float));
     if (!partials) {
         free(lengths);
