@@ -215,17 +215,17 @@ static void token_row(const Model *m, long token, float *out) {
 }
 
 /* Each sequence's cache rows (the token at position l of row r sits in slot
- * block_table[r][l / block_size] * block_size + l % block_size), its attention mask over max_len
- * positions, and its first hidden state. */
+ * block_table[r][l / block_size] * block_size + l % block_size), its attention mask, and its first
+ * hidden state. Rows of max_len entries, filled up to the sequence's own length: attention reads
+ * no further (buf->lengths), so a long context in the batch costs the short rows nothing here. */
 static void step_inputs(const Model *m, const Step *s, const Buffers *buf) {
 #pragma omp for schedule(static)
     for (long r = 0; r < s->rows; r++) {
         const int64_t *blocks = s->block_table + r * s->max_blocks;
         const long position = s->positions[r];
-        for (long l = 0; l < buf->max_len; l++) {
-            const int used = l <= position;
-            buf->read_slots[r * buf->max_len + l] = used ? blocks[l / s->block_size] * s->block_size + l % s->block_size : 0;
-            buf->mask[r * buf->max_len + l] = used ? 0.0f : -INFINITY;
+        for (long l = 0; l <= position; l++) {
+            buf->read_slots[r * buf->max_len + l] = blocks[l / s->block_size] * s->block_size + l % s->block_size;
+            buf->mask[r * buf->max_len + l] = 0.0f;
         }
         buf->write_slots[r] = buf->read_slots[r * buf->max_len + position];
         float *hidden = buf->hidden + r * m->embed, *scratch = buf->normed + r * m->embed;
