@@ -2,7 +2,7 @@
 
     python bench/native_ab.py --baseline b97f660 [--rows 128 512] [--shape tiny_starcoder]
                               [--dtype bfloat16] [--prompts 128 512 2048] [--rounds 16]
-                              [--decode-batch 32] [--long-contexts 0 2000]
+                              [--decode-batch 32] [--context 128] [--long-contexts 0 2000]
 
 Builds both versions of starchat/model/native (the baseline's sources taken with `git show`,
 each build cached under its own key as usual) and loads both libraries. Then:
@@ -11,7 +11,7 @@ each build cached under its own key as usual) and loads both libraries. Then:
 - prompts: one engine whose native calls switch library between runs, a fresh random prompt
   of each --prompts length to its first token, in turns (the order swapped every round);
   prints the fastest and median of each and the median of the rounds' ratios;
-- decodes: --decode-batch sequences of 128-token prompts, one of them --long-contexts tokens
+- decodes: --decode-batch sequences of --context-token prompts, one of them --long-contexts tokens
   long instead (0: none), prefilled, then 8 engine decode steps with each library in turns
   (the order swapped every round); milliseconds a step, fastest and median, and the median of
   the rounds' ratios.
@@ -129,18 +129,20 @@ def prompts(libraries, model_dir: str, dtype: str, lengths: list[int], rounds: i
               f"{statistics.median(times[1]) * 1e3:.1f})  median ratio x{statistics.median(ratios):.3f}")
 
 
-def decodes(libraries, model_dir: str, dtype: str, batch: int, long_contexts: list[int], rounds: int) -> None:
+def decodes(libraries, model_dir: str, dtype: str, batch: int, context: int, long_contexts: list[int], rounds: int) -> None:
     use(libraries[1])
     rng = random.Random(1)
     for long_context in long_contexts:
-        lengths = [128] * batch
+        lengths = [context] * batch
         if long_context:
             lengths[0] = long_context
         llm = LLM(model_dir, dtype=dtype, progress=False, max_num_seqs=max(batch, 8), enable_prefix_caching=False)
         engine, steps_per_turn = llm.engine, 8
-        for length in lengths:
-            engine.add_request([rng.randrange(100, 40000) for _ in range(length)],
-                               SamplingParams(max_new_tokens=2 * rounds * steps_per_turn + 4, ignore_eos=True))
+        # Enough new tokens that no sequence ends before the timed steps do (the first prompts
+        # start decoding while the later ones are prefilled); they are aborted after.
+        new_tokens = 2 * rounds * steps_per_turn + 8 + sum(lengths) // 64
+        ids = [engine.add_request([rng.randrange(100, 40000) for _ in range(length)],
+                                  SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for length in lengths]
         scheduler = engine.scheduler
         while scheduler.waiting or not all(request.output_token_ids for request in scheduler.running):
             engine.step()  # until every prompt is prefilled: the steps timed below are decodes only
@@ -155,9 +157,11 @@ def decodes(libraries, model_dir: str, dtype: str, batch: int, long_contexts: li
                 elapsed[i] = (time.perf_counter() - start) / steps_per_turn
             times[0].append(elapsed[0]), times[1].append(elapsed[1])
             ratios.append(elapsed[0] / elapsed[1])
+        for request_id in ids:
+            engine.abort_request(request_id)
         while engine.has_unfinished_requests():
             engine.step()
-        label = f"{batch} sequences" + (f", one of {long_context} tokens" if long_context else "")
+        label = f"{batch} sequences of {context} tokens" + (f", one of {long_context} instead" if long_context else "")
         print(f"  {label}: baseline {min(times[0]) * 1e3:.2f} ms a step (median {statistics.median(times[0]) * 1e3:.2f})"
               f"  this {min(times[1]) * 1e3:.2f} (median {statistics.median(times[1]) * 1e3:.2f})"
               f"  median ratio x{statistics.median(ratios):.3f}")
@@ -173,8 +177,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="*", default=[128, 512, 2048])
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--decode-batch", type=int, default=32)
+    parser.add_argument("--context", type=int, default=128, help="prompt tokens of each decoding sequence")
     parser.add_argument("--long-contexts", type=int, nargs="*", default=[0, 2000],
-                        help="decode steps with one sequence this long among 128-token ones (0: all 128); none: skip")
+                        help="decode steps with one sequence this long among --context ones (0: all alike); none: skip")
     args = parser.parse_args()
 
     print(describe_machine())
@@ -194,7 +199,7 @@ def main() -> None:
             model_dtype = "bfloat16" if args.dtype == "int8" else args.dtype
             print(f"decode steps, {args.shape} random weights, {model_dtype}, {args.rounds} rounds in turns:")
             decodes(libraries, str(random_checkpoint(args.shape, torch.bfloat16, seed=0)), model_dtype, args.decode_batch,
-                    args.long_contexts, args.rounds)
+                    args.context, args.long_contexts, args.rounds)
 
 
 if __name__ == "__main__":
