@@ -6,7 +6,8 @@
 For each dtype, in one run on one machine: batch-1 decode (ms/token, tokens/s, achieved GB/s),
 time to first token of a 128-token prompt, and output tokens/s of N concurrent requests
 (128-token prompts, 128 new tokens; ours through the continuous-batching scheduler, HF as one
-static batch). Prints ours/HF ratios and the absolute figures. The batch-1 figures are taken in
+static batch; with --range-ratio R each request's lengths drawn from len x [1 - R, 1 + R], for
+ours and llama.cpp). Prints ours/HF ratios and the absolute figures. The batch-1 figures are taken in
 --rounds turns, every side once per round with all of them loaded (the host drifts by 10-20% over
 minutes); each figure is a median over the rounds and each ratio the median of the rounds' ratios.
 With --llamacpp-converter,
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--concurrent", type=int, nargs="+", default=[32])
+    parser.add_argument("--range-ratio", type=float, default=0.0,
+                        help="concurrent runs: each request's prompt and new-token lengths drawn uniformly from "
+                             "len * (1 -/+ this), the same for every side (HF's static batch and CTranslate2 skip them)")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     parser.add_argument("--int8", action="store_true", help="also ours with --quantize int8 (bf16 activations)")
     parser.add_argument("--llamacpp-converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py: adds llama.cpp")
@@ -103,13 +107,16 @@ def _measure(args, model_dir: Path, dtype: str, quantize: str | None) -> dict:
     run["ours_vs"] = {name: round_ratios(ours_rounds, [r.tokens_per_s for r in rounds])
                       for name, rounds in latencies.items() if name != "ours"}
     for n in args.concurrent:
-        run["ours"][f"concurrent_{n}"] = ours_throughput(llm, n, args.prompt_len, args.new_tokens).as_dict()
+        run["ours"][f"concurrent_{n}"] = ours_throughput(llm, n, args.prompt_len, args.new_tokens, args.range_ratio).as_dict()
         if baseline:
-            run["llama.cpp"][f"concurrent_{n}"] = baseline.throughput(n, args.prompt_len, args.new_tokens).as_dict()
-        if ct2:
+            run["llama.cpp"][f"concurrent_{n}"] = baseline.throughput(n, args.prompt_len, args.new_tokens,
+                                                                      args.range_ratio).as_dict()
+        if ct2 and not args.range_ratio:
             run["ctranslate2"][f"concurrent_{n}"] = ct2.throughput(n, args.prompt_len, args.new_tokens).as_dict()
-        if hf:
+        if hf and not args.range_ratio:
             run["hf"][f"concurrent_{n}"] = hf.throughput(n, args.prompt_len, args.new_tokens).as_dict()
+    run["ours"]["concurrent_range_ratio"] = args.range_ratio
+    run["prompt_len"] = args.prompt_len
     if baseline:
         run["llama.cpp"]["type"] = outtype
     if ct2:
@@ -131,23 +138,26 @@ def _ratio_text(ratios: list[float]) -> str:
 
 def _print(dtype: str, run: dict) -> None:
     ours = run["ours"]
+    ttft_label = f"TTFT ms ({run.get('prompt_len', 128)}-token prompt)"
     print(f"\n== {dtype} == (batch-1: medians of {len(ours['latency_rounds'])} rounds taken in turns; "
           "ratio = median of the rounds' ratios)")
     print(f"{'batch-1 decode tokens/s':38s} ours {ours['latency']['tokens_per_s']:9.1f}   "
           f"({ours['latency']['achieved_gb_per_s']:.1f} GB/s, {ours['latency']['ms_per_token']:.1f} ms/token)")
-    print(f"{'TTFT ms (128-token prompt)':38s} ours {ours['latency']['ttft_ms']:9.1f}")
+    print(f"{ttft_label:38s} ours {ours['latency']['ttft_ms']:9.1f}")
     for name in BASELINES:
         if name not in run:
             continue
         theirs, label = run[name], _label(name, run[name])
         print(f"{'batch-1 decode tokens/s':38s} {label} {theirs['latency']['tokens_per_s']:9.1f}   "
               f"ours vs {label} {_ratio_text(run['ours_vs'][name])}")
-        print(f"{'TTFT ms (128-token prompt)':38s} {label} {theirs['latency']['ttft_ms']:9.1f}")
+        print(f"{ttft_label:38s} {label} {theirs['latency']['ttft_ms']:9.1f}")
     for key in ours:
-        if key.startswith("concurrent_"):
-            text = f"{key.split('_')[1] + ' requests: output tokens/s':38s} ours {ours[key]['output_tokens_per_s']:9.1f}"
+        if key.startswith("concurrent_") and key != "concurrent_range_ratio":
+            spread = f" (lengths +/-{ours['concurrent_range_ratio']:.0%})" if ours.get("concurrent_range_ratio") else ""
+            label = f"{key.split('_')[1]} requests{spread}: output tokens/s"
+            text = f"{label:38s} ours {ours[key]['output_tokens_per_s']:9.1f}"
             for name in BASELINES:
-                if name in run:
+                if name in run and key in run[name]:
                     theirs = run[name][key]["output_tokens_per_s"]
                     text += f"   {_label(name, run[name])} {theirs:.1f} x{ours[key]['output_tokens_per_s'] / theirs:.2f}"
             print(text, flush=True)

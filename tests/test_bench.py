@@ -177,3 +177,20 @@ def test_speed_benchmarks_compute_every_prompt_token(tiny_model_dir):
     prompt = list(range(1000, 1100))
     first, second = (llm.generate([prompt], SamplingParams(max_new_tokens=1))[0] for _ in range(2))
     assert first.num_cached_tokens == second.num_cached_tokens == 0
+
+
+def test_concurrent_workload_draws_lengths_around_the_given_ones(tiny_model_dir):
+    from starchat import LLM
+    from starchat.bench.offline import concurrent_workload, ours_throughput, random_prompts
+
+    prompts, counts = concurrent_workload(4, 12, 5)
+    assert prompts == random_prompts(4, 12, seed=2) and counts == [5] * 4  # ratio 0: the runs of before
+    prompts, counts = concurrent_workload(200, 40, 10, range_ratio=0.5)
+    assert {len(prompt) for prompt in prompts} <= set(range(20, 61)) and len({len(prompt) for prompt in prompts}) > 20
+    assert set(counts) <= set(range(5, 16)) and len(set(counts)) > 5
+    assert concurrent_workload(200, 40, 10, range_ratio=0.5) == (prompts, counts)  # every engine gets the same
+    assert all(19 <= token < 49152 for prompt in prompts for token in prompt)
+    # ours generates every request's own count: the rate times the time is their sum
+    llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    result = ours_throughput(llm, 6, 10, 4, range_ratio=0.5)
+    assert result.output_tokens_per_s * result.seconds == pytest.approx(sum(concurrent_workload(6, 10, 4, 0.5)[1]))

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from starchat.bench.checkpoints import tokenizer_within_vocab
-from starchat.bench.offline import LatencyResult, ThroughputResult, random_prompts, whole_sequence_latency
+from starchat.bench.offline import LatencyResult, ThroughputResult, concurrent_workload, whole_sequence_latency
 
 
 def convert_to_gguf(model_dir: Path, outtype: str, converter: Path, output_dir: Path) -> Path:
@@ -68,21 +68,25 @@ class LlamaCppBaseline:
     def first_tokens(self, prompt: list[int], count: int) -> list[int]:
         return self._greedy(prompt, count)
 
-    def throughput(self, num_prompts: int, prompt_len: int, new_tokens: int) -> ThroughputResult:
-        """End to end (prefill included), greedy, like `offline.ours_throughput`."""
+    def throughput(self, num_prompts: int, prompt_len: int, new_tokens: int, range_ratio: float = 0.0) -> ThroughputResult:
+        """End to end (prefill included), greedy, like `offline.ours_throughput`, over the same
+        workload (`offline.concurrent_workload`): each prompt prefilled, then every unfinished
+        sequence decoded one token a step in one batch."""
         import llama_cpp
         import numpy as np
 
+        prompts, counts = concurrent_workload(num_prompts, prompt_len, new_tokens, range_ratio)
+        longest = max(len(prompt) + count for prompt, count in zip(prompts, counts))
         params = llama_cpp.llama_context_default_params()
         params.n_seq_max = num_prompts
-        params.n_ctx = num_prompts * (prompt_len + new_tokens + 8)  # split per sequence (kv_unified off)
-        params.n_batch = params.n_ubatch = max(512, num_prompts)
+        params.n_ctx = num_prompts * (longest + 8)  # split per sequence (kv_unified off)
+        params.n_batch = params.n_ubatch = max(512, num_prompts, max(map(len, prompts)))  # a prompt goes in one batch
         params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = False
         context = llama_cpp.llama_init_from_model(self.llm._model.model, params)
         if not context:
             raise RuntimeError("llama.cpp could not create a batched context")
-        batch = llama_cpp.llama_batch_init(max(prompt_len, num_prompts), 0, 1)
+        batch = llama_cpp.llama_batch_init(max(max(map(len, prompts)), num_prompts), 0, 1)
         vocab = self.llm.n_vocab()
 
         def run(entries: list[tuple[int, int, int, bool]]) -> list[int]:
@@ -98,14 +102,21 @@ class LlamaCppBaseline:
                     for row in rows]
 
         try:
-            prompts = random_prompts(num_prompts, prompt_len, seed=2)
             start = time.perf_counter()
-            last = [run([(token, position, sequence, position == prompt_len - 1) for position, token in enumerate(prompt)])[0]
+            last = [run([(token, position, sequence, position == len(prompt) - 1) for position, token in enumerate(prompt)])[0]
                     for sequence, prompt in enumerate(prompts)]
-            for step in range(new_tokens - 1):
-                last = run([(token, prompt_len + step, sequence, True) for sequence, token in enumerate(last)])
+            made = [1] * num_prompts  # the prompt's step gave each its first token
+            while True:
+                active = [sequence for sequence in range(num_prompts) if made[sequence] < counts[sequence]]
+                if not active:
+                    break
+                tokens = run([(last[sequence], len(prompts[sequence]) + made[sequence] - 1, sequence, True)
+                              for sequence in active])
+                for sequence, token in zip(active, tokens):
+                    last[sequence] = token
+                    made[sequence] += 1
             seconds = time.perf_counter() - start
         finally:
             llama_cpp.llama_batch_free(batch)
             llama_cpp.llama_free(context)
-        return ThroughputResult(num_prompts, num_prompts * new_tokens / seconds, seconds)
+        return ThroughputResult(num_prompts, sum(counts) / seconds, seconds)

@@ -9,6 +9,7 @@ scheduler, HF as one static batch): output tokens/s end to end, prefill included
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields
@@ -16,6 +17,7 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from starchat.bench.lengths import length_drawer
 from starchat.bench.machine import synchronize
 from starchat.engine.engine import LLMEngine
 from starchat.llm import LLM
@@ -183,6 +185,21 @@ def random_prompts(count: int, length: int, seed: int = 0, vocab: int = 49152) -
     return torch.randint(19, vocab, (count, length), generator=generator).tolist()  # no special tokens
 
 
+def concurrent_workload(num_prompts: int, prompt_len: int, new_tokens: int, range_ratio: float = 0.0,
+                        seed: int = 2) -> tuple[list[list[int]], list[int]]:
+    """The prompts and new-token counts of a concurrent run: every prompt prompt_len tokens and
+    every request new_tokens with range_ratio 0, else each length drawn uniformly from
+    len x [1 - range_ratio, 1 + range_ratio] (lengths.length_drawer). The same for every engine
+    measured with the same arguments."""
+    if not range_ratio:
+        return random_prompts(num_prompts, prompt_len, seed=seed), [new_tokens] * num_prompts
+    draw = length_drawer(random.Random(seed), range_ratio)
+    lengths = [(draw(prompt_len), draw(new_tokens)) for _ in range(num_prompts)]
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(19, 49152, (length,), generator=generator).tolist() for length, _ in lengths]
+    return prompts, [count for _, count in lengths]
+
+
 def weight_bytes_read_per_token(model: torch.nn.Module) -> int:
     """Every parameter is read once per decoded token, except the embedding tables (one row each;
     a table tied to the lm_head is counted once, as the lm_head, whether packed or not)."""
@@ -213,12 +230,13 @@ def ours_latency(llm: LLM, new_tokens: int, prompt_len: int, repeats: int = 3) -
                                   repeats, llm.engine.device)
 
 
-def ours_throughput(llm: LLM, num_prompts: int, prompt_len: int, new_tokens: int) -> ThroughputResult:
-    prompts = random_prompts(num_prompts, prompt_len, seed=2)
+def ours_throughput(llm: LLM, num_prompts: int, prompt_len: int, new_tokens: int,
+                    range_ratio: float = 0.0) -> ThroughputResult:
+    prompts, counts = concurrent_workload(num_prompts, prompt_len, new_tokens, range_ratio)
     llm.generate(prompts[:2], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
-    seconds = _median_time(lambda: llm.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)),
-                           llm.engine.device, 1)
-    return ThroughputResult(num_prompts, num_prompts * new_tokens / seconds, seconds)
+    params = [SamplingParams(max_new_tokens=count, ignore_eos=True) for count in counts]
+    seconds = _median_time(lambda: llm.generate(prompts, params), llm.engine.device, 1)
+    return ThroughputResult(num_prompts, sum(counts) / seconds, seconds)
 
 
 class HFBaseline:

@@ -35,6 +35,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from starchat.bench.lengths import length_drawer
+
 # Token ids drawn for prompts: plain BPE tokens, away from the specials at both ends of StarChat's vocabulary.
 _PROMPT_TOKEN_RANGE = (1000, 40000)
 
@@ -91,14 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version()}
-
-
-def length_drawer(rng: random.Random, ratio: float):
-    """A function of a length giving the length of one request: the length itself with ratio 0,
-    else uniform over [length * (1 - ratio), length * (1 + ratio)], at least 1."""
-    if not ratio:
-        return lambda length: length
-    return lambda length: rng.randint(max(1, math.floor(length * (1 - ratio))), max(1, math.ceil(length * (1 + ratio))))
 
 
 async def send_one(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int, args) -> RequestResult:
