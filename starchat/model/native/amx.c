@@ -436,7 +436,7 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
     const long blocks = (max_len + 31) / 32 * 2; /* 16-key blocks, an even number (PV takes 32 keys a step) */
     const int dim_steps = head_dim / 32;
     /* scratch: scores (blocks x 16 keys x 16 heads, float32), then uint16 tiles: P high and low
-     * (blocks / 2 each), Q high and low (dim_steps each), two staging tiles */
+     * (blocks / 2 each), Q high and low (dim_steps each), two staging tiles, four value tiles */
     float *scores = scratch;
     uint16_t *p_high = (uint16_t *)(scores + blocks * 256), *p_low = p_high + blocks / 2 * 512;
     uint16_t *q_high = p_low + blocks / 2 * 512, *q_low = q_high + dim_steps * 512;
@@ -531,7 +531,12 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
             if (split) _mm512_storeu_si512((__m512i *)(p_low + pair_block * 512 + 32 * h), low[h]);
         }
     }
-    /* O = P V, 64 dimensions (four C tiles) at a time; V's B tiles built from pairs of key rows. */
+    /* O = P V, 64 dimensions (four C tiles) at a time; V's B tiles built from pairs of key rows.
+     * Over a bfloat16 cache each pair of rows gives its B tiles' rows by word interleaves, 32
+     * dimensions at a time: the low and high interleave of a 128-bit lane hold dimensions
+     * 8k .. 8k + 3 and 8k + 4 .. 8k + 7, so C tile column c of those tiles is dimension
+     * column_dim(tile, c), put back in place when the outputs are stored. */
+    uint16_t *value_tiles = staging_low + 512; /* four B tiles (bfloat16 cache) */
     float inverse[16];
     _mm512_storeu_ps(inverse, stats ? _mm512_set1_ps(1.0f) : _mm512_maskz_div_ps((__mmask16)~empty, _mm512_set1_ps(1.0f), total));
     if (stats) {
@@ -546,6 +551,27 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
         for (long pair_block = 0; pair_block < blocks / 2; pair_block++) {
             _tile_loadd(4, p_high + pair_block * 512, 64);
             if (split) _tile_loadd(6, p_low + pair_block * 512, 64);
+            if (!split) {
+                for (int p = 0; p < 16; p++) {
+                    const long l = pair_block * 32 + 2 * p;
+                    const int even_used = l < max_len && !(isinf(mask[l]) && mask[l] < 0);
+                    const int odd_used = l + 1 < max_len && !(isinf(mask[l + 1]) && mask[l + 1] < 0);
+                    for (int chunk = 0; chunk < tiles / 2; chunk++) {
+                        const long column = offset + d0 + 32 * chunk;
+                        const __m512i even = even_used ? _mm512_loadu_si512((const void *)(values + slots[l] * kv_dim + column))
+                                                       : _mm512_setzero_si512();
+                        const __m512i odd = odd_used ? _mm512_loadu_si512((const void *)(values + slots[l + 1] * kv_dim + column))
+                                                     : _mm512_setzero_si512();
+                        _mm512_storeu_si512((__m512i *)(value_tiles + (2 * chunk) * 512 + 32 * p), _mm512_unpacklo_epi16(even, odd));
+                        _mm512_storeu_si512((__m512i *)(value_tiles + (2 * chunk + 1) * 512 + 32 * p), _mm512_unpackhi_epi16(even, odd));
+                    }
+                }
+                for (int t = 0; t < tiles; t++) {
+                    _tile_loadd(5, value_tiles + t * 512, 64);
+                    DP_INTO(t, 4, 5)
+                }
+                continue;
+            }
             for (int t = 0; t < tiles; t++) {
                 const long column = offset + d0 + 16 * t;
                 for (int p = 0; p < 16; p++) {
@@ -574,7 +600,10 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
         for (int t = 0; t < tiles; t++) {
             store_c_tile(t, tile, 64);
             for (int h = 0; h < heads; h++)
-                for (int c = 0; c < 16; c++) out[(long)h * head_dim + d0 + 16 * t + c] = tile[h][c] * inverse[h];
+                for (int c = 0; c < 16; c++) {
+                    const int dim = split ? 16 * t + c : 32 * (t / 2) + 8 * (c / 4) + 4 * (t % 2) + c % 4; /* column_dim */
+                    out[(long)h * head_dim + d0 + dim] = tile[h][c] * inverse[h];
+                }
         }
     }
     _tile_release();
@@ -598,7 +627,7 @@ int starchat_amx_attention(const float *q, int heads, const uint16_t *keys, cons
 
 long starchat_amx_attention_scratch(long max_len, int head_dim) {
     const long blocks = (max_len + 31) / 32 * 2;
-    return blocks * 256 + (2 * (blocks / 2) * 512 + 2 * (head_dim / 32) * 512 + 2 * 512) / 2 + 16;
+    return blocks * 256 + (2 * (blocks / 2) * 512 + 2 * (head_dim / 32) * 512 + 6 * 512) / 2 + 16;
 }
 
 int starchat_amx_init(void) {
