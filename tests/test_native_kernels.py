@@ -608,6 +608,44 @@ def test_decode_attention_of_long_rows_in_key_parts_matches_float64(cache_dtype,
         native.amx_init()
 
 
+@pytest.mark.parametrize("heads, head_dim", [(12, 64), (48, 128)])
+def test_decode_attention_reads_whole_cache_blocks_in_place(heads, head_dim):
+    # A block of 16 keys, all used, in 16 consecutive cache rows (the engine's 16-token blocks)
+    # is loaded as an A tile straight from the cache; other blocks are staged row by row. The
+    # same keys and values at scattered slots (all staged) give the same bits, and both match
+    # float64. Rows: whole blocks and a partial last one, a masked hole (a NaN key there, which
+    # must not reach the output), a long row in parts.
+    if not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(21)
+    lengths = [300, 64, 17, 2100]
+    batch, max_len, blocks_per_row = len(lengths), max(lengths), (max(lengths) + 15) // 16
+    blocks = torch.randperm(batch * blocks_per_row + 8, generator=generator)[:batch * blocks_per_row].view(batch, -1)
+    in_blocks = (blocks[:, :, None] * 16 + torch.arange(16)).reshape(batch, -1)[:, :max_len].contiguous()
+    slots_total = (batch * blocks_per_row + 8) * 16
+    scattered = torch.randperm(slots_total, generator=generator)[:batch * max_len].view(batch, max_len)
+    cache = torch.randn(2, slots_total, head_dim, generator=generator).bfloat16()
+    moved = torch.zeros_like(cache)
+    moved[:, scattered.flatten()] = cache[:, in_blocks.flatten()]  # the same rows, scattered
+    query = torch.randn(batch, heads * head_dim, generator=generator)
+    mask = torch.zeros(batch, max_len).masked_fill_(torch.arange(max_len)[None] >= torch.tensor(lengths)[:, None],
+                                                     float("-inf"))
+    mask[0, 37] = float("-inf")  # its block is staged: a masked row may hold anything, a NaN too
+    cache[0, in_blocks[0, 37]] = float("nan")
+    moved[0, scattered[0, 37]] = float("nan")
+    scale = 1 / math.sqrt(head_dim)
+    try:
+        out = native.decode_attention(query, cache, in_blocks, mask, heads, 1, scale)
+        assert torch.equal(out, native.decode_attention(query, moved, scattered, mask, heads, 1, scale))
+        keys, values = (cache[i][in_blocks].double().nan_to_num() for i in (0, 1))
+        scores = torch.einsum("bhd,bld->bhl", query.double().view(batch, heads, head_dim), keys) * scale
+        weights = torch.softmax(scores + mask.double()[:, None, :], -1)
+        expected = torch.einsum("bhl,bld->bhd", weights, values).reshape(batch, -1)
+        assert (out.double() - expected).abs().max().item() < 1.5e-2
+    finally:
+        native.amx_init()
+
+
 @pytest.mark.parametrize("head_dim", [64, 12])  # vector path (multiple of 8) and scalar path
 def test_decode_attention_of_a_fully_masked_row_is_zero(head_dim):
     cache = torch.randn(2, 40, head_dim)

@@ -470,7 +470,18 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
             }
         }
         _tile_zero(0);
+        /* A bfloat16 block of 16 keys, all used, in 16 consecutive cache rows (a cache block: the
+         * usual case) is its own A tile, loaded from the cache with the rows' stride. */
+        const long first = block * 16;
+        const int in_place = !split && first + 16 <= max_len && slots[first + 15] == slots[first] + 15 &&
+                             !_mm512_cmp_ps_mask(_mm512_loadu_ps(mask + first), _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
         for (int step = 0; step < dim_steps; step++) {
+            if (in_place) {
+                _tile_loadd(4, keys + slots[first] * kv_dim + offset + step * 32, kv_dim * 2);
+                _tile_loadd(5, q_high + step * 512, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                continue;
+            }
             for (int i = 0; i < 16; i++) {
                 const long l = block * 16 + i, column = offset + step * 32;
                 if (split) {
