@@ -514,6 +514,14 @@ def test_prompt_attention_is_causal_and_declines_what_the_tiles_do_not_take():
         native.prompt_attention(query, out, [(0, 4, 2, key, value, torch.arange(5))], heads, 1, 0.125, False)
 
 
+def _skip_unless_attention_path(cache_dtype, tiles: bool) -> None:
+    """Skips a case whose decode attention path (AMX tiles or the vector code) cannot run here."""
+    if tiles and not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    if tiles and cache_dtype == torch.float32:
+        pytest.skip("a float32 cache takes the vector code")
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tiles", [True, False])
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -524,16 +532,13 @@ def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype
     # one long context among short ones, a length off every step of 8 and 16, a single position,
     # a masked hole, a row masked throughout (zeros), long rows whose keys go in parts, and
     # lengths in no order.
-    if tiles and not native.amx_init():
-        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
-    if tiles and cache_dtype == torch.float32:
-        pytest.skip("a float32 cache takes the vector code")
+    _skip_unless_attention_path(cache_dtype, tiles)
     generator = torch.Generator().manual_seed(13)
-    lengths = [300, 5, 17, 2100, 64, 1, 33, 1100, 120, 0]  # 2,100 and 1,100: keys in parts, merged
+    lengths = [300, 5, 17, 2100, 64, 1, 33, 3300, 120, 0]  # 2,100 and 3,300: keys in parts, merged
     batch, heads, head_dim, max_len = len(lengths), 12, 64, max(lengths)
-    cache = torch.randn(2, 4000, head_dim, generator=generator).to(cache_dtype)
+    cache = torch.randn(2, 5000, head_dim, generator=generator).to(cache_dtype)
     query = torch.randn(batch, heads * head_dim, generator=generator)
-    slots = torch.randint(0, 4000, (batch, max_len), generator=generator)
+    slots = torch.randint(0, 5000, (batch, max_len), generator=generator)
     mask = torch.zeros(batch, max_len).masked_fill_(torch.arange(max_len)[None] >= torch.tensor(lengths)[:, None],
                                                      float("-inf"))
     mask[8, 50] = float("-inf")  # a hole inside a row's context stays masked
@@ -562,22 +567,20 @@ def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype
 @pytest.mark.parametrize("tiles", [True, False])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_decode_attention_of_long_rows_in_key_parts_matches_float64(cache_dtype, tiles, threads):
-    # Rows of 1,024+ keys attend in parts of 512 (the last up to 1,023), each part's sums kept
+    # Rows of 2,048+ keys attend in parts of 1,024 (the last up to 2,047), each part's sums kept
     # unnormalised with its maximum and total, then merged: against float64 within each path's
     # bound (tiles: the bfloat16 / split rounding of the test above; vectors: float32's). Rows:
-    # a part with every key masked, a row whose only keys sit in its last part, a row whose only
-    # key is its first, one long row alone (its parts shared among the threads) and two KV heads.
-    if tiles and not native.amx_init():
-        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
-    if tiles and cache_dtype == torch.float32:
-        pytest.skip("a float32 cache takes the vector code")
+    # a middle part with every key masked, a row whose only keys sit in its last part, a row whose
+    # only key is its first, a row below the parts, one long row alone (its parts shared among the
+    # threads) and two KV heads.
+    _skip_unless_attention_path(cache_dtype, tiles)
     generator = torch.Generator().manual_seed(17)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         if not tiles:
             native.amx_disable()
-        for lengths, heads, kv_heads, head_dim in (([1500, 40, 3000, 1024, 2047], 12, 1, 64), ([5000], 12, 1, 64),
+        for lengths, heads, kv_heads, head_dim in (([3500, 40, 3000, 2048, 4095, 2047], 12, 1, 64), ([5000], 12, 1, 64),
                                                    ([1300, 2600], 8, 2, 32)):
             batch, max_len = len(lengths), max(lengths)
             cache = torch.randn(2, 6000, kv_heads * head_dim, generator=generator).to(cache_dtype)
@@ -585,8 +588,8 @@ def test_decode_attention_of_long_rows_in_key_parts_matches_float64(cache_dtype,
             slots = torch.randint(0, 6000, (batch, max_len), generator=generator)
             mask = torch.zeros(batch, max_len).masked_fill_(
                 torch.arange(max_len)[None] >= torch.tensor(lengths)[:, None], float("-inf"))
-            if batch == 5:
-                mask[0, 512:1024] = float("-inf")  # the second part: nothing to attend to
+            if batch == 6:
+                mask[0, 1024:2048] = float("-inf")  # the second of three parts: nothing to attend to
                 mask[2, :2560] = float("-inf")  # only the last part's keys
                 mask[3, 1:] = float("-inf")  # only the first key
             scale = 1 / math.sqrt(head_dim)
