@@ -115,8 +115,7 @@ def _measure(args, model_dir: Path, dtype: str, quantize: str | None) -> dict:
             run["ctranslate2"][f"concurrent_{n}"] = ct2.throughput(n, args.prompt_len, args.new_tokens).as_dict()
         if hf and not args.range_ratio:
             run["hf"][f"concurrent_{n}"] = hf.throughput(n, args.prompt_len, args.new_tokens).as_dict()
-    run["ours"]["concurrent_range_ratio"] = args.range_ratio
-    run["prompt_len"] = args.prompt_len
+    run["concurrent_range_ratio"], run["prompt_len"] = args.range_ratio, args.prompt_len
     if baseline:
         run["llama.cpp"]["type"] = outtype
     if ct2:
@@ -152,8 +151,8 @@ def _print(dtype: str, run: dict) -> None:
               f"ours vs {label} {_ratio_text(run['ours_vs'][name])}")
         print(f"{ttft_label:38s} {label} {theirs['latency']['ttft_ms']:9.1f}")
     for key in ours:
-        if key.startswith("concurrent_") and key != "concurrent_range_ratio":
-            spread = f" (lengths +/-{ours['concurrent_range_ratio']:.0%})" if ours.get("concurrent_range_ratio") else ""
+        if key.startswith("concurrent_"):
+            spread = f" (lengths +/-{run['concurrent_range_ratio']:.0%})" if run.get("concurrent_range_ratio") else ""
             label = f"{key.split('_')[1]} requests{spread}: output tokens/s"
             text = f"{label:38s} ours {ours[key]['output_tokens_per_s']:9.1f}"
             for name in BASELINES:
