@@ -617,7 +617,7 @@ def test_decode_attention_reads_whole_cache_blocks_in_place(heads, head_dim):
     # is loaded as an A tile straight from the cache; other blocks are staged row by row. The
     # same keys and values at scattered slots (all staged) give the same bits, and both match
     # float64. Rows: whole blocks and a partial last one, a masked hole (a NaN key there, which
-    # must not reach the output), a long row in parts.
+    # must not reach the output), a block with two rows out of order, a long row in parts.
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(21)
@@ -625,6 +625,7 @@ def test_decode_attention_reads_whole_cache_blocks_in_place(heads, head_dim):
     batch, max_len, blocks_per_row = len(lengths), max(lengths), (max(lengths) + 15) // 16
     blocks = torch.randperm(batch * blocks_per_row + 8, generator=generator)[:batch * blocks_per_row].view(batch, -1)
     in_blocks = (blocks[:, :, None] * 16 + torch.arange(16)).reshape(batch, -1)[:, :max_len].contiguous()
+    in_blocks[1, 3:5] = in_blocks[1, 3:5].flip(0)  # a block whose first and last rows are in place, two others swapped
     slots_total = (batch * blocks_per_row + 8) * 16
     scattered = torch.randperm(slots_total, generator=generator)[:batch * max_len].view(batch, max_len)
     cache = torch.randn(2, slots_total, head_dim, generator=generator).bfloat16()

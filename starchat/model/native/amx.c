@@ -414,6 +414,16 @@ static int int8_columns(const float *x, long m, const int8_t *w, const Output *o
  * (tiny_starcoder, bfloat16; the values' share the most of it). */
 #define ATTENTION_PREFETCH_BLOCKS 2
 
+/* Whether slots[0 .. 16) are 16 consecutive cache rows. */
+static inline int consecutive_slots(const int64_t *slots) {
+    const __m512i base = _mm512_set1_epi64(slots[0]);
+    const __mmask8 low = _mm512_cmpeq_epi64_mask(_mm512_loadu_si512((const void *)slots),
+                                                 _mm512_add_epi64(base, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)));
+    const __mmask8 high = _mm512_cmpeq_epi64_mask(_mm512_loadu_si512((const void *)(slots + 8)),
+                                                  _mm512_add_epi64(base, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15)));
+    return low == 0xFF && high == 0xFF;
+}
+
 /* Cache row l's 16 values from column `column` as float32 bits (zeros for a masked or absent row). */
 static inline __m512i cache_bits(const uint16_t *cache, int split, const int64_t *slots, const float *mask, long max_len,
                                  long l, long kv_dim, long column) {
@@ -474,7 +484,7 @@ static int attention_item(const float *q, int heads, const uint16_t *keys, const
         /* A bfloat16 block of 16 keys, all used, in 16 consecutive cache rows (a cache block: the
          * usual case) is its own A tile, loaded from the cache with the rows' stride. */
         const long first = block * 16;
-        const int in_place = !split && first + 16 <= max_len && slots[first + 15] == slots[first] + 15 &&
+        const int in_place = !split && first + 16 <= max_len && consecutive_slots(slots + first) &&
                              !_mm512_cmp_ps_mask(_mm512_loadu_ps(mask + first), _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
         for (int step = 0; step < dim_steps; step++) {
             if (in_place) {
