@@ -194,3 +194,39 @@ def test_concurrent_workload_draws_lengths_around_the_given_ones(tiny_model_dir)
     llm = LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
     result = ours_throughput(llm, 6, 10, 4, range_ratio=0.5)
     assert result.output_tokens_per_s * result.seconds == pytest.approx(sum(concurrent_workload(6, 10, 4, 0.5)[1]))
+
+
+def test_large_model_bench_loads_each_side_in_a_process_of_its_own_per_round(tiny_model_dir, tmp_path):
+    output = tmp_path / "large.json"
+    result = subprocess.run([sys.executable, "bench/cpu_large_model.py", "--model-dir", str(tiny_model_dir), "--rounds", "2",
+                             "--new-tokens", "2", "--prompt-len", "8", "--concurrent", "2", "--json", str(output)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())
+    rounds = figures["rounds"]["ours"]
+    assert len(rounds) == 2 and rounds[0]["process"] != rounds[1]["process"]  # a fresh process every round
+    assert all(r["peak_rss_gib"] > 0 and r["load_s"] > 0 and r["throughput"]["num_prompts"] == 2 for r in rounds)
+    assert figures["summary"]["medians"]["ours"]["batch-1 tokens/s"] == pytest.approx(
+        statistics.median(r["latency"]["tokens_per_s"] for r in rounds))
+    assert "ours_vs_llamacpp" not in figures["summary"]  # llama.cpp only where a GGUF was given
+
+
+def test_large_model_bench_ratios_favour_ours_above_one_for_rates_and_times():
+    sys.path.insert(0, "bench")
+    try:
+        from cpu_large_model import summarize
+    finally:
+        sys.path.remove("bench")
+
+    def side(tokens_per_s, ttft_ms, concurrent):
+        return {"load_s": 1.0, "peak_rss_gib": 1.0, "throughput": {"output_tokens_per_s": concurrent},
+                "latency": {"tokens_per_s": tokens_per_s, "ms_per_token": 1e3 / tokens_per_s, "achieved_gb_per_s": 1.0,
+                            "ttft_ms": ttft_ms}}
+
+    summary = summarize({"ours": [side(2.0, 100.0, 8.0), side(3.0, 200.0, 9.0)],
+                         "llama.cpp": [side(1.0, 400.0, 4.0), side(2.0, 300.0, 3.0)]})
+    ratios = summary["ours_vs_llamacpp"]
+    assert ratios["batch-1 tokens/s"]["rounds"] == [2.0, 1.5]
+    assert ratios["first token, ms"]["rounds"] == [4.0, 1.5]  # theirs / ours: ours took less time
+    assert ratios["concurrent, output tokens/s"]["median"] == pytest.approx(2.5)
+    assert summary["medians"]["ours"]["first token, ms"] == 150.0
