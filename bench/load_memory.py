@@ -29,13 +29,16 @@ def rss_kib():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 before = rss_kib()
+import time
+start = time.perf_counter()
 quantize = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "none" else None
 model = load_model(__import__("pathlib").Path(sys.argv[1]), resolve_dtype(sys.argv[2], torch.device("cpu")), torch.device("cpu"),
                    progress=False, quantize=quantize)
+seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, whole process lifetime
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024, "weights_mib": weights / 2**20,
-                  "peak_over_weights": (peak - before) * 1024 / weights}))
+                  "peak_over_weights": (peak - before) * 1024 / weights, "load_s": seconds}))
 """
 
 
@@ -56,7 +59,8 @@ def main() -> None:
         results["runs"][dtype] = figures
         print(f"{args.shape} stored bf16, loaded as {dtype:9s}{' + ' + args.quantize if args.quantize else ''}: "
               f"weights {figures['weights_mib']:8.1f} MiB, peak RSS {figures['peak_rss_mib'] / 1024:.2f} GiB, "
-              f"peak growth {figures['peak_over_weights']:.2f}x the weights (target < 1.3)", flush=True)
+              f"peak growth {figures['peak_over_weights']:.2f}x the weights (target < 1.3), "
+              f"loaded in {figures['load_s']:.1f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -14,7 +14,7 @@ import torch
 
 from starchat.model import native
 from starchat.model.native import build
-from starchat.model.quant import quantize_per_channel
+from starchat.model.quant import quantize_in_slices, quantize_per_channel
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the kernels fall back to PyTorch")
 
@@ -782,6 +782,10 @@ def test_portable_path_without_avx2(tmp_path, monkeypatch):
                                    native.gelu_(native.linear(x, packed, 29, None, scales), True))
             if weight_dtype in (torch.bfloat16, torch.int8):  # the unpacking's plain loop
                 assert torch.equal(native.unpack_bf16(native.pack_weight(weight), 29), weight.to(torch.bfloat16))
+            if weight_dtype != torch.int8:  # the quantizer's plain loops: the PyTorch formula's bits
+                quantized, quantized_scales = native.quantize_per_channel(weight)
+                reference = quantize_in_slices(weight)
+                assert torch.equal(quantized, reference[0]) and torch.equal(quantized_scales, reference[1])
         cache = torch.randn(2, 50, 32, generator=generator).half()
         query = torch.randn(2, 128, generator=generator).half()
         slots = torch.randint(0, 50, (2, 9), generator=generator)

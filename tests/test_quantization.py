@@ -27,12 +27,43 @@ def test_quantization_in_row_slices_equals_the_whole_tensor_formula(dtype, monke
     weight = (torch.randn(100, 40) * torch.linspace(0.01, 3, 100)[:, None]).to(dtype)
     weight[3] = 0  # an all-zero row keeps a positive scale
     original = weight.clone()
-    quantized, scales = quantize_per_channel(weight)
+    quantized, scales = quant.quantize_in_slices(weight)  # the path without native kernels (and on GPUs)
     assert torch.equal(weight, original)  # the input is not divided in place (float32 slices are views)
-    # the formula over the whole tensor at once, in float32
+    assert_whole_tensor_formula(weight, quantized, scales)
+
+
+def assert_whole_tensor_formula(weight, quantized, scales):
+    """The per-channel formula over the whole tensor at once, in float32."""
     expected_scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
     expected = torch.round(weight.float() / expected_scales[:, None]).clamp(-127, 127).to(torch.int8)
-    assert torch.equal(scales, expected_scales) and torch.equal(quantized, expected)
+    assert torch.equal(scales, expected_scales)
+    mismatched = (quantized != expected).nonzero()
+    assert torch.equal(quantized, expected), f"{len(mismatched)} values differ, first at {mismatched[:3].tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_quantization_gives_the_formulas_bits(dtype):
+    from starchat.model import native
+
+    if not native.available():
+        pytest.skip("native kernels not built here")
+    generator = torch.Generator().manual_seed(3)
+    # 37 columns: four 8-wide vector steps and a scalar tail; rows of very different ranges
+    weight = (torch.randn(70, 37, generator=generator) * torch.logspace(-4, 1, 70)[:, None]).to(dtype)
+    weight[5] = 0  # all zeros: the smallest scale
+    # ties: a row whose largest value is 127 has a scale of exactly 1, so k + 0.5 rounds to even
+    weight[9] = torch.tensor([127.0, -127.0] + [(k % 16) - 7.5 for k in range(35)]).to(dtype)
+    weight[10, :4] = torch.tensor([-0.0, 1e-30, -1e-30, 3.0]).to(dtype)  # tiny values beside a large one
+    quantized, scales = native.quantize_per_channel(weight)
+    assert_whole_tensor_formula(weight, quantized, scales)
+    assert quantized[9, 2:18].tolist() == [-8, -6, -6, -4, -4, -2, -2, 0, 0, 2, 2, 4, 4, 6, 6, 8]  # half to even
+    # what loading calls: the native path on CPUs, for views too
+    view = weight.t().contiguous().t()
+    assert not view.is_contiguous()
+    routed, routed_scales = quantize_per_channel(view)
+    assert torch.equal(routed, quantized) and torch.equal(routed_scales, scales)
+    with pytest.raises(ValueError, match="native quantize"):
+        native.quantize_per_channel(weight.to(torch.int8))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -148,6 +148,24 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     return out
 
 
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 (N, K), float32 scales (N,)) of a contiguous float32, float16 or bfloat16 CPU weight
+    (N, K): the same bits as quant.quantize_per_channel's PyTorch expression, in one pass over each
+    row. Requires `available()`."""
+    weight_type = WEIGHT_TYPES.get(weight.dtype)
+    if weight.dim() != 2 or weight_type not in (0, 1, 2) or not weight.is_contiguous() or weight.device.type != "cpu":
+        raise ValueError(f"native quantize: needs a contiguous 2-D float CPU weight, got {weight.dtype} {tuple(weight.shape)} "
+                         f"on {weight.device}")
+    rows, columns = weight.shape
+    quantized = torch.empty((rows, columns), dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.float32)
+    status = load().starchat_quantize_rows(weight.data_ptr(), weight_type, rows, columns, quantized.data_ptr(),
+                                           scales.data_ptr(), torch.get_num_threads())
+    if status:
+        raise MemoryError("native quantize: out of memory") if status == -2 else RuntimeError(f"native quantize failed ({status})")
+    return quantized, scales
+
+
 def gelu_(x: torch.Tensor, tanh_approximation: bool) -> torch.Tensor:
     """x = gelu(x) in place (tanh approximation or exact), for a contiguous float32 CPU tensor: the
     arithmetic of the decode step's GELU (vectorised tanh: PyTorch's float32 GELU took 1.5 ms for
