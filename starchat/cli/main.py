@@ -8,6 +8,7 @@ from starchat.cli import batch, generate
 from starchat.cli import train
 from starchat.cli import serve
 from starchat.cli import bench
+from starchat.cli import quantize
 
 app = typer.Typer(
     name="starchat",
@@ -21,6 +22,7 @@ app.command("generate")(generate.generate_command)
 app.command("chat")(generate.chat_command)
 app.command("serve")(serve.serve_command)
 app.command("batch")(batch.batch_command)
+app.command("quantize")(quantize.quantize_command)
 app.add_typer(train.train_app, name="train")
 app.add_typer(bench.bench_app, name="bench")
 

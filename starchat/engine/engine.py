@@ -28,6 +28,7 @@ from starchat.engine.runner import ModelRunner
 from starchat.errors import FieldError
 from starchat.engine.scheduler import Scheduler
 from starchat.model.loader import load_model, resolve_model_dir
+from starchat.model.quantized_checkpoint import checkpoint_quantization
 from starchat.outputs import FinishReason, StreamDelta, TokenLogprob
 from starchat.sampling_params import SamplingParams, SamplingParamsError
 from starchat.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -77,7 +78,9 @@ class LLMEngine:
         self.model_name = config.model or self.model_dir.name
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_file(self.model_dir / "config.json")
-        self.dtype = resolve_dtype(config.dtype, self.device, config.quantize, self.model_config.torch_dtype)
+        # int8 weights either way: quantized while loading, or stored so (`starchat quantize`)
+        self.quantize = config.quantize or checkpoint_quantization(self.model_dir)
+        self.dtype = resolve_dtype(config.dtype, self.device, self.quantize, self.model_config.torch_dtype)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.chat_template = ChatTemplate.from_model_dir(self.model_dir)

@@ -24,6 +24,7 @@ from starchat.model import native
 from starchat.model.attention import PromptAttention
 from starchat.model.cpu_linear import compute_in_float32, native_amx_tiles, prepare_cpu_linears
 from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
+from starchat.model.quantized_checkpoint import SCALE_SUFFIX, checkpoint_quantization, is_quantized_weight
 from starchat.model.random_checkpoint import random_state_dict
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "starchat-nano"
@@ -196,15 +197,24 @@ def load_model(
         tensors = ((name, tensor, model_dir / "config.json") for name, tensor in random_state_dict(config, dtype, device=device))
     else:
         raise ValueError(f"load_format: {load_format!r} is not supported; use auto or random")
+    # A folder written by `starchat quantize` holds int8 weights and their scales (the lm_head too).
+    stored_quantization = checkpoint_quantization(model_dir) if load_format == "auto" else None
+    if quantize is not None and quantize not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantize: {quantize!r} is not supported; use one of {', '.join(QUANTIZATION_METHODS)}")
+    quantize = quantize or stored_quantization
     with torch.device("meta"):
         model = GPTBigCodeForCausalLM(config)
+    if stored_quantization:  # int8 weights and scales in the files (the lm_head's too), read as they are
+        prepare_int8(model, dtype, skip=())
     expected = {name: param for name, param in model.named_parameters()}  # tied lm_head appears once, as wte
-    if quantize is not None:
-        if quantize not in QUANTIZATION_METHODS:
-            raise ValueError(f"quantize: {quantize!r} is not supported; use one of {', '.join(QUANTIZATION_METHODS)}")
-        # Quantized as each weight arrives; lm_head last, from the (tied) embedding or its own weight.
+    if quantize is not None and not stored_quantization:
+        # Quantized as each weight arrives, from the stored values (before any conversion to dtype,
+        # as `starchat quantize` does); lm_head last, from the (tied) embedding or its own weight.
         prepare_int8(model, dtype)
-    tied_names = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    quantized_while_loading = quantize is not None and not stored_quantization
+    head_name = "transformer.wte.weight" if config.tie_word_embeddings else "lm_head.weight"
+    head_source = None  # quantized_while_loading: the lm_head's stored values
+    tied_names = {"lm_head.weight"} if config.tie_word_embeddings and not stored_quantization else set()
     loaded: set[str] = set()
 
     bar = _progress_bar(sum(1 for _ in expected), f"loading {model_dir.name}", progress)
@@ -212,6 +222,8 @@ def load_model(
         name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
         if name.endswith(_IGNORED_SUFFIXES) or name in tied_names:
             continue
+        if stored_quantization and name.endswith(SCALE_SUFFIX):
+            name = name.removesuffix(SCALE_SUFFIX) + ".scales"  # Int8Linear's parameter
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {raw_name}; is this a GPTBigCode checkpoint matching its config.json?")
         target = expected[name]
@@ -220,11 +232,17 @@ def load_model(
                 f"{source}: tensor {raw_name} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}; "
                 "the weights and config.json do not belong together"
             )
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {raw_name} has dtype {tensor.dtype}, expected floating point weights")
-        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+        stored_int8 = stored_quantization is not None and is_quantized_weight(name)
+        if (tensor.dtype != torch.int8) if stored_int8 else not tensor.is_floating_point():
+            wanted = "int8 (a quantized checkpoint's Linear weight)" if stored_int8 else "floating point weights"
+            raise CheckpointError(f"{source}: tensor {raw_name} has dtype {tensor.dtype}, expected {wanted}")
+        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_attn.scales")):
             tensor = _fused_qkv_layout(tensor, config)
-        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        if quantized_while_loading and name == head_name:
+            head_source = tensor.to(device=device)
+        keep_stored = stored_int8 or (quantized_while_loading and name.endswith(".weight")
+                                      and isinstance(model.get_submodule(name.removesuffix(".weight")), Int8Linear))
+        _assign(model, name, tensor.to(device=device) if keep_stored else tensor.to(device=device, dtype=dtype))
         loaded.add(name)
         bar.update(1)
     bar.close()
@@ -232,11 +250,12 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{model_dir}: checkpoint lacks {shown}; the weight files are incomplete: re-download them")
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and not stored_quantization:
         model.lm_head.weight = model.transformer.wte.weight
-    if quantize is not None:
+    if quantized_while_loading:
         # The embedding table stays in float for lookups; the lm_head product reads an int8 copy.
-        model.lm_head = Int8Linear.from_float(model.lm_head.weight, None, dtype)
+        model.lm_head = Int8Linear.from_float(head_source, None, dtype)
+        del head_source
     if device.type == "cpu":
         prepare_cpu_linears(model)
         if native.available():
@@ -275,7 +294,7 @@ def _fused_qkv_layout(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_path, _, attribute = name.rpartition(".")
     module = model.get_submodule(module_path)
-    if isinstance(module, Int8Linear) and attribute == "weight":
+    if isinstance(module, Int8Linear) and attribute == "weight" and tensor.dtype != torch.int8:
         module.load_float_weight(tensor)
         return
     setattr(module, attribute, torch.nn.Parameter(tensor, requires_grad=False))

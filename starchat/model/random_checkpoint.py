@@ -8,13 +8,13 @@ seeded generator, so the same call writes the same file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from starchat.config import ModelConfig
+from starchat.model.shard_writer import write_shards
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -52,15 +52,6 @@ def random_state_dict(config: ModelConfig, dtype: torch.dtype, seed: int = 0, de
         yield "lm_head.weight", normal(config.vocab_size, config.n_embd)
 
 
-def _drop_from_page_cache(path: Path) -> None:
-    """Write a shard through to disk and drop it from the page cache: writing a 31 GB checkpoint
-    on a 24 GB machine must not fill memory with dirty pages."""
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 def write_random_checkpoint(
     output_dir: Path,
     config: ModelConfig,
@@ -70,42 +61,11 @@ def write_random_checkpoint(
     max_shard_bytes: int = 5 << 30,
 ) -> Path:
     """Write config.json, (sharded) model.safetensors and the tokenizer files into output_dir."""
-    from safetensors.torch import save_file
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     hf_config = config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
     (output_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-
-    shard: dict[str, torch.Tensor] = {}  # only the shard being filled is held in memory
-    shard_bytes = 0
-    weight_map: dict[str, int] = {}
-    written: list[str] = []
-
-    def flush():
-        index = len(written)
-        name = f"model-{index + 1:05d}.safetensors.tmp"
-        save_file(shard, str(output_dir / name), metadata={"format": "pt"})
-        _drop_from_page_cache(output_dir / name)
-        written.append(name)
-
-    for name, tensor in random_state_dict(config, dtype, seed):
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > max_shard_bytes:
-            flush()
-            shard, shard_bytes = {}, 0
-        shard[name] = tensor
-        weight_map[name] = len(written)
-        shard_bytes += size
-    flush()
-    if len(written) == 1:
-        (output_dir / written[0]).rename(output_dir / "model.safetensors")
-    else:
-        final = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
-        for temporary, name in zip(written, final):
-            (output_dir / temporary).rename(output_dir / name)
-        index = {"metadata": {}, "weight_map": {name: final[i] for name, i in weight_map.items()}}
-        (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_shards(output_dir, random_state_dict(config, dtype, seed), max_shard_bytes)
     if tokenizer_dir is not None:
         for file_name in _TOKENIZER_FILES:
             if (Path(tokenizer_dir) / file_name).is_file():

@@ -1,0 +1,123 @@
+"""Checkpoints stored with int8 weights (`starchat quantize`), so that loading reads half the bytes
+of a 16-bit checkpoint and quantizes nothing.
+
+The layout is Hugging Face's (config.json, sharded safetensors, the tokenizer and other files of
+the source folder) with two changes: every Linear weight of the blocks and the lm_head is stored as
+int8 (`<name>.weight`, I8, the source's own layout) beside its float32 per-output-channel scales
+(`<name>.weight_scale`), quantized exactly as `--quantize int8` does while loading (quant.py); and
+config.json carries `"quantization_config": {"quant_method": "starchat-int8", ...}`. Embeddings,
+layer norms and biases keep the source's dtype. A tied lm_head is stored as its own int8 table
+(the embedding stays float for lookups), as a loaded int8 model holds it.
+So a model loaded from such a folder is the one `--quantize int8` builds from the source, bit for
+bit; the loader recognises the folder by its quantization_config (loader.load_model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from starchat.config import ModelConfig
+from starchat.model.quant import quantize_per_channel
+
+QUANT_METHOD = "starchat-int8"
+SCALE_SUFFIX = ".weight_scale"
+# Linear weights by name suffix (HF GPTBigCode names); these are stored as int8.
+QUANTIZED_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "lm_head.weight")
+# Files of a source folder that are weights (rewritten), not copied to the quantized folder.
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+class QuantizedCheckpointError(ValueError):
+    """A quantization_config starchat cannot load, or a source it cannot quantize."""
+
+
+def checkpoint_quantization(model_dir: Path) -> str | None:
+    """"int8" for a folder written by `starchat quantize`, None for a float checkpoint; raises for
+    any other quantization_config (GPTQ, AWQ, bitsandbytes ... are not formats starchat reads)."""
+    config_file = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # ModelConfig.from_file reports an unreadable config.json
+    quantization = data.get("quantization_config") if isinstance(data, dict) else None
+    if quantization is None:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method != QUANT_METHOD:
+        raise QuantizedCheckpointError(
+            f"{config_file}: quantization_config.quant_method {method!r} is not a format starchat loads; give a float16, "
+            f"bfloat16 or float32 checkpoint (with --quantize int8 for int8 weights), or one written by `starchat quantize`")
+    return "int8"
+
+
+def is_quantized_weight(name: str) -> bool:
+    return name.endswith(QUANTIZED_WEIGHTS)
+
+
+def _quantized_tensors(source_dir: Path, config: ModelConfig, progress: bool):
+    """(name, tensor) of the quantized checkpoint, streamed from the source's weight files."""
+    from tqdm.auto import tqdm
+
+    from starchat.model.loader import find_weight_files, iterate_checkpoint
+
+    embedding = None
+    with tqdm(desc=f"quantizing {source_dir.name}", unit="tensor", disable=not progress, leave=False) as bar:
+        for raw_name, tensor, _source in iterate_checkpoint(find_weight_files(source_dir)):
+            name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # written from the embedding below, as the loader ties it
+            if not tensor.is_floating_point():
+                raise QuantizedCheckpointError(f"{_source}: tensor {raw_name} is {tensor.dtype}, not a float weight; "
+                                               "is this checkpoint already quantized?")
+            if is_quantized_weight(name):
+                quantized, scales = quantize_per_channel(tensor)
+                yield name, quantized
+                yield name.removesuffix(".weight") + SCALE_SUFFIX, scales
+            else:
+                if name == "transformer.wte.weight":
+                    embedding = tensor
+                yield name, tensor
+            bar.update(1)
+    if config.tie_word_embeddings:
+        if embedding is None:
+            raise QuantizedCheckpointError(f"{source_dir}: no transformer.wte.weight to build the tied lm_head from")
+        quantized, scales = quantize_per_channel(embedding)
+        yield "lm_head.weight", quantized
+        yield "lm_head" + SCALE_SUFFIX, scales
+
+
+def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_bytes: int = 2 << 30,
+                               progress: bool = True) -> Path:
+    """Quantize the float checkpoint in source_dir into output_dir (which must not exist yet).
+    Written into `<output_dir>.partial` first and renamed when whole, so a stopped run leaves no
+    folder that looks complete. Memory: one source tensor, the shard being filled and, for a
+    tied lm_head, the embedding table."""
+    source_dir, output_dir = Path(source_dir), Path(output_dir)
+    if output_dir.exists():
+        raise QuantizedCheckpointError(f"{output_dir}: already exists; give a new folder for the quantized checkpoint")
+    if checkpoint_quantization(source_dir):
+        raise QuantizedCheckpointError(f"{source_dir}: is already quantized ({QUANT_METHOD})")
+    config = ModelConfig.from_file(source_dir / "config.json")
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        from starchat.model.shard_writer import write_shards
+
+        write_shards(partial, _quantized_tensors(source_dir, config, progress), max_shard_bytes)
+        hf_config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
+        hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True,
+                                            "scales": "per output channel, float32", "weights": list(QUANTIZED_WEIGHTS)}
+        (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for item in source_dir.iterdir():  # tokenizer, chat template, generation config, model card ...
+            if item.is_file() and item.name != "config.json" and not item.name.endswith(_WEIGHT_FILE_SUFFIXES):
+                shutil.copyfile(item, partial / item.name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(output_dir)
+    return output_dir

@@ -1,0 +1,111 @@
+"""`starchat quantize`: checkpoints stored with int8 weights load as the model `--quantize int8`
+builds from the float checkpoint, bit for bit, and bad folders get one clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from reference_checkpoints import write_hf_checkpoint
+from starchat import LLM, SamplingParams
+from starchat.model.loader import find_weight_files, load_model
+from starchat.model.quantized_checkpoint import (QUANT_METHOD, QuantizedCheckpointError, checkpoint_quantization,
+                                                 write_quantized_checkpoint)
+
+
+def _stored_dtypes(model_dir) -> dict[str, torch.dtype]:
+    dtypes = {}
+    for weight_file in find_weight_files(model_dir):
+        with safe_open(str(weight_file.path), framework="pt") as handle:
+            for name in handle.keys():
+                dtypes[name] = handle.get_slice(name).get_dtype()
+    return dtypes
+
+
+def _assert_same_model(float_dir, quantized_dir, dtype=torch.bfloat16):
+    built = load_model(float_dir, dtype, torch.device("cpu"), progress=False, quantize="int8")
+    stored = load_model(quantized_dir, dtype, torch.device("cpu"), progress=False)  # int8 from its config.json
+    built_parameters, stored_parameters = dict(built.named_parameters()), dict(stored.named_parameters())
+    assert built_parameters.keys() == stored_parameters.keys()
+    for name, parameter in built_parameters.items():
+        assert parameter.dtype == stored_parameters[name].dtype, name
+        assert torch.equal(parameter, stored_parameters[name]), name  # packed for the CPU kernels as loaded
+
+
+def test_quantize_command_writes_int8_weights_that_load_as_the_quantized_model(tiny_model_dir, tmp_path):
+    output = tmp_path / "int8"
+    done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "quantize", str(tiny_model_dir), str(output)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {output}" in done.stdout
+    config = json.loads((output / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == QUANT_METHOD and checkpoint_quantization(output) == "int8"
+    assert checkpoint_quantization(tiny_model_dir) is None
+    dtypes = _stored_dtypes(output)
+    assert dtypes["transformer.h.0.mlp.c_fc.weight"] == "I8" and dtypes["transformer.h.0.mlp.c_fc.weight_scale"] == "F32"
+    assert dtypes["lm_head.weight"] == "I8"  # the tied head, stored as its own int8 table
+    assert dtypes["transformer.wte.weight"] == dtypes["transformer.h.0.mlp.c_fc.bias"] == "F32"  # the source's dtype
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (output / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+    _assert_same_model(tiny_model_dir, output)
+
+    # through the engine: int8 without --quantize, the same greedy tokens as quantizing while loading
+    stored, built = LLM(str(output), device="cpu", progress=False), LLM(str(tiny_model_dir), device="cpu", quantize="int8", progress=False)
+    assert stored.engine.quantize == "int8" and stored.engine.dtype == built.engine.dtype
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    for prompt in ("def f(x):", "import os"):
+        assert stored.generate(prompt, params)[0].token_ids == built.generate(prompt, params)[0].token_ids
+
+
+def test_multi_head_untied_checkpoint_in_shards(tmp_path):
+    """Multi-head c_attn is reordered at load (q, k, v per head -> all q | all k | all v): its int8
+    rows and their scales must move together; an untied lm_head is quantized from its own weight."""
+    source = write_hf_checkpoint(tmp_path / "mha", seed=4, multi_query=False, tie_word_embeddings=False,
+                                 activation_function="gelu")
+    output = write_quantized_checkpoint(source, tmp_path / "int8", max_shard_bytes=1 << 20, progress=False)
+    assert (output / "model.safetensors.index.json").is_file() and len(find_weight_files(output)) > 1
+    assert not (tmp_path / "int8.partial").exists()
+    _assert_same_model(source, output, dtype=torch.float32)
+
+
+def test_bad_folders_get_one_clear_error(tiny_model_dir, tmp_path):
+    output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
+    with pytest.raises(QuantizedCheckpointError, match="already exists"):
+        write_quantized_checkpoint(tiny_model_dir, output, progress=False)
+    with pytest.raises(QuantizedCheckpointError, match="already quantized"):
+        write_quantized_checkpoint(output, tmp_path / "again", progress=False)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "again.partial").exists()
+
+    # another library's quantization: named in the error, never loaded as float weights
+    config = json.loads((output / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (output / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizedCheckpointError, match="'gptq' is not a format starchat loads"):
+        load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
+    done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "generate", "hi", "--model", str(output)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "gptq" in done.stderr and "Traceback" not in done.stderr
+
+    # a float weight where int8 belongs (a hand-edited folder): the tensor is named
+    config["quantization_config"] = {"quant_method": QUANT_METHOD}
+    (output / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(output / "model.safetensors"))
+    tensors["transformer.h.1.attn.c_proj.weight"] = tensors["transformer.h.1.attn.c_proj.weight"].float()
+    save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception, match=r"h\.1\.attn\.c_proj\.weight has dtype torch.float32, expected int8"):
+        load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
+
+
+def test_quantize_command_refuses_other_methods_and_existing_folders(tiny_model_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "quantize", str(tiny_model_dir), str(tmp_path / "x"),
+                           "--method", "int4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "--method: only int8" in done.stderr and not (tmp_path / "x").exists()
+    done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "quantize", str(tiny_model_dir), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "already exists" in done.stderr
