@@ -2,6 +2,7 @@
 
     python bench/load_memory.py [--shape tiny_starcoder] [--dtype bfloat16 float32]
     python bench/load_memory.py --shape starchat-beta --dtype bfloat16 --quantize int8   # ~31 GB written first
+    python bench/load_memory.py --model-dir DIR --dtype bfloat16       # DIR from `starchat quantize`: int8 as stored
 
 Each load runs in a fresh subprocess; the figure is (peak RSS during load - RSS before load) /
 (bytes of the loaded parameters). The target is under 1.3: no whole-model float32 copy.
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from starchat.bench.checkpoints import random_checkpoint
 from starchat.bench.machine import describe_machine
+from starchat.config import ModelConfig
+from starchat.model.quantized_checkpoint import checkpoint_quantization
 
 CHILD = r"""
 import json, resource, sys, torch
@@ -47,17 +50,22 @@ def main() -> None:
     parser.add_argument("--shape", default="tiny_starcoder")
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--quantize", choices=["int8"], help="quantize while loading")
+    parser.add_argument("--model-dir", type=Path, help="a checkpoint folder instead of the shape's random one "
+                                                        "(e.g. one written by `starchat quantize`)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    model_dir = random_checkpoint(args.shape)
-    results = {"machine": describe_machine(), "model": str(model_dir), "stored_dtype": "bfloat16",
+    model_dir = args.model_dir or random_checkpoint(args.shape)
+    stored = ModelConfig.from_file(model_dir / "config.json").torch_dtype
+    stored_quantization = checkpoint_quantization(model_dir)
+    results = {"machine": describe_machine(), "model": str(model_dir), "stored_dtype": stored,
+               "stored_quantization": stored_quantization,
                "quantize": args.quantize, "runs": {}}
     for dtype in args.dtype:
         output = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), dtype, args.quantize or "none"],
                                 capture_output=True, text=True, check=True)
         figures = json.loads(output.stdout.strip().splitlines()[-1])
         results["runs"][dtype] = figures
-        print(f"{args.shape} stored bf16, loaded as {dtype:9s}{' + ' + args.quantize if args.quantize else ''}: "
+        print(f"{model_dir.name} stored {stored}{' (' + stored_quantization + ')' if stored_quantization else ''}, loaded as {dtype:9s}{' + ' + args.quantize if args.quantize else ''}: "
               f"weights {figures['weights_mib']:8.1f} MiB, peak RSS {figures['peak_rss_mib'] / 1024:.2f} GiB, "
               f"peak growth {figures['peak_over_weights']:.2f}x the weights (target < 1.3), "
               f"loaded in {figures['load_s']:.1f} s", flush=True)

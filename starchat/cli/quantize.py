@@ -19,7 +19,7 @@ def quantize_command(
 ):
     """Write MODEL with int8 weights into OUTPUT: the same model `--quantize int8` builds while
     loading, bit for bit, in half a 16-bit checkpoint's bytes and without quantizing at every
-    start (StarChat-beta: 16.7 GB to read instead of 31). Every command loads OUTPUT as int8."""
+    start (StarChat-beta: 16.2 GB to read instead of 31). Every command loads OUTPUT as int8."""
     from starchat.model.loader import resolve_model_dir
     from starchat.model.quantized_checkpoint import write_quantized_checkpoint
 
