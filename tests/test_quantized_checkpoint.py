@@ -109,3 +109,11 @@ def test_quantize_command_refuses_other_methods_and_existing_folders(tiny_model_
     done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "quantize", str(tiny_model_dir), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "already exists" in done.stderr
+
+
+def test_training_refuses_a_quantized_checkpoint(tiny_model_dir, tmp_path):
+    from starchat.train.model_setup import prepare_model
+
+    output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
+    with pytest.raises(ValueError, match="cannot be fine-tuned; train from the float checkpoint"):
+        prepare_model(str(output), add_chat_tokens=False)

@@ -26,7 +26,7 @@ def _setup(model: Optional[str], shape: str, dtype: str, device: str, quantize: 
               enable_prefix_caching=False)
     machine = describe_machine(resolve_device(device))
     typer.echo(f"machine: {machine}")
-    typer.echo(f"model: {model_dir} dtype {llm.engine.dtype} device {llm.engine.device} quantize {quantize}")
+    typer.echo(f"model: {model_dir} dtype {llm.engine.dtype} device {llm.engine.device} quantize {llm.engine.quantize}")
     return model_dir, llm, machine
 
 

@@ -15,6 +15,7 @@ import torch
 
 from starchat.config import ModelConfig
 from starchat.model.loader import resolve_model_dir
+from starchat.model.quantized_checkpoint import checkpoint_quantization
 from starchat.tokenizer import Tokenizer
 from starchat.train import lora
 from starchat.train.special_tokens import add_starchat_tokens, resize_embeddings
@@ -58,6 +59,9 @@ def prepare_model(base: str, *, add_chat_tokens: bool, lora_settings: lora.LoraS
 
     base_dir = resolve_model_dir(base)
     base_config = ModelConfig.from_file(base_dir / "config.json")  # a GPTBigCode checkpoint, or a clear error
+    if checkpoint_quantization(base_dir):
+        raise ValueError(f"{base_dir}: holds int8 weights (written by `starchat quantize`), which cannot be fine-tuned; "
+                         "train from the float checkpoint it was quantized from")
     backend = load_tokenizer_backend(base_dir)
     added = add_starchat_tokens(backend) if add_chat_tokens else []
     new_token_ids = [backend.token_to_id(token) for token in added]
