@@ -238,11 +238,12 @@ def load_model(
             raise CheckpointError(f"{source}: tensor {raw_name} has dtype {tensor.dtype}, expected {wanted}")
         if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_attn.scales")):
             tensor = _fused_qkv_layout(tensor, config)
+        tensor = tensor.to(device=device)
         if quantized_while_loading and name == head_name:
-            head_source = tensor.to(device=device)
+            head_source = tensor  # the same tensor as the embedding where no conversion is needed
         keep_stored = stored_int8 or (quantized_while_loading and name.endswith(".weight")
                                       and isinstance(model.get_submodule(name.removesuffix(".weight")), Int8Linear))
-        _assign(model, name, tensor.to(device=device) if keep_stored else tensor.to(device=device, dtype=dtype))
+        _assign(model, name, tensor if keep_stored else tensor.to(dtype=dtype))
         loaded.add(name)
         bar.update(1)
     bar.close()
