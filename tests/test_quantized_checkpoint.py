@@ -117,3 +117,21 @@ def test_training_refuses_a_quantized_checkpoint(tiny_model_dir, tmp_path):
     output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
     with pytest.raises(ValueError, match="cannot be fine-tuned; train from the float checkpoint"):
         prepare_model(str(output), add_chat_tokens=False)
+
+
+def test_older_checkpoints_mask_buffers_are_left_out(tiny_model_dir, tmp_path):
+    """Older GPTBigCode checkpoints carry causal-mask buffers (`attn.bias`, bool; `attn.masked_bias`):
+    not weights, skipped by the loader, and not written to the quantized folder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, source)
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["transformer.h.0.attn.bias"] = torch.tril(torch.ones(8, 8, dtype=torch.bool))
+    tensors["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    output = write_quantized_checkpoint(source, tmp_path / "int8", progress=False)
+    assert not any(name.endswith(("attn.bias", "attn.masked_bias")) and "c_" not in name for name in _stored_dtypes(output))
+    _assert_same_model(source, output)

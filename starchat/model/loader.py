@@ -30,7 +30,7 @@ from starchat.model.random_checkpoint import random_state_dict
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "starchat-nano"
 
 # Buffers some older GPTBigCode checkpoints carry; they are recomputed, never loaded.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older checkpoints
 
 
 class CheckpointError(RuntimeError):
@@ -220,7 +220,7 @@ def load_model(
     bar = _progress_bar(sum(1 for _ in expected), f"loading {model_dir.name}", progress)
     for raw_name, tensor, source in tensors:
         name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
-        if name.endswith(_IGNORED_SUFFIXES) or name in tied_names:
+        if name.endswith(IGNORED_SUFFIXES) or name in tied_names:
             continue
         if stored_quantization and name.endswith(SCALE_SUFFIX):
             name = name.removesuffix(SCALE_SUFFIX) + ".scales"  # Int8Linear's parameter

@@ -62,16 +62,18 @@ def _quantized_tensors(source_dir: Path, config: ModelConfig, progress: bool):
     """(name, tensor) of the quantized checkpoint, streamed from the source's weight files."""
     from tqdm.auto import tqdm
 
-    from starchat.model.loader import find_weight_files, iterate_checkpoint
+    from starchat.model.loader import IGNORED_SUFFIXES, find_weight_files, iterate_checkpoint
 
     embedding = None
     with tqdm(desc=f"quantizing {source_dir.name}", unit="tensor", disable=not progress, leave=False) as bar:
-        for raw_name, tensor, _source in iterate_checkpoint(find_weight_files(source_dir)):
+        for raw_name, tensor, source in iterate_checkpoint(find_weight_files(source_dir)):
             name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+            if name.endswith(IGNORED_SUFFIXES):
+                continue  # older checkpoints' causal-mask buffers: not weights, the loader skips them too
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # written from the embedding below, as the loader ties it
             if not tensor.is_floating_point():
-                raise QuantizedCheckpointError(f"{_source}: tensor {raw_name} is {tensor.dtype}, not a float weight; "
+                raise QuantizedCheckpointError(f"{source}: tensor {raw_name} is {tensor.dtype}, not a float weight; "
                                                "is this checkpoint already quantized?")
             if is_quantized_weight(name):
                 quantized, scales = quantize_per_channel(tensor)
