@@ -119,6 +119,22 @@ def test_int8_greedy_tokens_equal_cpu_int8(checkpoint):
     assert gpu == cpu
 
 
+def test_stored_int8_checkpoint_on_gpu_equals_quantizing_while_loading(checkpoint, tmp_path):
+    from starchat.model.quantized_checkpoint import write_quantized_checkpoint
+
+    stored = write_quantized_checkpoint(checkpoint, tmp_path / "int8", progress=False)
+    built = LLM(str(checkpoint), dtype="bfloat16", device="cuda", quantize="int8", progress=False)
+    built_parameters = {name: p.cpu() for name, p in built.engine.runner.model.named_parameters()}
+    built_tokens = greedy(built, PROMPTS)
+    del built
+    loaded = LLM(str(stored), dtype="bfloat16", device="cuda", progress=False)
+    assert loaded.engine.quantize == "int8"
+    loaded_parameters = dict(loaded.engine.runner.model.named_parameters())
+    assert built_parameters.keys() == loaded_parameters.keys()
+    assert all(torch.equal(built_parameters[name], p.cpu()) for name, p in loaded_parameters.items())
+    assert greedy(loaded, PROMPTS) == built_tokens
+
+
 def test_triton_decode_attention_and_norm_on_gpu():
     """The kernels compiled (tests/test_triton_kernels.py runs them interpreted, without bfloat16)."""
     import math
