@@ -728,8 +728,9 @@ int starchat_unpack_bf16(const void *w, int wtype, long n, long k, uint16_t *out
 /* Per-channel int8 quantization of a weight w (n, k) of W_F32, W_F16 or W_BF16, row-major: scales[r] =
  * max(max |w[r]|, 1e-8) / 127 and out[r][j] = round-half-even(w[r][j] / scales[r]) within [-127, 127],
  * in float32, the same bits as quant.quantize_per_channel's PyTorch expression. That expression
- * took about 60 of the 90 s StarChat-beta needs to load with --quantize int8 on a 2-core Xeon
- * (each step a pass over a fresh 50 MB temporary); this is one read and one write of each row.
+ * took about 65 of the 107 s StarChat-beta needed to load with --quantize int8 on a 2-core Xeon
+ * (each step a pass over a fresh 50 MB temporary; 41.5 s with this); here each row is read once
+ * into a float32 copy in cache and written once.
  * Returns 0, -1 for another type, -2 when out of memory. */
 int starchat_quantize_rows(const void *w, int wtype, long n, long k, int8_t *out, float *scales, int threads) {
     if (wtype != W_F32 && wtype != W_F16 && wtype != W_BF16) return -1;
