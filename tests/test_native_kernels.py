@@ -87,7 +87,8 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
     # bfloat16, float32 sums; K not a multiple of 32 and a partial last panel exercise the padding,
     # 100 rows two passes of four 16-row tiles (B tiles kept across passes, panels in groups of
     # four, a partial group); K of 8,200 (64-row passes over 1 MiB) goes a few steps of K at a time
-    # with partial sums, the last block of K short. Up to 32 rows (8, 17) take panels two at a
+    # over all passes with partial sums, the last block of K short, panels in groups of 16 (300
+    # outputs: a full group and a partial one ending in a partial panel). Up to 32 rows (8, 17) take panels two at a
     # time, an odd last panel alone, and so do 40 and 64 rows of bfloat16 in two passes (the
     # second of one row block at 40); 20 outputs make a pair whose second panel is partial. Fewer
     # rows than asked keep the native tiles' bits. int8 weights take bfloat16 tiles only where
@@ -95,7 +96,7 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(7)
-    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 8200), (20, 100)):
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 8200), (300, 8200), (20, 100)):
         weight, scales, dense = _stored(torch.randn(out_features, in_features, generator=generator), weight_dtype)
         packed, bias = native.pack_weight(weight), torch.randn(out_features, generator=generator)
         for rows in (7, 8, 17, 40, 64, 100):
@@ -227,9 +228,10 @@ def test_amx_float16_products_keep_the_weights_exact_and_16_bits_of_the_activati
     if not native.amx_init():
         pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
     generator = torch.Generator().manual_seed(8)
-    # K of 4,200: 64-row passes of both halves over 1 MiB, taken two steps of K at a time; of
-    # 16,500: B tiles over KEPT_TILES_MAX, rebuilt in each pass rather than kept
-    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 4200), (48, 16500)):
+    # K of 4,200: 64-row passes of both halves over 1 MiB, taken two steps of K at a time over all
+    # passes, panels in groups of 16 (300 outputs: two groups, the last panel partial); of 16,500
+    # the same with more steps of K
+    for out_features, in_features in ((3072, 768), (37, 771), (48, 40), (80, 4200), (300, 4200), (48, 16500)):
         weight = torch.randn(out_features, in_features, generator=generator)
         weight[:, ::7] *= 1e-6  # float16 subnormals (below 6.1e-5): still exact as two halves
         weight = weight.half()

@@ -24,6 +24,7 @@
  * starchat_amx_init() was granted the tile state by the kernel.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +49,10 @@ static int amx_granted = 0;
 #define K_BLOCK_FROM (1L << 20)
 #define K_STEPS 4
 #define K_STEPS_SPLIT 2
+/* Such long rows go a step of K_STEPS at a time over all row blocks and this many panels: the
+ * group's tiles of that step of K stay in cache for every pass of rows, and the rows (25 MB for
+ * StarChat-beta's c_proj at 512) are read once per group (see starchat_amx_columns). */
+#define LONG_ROW_PANELS 16
 /* A group's kept B tiles beyond this many bytes (per thread) are rebuilt per pass instead: they
  * would come from beyond L2 either way, and StarChat-beta's float16 mlp.c_proj would keep 6 MiB
  * per thread (512 rows: 32.9 against 35.9 ms rebuilt; its bfloat16 tiles, 3 MiB, stay kept:
@@ -180,15 +185,16 @@ static inline void finish_c_tile(int tile, const Output *out, long m, long row0,
  * 16 x 16 float32 per row block) or, at k_begin 0, from the bias or zeros; at k_end == k_padded
  * they go to the output, else back to `partial`. The panel's B tiles are built as its rows stream
  * by, into tiles (one step of K: 512 uint16 each, high then low halves for float16); with `cached`
- * they stay there for the panel's later passes (tiles holds every step of K) and only the first
- * pass builds them. Inlined with split a constant: one loop per weight kind.
+ * they stay there for the panel's later passes (tiles holds the steps of K from tiles_from on) and
+ * only the first pass builds them. Inlined with split a constant: one loop per weight kind.
  *
  * Finishing the sums row by row (store_tile_rows) cost a third of a 512 x 768 x 3,072 product, so
  * where it can the tile is the output: sums start from the bias (no int8 scales to apply after
  * it) and full float32 tiles are stored straight into the output rows. */
 static inline __attribute__((always_inline)) void panel_steps(const char *panel, int wtype, int split, long k, long k_padded,
                                                              long k_begin, long k_end, const uint16_t *a, const uint16_t *a_low,
-                                                             long count, uint16_t *tiles, int cached, float (*partial)[16][PANEL],
+                                                             long count, uint16_t *tiles, long tiles_from, int cached,
+                                                             float (*partial)[16][PANEL],
                                                              float (*c)[PANEL], const Output *out, long m, long first, long n0,
                                                              long columns) {
     const long tile_values = (split ? 2 : 1) * 512;
@@ -201,7 +207,7 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
     /* The B tiles of a step are built one step ahead of their products (uncached: in alternate
      * halves of `tiles`): a tile load right after the stores that wrote its bytes waits for them
      * to reach the cache. */
-#define STEP_TILES(k0) (cached ? tiles + (k0) / 32 * tile_values : tiles + ((k0) / 32 & 1) * tile_values)
+#define STEP_TILES(k0) (cached ? tiles + ((k0) - tiles_from) / 32 * tile_values : tiles + ((k0) / 32 & 1) * tile_values)
 #define BUILD_TILES(k0)                                                                       \
     do {                                                                                      \
         if (split)                                                                            \
@@ -715,18 +721,43 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
      * rather than once per panel. Rows longer than L2 holds (K_BLOCK_FROM: StarChat-beta's 24,576
      * of c_proj; 6,144 in float16) go K_STEPS steps of K at a time across the group, the partial
      * sums kept in `partials` between them: 512 x 24,576 x 512 in bfloat16 12.4 against 18.4 ms,
-     * float16 38 against 49, 64 rows of float16 2.8 against 4.3 (2-core Xeon). Otherwise (one
-     * pass of short rows) B tiles are built per step of K, no copy. The groups are the same on
-     * every thread (one loop to share); a thread that gets no memory (or would keep more than
-     * KEPT_TILES_MAX) builds per step instead. */
+     * float16 38 against 49, 64 rows of float16 2.8 against 4.3 (2-core Xeon). Those steps of K
+     * are the outer loop (long_rows): each step's tiles for a group of LONG_ROW_PANELS panels are
+     * built in the first pass and serve every pass from cache, the sums of all row blocks wait in
+     * `sums` (this thread's share of one buffer) for the next step, so the rows are read once per
+     * 16 panels; passes outside steps of K had read the group's kept tiles (3 MiB, past L2) once
+     * per pass and the rows once per 4 panels: StarChat-beta's c_proj (512 x 24,576 x 6,144) 73-76
+     * against 105-107 ms in bfloat16, 64-69 against 98-101 in int8, float16 shapes x1.1-1.3, the
+     * same bits. Otherwise (one pass of short rows) B tiles are built per step of K, no copy. The
+     * groups are the same on every thread (one loop to share); a thread that gets no memory for its
+     * kept tiles (or would keep more than KEPT_TILES_MAX) builds per step instead. */
     const long tile_values = (split ? 2 : 1) * 512, passes = (row_blocks + ROW_BLOCKS_PER_PASS - 1) / ROW_BLOCKS_PER_PASS;
     uint16_t step_tiles[2 * 2 * 512] __attribute__((aligned(64))); /* two steps' tiles (panel_steps) */
     const long panel_values = k_padded / 32 * tile_values, blocks = (n + PANEL - 1) / PANEL, panel_bytes = k * PANEL * element_size(wtype);
-    const long kept_bytes = PANELS_PER_GROUP * panel_values * 2;
-    uint16_t *group_tiles = passes > 1 && kept_bytes <= KEPT_TILES_MAX ? (uint16_t *)aligned_alloc(64, (size_t)kept_bytes) : NULL;
-    const int cached = group_tiles != NULL;
     const long pass_bytes = (row_blocks < ROW_BLOCKS_PER_PASS ? row_blocks : ROW_BLOCKS_PER_PASS) * 16 * k_padded * 2 * (split ? 2 : 1);
     const long k_block = pass_bytes > K_BLOCK_FROM ? (split ? K_STEPS_SPLIT : K_STEPS) * 32 : k_padded;
+    const int long_rows = k_block < k_padded;
+    const long kept_bytes = PANELS_PER_GROUP * panel_values * 2;
+    uint16_t *group_tiles = passes > 1 && !long_rows && kept_bytes <= KEPT_TILES_MAX ? (uint16_t *)aligned_alloc(64, (size_t)kept_bytes) : NULL;
+    const int cached = group_tiles != NULL;
+    /* long_rows: each thread's sums (LONG_ROW_PANELS x row_blocks C tiles) and one step of K's
+     * tiles for the group, in one allocation for the team so that every thread sees it or none. */
+    const long sums_bytes = LONG_ROW_PANELS * row_blocks * 16 * PANEL * (long)sizeof(float);
+    const long step_bytes = LONG_ROW_PANELS * (k_block / 32) * tile_values * 2, thread_bytes = sums_bytes + step_bytes;
+    char *long_rows_memory = NULL;
+    if (long_rows) {
+#pragma omp single copyprivate(long_rows_memory)
+        long_rows_memory = (char *)aligned_alloc(64, (size_t)(omp_get_num_threads() * thread_bytes));
+        if (!long_rows_memory) {
+            _tile_release();
+#pragma omp barrier
+#pragma omp single
+            free(rows);
+            return 0;
+        }
+    }
+    float (*sums)[16][PANEL] = long_rows ? (float (*)[16][PANEL])(long_rows_memory + omp_get_thread_num() * thread_bytes) : NULL;
+    uint16_t *step_group_tiles = long_rows ? (uint16_t *)(long_rows_memory + omp_get_thread_num() * thread_bytes + sums_bytes) : NULL;
     /* Decode steps of up to 32 sequences: panels two at a time (panel_pair_steps); 33-64 rows of
      * bfloat16 weights as two passes of them, the second building the pair's B tiles again from
      * L2 (one permutation per tile row): every layer of tiny_starcoder streamed at 48 / 64 rows
@@ -739,7 +770,7 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
      * of the 2-core Xeon (a stand-alone loop of each: 7.9 against 12.8, the rest being the output's
      * stores), c_fc 512 x 768 x 3,072 x1.14, c_proj x1.12. */
     const int quads = !split && cached && k_block == k_padded;
-    const long group_panels = pairs ? 2 : passes > 1 || k_block < k_padded ? PANELS_PER_GROUP : 1;
+    const long group_panels = long_rows ? LONG_ROW_PANELS : pairs ? 2 : passes > 1 ? PANELS_PER_GROUP : 1;
     const long groups = (blocks + group_panels - 1) / group_panels;
     float c[16][PANEL] __attribute__((aligned(64)));
     float partials[PANELS_PER_GROUP][ROW_BLOCKS_PER_PASS][16][PANEL] __attribute__((aligned(64)));
@@ -762,7 +793,7 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
                     uint16_t *kept = group_tiles + (block - first_block) * panel_values;
                     if (block + 1 == end_block) { /* the weight's last panel, alone */
                         panel_steps((const char *)w + block * panel_bytes, wtype, 0, k, k_padded, 0, k_padded,
-                                    rows + first * 16 * k_padded, NULL, pass_end - first, kept, 1, partials[0], c, out, m,
+                                    rows + first * 16 * k_padded, NULL, pass_end - first, kept, 0, 1, partials[0], c, out, m,
                                     first, n0, n - n0);
                         continue;
                     }
@@ -770,6 +801,26 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
                         panel_pair_steps((const char *)w + block * panel_bytes, panel_bytes, wtype, k, k_padded, rows, pair,
                                          pass_end - pair < 2 ? pass_end - pair : 2, step_tiles, kept, pair == 0, c, out, m, n0,
                                          n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
+                }
+            }
+            continue;
+        }
+        if (long_rows) {
+            for (long k_begin = 0; k_begin < k_padded; k_begin += k_block) {
+                const long k_end = k_begin + k_block < k_padded ? k_begin + k_block : k_padded;
+                for (long first = 0; first < row_blocks; first += ROW_BLOCKS_PER_PASS) {
+                    const long count = row_blocks - first < ROW_BLOCKS_PER_PASS ? row_blocks - first : ROW_BLOCKS_PER_PASS;
+                    const uint16_t *a = rows + first * 16 * k_padded, *a_low = split ? rows_low + first * 16 * k_padded : NULL;
+                    for (long block = first_block; block < end_block; block++) {
+                        const char *panel = (const char *)w + block * panel_bytes;
+                        const long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
+                        uint16_t *tiles = step_group_tiles + (block - first_block) * (k_block / 32) * tile_values;
+                        float (*partial)[16][PANEL] = sums + (block - first_block) * row_blocks + first;
+                        if (split)
+                            panel_steps(panel, wtype, 1, k, k_padded, k_begin, k_end, a, a_low, count, tiles, k_begin, 1, partial, c, out, m, first, n0, columns);
+                        else
+                            panel_steps(panel, wtype, 0, k, k_padded, k_begin, k_end, a, a_low, count, tiles, k_begin, 1, partial, c, out, m, first, n0, columns);
+                    }
                 }
             }
             continue;
@@ -785,9 +836,9 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
                     uint16_t *tiles = cached ? group_tiles + (block - first_block) * panel_values : step_tiles;
                     float (*partial)[16][PANEL] = partials[block - first_block];
                     if (split)
-                        panel_steps(panel, wtype, 1, k, k_padded, k_begin, k_end, a, a_low, count, tiles, cached, partial, c, out, m, first, n0, columns);
+                        panel_steps(panel, wtype, 1, k, k_padded, k_begin, k_end, a, a_low, count, tiles, 0, cached, partial, c, out, m, first, n0, columns);
                     else
-                        panel_steps(panel, wtype, 0, k, k_padded, k_begin, k_end, a, a_low, count, tiles, cached, partial, c, out, m, first, n0, columns);
+                        panel_steps(panel, wtype, 0, k, k_padded, k_begin, k_end, a, a_low, count, tiles, 0, cached, partial, c, out, m, first, n0, columns);
                 }
             }
         }
@@ -796,7 +847,10 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
     free(group_tiles);
 #pragma omp barrier
 #pragma omp single
-    free(rows);
+    {
+        free(rows);
+        free(long_rows_memory);
+    }
     return 1;
 #else
     (void)x; (void)m; (void)w; (void)wtype; (void)out; (void)n; (void)k;
