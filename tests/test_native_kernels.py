@@ -119,6 +119,25 @@ def test_amx_products_from_the_panels_match_float64_of_bfloat16_inputs(weight_dt
                                native.linear(rounded_in.float(), packed, out_features, bias, scales, amx_min_rows=8).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.int8])
+def test_amx_wide_products_of_many_rows_take_steps_of_k_outermost_with_the_same_bits(weight_dtype):
+    # 520 rows of K 4,100 (4.4 MB of bfloat16 rows, over ALL_ROWS_FROM) against 2,100 outputs (132
+    # panels: 16-panel groups for both threads, the last group one partial panel) go steps of K
+    # outermost; 260 rows at a time stay under it and go pass by pass in 2 x 2 blocks. Each output
+    # sums its products in the same order either way: the same bits, and float64's result.
+    if not native.amx_init():
+        pytest.skip("no AMX tiles on this CPU (or not granted by the kernel)")
+    generator = torch.Generator().manual_seed(23)
+    weight, scales, dense = _stored(torch.randn(2100, 4100, generator=generator), weight_dtype)
+    packed, bias = native.pack_weight(weight), torch.randn(2100, generator=generator)
+    x = torch.randn(520, 4100, generator=generator)
+    out = native.linear(x, packed, 2100, bias, scales, amx_min_rows=8)
+    halves = torch.cat([native.linear(half, packed, 2100, bias, scales, amx_min_rows=8) for half in x.split(260)])
+    assert torch.equal(out, halves)
+    expected = x.to(torch.bfloat16).double() @ dense.T + bias.double()
+    assert ((out.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
 _AMX_OUTPUTS_SCRIPT = """
 import sys, torch
 from starchat.model import native

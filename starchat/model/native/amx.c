@@ -53,6 +53,9 @@ static int amx_granted = 0;
  * group's tiles of that step of K stay in cache for every pass of rows, and the rows (25 MB for
  * StarChat-beta's c_proj at 512) are read once per group (see starchat_amx_columns). */
 #define LONG_ROW_PANELS 16
+/* All rows' bytes from which wide products go that way too: StarChat-beta's 6,144-wide c_attn and
+ * c_fc at 512 rows (6 MiB of rows, read once per group of 4 of 400 / 1,536 panels) x1.13-1.22. */
+#define ALL_ROWS_FROM (4L << 20)
 /* A group's kept B tiles beyond this many bytes (per thread) are rebuilt per pass instead: they
  * would come from beyond L2 either way, and StarChat-beta's float16 mlp.c_proj would keep 6 MiB
  * per thread (512 rows: 32.9 against 35.9 ms rebuilt; its bfloat16 tiles, 3 MiB, stay kept:
@@ -735,7 +738,14 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
     uint16_t step_tiles[2 * 2 * 512] __attribute__((aligned(64))); /* two steps' tiles (panel_steps) */
     const long panel_values = k_padded / 32 * tile_values, blocks = (n + PANEL - 1) / PANEL, panel_bytes = k * PANEL * element_size(wtype);
     const long pass_bytes = (row_blocks < ROW_BLOCKS_PER_PASS ? row_blocks : ROW_BLOCKS_PER_PASS) * 16 * k_padded * 2 * (split ? 2 : 1);
-    const long k_block = pass_bytes > K_BLOCK_FROM ? (split ? K_STEPS_SPLIT : K_STEPS) * 32 : k_padded;
+    /* Steps of K outermost (long_rows) also where all rows together exceed ALL_ROWS_FROM and
+     * groups of 4 panels would read them from beyond L2 many times: enough panels for 4 groups of
+     * 16 a thread (fewer left the threads unevenly loaded: tiny_starcoder's float16 c_proj at 512
+     * rows x0.93). */
+    const long all_rows_bytes = padded_rows * k_padded * 2 * (split ? 2 : 1);
+    const int many_groups = blocks >= LONG_ROW_PANELS * 4 * omp_get_num_threads();
+    const long k_block = pass_bytes > K_BLOCK_FROM || (passes > 1 && all_rows_bytes > ALL_ROWS_FROM && many_groups)
+                             ? (split ? K_STEPS_SPLIT : K_STEPS) * 32 : k_padded;
     const int long_rows = k_block < k_padded;
     const long kept_bytes = PANELS_PER_GROUP * panel_values * 2;
     uint16_t *group_tiles = passes > 1 && !long_rows && kept_bytes <= KEPT_TILES_MAX ? (uint16_t *)aligned_alloc(64, (size_t)kept_bytes) : NULL;
