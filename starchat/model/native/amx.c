@@ -723,7 +723,7 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
      * every pass of rows (in L2) multiplies the whole group, so the rows are read once per group
      * rather than once per panel. Rows longer than L2 holds (K_BLOCK_FROM: StarChat-beta's 24,576
      * of c_proj; 6,144 in float16) go K_STEPS steps of K at a time across the group, the partial
-     * sums kept in `partials` between them: 512 x 24,576 x 512 in bfloat16 12.4 against 18.4 ms,
+     * sums kept between them: 512 x 24,576 x 512 in bfloat16 12.4 against 18.4 ms,
      * float16 38 against 49, 64 rows of float16 2.8 against 4.3 (2-core Xeon). Those steps of K
      * are the outer loop (long_rows): each step's tiles for a group of LONG_ROW_PANELS panels are
      * built in the first pass and serve every pass from cache, the sums of all row blocks wait in
