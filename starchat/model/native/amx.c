@@ -249,28 +249,38 @@ static inline __attribute__((always_inline)) void panel_steps(const char *panel,
  * loads (from L2, 1 KiB each) were what held the weights' stream below the memory's rate. The
  * B tiles of both panels are built one step ahead (as in panel_steps), in alternate halves of
  * tiles (2 x 2 x 512 values), or with `kept`, into kept (both panels' tiles of every step of K,
- * step by step) where `build`, else read from there. The second panel may be the last, narrower
- * one. */
+ * step by step from step tiles_from on) where `build`, else read from there. The second panel may
+ * be the last, narrower one. Steps k_begin .. k_end of K: from k_begin 0 the C tiles start from the
+ * bias (or zeros), else from `partial` (row block t of panel q at partial[q * partial_stride + t]),
+ * where they go back unless k_end is the end of K (long rows' steps of K). */
 static inline __attribute__((always_inline)) void panel_pair_steps(const char *panel, long panel_bytes, int wtype, long k,
-                                                                  long k_padded, const uint16_t *a, long first, long count,
-                                                                  uint16_t *tiles, uint16_t *kept, int build, float (*c)[PANEL],
-                                                                  const Output *out, long m,
-                                                                  long n0, long second_columns) {
+                                                                  long k_padded, long k_begin, long k_end, const uint16_t *a,
+                                                                  long first, long count, uint16_t *tiles, uint16_t *kept,
+                                                                  long tiles_from, int build, float (*partial)[16][PANEL],
+                                                                  long partial_stride, float (*c)[PANEL], const Output *out,
+                                                                  long m, long n0, long second_columns) {
     a += first * 16 * k_padded;
-    const float *start = bias_start(out, n0, PANEL, c);
-    start_c_tile(0, start);
-    if (count > 1) start_c_tile(1, start);
-    start = bias_start(out, n0 + PANEL, second_columns, c); /* c is free again: the tiles above are loaded */
-    start_c_tile(2, start);
-    if (count > 1) start_c_tile(3, start);
-#define PAIR_TILES(k0) (kept ? kept + (k0) / 32 * 1024 : tiles + ((k0) / 32 & 1) * 1024)
-    if (build) {
-        b_tile(panel, wtype, k, 0, PAIR_TILES(0));
-        b_tile(panel + panel_bytes, wtype, k, 0, PAIR_TILES(0) + 512);
+    if (k_begin == 0) {
+        const float *start = bias_start(out, n0, PANEL, c);
+        start_c_tile(0, start);
+        if (count > 1) start_c_tile(1, start);
+        start = bias_start(out, n0 + PANEL, second_columns, c); /* c is free again: the tiles above are loaded */
+        start_c_tile(2, start);
+        if (count > 1) start_c_tile(3, start);
+    } else {
+        start_c_tile(0, &partial[0][0][0]);
+        if (count > 1) start_c_tile(1, &partial[1][0][0]);
+        start_c_tile(2, &partial[partial_stride][0][0]);
+        if (count > 1) start_c_tile(3, &partial[partial_stride + 1][0][0]);
     }
-    for (long k0 = 0; k0 < k_padded; k0 += 32) {
+#define PAIR_TILES(k0) (kept ? kept + ((k0) - tiles_from) / 32 * 1024 : tiles + ((k0) / 32 & 1) * 1024)
+    if (build) {
+        b_tile(panel, wtype, k, k_begin, PAIR_TILES(k_begin));
+        b_tile(panel + panel_bytes, wtype, k, k_begin, PAIR_TILES(k_begin) + 512);
+    }
+    for (long k0 = k_begin; k0 < k_end; k0 += 32) {
         const uint16_t *b = PAIR_TILES(k0);
-        if (build && k0 + 32 < k_padded) {
+        if (build && k0 + 32 < k_end) {
             b_tile(panel, wtype, k, k0 + 32, PAIR_TILES(k0 + 32));
             b_tile(panel + panel_bytes, wtype, k, k0 + 32, PAIR_TILES(k0 + 32) + 512);
         }
@@ -286,6 +296,13 @@ static inline __attribute__((always_inline)) void panel_pair_steps(const char *p
         }
     }
 #undef PAIR_TILES
+    if (k_end < k_padded) {
+        for (int t = 0; t < count; t++) {
+            store_c_tile(t, &partial[t][0][0], 64);
+            store_c_tile(2 + t, &partial[partial_stride + t][0][0], 64);
+        }
+        return;
+    }
     for (int t = 0; t < count; t++) {
         finish_c_tile(t, out, m, (first + t) * 16, n0, PANEL, c);
         finish_c_tile(2 + t, out, m, (first + t) * 16, n0 + PANEL, second_columns, c);
@@ -790,8 +807,8 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
         if (pairs && end_block - first_block == 2) {
             const long n0 = first_block * PANEL;
             for (long first = 0; first < row_blocks; first += 2)
-                panel_pair_steps((const char *)w + first_block * panel_bytes, panel_bytes, wtype, k, k_padded, rows, first,
-                                 row_blocks - first < 2 ? row_blocks - first : 2, step_tiles, NULL, 1, c, out, m, n0,
+                panel_pair_steps((const char *)w + first_block * panel_bytes, panel_bytes, wtype, k, k_padded, 0, k_padded, rows,
+                                 first, row_blocks - first < 2 ? row_blocks - first : 2, step_tiles, NULL, 0, 1, NULL, 0, c, out, m, n0,
                                  n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
             continue;
         }
@@ -808,8 +825,9 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
                         continue;
                     }
                     for (long pair = first; pair < pass_end; pair += 2)
-                        panel_pair_steps((const char *)w + block * panel_bytes, panel_bytes, wtype, k, k_padded, rows, pair,
-                                         pass_end - pair < 2 ? pass_end - pair : 2, step_tiles, kept, pair == 0, c, out, m, n0,
+                        panel_pair_steps((const char *)w + block * panel_bytes, panel_bytes, wtype, k, k_padded, 0, k_padded, rows,
+                                         pair, pass_end - pair < 2 ? pass_end - pair : 2, step_tiles, kept, 0, pair == 0, NULL, 0, c,
+                                         out, m, n0,
                                          n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
                 }
             }
@@ -821,7 +839,18 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
                 for (long first = 0; first < row_blocks; first += ROW_BLOCKS_PER_PASS) {
                     const long count = row_blocks - first < ROW_BLOCKS_PER_PASS ? row_blocks - first : ROW_BLOCKS_PER_PASS;
                     const uint16_t *a = rows + first * 16 * k_padded, *a_low = split ? rows_low + first * 16 * k_padded : NULL;
-                    for (long block = first_block; block < end_block; block++) {
+                    /* bfloat16 tiles (bfloat16 and int8 weights): 2 x 2 blocks as in the passes above,
+                     * a pair's tiles of the step side by side; a group's odd last panel alone below */
+                    for (long block = first_block; !split && block + 1 < end_block; block += 2) {
+                        const long n0 = block * PANEL, pass_end = first + count;
+                        uint16_t *kept = step_group_tiles + (block - first_block) * (k_block / 32) * 512;
+                        for (long pair = first; pair < pass_end; pair += 2)
+                            panel_pair_steps((const char *)w + block * panel_bytes, panel_bytes, wtype, k, k_padded, k_begin, k_end,
+                                             rows, pair, pass_end - pair < 2 ? pass_end - pair : 2, step_tiles, kept, k_begin,
+                                             pair == 0, sums + (block - first_block) * row_blocks + pair, row_blocks, c, out, m,
+                                             n0, n - n0 - PANEL < PANEL ? n - n0 - PANEL : PANEL);
+                    }
+                    for (long block = split ? first_block : end_block - (end_block - first_block) % 2; block < end_block; block++) {
                         const char *panel = (const char *)w + block * panel_bytes;
                         const long n0 = block * PANEL, columns = n - n0 < PANEL ? n - n0 : PANEL;
                         uint16_t *tiles = step_group_tiles + (block - first_block) * (k_block / 32) * tile_values;
