@@ -136,9 +136,11 @@ def load() -> ctypes.CDLL | None:
     library.starchat_unpack_bf16.restype = ctypes.c_int
     library.starchat_unpack_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long,
                                              ctypes.c_void_p, ctypes.c_int]
-    library.starchat_quantize_rows.restype = ctypes.c_int
-    library.starchat_quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                               ctypes.c_void_p, ctypes.c_int]
+    quantize_rows = getattr(library, "starchat_quantize_rows", None)  # absent from older sources (native_ab.py baselines)
+    if quantize_rows is not None:
+        quantize_rows.restype = ctypes.c_int
+        quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int]
     library.starchat_gelu.restype = ctypes.c_int
     library.starchat_gelu.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]
     library.starchat_write_cache.restype = ctypes.c_int
