@@ -746,8 +746,8 @@ int starchat_amx_columns(const float *x, long m, const void *w, int wtype, const
      * built in the first pass and serve every pass from cache, the sums of all row blocks wait in
      * `sums` (this thread's share of one buffer) for the next step, so the rows are read once per
      * 16 panels; passes outside steps of K had read the group's kept tiles (3 MiB, past L2) once
-     * per pass and the rows once per 4 panels: StarChat-beta's c_proj (512 x 24,576 x 6,144) 73-76
-     * against 105-107 ms in bfloat16, 64-69 against 98-101 in int8, float16 shapes x1.1-1.3, the
+     * per pass and the rows once per 4 panels: StarChat-beta's c_proj (512 x 24,576 x 6,144) 73-78
+     * against 98-113 ms in bfloat16, 64-70 against 95-102 in int8, float16 shapes x1.1-1.3, the
      * same bits. Otherwise (one pass of short rows) B tiles are built per step of K, no copy. The
      * groups are the same on every thread (one loop to share); a thread that gets no memory for its
      * kept tiles (or would keep more than KEPT_TILES_MAX) builds per step instead. */
