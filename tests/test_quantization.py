@@ -95,3 +95,37 @@ def test_int8_model_stays_close_to_bf16(tiny_model_dir):
                 break
             drifts.append(abs(p.logprob - q.logprob))
     assert drifts and max(drifts) < 0.1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_with_nan_or_infinity_are_refused_by_both_quantizers(bad):
+    from starchat.model import native, quant
+
+    for columns, at in ((37, 35), (37, 3), (64, 8)):  # in the scalar tail, in an 8-wide step
+        weight = torch.randn(5, columns)
+        weight[2, at] = bad
+        quantizers = [quant.quantize_in_slices] + ([native.quantize_per_channel] if native.available() else [])
+        for quantize in quantizers:
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                quantize(weight.to(torch.bfloat16))
+
+
+def test_loading_a_damaged_checkpoint_with_int8_names_the_tensor(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from starchat.model.loader import CheckpointError, load_model
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    tensors = load_file(str(damaged / "model.safetensors"))
+    tensors["transformer.h.1.mlp.c_fc.weight"][7, 3] = float("nan")
+    save_file(tensors, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tensor transformer\.h\.1\.mlp\.c_fc\.weight holds NaN or infinite values"):
+        load_model(damaged, torch.bfloat16, torch.device("cpu"), progress=False, quantize="int8")
+    from starchat.model.quantized_checkpoint import QuantizedCheckpointError, write_quantized_checkpoint
+
+    with pytest.raises(QuantizedCheckpointError, match=r"tensor transformer\.h\.1\.mlp\.c_fc\.weight holds NaN"):
+        write_quantized_checkpoint(damaged, tmp_path / "int8", progress=False)
+    assert not (tmp_path / "int8").exists() and not (tmp_path / "int8.partial").exists()

@@ -243,7 +243,10 @@ def load_model(
             head_source = tensor  # the same tensor as the embedding where no conversion is needed
         keep_stored = stored_int8 or (quantized_while_loading and name.endswith(".weight")
                                       and isinstance(model.get_submodule(name.removesuffix(".weight")), Int8Linear))
-        _assign(model, name, tensor if keep_stored else tensor.to(dtype=dtype))
+        try:
+            _assign(model, name, tensor if keep_stored else tensor.to(dtype=dtype))
+        except ValueError as error:  # quantizing it: NaN or infinite values
+            raise CheckpointError(f"{source}: tensor {raw_name} {error}") from None
         loaded.add(name)
         bar.update(1)
     bar.close()
@@ -255,7 +258,10 @@ def load_model(
         model.lm_head.weight = model.transformer.wte.weight
     if quantized_while_loading:
         # The embedding table stays in float for lookups; the lm_head product reads an int8 copy.
-        model.lm_head = Int8Linear.from_float(head_source, None, dtype)
+        try:
+            model.lm_head = Int8Linear.from_float(head_source, None, dtype)
+        except ValueError as error:
+            raise CheckpointError(f"{model_dir}: tensor {head_name} (quantized for the lm_head) {error}") from None
         del head_source
     if device.type == "cpu":
         prepare_cpu_linears(model)

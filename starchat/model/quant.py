@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starchat.model.native import NONFINITE_WEIGHT
+
 QUANTIZATION_METHODS = ("int8",)
 
 
@@ -50,6 +52,8 @@ def quantize_in_slices(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     for start in range(0, out_features, QUANTIZE_ROWS_PER_PASS):
         rows = slice(start, start + QUANTIZE_ROWS_PER_PASS)
         block = weight[rows].to(torch.float32, copy=True)  # divided in place below: never a view of weight
+        if not torch.isfinite(block).all():
+            raise ValueError(NONFINITE_WEIGHT)
         block_scales = block.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         quantized[rows] = torch.round(block.div_(block_scales[:, None])).clamp_(-127, 127)
         scales[rows] = block_scales

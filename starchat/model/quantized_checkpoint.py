@@ -58,6 +58,13 @@ def is_quantized_weight(name: str) -> bool:
     return name.endswith(QUANTIZED_WEIGHTS)
 
 
+def _quantized(tensor: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return quantize_per_channel(tensor)
+    except ValueError as error:  # NaN or infinite values
+        raise QuantizedCheckpointError(f"{what} {error}") from None
+
+
 def _quantized_tensors(source_dir: Path, config: ModelConfig, progress: bool):
     """(name, tensor) of the quantized checkpoint, streamed from the source's weight files."""
     from tqdm.auto import tqdm
@@ -76,7 +83,7 @@ def _quantized_tensors(source_dir: Path, config: ModelConfig, progress: bool):
                 raise QuantizedCheckpointError(f"{source}: tensor {raw_name} is {tensor.dtype}, not a float weight; "
                                                "is this checkpoint already quantized?")
             if is_quantized_weight(name):
-                quantized, scales = quantize_per_channel(tensor)
+                quantized, scales = _quantized(tensor, f"{source}: tensor {raw_name}")
                 yield name, quantized
                 yield name.removesuffix(".weight") + SCALE_SUFFIX, scales
             else:
@@ -87,7 +94,7 @@ def _quantized_tensors(source_dir: Path, config: ModelConfig, progress: bool):
     if config.tie_word_embeddings:
         if embedding is None:
             raise QuantizedCheckpointError(f"{source_dir}: no transformer.wte.weight to build the tied lm_head from")
-        quantized, scales = quantize_per_channel(embedding)
+        quantized, scales = _quantized(embedding, f"{source_dir}: tensor transformer.wte.weight (the tied lm_head)")
         yield "lm_head.weight", quantized
         yield "lm_head" + SCALE_SUFFIX, scales
 

@@ -148,10 +148,13 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     return out
 
 
+NONFINITE_WEIGHT = "holds NaN or infinite values, which int8 with a scale per row cannot represent; the checkpoint is damaged"
+
+
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 (N, K), float32 scales (N,)) of a contiguous float32, float16 or bfloat16 CPU weight
     (N, K): the same bits as quant.quantize_per_channel's PyTorch expression, in one pass over each
-    row. Requires `available()`."""
+    row; ValueError for a weight with NaN or infinite values. Requires `available()`."""
     weight_type = WEIGHT_TYPES.get(weight.dtype)
     if weight.dim() != 2 or weight_type not in (0, 1, 2) or not weight.is_contiguous() or weight.device.type != "cpu":
         raise ValueError(f"native quantize: needs a contiguous 2-D float CPU weight, got {weight.dtype} {tuple(weight.shape)} "
@@ -161,6 +164,8 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scales = torch.empty(rows, dtype=torch.float32)
     status = load().starchat_quantize_rows(weight.data_ptr(), weight_type, rows, columns, quantized.data_ptr(),
                                            scales.data_ptr(), torch.get_num_threads())
+    if status == -3:
+        raise ValueError(NONFINITE_WEIGHT)
     if status:
         raise MemoryError("native quantize: out of memory") if status == -2 else RuntimeError(f"native quantize failed ({status})")
     return quantized, scales

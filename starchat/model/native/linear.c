@@ -22,6 +22,7 @@
  * tiles) where the CPU has them, a portable
  * loop (vectorised by the compiler) elsewhere. Threads: OpenMP, the same runtime PyTorch loads.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -731,10 +732,11 @@ int starchat_unpack_bf16(const void *w, int wtype, long n, long k, uint16_t *out
  * took about 65 of the 107 s StarChat-beta needed to load with --quantize int8 on a 2-core Xeon
  * (each step a pass over a fresh 50 MB temporary; 41.5 s with this); here each row is read once
  * into a float32 copy in cache and written once.
- * Returns 0, -1 for another type, -2 when out of memory. */
+ * Returns 0, -1 for another type, -2 when out of memory, -3 when a value is NaN or infinite (no
+ * scale can stand for such a row). */
 int starchat_quantize_rows(const void *w, int wtype, long n, long k, int8_t *out, float *scales, int threads) {
     if (wtype != W_F32 && wtype != W_F16 && wtype != W_BF16) return -1;
-    int failed = 0;
+    int failed = 0, nonfinite = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         float *row = (float *)malloc((size_t)(k > 0 ? k : 1) * sizeof(float));
@@ -748,18 +750,29 @@ int starchat_quantize_rows(const void *w, int wtype, long n, long k, int8_t *out
             if (!row) continue;
             widen_to_float32((const char *)w + r * k * element_size(wtype), wtype, k, row);
             float largest = 0.0f;
+            int bad = 0; /* a NaN or an infinity in the row */
             long j = 0;
 #if HAVE_AVX2
-            __m256 top = _mm256_setzero_ps();
-            const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-            for (; j + 8 <= k; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(row + j), magnitude));
+            __m256 top = _mm256_setzero_ps(), unbounded = _mm256_setzero_ps();
+            const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), infinity = _mm256_set1_ps(INFINITY);
+            for (; j + 8 <= k; j += 8) {
+                const __m256 value = _mm256_and_ps(_mm256_loadu_ps(row + j), magnitude);
+                top = _mm256_max_ps(top, value);
+                unbounded = _mm256_or_ps(unbounded, _mm256_cmp_ps(value, infinity, _CMP_NLT_UQ)); /* NaN or inf */
+            }
             float lanes[8];
             _mm256_storeu_ps(lanes, top);
             for (int lane = 0; lane < 8; lane++) largest = lanes[lane] > largest ? lanes[lane] : largest;
+            bad = _mm256_movemask_ps(unbounded) != 0;
 #endif
             for (; j < k; j++) {
                 const float value = row[j] < 0 ? -row[j] : row[j];
+                bad |= !(value < INFINITY);
                 largest = value > largest ? value : largest;
+            }
+            if (bad) {
+#pragma omp atomic write
+                nonfinite = 1;
             }
             const float scale = (largest > 1e-8f ? largest : 1e-8f) / 127.0f;
             scales[r] = scale;
@@ -782,7 +795,7 @@ int starchat_quantize_rows(const void *w, int wtype, long n, long k, int8_t *out
         }
         free(row);
     }
-    return failed ? -2 : 0;
+    return failed ? -2 : nonfinite ? -3 : 0;
 }
 
 /* The entry point: y (m, n) = activation(x (m, k) @ w^T, times scales, plus bias), for w packed
