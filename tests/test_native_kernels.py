@@ -4,6 +4,7 @@ fallback when no compiler is available."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -543,9 +544,28 @@ def _skip_unless_attention_path(cache_dtype, tiles: bool) -> None:
         pytest.skip("a float32 cache takes the vector code")
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tiles", [True, False])
-@pytest.mark.parametrize("threads", [1, 2, 3])
+def _every_attention_path(test):
+    """Parametrize `test` over every cache dtype, the tiles and the vector code, 1-3 threads."""
+    test = pytest.mark.parametrize("threads", [1, 2, 3])(test)
+    test = pytest.mark.parametrize("tiles", [True, False])(test)
+    return pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])(test)
+
+
+@contextlib.contextmanager
+def _attention_path(threads: int, tiles: bool):
+    """Decode attention on this many threads, on the AMX tiles or the vector code; restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if not tiles:
+            native.amx_disable()
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        native.amx_init()
+
+
+@_every_attention_path
 def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype, tiles, threads):
     # A row's work ends at its last unmasked position, not at the batch's longest context (whose
     # masked tail added nothing but time), and the threads share the rows by their lengths: each
@@ -563,11 +583,7 @@ def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype
     mask = torch.zeros(batch, max_len).masked_fill_(torch.arange(max_len)[None] >= torch.tensor(lengths)[:, None],
                                                      float("-inf"))
     mask[8, 50] = float("-inf")  # a hole inside a row's context stays masked
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        if not tiles:
-            native.amx_disable()
+    with _attention_path(threads, tiles):
         together = native.decode_attention(query, cache, slots, mask, heads, 1, 0.125)
         # the engine hands each row's length over instead of having the mask's tail scanned
         assert torch.equal(native.decode_attention(query, cache, slots, mask, heads, 1, 0.125, torch.tensor(lengths)),
@@ -579,14 +595,9 @@ def test_decode_attention_of_a_row_does_not_depend_on_the_other_rows(cache_dtype
             alone = native.decode_attention(query[row:row + 1], cache, slots[row:row + 1, :length],
                                             mask[row:row + 1, :length], heads, 1, 0.125)
             assert torch.equal(together[row], alone[0]), (row, length)
-    finally:
-        torch.set_num_threads(previous)
-        native.amx_init()
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tiles", [True, False])
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@_every_attention_path
 def test_decode_attention_of_long_rows_in_key_parts_matches_float64(cache_dtype, tiles, threads):
     # Rows of 2,048+ keys attend in parts of 1,024 (the last up to 2,047), each part's sums kept
     # unnormalised with its maximum and total, then merged: against float64 within each path's
@@ -596,11 +607,7 @@ def test_decode_attention_of_long_rows_in_key_parts_matches_float64(cache_dtype,
     # threads) and two KV heads.
     _skip_unless_attention_path(cache_dtype, tiles)
     generator = torch.Generator().manual_seed(17)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        if not tiles:
-            native.amx_disable()
+    with _attention_path(threads, tiles):
         for lengths, heads, kv_heads, head_dim in (([3500, 40, 3000, 2048, 4095, 2047], 12, 1, 64), ([5000], 12, 1, 64),
                                                    ([1300, 2600], 8, 2, 32)):
             batch, max_len = len(lengths), max(lengths)
@@ -627,9 +634,6 @@ def test_decode_attention_of_long_rows_in_key_parts_matches_float64(cache_dtype,
             # lengths given (the third and fourth rows' masked heads then go in parts too)
             given = native.decode_attention(query, cache, slots, mask, heads, kv_heads, scale, torch.tensor(lengths))
             assert (given.double() - expected).abs().max().item() < bound
-    finally:
-        torch.set_num_threads(previous)
-        native.amx_init()
 
 
 @pytest.mark.parametrize("heads, head_dim", [(12, 64), (48, 128)])
