@@ -136,3 +136,20 @@ def test_the_dummy_step_that_gpu_memory_is_measured_on_runs(tiny_model_dir):
     model, config = engine.runner.model, engine.model_config
     cache_bytes = devices.run_dummy_step(model, 100, 8, torch.float32, torch.device("cpu"))
     assert cache_bytes == config.n_layer * 2 * 100 * config.kv_dim * 4
+
+
+def test_cpu_cache_budget_leaves_the_mapped_weights_their_memory(tmp_path):
+    """On a CPU the KV cache takes a share of MemAvailable less the file pages the process maps:
+    Linux counts a mapped model's pages (a `starchat quantize` folder) as available page cache."""
+    from starchat.engine import devices
+
+    meminfo, status = tmp_path / "meminfo", tmp_path / "status"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    status.write_text("Name:\tpython\nVmRSS:\t16500000 kB\nRssAnon:\t  500000 kB\nRssFile:\t16000000 kB\n")
+    assert devices._available_host_memory(str(meminfo), str(status)) == 4000000 * 1024
+    status.write_text("Name:\tpython\n")  # no RssFile line: MemAvailable as it is
+    assert devices._available_host_memory(str(meminfo), str(status)) == 20000000 * 1024
+    status.write_text("RssFile:\t30000000 kB\n")
+    assert devices._available_host_memory(str(meminfo), str(status)) == 0
+    # the real files give a figure no larger than MemAvailable
+    assert 0 < devices._available_host_memory() <= devices._meminfo_kib("/proc/meminfo", "MemAvailable:") * 1024

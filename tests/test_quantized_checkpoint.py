@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from safetensors import safe_open
 
 from reference_checkpoints import write_hf_checkpoint
 from starchat import LLM, SamplingParams
+from starchat.model import native
+from starchat.model.cpu_linear import PackedLinear
 from starchat.model.loader import find_weight_files, load_model
 from starchat.model.quantized_checkpoint import (QUANT_METHOD, QuantizedCheckpointError, checkpoint_quantization,
                                                  write_quantized_checkpoint)
@@ -46,6 +49,7 @@ def test_quantize_command_writes_int8_weights_that_load_as_the_quantized_model(t
     config = json.loads((output / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == QUANT_METHOD and checkpoint_quantization(output) == "int8"
     assert checkpoint_quantization(tiny_model_dir) is None
+    assert config["quantization_config"]["weight_layout"] == "panels"
     dtypes = _stored_dtypes(output)
     assert dtypes["transformer.h.0.mlp.c_fc.weight"] == "I8" and dtypes["transformer.h.0.mlp.c_fc.weight_scale"] == "F32"
     assert dtypes["lm_head.weight"] == "I8"  # the tied head, stored as its own int8 table
@@ -62,15 +66,98 @@ def test_quantize_command_writes_int8_weights_that_load_as_the_quantized_model(t
         assert stored.generate(prompt, params)[0].token_ids == built.generate(prompt, params)[0].token_ids
 
 
-def test_multi_head_untied_checkpoint_in_shards(tmp_path):
+def _header(path) -> tuple[int, dict]:
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return 8 + length, json.loads(handle.read(length))
+
+
+@pytest.mark.parametrize("layout", ["panels", "rows"])
+def test_multi_head_untied_checkpoint_in_shards(tmp_path, layout):
     """Multi-head c_attn is reordered at load (q, k, v per head -> all q | all k | all v): its int8
-    rows and their scales must move together; an untied lm_head is quantized from its own weight."""
+    rows and their scales must move together (a panels folder stores them reordered, a rows folder
+    as the source); an untied lm_head is quantized from its own weight."""
     source = write_hf_checkpoint(tmp_path / "mha", seed=4, multi_query=False, tie_word_embeddings=False,
                                  activation_function="gelu")
-    output = write_quantized_checkpoint(source, tmp_path / "int8", max_shard_bytes=1 << 20, progress=False)
+    output = write_quantized_checkpoint(source, tmp_path / "int8", max_shard_bytes=1 << 20, progress=False, layout=layout)
     assert (output / "model.safetensors.index.json").is_file() and len(find_weight_files(output)) > 1
     assert not (tmp_path / "int8.partial").exists()
+    config = json.loads((output / "config.json").read_text())
+    hidden, vocab = config["n_embd"], config["vocab_size"]
+    shapes = {}
+    for weight_file in find_weight_files(output):
+        data_start, header = _header(weight_file.path)
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = info["shape"]
+                if layout == "panels" and not name.startswith("__padding__."):  # each tensor on a page of its file
+                    assert (data_start + info["data_offsets"][0]) % 4096 == 0, name
+    panels = -(-vocab // 16)
+    assert shapes["lm_head.weight"] == ([panels, hidden, 16] if layout == "panels" else [vocab, hidden])
+    assert shapes["transformer.h.0.mlp.c_fc.weight"] == ([4 * hidden // 16, hidden, 16] if layout == "panels" else [4 * hidden, hidden])
     _assert_same_model(source, output, dtype=torch.float32)
+
+
+def _mappings_of(folder) -> list[tuple[int, int]]:
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith(str(folder)):
+                begin, end = (int(value, 16) for value in fields[0].split("-"))
+                spans.append((begin, end))
+    return spans
+
+
+@pytest.mark.skipif(not native.available() or not Path("/proc/self/maps").is_file(),
+                    reason="the panels are kept as stored only with the native kernels; mappings read from Linux's /proc")
+def test_a_large_panels_folder_is_used_where_it_lies(tiny_model_dir, tmp_path, monkeypatch):
+    """Beyond MAP_WEIGHTS_FROM_BYTES the int8 panels are views of the files mapped into memory
+    (page-aligned, no copy, nothing packed), the same model bit for bit, and serving from them never
+    writes to the files."""
+    import hashlib
+
+    from starchat.model import loader
+
+    output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
+    digest = hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()
+    monkeypatch.setattr(loader, "MAP_WEIGHTS_FROM_BYTES", 0)
+    model = load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
+    spans = _mappings_of(output)
+    packed = [module for module in model.modules() if isinstance(module, PackedLinear)]
+    assert spans and len(packed) == 4 * model.config.n_layer + 1
+    for module in packed:
+        address = module.packed_weight.data_ptr()
+        assert any(begin <= address < end for begin, end in spans) and address % 4096 == 0
+    _assert_same_model(tiny_model_dir, output)
+    del model
+
+    stored, built = LLM(str(output), device="cpu", progress=False), LLM(str(tiny_model_dir), device="cpu", quantize="int8", progress=False)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    for prompt in ("def f(x):", "import os"):
+        assert stored.generate(prompt, params)[0].token_ids == built.generate(prompt, params)[0].token_ids
+    assert hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest() == digest
+
+    monkeypatch.setattr(loader, "MAP_WEIGHTS_FROM_BYTES", 1 << 40)  # a small model: read, in the process's own memory
+    model = load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
+    spans = _mappings_of(output)
+    assert not any(begin <= module.packed_weight.data_ptr() < end for module in model.modules()
+                   if isinstance(module, PackedLinear) for begin, end in spans)
+
+
+def test_panels_unpacked_without_the_native_kernels(tiny_model_dir, tmp_path, monkeypatch):
+    """A GPU, or a CPU without the native kernels, unpacks the panels into the (N, K) int8 weights
+    that quantizing while loading gives there."""
+    output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
+    monkeypatch.setattr(native, "available", lambda: False)
+    built = load_model(tiny_model_dir, torch.float32, torch.device("cpu"), progress=False, quantize="int8")
+    stored = load_model(output, torch.float32, torch.device("cpu"), progress=False)
+    assert not any(isinstance(module, PackedLinear) for module in stored.modules())
+    assert stored.transformer.h[0].mlp.c_fc.weight.shape == (4 * stored.config.n_embd, stored.config.n_embd)
+    built_parameters, stored_parameters = dict(built.named_parameters()), dict(stored.named_parameters())
+    assert built_parameters.keys() == stored_parameters.keys()
+    for name, parameter in built_parameters.items():
+        assert torch.equal(parameter, stored_parameters[name]), name
 
 
 def test_bad_folders_get_one_clear_error(tiny_model_dir, tmp_path):
@@ -91,8 +178,14 @@ def test_bad_folders_get_one_clear_error(tiny_model_dir, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "gptq" in done.stderr and "Traceback" not in done.stderr
 
+    # a layout this version does not know (a folder from a later one): named, with what to do
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, "weight_layout": "tiles"}
+    (output / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizedCheckpointError, match="weight_layout 'tiles' is not one starchat knows"):
+        load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
+
     # a float weight where int8 belongs (a hand-edited folder): the tensor is named
-    config["quantization_config"] = {"quant_method": QUANT_METHOD}
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, "weight_layout": "panels"}
     (output / "config.json").write_text(json.dumps(config))
     from safetensors.torch import load_file, save_file
     tensors = load_file(str(output / "model.safetensors"))
@@ -106,6 +199,13 @@ def test_quantize_command_refuses_other_methods_and_existing_folders(tiny_model_
     done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "quantize", str(tiny_model_dir), str(tmp_path / "x"),
                            "--method", "int4"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "--method: only int8" in done.stderr and not (tmp_path / "x").exists()
+    done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "quantize", str(tiny_model_dir), str(tmp_path / "x"),
+                           "--layout", "columns"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "--layout: one of panels, rows" in done.stderr and not (tmp_path / "x").exists()
+    done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "quantize", str(tiny_model_dir), str(tmp_path / "x"),
+                           "--layout", "rows"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "(int8, rows)" in done.stdout
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["quantization_config"]["weight_layout"] == "rows"
     done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "quantize", str(tiny_model_dir), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "already exists" in done.stderr

@@ -95,15 +95,27 @@ def default_kv_cache_bytes(device: torch.device, bytes_per_token: int, context_l
     return max(bytes_per_token * context_len, min(wanted, max(available, 0)))
 
 
-def _available_host_memory() -> int:
+def _available_host_memory(meminfo: str = "/proc/meminfo", status: str = "/proc/self/status") -> int:
+    """Memory the KV cache may take: Linux's MemAvailable less the file pages this process maps
+    (RssFile). MemAvailable counts the page cache as reclaimable, including the pages of weights
+    the loader maps from a `starchat quantize` folder; a cache sized on them would push the
+    weights out of memory to be read back from disk at every step."""
+    available = _meminfo_kib(meminfo, "MemAvailable:")
+    if available is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return max(available - (_meminfo_kib(status, "RssFile:") or 0), 0) * 1024
+
+
+def _meminfo_kib(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line's N from a /proc file, None where there is none."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return None
 
 
 def profile_step_bytes(model: torch.nn.Module, tokens: int, logits_rows: int, dtype: torch.dtype,

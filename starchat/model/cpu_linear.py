@@ -273,7 +273,8 @@ def prepare_cpu_linears(model: nn.Module) -> None:
     """Set up every Linear of a built CPU `model` for the fastest products available (see above).
 
     With the native kernels the model's Linear weights are consumed: packed in their own storage
-    where possible, so nothing else may keep using them."""
+    where possible, so nothing else may keep using them. Layers loaded packed (a `starchat quantize`
+    folder in panels, loader.load_model) are already PackedLinears and stay as they are."""
     if not native.available():
         for module in model.modules():
             if type(module) is nn.Linear:
@@ -299,11 +300,12 @@ def prepare_cpu_linears(model: nn.Module) -> None:
             packed = packed_by_weight.get(id(getattr(parent, name).weight))
             if packed is not None:
                 setattr(parent, name, PackedEmbedding(packed))
+    packed_layers = [module for module in model.modules() if isinstance(module, PackedLinear)]  # with any loaded packed
     if streams_its_weights(model):  # AMX pays off from fewer rows
-        for layer in packed_by_weight.values():
+        for layer in packed_layers:
             layer.amx_min_rows = native_amx_min_rows(layer.packed_weight.dtype, streamed=True)
     unpacked = Workspace()  # oneDNN's products run one after another
-    for layer in packed_by_weight.values():
+    for layer in packed_layers:
         layer.unpack_workspace = unpacked
 
 

@@ -1,8 +1,9 @@
 """Checkpoint folders -> a ready model, streaming one tensor at a time.
 
 The model is built on the `meta` device (no memory), then each checkpoint tensor is read
-(safetensors are memory-mapped; `.bin` files use `torch.load(mmap=True, weights_only=True)`),
-converted to the target dtype and device, and assigned. Peak memory is the final weights plus
+(safetensors with plain reads, or the files mapped for a large `starchat quantize` folder in
+panels on a CPU; `.bin` files use `torch.load(mmap=True, weights_only=True)`), converted to the
+target dtype and device, and assigned. Peak memory is the final weights plus
 one tensor, never a float32 copy of the whole model. Loading is strict: every parameter must
 come from the checkpoint with the right shape, and no unknown tensor is accepted.
 """
@@ -18,14 +19,18 @@ from typing import Iterator
 import torch
 
 from starchat.config import ModelConfig
+from starchat.engine.host_memory import COLLAPSE_MAX_BYTES
 from starchat.model.gpt_bigcode import Attention, GPTBigCodeForCausalLM
 from starchat.model.cpu_decode import attach_fused_decode
 from starchat.model import native
 from starchat.model.attention import PromptAttention
 from starchat.model.cpu_linear import compute_in_float32, native_amx_tiles, prepare_cpu_linears
 from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
-from starchat.model.quantized_checkpoint import SCALE_SUFFIX, checkpoint_quantization, is_quantized_weight
+from starchat.model.cpu_linear import PackedLinear, unpack_weight
+from starchat.model.quantized_checkpoint import (SCALE_SUFFIX, checkpoint_quantization, is_quantized_weight,
+                                                 stored_weight_layout)
 from starchat.model.random_checkpoint import random_state_dict
+from starchat.model.shard_writer import PADDING_PREFIX
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "starchat-nano"
 
@@ -126,51 +131,86 @@ def find_weight_files(model_dir: Path) -> list[WeightFile]:
     )
 
 
-def iterate_checkpoint(files: list[WeightFile]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def iterate_checkpoint(files: list[WeightFile], mapped: bool = False) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file) of every tensor in the files; with `mapped`, safetensors tensors are
+    views of the files mapped into memory (see _map_safetensors), not copies."""
     for weight_file in files:
         if weight_file.kind == "safetensors":
-            yield from _iterate_safetensors(weight_file.path)
+            yield from (_map_safetensors if mapped else _iterate_safetensors)(weight_file.path)
         else:
             yield from _iterate_bin(weight_file.path)
 
 
+PAGE_BYTES = 4096
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 
 
+def _safetensors_entries(handle, path: Path, size: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    """(name, dtype, shape, first byte, end byte) of each tensor in file order, checked against the
+    file's size; padding tensors (shard_writer.PADDING_PREFIX) left out. The layout is an 8-byte
+    header length, a JSON header of byte offsets from the data's start, then the data."""
+    try:
+        header_len = int.from_bytes(handle.read(8), "little")
+        if not 0 < header_len <= size - 8:
+            raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
+        header = json.loads(handle.read(header_len))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({error}); it is probably truncated: re-download it") from None
+    data_start = 8 + header_len
+    entries = []
+    for name, info in sorted(((name, info) for name, info in header.items()
+                              if name != "__metadata__" and not name.startswith(PADDING_PREFIX)),
+                             key=lambda item: item[1]["data_offsets"][0]):
+        begin, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: tensor {name} ends past the end of the file ({size} bytes); "
+                                  "the file is truncated: re-download it")
+        entries.append((name, dtype, info["shape"], data_start + begin, data_start + end))
+    return entries
+
+
 def _iterate_safetensors(path: Path):
     """Read tensors one by one with plain reads, not a whole-file mmap.
 
     A memory map keeps every page it touched resident until the file is closed, so converting a
-    bf16 file to float32 through one would hold the file and the converted model at once. The
-    safetensors layout is an 8-byte header length, a JSON header of byte offsets, then the data.
+    bf16 file to float32 through one would hold the file and the converted model at once.
     """
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        try:
-            header_len = int.from_bytes(handle.read(8), "little")
-            if not 0 < header_len <= size - 8:
-                raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
-            header = json.loads(handle.read(header_len))
-        except (ValueError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({error}); it is probably truncated: re-download it") from None
-        data_start = 8 + header_len
-        entries = sorted(((name, info) for name, info in header.items() if name != "__metadata__"),
-                         key=lambda item: item[1]["data_offsets"][0])
-        for name, info in entries:
-            begin, end = info["data_offsets"]
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            if data_start + end > size:
-                raise CheckpointError(f"{path}: tensor {name} ends past the end of the file ({size} bytes); "
-                                      "the file is truncated: re-download it")
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            handle.seek(data_start + begin)
+        for name, dtype, shape, begin, _ in _safetensors_entries(handle, path, size):
+            tensor = torch.empty(shape, dtype=dtype)
+            handle.seek(begin)
             handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else bytearray())
             yield name, tensor, path
+
+
+def _map_safetensors(path: Path):
+    """Tensors that are views of the file mapped privately into memory (copy-on-write: nothing
+    ever reaches the file), for a model that keeps its weights as stored (a panels folder): its
+    pages are the page cache's, read from disk on first touch and shared with it, so a restart
+    finds them there and no second copy exists. A tensor that does not start at a multiple of
+    its element size in the file is copied instead."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        entries = _safetensors_entries(handle, path, size)
+    storage = torch.UntypedStorage.from_file(str(path), False, size)
+    # Touch every page now (one byte each; read from disk where the page cache lacks it), so the
+    # load is done when loading returns: a server is not ready before its weights are in memory,
+    # and its first request should not be the one that reads them from disk.
+    torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,))[::PAGE_BYTES].sum()
+    for name, dtype, shape, begin, end in entries:
+        item_size = torch.empty((), dtype=dtype).element_size()
+        if begin % item_size == 0:
+            tensor = torch.empty(0, dtype=dtype).set_(storage, begin // item_size, shape)
+        else:
+            tensor = torch.empty(0, dtype=torch.uint8).set_(storage, begin, (end - begin,)).clone().view(dtype).reshape(shape)
+        yield name, tensor, path
 
 
 def _iterate_bin(path: Path):
@@ -191,14 +231,18 @@ def load_model(
     load_format: str = "auto",
 ) -> GPTBigCodeForCausalLM:
     config = ModelConfig.from_file(model_dir / "config.json")
-    if load_format == "auto":
-        tensors = iterate_checkpoint(find_weight_files(model_dir))
-    elif load_format == "random":  # benchmarks of a shape: no weight files needed, drawn on the target device
-        tensors = ((name, tensor, model_dir / "config.json") for name, tensor in random_state_dict(config, dtype, device=device))
-    else:
+    if load_format not in ("auto", "random"):
         raise ValueError(f"load_format: {load_format!r} is not supported; use auto or random")
-    # A folder written by `starchat quantize` holds int8 weights and their scales (the lm_head too).
+    # A folder written by `starchat quantize` holds int8 weights and their scales (the lm_head too),
+    # in panels (kept as stored on a CPU with the native kernels) or in rows.
     stored_quantization = checkpoint_quantization(model_dir) if load_format == "auto" else None
+    stored_panels = stored_quantization is not None and stored_weight_layout(model_dir) == "panels"
+    keep_panels = stored_panels and device.type == "cpu" and native.available()
+    if load_format == "auto":
+        files = find_weight_files(model_dir)
+        tensors = iterate_checkpoint(files, mapped=keep_panels and maps_its_weights(files))
+    else:  # benchmarks of a shape: no weight files needed, drawn on the target device
+        tensors = ((name, tensor, model_dir / "config.json") for name, tensor in random_state_dict(config, dtype, device=device))
     if quantize is not None and quantize not in QUANTIZATION_METHODS:
         raise ValueError(f"quantize: {quantize!r} is not supported; use one of {', '.join(QUANTIZATION_METHODS)}")
     quantize = quantize or stored_quantization
@@ -216,6 +260,7 @@ def load_model(
     head_source = None  # quantized_while_loading: the lm_head's stored values
     tied_names = {"lm_head.weight"} if config.tie_word_embeddings and not stored_quantization else set()
     loaded: set[str] = set()
+    kept_panels: dict[str, torch.Tensor] = {}  # keep_panels: Linear name -> its stored panels
 
     bar = _progress_bar(sum(1 for _ in expected), f"loading {model_dir.name}", progress)
     for raw_name, tensor, source in tensors:
@@ -227,17 +272,26 @@ def load_model(
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {raw_name}; is this a GPTBigCode checkpoint matching its config.json?")
         target = expected[name]
-        if tuple(tensor.shape) != tuple(target.shape):
+        stored_int8 = stored_quantization is not None and is_quantized_weight(name)
+        in_panels = stored_int8 and stored_panels
+        expected_shape = native.packed_shape(*target.shape) if in_panels else tuple(target.shape)
+        if tuple(tensor.shape) != expected_shape:
             raise CheckpointError(
-                f"{source}: tensor {raw_name} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}; "
+                f"{source}: tensor {raw_name} has shape {tuple(tensor.shape)}, config.json implies {expected_shape}; "
                 "the weights and config.json do not belong together"
             )
-        stored_int8 = stored_quantization is not None and is_quantized_weight(name)
         if (tensor.dtype != torch.int8) if stored_int8 else not tensor.is_floating_point():
             wanted = "int8 (a quantized checkpoint's Linear weight)" if stored_int8 else "floating point weights"
             raise CheckpointError(f"{source}: tensor {raw_name} has dtype {tensor.dtype}, expected {wanted}")
-        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_attn.scales")):
-            tensor = _fused_qkv_layout(tensor, config)
+        if in_panels and keep_panels:  # the PackedLinear is built once its bias and scales are in
+            kept_panels[name.removesuffix(".weight")] = tensor
+            loaded.add(name)
+            bar.update(1)
+            continue
+        if in_panels:  # a GPU or no native kernels: the (N, K) weight
+            tensor = unpack_weight(tensor, target.shape[0], torch.int8)
+        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_attn.scales")) and not stored_panels:
+            tensor = fused_qkv_layout(tensor, config)  # a panels folder stores c_attn in the loaded order
         tensor = tensor.to(device=device)
         if quantized_while_loading and name == head_name:
             head_source = tensor  # the same tensor as the embedding where no conversion is needed
@@ -263,6 +317,10 @@ def load_model(
         except ValueError as error:
             raise CheckpointError(f"{model_dir}: tensor {head_name} (quantized for the lm_head) {error}") from None
         del head_source
+    for module_name, panels in kept_panels.items():
+        parent_name, _, child = module_name.rpartition(".")
+        stored = model.get_submodule(module_name)
+        setattr(model.get_submodule(parent_name), child, PackedLinear(panels, stored.out_features, stored.bias, stored.scales))
     if device.type == "cpu":
         prepare_cpu_linears(model)
         if native.available():
@@ -274,6 +332,18 @@ def load_model(
         attach_fused_decode(model)
     model.eval()
     return model
+
+
+# A panels folder whose weight files exceed this is mapped rather than read: weights beyond it stay
+# in 4 KiB pages anyway (engine/host_memory.py collapses only up to it into huge pages), so a
+# mapping loses nothing, and saves the copy. Smaller models are read into the process's memory,
+# where their weights can be backed by huge pages (tiny_starcoder bfloat16 decoding x1.24).
+MAP_WEIGHTS_FROM_BYTES = COLLAPSE_MAX_BYTES
+
+
+def maps_its_weights(files: list[WeightFile]) -> bool:
+    """Whether a panels folder's weights are mapped from these files (see MAP_WEIGHTS_FROM_BYTES)."""
+    return all(f.kind == "safetensors" for f in files) and sum(f.path.stat().st_size for f in files) > MAP_WEIGHTS_FROM_BYTES
 
 
 def choose_prompt_attention(model: GPTBigCodeForCausalLM) -> PromptAttention:
@@ -290,7 +360,7 @@ def choose_prompt_attention(model: GPTBigCodeForCausalLM) -> PromptAttention:
     return PromptAttention(dtype=sdpa_dtype, amx_tiles=native_amx_tiles(), split=weight_dtype == torch.float16)
 
 
-def _fused_qkv_layout(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+def fused_qkv_layout(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Multi-head checkpoints store c_attn per head as (q, k, v); reorder to [all q | all k | all v]."""
     if config.multi_query:
         return tensor

@@ -1,15 +1,27 @@
 """Checkpoints stored with int8 weights (`starchat quantize`), so that loading reads half the bytes
 of a 16-bit checkpoint and quantizes nothing.
 
-The layout is Hugging Face's (config.json, sharded safetensors, the tokenizer and other files of
+The folder is Hugging Face's (config.json, sharded safetensors, the tokenizer and other files of
 the source folder) with two changes: every Linear weight of the blocks and the lm_head is stored as
-int8 (`<name>.weight`, I8, the source's own layout) beside its float32 per-output-channel scales
+int8 (`<name>.weight`, I8, in one of the layouts below) beside its float32 per-output-channel scales
 (`<name>.weight_scale`), quantized exactly as `--quantize int8` does while loading (quant.py); and
 config.json carries `"quantization_config": {"quant_method": "starchat-int8", ...}`. Embeddings,
 layer norms and biases keep the source's dtype. A tied lm_head is stored as its own int8 table
 (the embedding stays float for lookups), as a loaded int8 model holds it.
 So a model loaded from such a folder is the one `--quantize int8` builds from the source, bit for
 bit; the loader recognises the folder by its quantization_config (loader.load_model).
+
+Two layouts of the int8 weights (`quantization_config.weight_layout`):
+- "panels" (the default): each weight as the CPU kernels read it, panels of 16 output channels,
+  (ceil(N / 16), K, 16), the last panel zero-padded (native.pack_weight), every tensor at a 4 KiB
+  boundary of its file, and a multi-head c_attn's weight, scales and bias already in the loaded
+  order ([all q | all k | all v]). A CPU with the native kernels then uses the weights where they
+  lie: a model beyond the huge-page limit is mapped from the files, not read and repacked, so a
+  restart finds its weights in the page cache (StarChat-beta: the page cache and the process
+  share one copy of its 15.5 GB). GPUs and CPUs without the kernels unpack the panels at load.
+- "rows": Hugging Face's (N, K) orientation and per-head c_attn order, for other tools; packed
+  while loading, as a float checkpoint is. Folders without the field (written before the
+  panels) are "rows".
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ from starchat.config import ModelConfig
 from starchat.model.quant import quantize_per_channel
 
 QUANT_METHOD = "starchat-int8"
+WEIGHT_LAYOUTS = ("panels", "rows")
+PANELS_ALIGNMENT = 4096  # bytes: each tensor of a panels folder starts on a page of its file
 SCALE_SUFFIX = ".weight_scale"
 # Linear weights by name suffix (HF GPTBigCode names); these are stored as int8.
 QUANTIZED_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "lm_head.weight")
@@ -51,7 +65,17 @@ def checkpoint_quantization(model_dir: Path) -> str | None:
         raise QuantizedCheckpointError(
             f"{config_file}: quantization_config.quant_method {method!r} is not a format starchat loads; give a float16, "
             f"bfloat16 or float32 checkpoint (with --quantize int8 for int8 weights), or one written by `starchat quantize`")
+    layout = quantization.get("weight_layout", "rows")
+    if layout not in WEIGHT_LAYOUTS:
+        raise QuantizedCheckpointError(f"{config_file}: quantization_config.weight_layout {layout!r} is not one starchat "
+                                       f"knows ({', '.join(WEIGHT_LAYOUTS)}); rewrite the folder with `starchat quantize`")
     return "int8"
+
+
+def stored_weight_layout(model_dir: Path) -> str:
+    """The int8 weights' layout in a folder for which checkpoint_quantization says "int8"."""
+    data = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return data["quantization_config"].get("weight_layout", "rows")
 
 
 def is_quantized_weight(name: str) -> bool:
@@ -65,11 +89,16 @@ def _quantized(tensor: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Ten
         raise QuantizedCheckpointError(f"{what} {error}") from None
 
 
-def _quantized_tensors(source_dir: Path, config: ModelConfig, progress: bool):
+def _quantized_tensors(source_dir: Path, config: ModelConfig, layout: str, progress: bool):
     """(name, tensor) of the quantized checkpoint, streamed from the source's weight files."""
     from tqdm.auto import tqdm
 
-    from starchat.model.loader import IGNORED_SUFFIXES, find_weight_files, iterate_checkpoint
+    from starchat.model.loader import IGNORED_SUFFIXES, find_weight_files, fused_qkv_layout, iterate_checkpoint
+    from starchat.model.native import pack_weight
+
+    def quantized(tensor: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, scales = _quantized(tensor, what)
+        return (pack_weight(weight) if layout == "panels" else weight), scales
 
     embedding = None
     with tqdm(desc=f"quantizing {source_dir.name}", unit="tensor", disable=not progress, leave=False) as bar:
@@ -82,9 +111,11 @@ def _quantized_tensors(source_dir: Path, config: ModelConfig, progress: bool):
             if not tensor.is_floating_point():
                 raise QuantizedCheckpointError(f"{source}: tensor {raw_name} is {tensor.dtype}, not a float weight; "
                                                "is this checkpoint already quantized?")
+            if layout == "panels" and name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
+                tensor = fused_qkv_layout(tensor, config)  # the loaded order (per-row scales follow their rows)
             if is_quantized_weight(name):
-                quantized, scales = _quantized(tensor, f"{source}: tensor {raw_name}")
-                yield name, quantized
+                weight, scales = quantized(tensor, f"{source}: tensor {raw_name}")
+                yield name, weight
                 yield name.removesuffix(".weight") + SCALE_SUFFIX, scales
             else:
                 if name == "transformer.wte.weight":
@@ -94,18 +125,21 @@ def _quantized_tensors(source_dir: Path, config: ModelConfig, progress: bool):
     if config.tie_word_embeddings:
         if embedding is None:
             raise QuantizedCheckpointError(f"{source_dir}: no transformer.wte.weight to build the tied lm_head from")
-        quantized, scales = _quantized(embedding, f"{source_dir}: tensor transformer.wte.weight (the tied lm_head)")
-        yield "lm_head.weight", quantized
+        weight, scales = quantized(embedding, f"{source_dir}: tensor transformer.wte.weight (the tied lm_head)")
+        yield "lm_head.weight", weight
         yield "lm_head" + SCALE_SUFFIX, scales
 
 
 def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_bytes: int = 2 << 30,
-                               progress: bool = True) -> Path:
-    """Quantize the float checkpoint in source_dir into output_dir (which must not exist yet).
+                               progress: bool = True, layout: str = "panels") -> Path:
+    """Quantize the float checkpoint in source_dir into output_dir (which must not exist yet), its
+    int8 weights in `layout` (see the module docstring).
     Written into `<output_dir>.partial` first and renamed when whole, so a stopped run leaves no
     folder that looks complete. Memory: one source tensor, the shard being filled and, for a
     tied lm_head, the embedding table."""
     source_dir, output_dir = Path(source_dir), Path(output_dir)
+    if layout not in WEIGHT_LAYOUTS:
+        raise QuantizedCheckpointError(f"layout: {layout!r} is not one of {', '.join(WEIGHT_LAYOUTS)}")
     if output_dir.exists():
         raise QuantizedCheckpointError(f"{output_dir}: already exists; give a new folder for the quantized checkpoint")
     if checkpoint_quantization(source_dir):
@@ -117,10 +151,12 @@ def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_byt
     try:
         from starchat.model.shard_writer import write_shards
 
-        write_shards(partial, _quantized_tensors(source_dir, config, progress), max_shard_bytes)
+        write_shards(partial, _quantized_tensors(source_dir, config, layout, progress), max_shard_bytes,
+                     align=PANELS_ALIGNMENT if layout == "panels" else None)
         hf_config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
         hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True,
-                                            "scales": "per output channel, float32", "weights": list(QUANTIZED_WEIGHTS)}
+                                            "scales": "per output channel, float32", "weights": list(QUANTIZED_WEIGHTS),
+                                            "weight_layout": layout}
         (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for item in source_dir.iterdir():  # tokenizer, chat template, generation config, model card ...
             if item.is_file() and item.name != "config.json" and not item.name.endswith(_WEIGHT_FILE_SUFFIXES):

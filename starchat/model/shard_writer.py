@@ -1,7 +1,13 @@
 """Tensors streamed into safetensors files in Hugging Face's layout: one `model.safetensors`, or
 shards `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`. Only the shard
 being filled is held in memory; each written shard goes through to disk and leaves the page cache,
-so writing a checkpoint larger than memory does not fill it with dirty pages."""
+so writing a checkpoint larger than memory does not fill it with dirty pages.
+
+With `align`, every tensor starts at a multiple of `align` bytes from the file's start, so a
+reader that maps the file can hand the kernels page-aligned weights in place (the loader's
+mapped path). The safetensors format allows no holes between tensors, so the gaps are filled by
+small uint8 tensors named PADDING_PREFIX + a number, which readers skip; the header is padded
+with spaces, as the format allows."""
 
 from __future__ import annotations
 
@@ -12,6 +18,12 @@ from pathlib import Path
 
 import torch
 
+PADDING_PREFIX = "__padding__."
+_SAFETENSORS_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
 
 def _drop_from_page_cache(path: Path) -> None:
     with open(path, "rb+") as handle:
@@ -20,8 +32,37 @@ def _drop_from_page_cache(path: Path) -> None:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def write_shards(output_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:
-    """Write `tensors` (name, CPU tensor), in order, into output_dir (which exists)."""
+def save_aligned(tensors: dict[str, torch.Tensor], path: Path, align: int, metadata: dict[str, str]) -> None:
+    """A safetensors file of `tensors` (CPU, contiguous) in their order, each starting at a multiple
+    of `align` bytes from the file's start (see the module docstring)."""
+    header: dict[str, dict] = {"__metadata__": metadata}
+    pieces: list[tuple[int, torch.Tensor]] = []  # (offset from the data's start, tensor)
+    offset = 0
+    for name, tensor in tensors.items():
+        gap = -offset % align
+        if gap:
+            header[f"{PADDING_PREFIX}{len(header)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            offset += gap
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        pieces.append((offset, tensor))
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % align)  # the data then starts at a multiple of align
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text)
+        data_start = handle.tell()
+        for begin, tensor in pieces:
+            handle.seek(data_start + begin)  # the padding tensors' bytes read as zeros
+            handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        handle.truncate(data_start + offset)
+
+
+def write_shards(output_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int,
+                 align: int | None = None) -> None:
+    """Write `tensors` (name, CPU tensor), in order, into output_dir (which exists); with `align`,
+    each tensor at a multiple of that many bytes in its file (save_aligned)."""
     from safetensors.torch import save_file
 
     shard: dict[str, torch.Tensor] = {}
@@ -31,7 +72,10 @@ def write_shards(output_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], 
 
     def flush():
         name = f"model-{len(written) + 1:05d}.safetensors.tmp"
-        save_file(shard, str(output_dir / name), metadata={"format": "pt"})
+        if align:
+            save_aligned(shard, output_dir / name, align, metadata={"format": "pt"})
+        else:
+            save_file(shard, str(output_dir / name), metadata={"format": "pt"})
         _drop_from_page_cache(output_dir / name)
         written.append(name)
 

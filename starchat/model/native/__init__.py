@@ -16,6 +16,11 @@ def available() -> bool:
     return load() is not None
 
 
+def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
+    """The shape pack_weight gives an (out_features, in_features) weight."""
+    return -(-out_features // PANEL), in_features, PANEL
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """A Linear weight (N, K) in the layout the products read: panels of PANEL output columns,
     (ceil(N / PANEL), K, PANEL), same dtype, the last panel zero-padded (see linear.c)."""
