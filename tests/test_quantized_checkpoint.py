@@ -111,17 +111,13 @@ def _mappings_of(folder) -> list[tuple[int, int]]:
 
 @pytest.mark.skipif(not native.available() or not Path("/proc/self/maps").is_file(),
                     reason="the panels are kept as stored only with the native kernels; mappings read from Linux's /proc")
-def test_a_large_panels_folder_is_used_where_it_lies(tiny_model_dir, tmp_path, monkeypatch):
-    """Beyond MAP_WEIGHTS_FROM_BYTES the int8 panels are views of the files mapped into memory
-    (page-aligned, no copy, nothing packed), the same model bit for bit, and serving from them never
-    writes to the files."""
+def test_a_panels_folder_is_used_where_it_lies(tiny_model_dir, tmp_path):
+    """The int8 panels are views of the files mapped into memory (page-aligned, no copy, nothing
+    packed), the same model bit for bit, and serving from them never writes to the files."""
     import hashlib
-
-    from starchat.model import loader
 
     output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
     digest = hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()
-    monkeypatch.setattr(loader, "MAP_WEIGHTS_FROM_BYTES", 0)
     model = load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
     spans = _mappings_of(output)
     packed = [module for module in model.modules() if isinstance(module, PackedLinear)]
@@ -138,9 +134,10 @@ def test_a_large_panels_folder_is_used_where_it_lies(tiny_model_dir, tmp_path, m
         assert stored.generate(prompt, params)[0].token_ids == built.generate(prompt, params)[0].token_ids
     assert hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest() == digest
 
-    monkeypatch.setattr(loader, "MAP_WEIGHTS_FROM_BYTES", 1 << 40)  # a small model: read, in the process's own memory
-    model = load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
-    spans = _mappings_of(output)
+    # a rows folder is read and packed in the process's own memory
+    rows = write_quantized_checkpoint(tiny_model_dir, tmp_path / "rows", progress=False, layout="rows")
+    model = load_model(rows, torch.bfloat16, torch.device("cpu"), progress=False)
+    spans = _mappings_of(rows)
     assert not any(begin <= module.packed_weight.data_ptr() < end for module in model.modules()
                    if isinstance(module, PackedLinear) for begin, end in spans)
 

@@ -1,8 +1,8 @@
 """Checkpoint folders -> a ready model, streaming one tensor at a time.
 
 The model is built on the `meta` device (no memory), then each checkpoint tensor is read
-(safetensors with plain reads, or the files mapped for a large `starchat quantize` folder in
-panels on a CPU; `.bin` files use `torch.load(mmap=True, weights_only=True)`), converted to the
+(safetensors with plain reads, or the files mapped for a `starchat quantize` folder in panels on
+a CPU; `.bin` files use `torch.load(mmap=True, weights_only=True)`), converted to the
 target dtype and device, and assigned. Peak memory is the final weights plus
 one tensor, never a float32 copy of the whole model. Loading is strict: every parameter must
 come from the checkpoint with the right shape, and no unknown tensor is accepted.
@@ -11,6 +11,7 @@ come from the checkpoint with the right shape, and no unknown tensor is accepted
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Iterator
 import torch
 
 from starchat.config import ModelConfig
-from starchat.engine.host_memory import COLLAPSE_MAX_BYTES
+from starchat.engine.host_memory import advise_huge_pages
 from starchat.model.gpt_bigcode import Attention, GPTBigCodeForCausalLM
 from starchat.model.cpu_decode import attach_fused_decode
 from starchat.model import native
@@ -194,23 +195,24 @@ def _map_safetensors(path: Path):
     """Tensors that are views of the file mapped privately into memory (copy-on-write: nothing
     ever reaches the file), for a model that keeps its weights as stored (a panels folder): its
     pages are the page cache's, read from disk on first touch and shared with it, so a restart
-    finds them there and no second copy exists. A tensor that does not start at a multiple of
-    its element size in the file is copied instead."""
+    finds them there and no second copy exists. 2 MiB pages are asked for (advise_huge_pages: on
+    the 2-core Xeon's ext4 the page cache then maps all of StarChat-beta's weights in huge pages,
+    95% without asking). A tensor that does not start at a multiple of its element size in the
+    file is copied instead."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         entries = _safetensors_entries(handle, path, size)
-    storage = torch.UntypedStorage.from_file(str(path), False, size)
+        mapping = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    advise_huge_pages(mapping)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
     # Touch every page now (one byte each; read from disk where the page cache lacks it), so the
     # load is done when loading returns: a server is not ready before its weights are in memory,
     # and its first request should not be the one that reads them from disk.
-    torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,))[::PAGE_BYTES].sum()
+    whole[::PAGE_BYTES].sum()
     for name, dtype, shape, begin, end in entries:
         item_size = torch.empty((), dtype=dtype).element_size()
-        if begin % item_size == 0:
-            tensor = torch.empty(0, dtype=dtype).set_(storage, begin // item_size, shape)
-        else:
-            tensor = torch.empty(0, dtype=torch.uint8).set_(storage, begin, (end - begin,)).clone().view(dtype).reshape(shape)
-        yield name, tensor, path
+        data = whole[begin:end] if begin % item_size == 0 else whole[begin:end].clone()
+        yield name, data.view(dtype).reshape(shape), path
 
 
 def _iterate_bin(path: Path):
@@ -240,7 +242,7 @@ def load_model(
     keep_panels = stored_panels and device.type == "cpu" and native.available()
     if load_format == "auto":
         files = find_weight_files(model_dir)
-        tensors = iterate_checkpoint(files, mapped=keep_panels and maps_its_weights(files))
+        tensors = iterate_checkpoint(files, mapped=keep_panels)
     else:  # benchmarks of a shape: no weight files needed, drawn on the target device
         tensors = ((name, tensor, model_dir / "config.json") for name, tensor in random_state_dict(config, dtype, device=device))
     if quantize is not None and quantize not in QUANTIZATION_METHODS:
@@ -332,18 +334,6 @@ def load_model(
         attach_fused_decode(model)
     model.eval()
     return model
-
-
-# A panels folder whose weight files exceed this is mapped rather than read: weights beyond it stay
-# in 4 KiB pages anyway (engine/host_memory.py collapses only up to it into huge pages), so a
-# mapping loses nothing, and saves the copy. Smaller models are read into the process's memory,
-# where their weights can be backed by huge pages (tiny_starcoder bfloat16 decoding x1.24).
-MAP_WEIGHTS_FROM_BYTES = COLLAPSE_MAX_BYTES
-
-
-def maps_its_weights(files: list[WeightFile]) -> bool:
-    """Whether a panels folder's weights are mapped from these files (see MAP_WEIGHTS_FROM_BYTES)."""
-    return all(f.kind == "safetensors" for f in files) and sum(f.path.stat().st_size for f in files) > MAP_WEIGHTS_FROM_BYTES
 
 
 def choose_prompt_attention(model: GPTBigCodeForCausalLM) -> PromptAttention:
