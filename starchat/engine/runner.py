@@ -55,7 +55,9 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cpu":
             keep_freed_host_memory()  # steps reuse their activations' pages (host_memory.py)
-            collapse_into_huge_pages([m.packed_weight for m in model.modules() if isinstance(m, PackedLinear)])
+            # Weights mapped from a panels folder are the page cache's (loader: asked for as huge pages there).
+            collapse_into_huge_pages([m.packed_weight for m in model.modules()
+                                      if isinstance(m, PackedLinear) and not m.mapped_from_file])
 
     def enable_static_decode(self, max_batch: int, max_context: int, capture: bool = True) -> None:
         """Run pure-decode steps through fixed-shape buffers, replayed as CUDA graphs when `capture`."""

@@ -186,6 +186,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = packed_weight.shape[1], out_features
         self.packed_weight = _frozen(packed_weight)
+        self.mapped_from_file = False  # set by the loader for a panels folder's weights, used where they lie
         # The kernel takes float32 vectors; int8 weights carry their per-channel scales.
         self.bias = None if bias is None else _frozen(bias.detach().float().contiguous())
         self.scales = None if scales is None else _frozen(scales.detach().float().contiguous())

@@ -322,7 +322,9 @@ def load_model(
     for module_name, panels in kept_panels.items():
         parent_name, _, child = module_name.rpartition(".")
         stored = model.get_submodule(module_name)
-        setattr(model.get_submodule(parent_name), child, PackedLinear(panels, stored.out_features, stored.bias, stored.scales))
+        layer = PackedLinear(panels, stored.out_features, stored.bias, stored.scales)
+        layer.mapped_from_file = True  # keep_panels: always from _map_safetensors
+        setattr(model.get_submodule(parent_name), child, layer)
     if device.type == "cpu":
         prepare_cpu_linears(model)
         if native.available():
