@@ -142,6 +142,41 @@ def test_a_panels_folder_is_used_where_it_lies(tiny_model_dir, tmp_path):
                    if isinstance(module, PackedLinear) for begin, end in spans)
 
 
+def _shard_rss_and_pss_kib(folder) -> tuple[int, int]:
+    rss = pss = 0
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line
+                inside = len(fields) >= 6 and fields[5].startswith(str(folder))
+            elif inside and fields[0] in ("Rss:", "Pss:"):
+                rss, pss = (rss + int(fields[1]), pss) if fields[0] == "Rss:" else (rss, pss + int(fields[1]))
+    return rss, pss
+
+
+@pytest.mark.skipif(not native.available() or not Path("/proc/self/smaps").is_file(),
+                    reason="the panels are mapped only with the native kernels; shares read from Linux's /proc")
+def test_processes_serving_one_panels_folder_share_its_memory(tiny_model_dir, tmp_path):
+    """Two processes that load the same panels folder hold its pages once between them (the page
+    cache's): the weights' proportional share of this process's memory is half their size."""
+    output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
+    other = subprocess.Popen([sys.executable, "-c", "import sys, torch\nfrom pathlib import Path\n"
+                              "from starchat.model.loader import load_model\n"
+                              "model = load_model(Path(sys.argv[1]), torch.bfloat16, torch.device('cpu'), progress=False)\n"
+                              "print('loaded', flush=True)\nsys.stdin.read()\n", str(output)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "loaded"
+        model = load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
+        rss, pss = _shard_rss_and_pss_kib(output)
+        weight_kib = sum(m.packed_weight.numel() for m in model.modules() if isinstance(m, PackedLinear)) // 1024
+        assert rss >= weight_kib and pss < 0.6 * rss, (rss, pss, weight_kib)
+    finally:
+        other.communicate("", timeout=60)
+    assert other.returncode == 0
+
+
 def test_panels_unpacked_without_the_native_kernels(tiny_model_dir, tmp_path, monkeypatch):
     """A GPU, or a CPU without the native kernels, unpacks the panels into the (N, K) int8 weights
     that quantizing while loading gives there."""
