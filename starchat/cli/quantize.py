@@ -16,8 +16,8 @@ def quantize_command(
     method: str = typer.Option("int8", help="int8: weight-only int8 with a float32 scale per output channel."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of MODEL."),
     max_shard_size: float = typer.Option(2.0, min=0.01, help="Largest safetensors shard, in GiB."),
-    layout: str = typer.Option("panels", help="panels: as starchat's CPU kernels read them, used in place (a large "
-                               "model is mapped from the files, not copied); rows: Hugging Face's (out, in) orientation, "
+    layout: str = typer.Option("panels", help="panels: as starchat's CPU kernels read them, used in place (mapped "
+                               "from the files, not copied or repacked); rows: Hugging Face's (out, in) orientation, "
                                "repacked at every load."),
 ):
     """Write MODEL with int8 weights into OUTPUT: the same model `--quantize int8` builds while

@@ -25,9 +25,8 @@ from starchat.model.gpt_bigcode import Attention, GPTBigCodeForCausalLM
 from starchat.model.cpu_decode import attach_fused_decode
 from starchat.model import native
 from starchat.model.attention import PromptAttention
-from starchat.model.cpu_linear import compute_in_float32, native_amx_tiles, prepare_cpu_linears
+from starchat.model.cpu_linear import PackedLinear, compute_in_float32, native_amx_tiles, prepare_cpu_linears, unpack_weight
 from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
-from starchat.model.cpu_linear import PackedLinear, unpack_weight
 from starchat.model.quantized_checkpoint import (SCALE_SUFFIX, checkpoint_quantization, is_quantized_weight,
                                                  stored_weight_layout)
 from starchat.model.random_checkpoint import random_state_dict
@@ -323,7 +322,7 @@ def load_model(
         parent_name, _, child = module_name.rpartition(".")
         stored = model.get_submodule(module_name)
         layer = PackedLinear(panels, stored.out_features, stored.bias, stored.scales)
-        layer.mapped_from_file = True  # keep_panels: always from _map_safetensors
+        layer.mapped_from_file = True  # keep_panels: from _map_safetensors (or a .bin's torch.load mapping)
         setattr(model.get_submodule(parent_name), child, layer)
     if device.type == "cpu":
         prepare_cpu_linears(model)

@@ -16,9 +16,9 @@ Two layouts of the int8 weights (`quantization_config.weight_layout`):
   (ceil(N / 16), K, 16), the last panel zero-padded (native.pack_weight), every tensor at a 4 KiB
   boundary of its file, and a multi-head c_attn's weight, scales and bias already in the loaded
   order ([all q | all k | all v]). A CPU with the native kernels then uses the weights where they
-  lie: a model beyond the huge-page limit is mapped from the files, not read and repacked, so a
-  restart finds its weights in the page cache (StarChat-beta: the page cache and the process
-  share one copy of its 15.5 GB). GPUs and CPUs without the kernels unpack the panels at load.
+  lie: the files are mapped, not read and repacked, so a restart finds the weights in the page
+  cache (StarChat-beta: the page cache and the process share one copy of its 15.5 GB; loader.py).
+  GPUs and CPUs without the kernels unpack the panels at load.
 - "rows": Hugging Face's (N, K) orientation and per-head c_attn order, for other tools; packed
   while loading, as a float checkpoint is. Folders without the field (written before the
   panels) are "rows".
