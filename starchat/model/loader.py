@@ -134,6 +134,7 @@ def find_weight_files(model_dir: Path) -> list[WeightFile]:
 def iterate_checkpoint(files: list[WeightFile], mapped: bool = False) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """(name, tensor, file) of every tensor in the files; with `mapped`, safetensors tensors are
     views of the files mapped into memory (see _map_safetensors), not copies."""
+    mapped = mapped and hasattr(mmap, "MAP_PRIVATE")  # POSIX; elsewhere (Windows) read like any folder
     for weight_file in files:
         if weight_file.kind == "safetensors":
             yield from (_map_safetensors if mapped else _iterate_safetensors)(weight_file.path)
@@ -322,7 +323,7 @@ def load_model(
         parent_name, _, child = module_name.rpartition(".")
         stored = model.get_submodule(module_name)
         layer = PackedLinear(panels, stored.out_features, stored.bias, stored.scales)
-        layer.mapped_from_file = True  # keep_panels: from _map_safetensors (or a .bin's torch.load mapping)
+        layer.mapped_from_file = hasattr(mmap, "MAP_PRIVATE")  # _map_safetensors (or a .bin's torch.load mapping)
         setattr(model.get_submodule(parent_name), child, layer)
     if device.type == "cpu":
         prepare_cpu_linears(model)
