@@ -267,3 +267,24 @@ def test_older_checkpoints_mask_buffers_are_left_out(tiny_model_dir, tmp_path):
     output = write_quantized_checkpoint(source, tmp_path / "int8", progress=False)
     assert not any(name.endswith(("attn.bias", "attn.masked_bias")) and "c_" not in name for name in _stored_dtypes(output))
     _assert_same_model(source, output)
+
+
+def test_slow_int8_loads_say_how_to_start_faster(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Quantizing while loading (or a rows folder) on a CPU, when slow, logs the command that makes
+    starts fast; a panels folder does not."""
+    from starchat.model import loader
+
+    monkeypatch.setattr(loader, "SLOW_LOAD_SECONDS", -1.0)
+    with caplog.at_level("INFO", logger="starchat.model.loader"):
+        load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu"), progress=False, quantize="int8")
+    assert "quantized while loading" in caplog.text and "`starchat quantize`" in caplog.text
+    caplog.clear()
+    rows = write_quantized_checkpoint(tiny_model_dir, tmp_path / "rows", progress=False, layout="rows")
+    panels = write_quantized_checkpoint(tiny_model_dir, tmp_path / "panels", progress=False)
+    with caplog.at_level("INFO", logger="starchat.model.loader"):
+        load_model(rows, torch.bfloat16, torch.device("cpu"), progress=False)
+        assert "read and packed (int8 in rows)" in caplog.text
+        caplog.clear()
+        load_model(panels, torch.bfloat16, torch.device("cpu"), progress=False)
+        load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu"), progress=False)  # no int8 asked for
+    assert "starchat quantize" not in caplog.text

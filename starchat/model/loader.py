@@ -11,8 +11,10 @@ come from the checkpoint with the right shape, and no unknown tensor is accepted
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +35,10 @@ from starchat.model.random_checkpoint import random_state_dict
 from starchat.model.shard_writer import PADDING_PREFIX
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "starchat-nano"
+# Loads slower than this that `starchat quantize` would shorten get a log line saying so.
+SLOW_LOAD_SECONDS = 20.0
+
+logger = logging.getLogger(__name__)
 
 # Buffers some older GPTBigCode checkpoints carry; they are recomputed, never loaded.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older checkpoints
@@ -232,6 +238,7 @@ def load_model(
     quantize: str | None = None,
     load_format: str = "auto",
 ) -> GPTBigCodeForCausalLM:
+    started = time.perf_counter()
     config = ModelConfig.from_file(model_dir / "config.json")
     if load_format not in ("auto", "random"):
         raise ValueError(f"load_format: {load_format!r} is not supported; use auto or random")
@@ -335,6 +342,11 @@ def load_model(
                     module.prompt_attention = prompt_attention
         attach_fused_decode(model)
     model.eval()
+    seconds = time.perf_counter() - started
+    if seconds > SLOW_LOAD_SECONDS and device.type == "cpu" and (quantized_while_loading or (stored_quantization and not stored_panels)):
+        done = "quantized while loading" if quantized_while_loading else "read and packed (int8 in rows)"
+        logger.info("%s: %s in %.0f s; `starchat quantize` writes the int8 model once in the CPU kernels' panels, "
+                    "which load mapped in seconds once the files are in the page cache", model_dir, done, seconds)
     return model
 
 
