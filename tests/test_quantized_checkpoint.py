@@ -96,6 +96,12 @@ def test_multi_head_untied_checkpoint_in_shards(tmp_path, layout):
     assert shapes["lm_head.weight"] == ([panels, hidden, 16] if layout == "panels" else [vocab, hidden])
     assert shapes["transformer.h.0.mlp.c_fc.weight"] == ([4 * hidden // 16, hidden, 16] if layout == "panels" else [4 * hidden, hidden])
     _assert_same_model(source, output, dtype=torch.float32)
+    if layout == "rows":  # a rows folder (as written before the panels) rewritten in panels: the same model
+        panels = write_quantized_checkpoint(output, tmp_path / "panels", max_shard_bytes=1 << 20, progress=False)
+        assert json.loads((panels / "config.json").read_text())["quantization_config"]["weight_layout"] == "panels"
+        _assert_same_model(source, panels, dtype=torch.float32)
+        with pytest.raises(QuantizedCheckpointError, match="only a folder in rows can be rewritten, in panels"):
+            write_quantized_checkpoint(output, tmp_path / "rows-again", progress=False, layout="rows")
 
 
 def _mappings_of(folder) -> list[tuple[int, int]]:

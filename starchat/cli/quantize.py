@@ -11,7 +11,8 @@ from starchat.cli.common import one_line_errors, stderr_is_terminal
 
 
 def quantize_command(
-    model: str = typer.Argument(..., help="Float checkpoint: a folder (Hugging Face layout) or a Hub id."),
+    model: str = typer.Argument(..., help="Float checkpoint: a folder (Hugging Face layout) or a Hub id; or a folder "
+                                "this command wrote with --layout rows, rewritten in panels."),
     output: Path = typer.Argument(..., help="New folder for the quantized checkpoint (must not exist)."),
     method: str = typer.Option("int8", help="int8: weight-only int8 with a float32 scale per output channel."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of MODEL."),

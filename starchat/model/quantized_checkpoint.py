@@ -130,10 +130,28 @@ def _quantized_tensors(source_dir: Path, config: ModelConfig, layout: str, progr
         yield "lm_head" + SCALE_SUFFIX, scales
 
 
+def _panels_from_rows(source_dir: Path, config: ModelConfig, progress: bool):
+    """(name, tensor) of a rows folder's int8 model rewritten in panels: the same values, packed,
+    c_attn's weight, scales and bias in the loaded order (nothing is quantized again)."""
+    from tqdm.auto import tqdm
+
+    from starchat.model.loader import find_weight_files, fused_qkv_layout, iterate_checkpoint
+    from starchat.model.native import pack_weight
+
+    with tqdm(desc=f"repacking {source_dir.name}", unit="tensor", disable=not progress, leave=False) as bar:
+        for raw_name, tensor, _ in iterate_checkpoint(find_weight_files(source_dir)):
+            name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+            if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_attn" + SCALE_SUFFIX)):
+                tensor = fused_qkv_layout(tensor, config)
+            yield name, pack_weight(tensor) if is_quantized_weight(name) else tensor
+            bar.update(1)
+
+
 def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_bytes: int = 2 << 30,
                                progress: bool = True, layout: str = "panels") -> Path:
     """Quantize the float checkpoint in source_dir into output_dir (which must not exist yet), its
-    int8 weights in `layout` (see the module docstring).
+    int8 weights in `layout` (see the module docstring); a source written in rows by `starchat
+    quantize` is rewritten in panels as it is (the upgrade of folders from before the panels).
     Written into `<output_dir>.partial` first and renamed when whole, so a stopped run leaves no
     folder that looks complete. Memory: one source tensor, the shard being filled and, for a
     tied lm_head, the embedding table."""
@@ -142,8 +160,10 @@ def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_byt
         raise QuantizedCheckpointError(f"layout: {layout!r} is not one of {', '.join(WEIGHT_LAYOUTS)}")
     if output_dir.exists():
         raise QuantizedCheckpointError(f"{output_dir}: already exists; give a new folder for the quantized checkpoint")
-    if checkpoint_quantization(source_dir):
-        raise QuantizedCheckpointError(f"{source_dir}: is already quantized ({QUANT_METHOD})")
+    relayout = checkpoint_quantization(source_dir) is not None
+    if relayout and (stored_weight_layout(source_dir) != "rows" or layout != "panels"):
+        raise QuantizedCheckpointError(f"{source_dir}: is already quantized ({QUANT_METHOD}, {stored_weight_layout(source_dir)}); "
+                                       "only a folder in rows can be rewritten, in panels; quantize the float checkpoint otherwise")
     config = ModelConfig.from_file(source_dir / "config.json")
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -151,8 +171,8 @@ def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_byt
     try:
         from starchat.model.shard_writer import write_shards
 
-        write_shards(partial, _quantized_tensors(source_dir, config, layout, progress), max_shard_bytes,
-                     align=PANELS_ALIGNMENT if layout == "panels" else None)
+        tensors = _panels_from_rows(source_dir, config, progress) if relayout else _quantized_tensors(source_dir, config, layout, progress)
+        write_shards(partial, tensors, max_shard_bytes, align=PANELS_ALIGNMENT if layout == "panels" else None)
         hf_config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
         hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True,
                                             "scales": "per output channel, float32", "weights": list(QUANTIZED_WEIGHTS),
