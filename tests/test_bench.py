@@ -230,3 +230,29 @@ def test_large_model_bench_ratios_favour_ours_above_one_for_rates_and_times():
     assert ratios["first token, ms"]["rounds"] == [4.0, 1.5]  # theirs / ours: ours took less time
     assert ratios["concurrent, output tokens/s"]["median"] == pytest.approx(2.5)
     assert summary["medians"]["ours"]["first token, ms"] == 150.0
+
+
+def test_restart_bench_starts_each_folder_twice_per_round_in_fresh_processes(tiny_model_dir, tmp_path):
+    """bench/restart.py: a cold start and a restart per folder and round, each its own process;
+    a panels folder's weights counted as file-backed memory (mapped), a rows folder's as the
+    process's own."""
+    from starchat.model import native
+    from starchat.model.quantized_checkpoint import write_quantized_checkpoint
+
+    panels = write_quantized_checkpoint(tiny_model_dir, tmp_path / "panels", progress=False)
+    rows = write_quantized_checkpoint(tiny_model_dir, tmp_path / "rows", progress=False, layout="rows")
+    output = tmp_path / "restart.json"
+    result = subprocess.run([sys.executable, "bench/restart.py", "--model-dirs", str(panels), str(rows), "--rounds", "1",
+                             "--new-tokens", "2", "--json", str(output)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())
+    assert not figures["caches_dropped"]
+    for folder in (panels, rows):
+        runs = figures["runs"][str(folder)]
+        assert [run["start"] for run in runs] == ["cold", "restart"]
+        assert all(run["first_token_s"] >= run["load_s"] > 0 and run["ms_per_token"] > 0 for run in runs)
+    assert set(figures["medians"]) == {"panels (panels), cold", "panels (panels), restart", "rows (rows), cold", "rows (rows), restart"}
+    if native.available():  # mapped: the int8 weights (about 0.16 GiB here) are file-backed in the panels' processes
+        weights_gib = sum(f.stat().st_size for f in panels.glob("*.safetensors")) / 2**30
+        file_backed = {name: figures["medians"][name]["rss_file_gib"] for name in figures["medians"]}
+        assert file_backed["panels (panels), cold"] > file_backed["rows (rows), cold"] + 0.5 * weights_gib
