@@ -162,19 +162,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
     offset = -whole.data_ptr() % HUGE_PAGE
-    advise_huge_pages(mapping, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    if huge_pages_allowed():
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+        except (AttributeError, OSError):  # no MADV_HUGEPAGE here: 4 KiB pages
+            pass
     return whole[offset:offset + nbytes].view(dtype).view(shape)
-
-
-def advise_huge_pages(mapping: mmap.mmap, offset: int = 0, length: int | None = None) -> bool:
-    """Ask for 2 MiB pages over a mapping's bytes before they are touched (MADV_HUGEPAGE: nothing
-    is copied), where huge pages are allowed (huge_pages_allowed). For a file's mapping that makes
-    the page cache read it in 2 MiB folios mapped as huge pages, on filesystems with large folios
-    (ext4 on Linux 6.18 here). False where nothing was asked (not allowed, or no MADV_HUGEPAGE)."""
-    if not huge_pages_allowed():
-        return False
-    try:
-        mapping.madvise(mmap.MADV_HUGEPAGE, offset, len(mapping) - offset if length is None else length)
-    except (AttributeError, OSError):  # no MADV_HUGEPAGE here: 4 KiB pages
-        return False
-    return True

@@ -22,7 +22,6 @@ from typing import Iterator
 import torch
 
 from starchat.config import ModelConfig
-from starchat.engine.host_memory import advise_huge_pages
 from starchat.model.gpt_bigcode import Attention, GPTBigCodeForCausalLM
 from starchat.model.cpu_decode import attach_fused_decode
 from starchat.model import native
@@ -32,7 +31,7 @@ from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
 from starchat.model.quantized_checkpoint import (SCALE_SUFFIX, checkpoint_quantization, is_quantized_weight,
                                                  stored_weight_layout)
 from starchat.model.random_checkpoint import random_state_dict
-from starchat.model.shard_writer import PADDING_PREFIX
+from starchat.model.shard_writer import PADDING_PREFIX, SAFETENSORS_DTYPE_NAMES
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "starchat-nano"
 # Loads slower than this that `starchat quantize` would shorten get a log line saying so.
@@ -149,10 +148,7 @@ def iterate_checkpoint(files: list[WeightFile], mapped: bool = False) -> Iterato
 
 
 PAGE_BYTES = 4096
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+_SAFETENSORS_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPE_NAMES.items()}
 
 
 def _safetensors_entries(handle, path: Path, size: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
@@ -201,15 +197,15 @@ def _map_safetensors(path: Path):
     """Tensors that are views of the file mapped privately into memory (copy-on-write: nothing
     ever reaches the file), for a model that keeps its weights as stored (a panels folder): its
     pages are the page cache's, read from disk on first touch and shared with it, so a restart
-    finds them there and no second copy exists. 2 MiB pages are asked for (advise_huge_pages: on
-    the 2-core Xeon's ext4 the page cache then maps all of StarChat-beta's weights in huge pages,
-    95% without asking). A tensor that does not start at a multiple of its element size in the
-    file is copied instead."""
+    finds them there and no second copy exists. Where the filesystem caches large folios (ext4 on
+    the 2-core Xeon's Linux 6.18) the mapping gets 2 MiB pages by itself: 95% of StarChat-beta's
+    (100% with MADV_HUGEPAGE asked for, with decoding level either way, so it is not: the model
+    layer leaves host-memory policy to the engine). A tensor that does not start at a multiple of
+    its element size in the file is copied instead."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         entries = _safetensors_entries(handle, path, size)
         mapping = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    advise_huge_pages(mapping)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
     # Touch every page now (one byte each; read from disk where the page cache lacks it), so the
     # load is done when loading returns: a server is not ready before its weights are in memory,

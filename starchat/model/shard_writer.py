@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 PADDING_PREFIX = "__padding__."
-_SAFETENSORS_DTYPE_NAMES = {
+SAFETENSORS_DTYPE_NAMES = {  # the format's dtype names (the loader reads them back)
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
@@ -44,7 +44,7 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path, align: int, metad
             header[f"{PADDING_PREFIX}{len(header)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
             offset += gap
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + size]}
         pieces.append((offset, tensor))
         offset += size
