@@ -41,10 +41,11 @@ import time
 
 import torch
 
+from starchat.model.huge_pages import THP_SETTING, advise_huge_pages, huge_pages_allowed  # noqa: F401 (THP_SETTING: tests)
+
 logger = logging.getLogger("starchat.engine")
 
 DISABLE_VARIABLE = "STARCHAT_MALLOC_TUNING"
-HUGE_PAGES_VARIABLE = "STARCHAT_HUGE_PAGES"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 TRIM_THRESHOLD = 1 << 30
@@ -91,23 +92,10 @@ def keep_freed_host_memory() -> bool:
 HUGE_PAGE = 2 << 20
 MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1+
 MERGE_GAP = 4096
-THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 # Weights beyond this are left in their pages: the kernel copies each page it collapses (0.7 GiB/s
 # on the 2-core Xeon: 23 s for StarChat-beta in int8), and the gain was measured on a model that
 # nearly fits the last-level cache (tiny_starcoder), not on ones that stream from memory.
 COLLAPSE_MAX_BYTES = 4 << 30
-
-
-def huge_pages_allowed() -> bool:
-    """Transparent huge pages exist here and are not set to "never" (the administrator's choice
-    stands), and STARCHAT_HUGE_PAGES is not 0."""
-    if _switched_off(HUGE_PAGES_VARIABLE) or _glibc() is None:
-        return False
-    try:
-        with open(THP_SETTING) as setting:
-            return "[never]" not in setting.read()
-    except OSError:
-        return False
 
 
 def collapse_into_huge_pages(tensors: list[torch.Tensor]) -> int:
@@ -162,9 +150,5 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
     offset = -whole.data_ptr() % HUGE_PAGE
-    if huge_pages_allowed():
-        try:
-            mapping.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
-        except (AttributeError, OSError):  # no MADV_HUGEPAGE here: 4 KiB pages
-            pass
+    advise_huge_pages(mapping, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
     return whole[offset:offset + nbytes].view(dtype).view(shape)

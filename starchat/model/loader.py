@@ -24,6 +24,7 @@ import torch
 from starchat.config import ModelConfig
 from starchat.model.gpt_bigcode import Attention, GPTBigCodeForCausalLM
 from starchat.model.cpu_decode import attach_fused_decode
+from starchat.model.huge_pages import advise_huge_pages
 from starchat.model import native
 from starchat.model.attention import PromptAttention
 from starchat.model.cpu_linear import PackedLinear, compute_in_float32, native_amx_tiles, prepare_cpu_linears, unpack_weight
@@ -197,15 +198,16 @@ def _map_safetensors(path: Path):
     """Tensors that are views of the file mapped privately into memory (copy-on-write: nothing
     ever reaches the file), for a model that keeps its weights as stored (a panels folder): its
     pages are the page cache's, read from disk on first touch and shared with it, so a restart
-    finds them there and no second copy exists. Where the filesystem caches large folios (ext4 on
-    the 2-core Xeon's Linux 6.18) the mapping gets 2 MiB pages by itself: 95% of StarChat-beta's
-    (100% with MADV_HUGEPAGE asked for, with decoding level either way, so it is not: the model
-    layer leaves host-memory policy to the engine). A tensor that does not start at a multiple of
-    its element size in the file is copied instead."""
+    finds them there and no second copy exists. 2 MiB pages are asked for before the pages are
+    read (advise_huge_pages): where the filesystem caches large folios (ext4 on the 2-core Xeon's
+    Linux 6.18) the page cache then reads and maps all of them as huge pages; without asking, how
+    many it does depends on how the pages were read (27-95% there). A tensor that does not start
+    at a multiple of its element size in the file is copied instead."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         entries = _safetensors_entries(handle, path, size)
         mapping = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    advise_huge_pages(mapping)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
     # Touch every page now (one byte each; read from disk where the page cache lacks it), so the
     # load is done when loading returns: a server is not ready before its weights are in memory,
