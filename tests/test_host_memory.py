@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from starchat.engine import host_memory
+from starchat.model.huge_pages import THP_SETTING
 
 CHECK = """
 import ctypes, json, torch
@@ -146,5 +147,5 @@ def test_the_kv_cache_is_zeros_faulted_in_as_written(huge_pages, monkeypatch):
     if huge_pages == "allowed":
         whole_pages = nbytes // (2 << 20) - 1
         assert _huge_bytes_at(cache.data_ptr()) >= whole_pages * (2 << 20) // 2  # most of it (the host may lack some)
-    elif "[always]" not in Path(host_memory.THP_SETTING).read_text():
+    elif "[always]" not in Path(THP_SETTING).read_text():
         assert _huge_bytes_at(cache.data_ptr()) == 0  # not asked for

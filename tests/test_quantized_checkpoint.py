@@ -294,3 +294,33 @@ def test_slow_int8_loads_say_how_to_start_faster(tiny_model_dir, tmp_path, monke
         load_model(panels, torch.bfloat16, torch.device("cpu"), progress=False)
         load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu"), progress=False)  # no int8 asked for
     assert "starchat quantize" not in caplog.text
+
+
+def _vm_flags_of(folder) -> list[set[str]]:
+    flags, inside = [], False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) >= 6 and fields[5].startswith(str(folder))
+            elif inside and fields[0] == "VmFlags:":
+                flags.append(set(fields[1:]))
+    return flags
+
+
+@pytest.mark.skipif(not native.available() or not Path("/proc/self/smaps").is_file(),
+                    reason="the panels are mapped only with the native kernels; flags read from Linux's /proc")
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_mapped_panels_ask_for_huge_pages_unless_switched_off(tiny_model_dir, tmp_path, monkeypatch, switch):
+    """MADV_HUGEPAGE over each mapped shard (VmFlags "hg") where huge pages are allowed; none with
+    STARCHAT_HUGE_PAGES=0, the engine's switch."""
+    from starchat.model.huge_pages import huge_pages_allowed
+
+    monkeypatch.setenv("STARCHAT_HUGE_PAGES", switch)
+    output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
+    model = load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
+    flags = _vm_flags_of(output)
+    assert flags and model is not None
+    assert all(("hg" in f) == huge_pages_allowed() for f in flags)
+    if switch == "0":
+        assert not any("hg" in f for f in flags)

@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from starchat.model.huge_pages import THP_SETTING, advise_huge_pages, huge_pages_allowed  # noqa: F401 (THP_SETTING: tests)
+from starchat.model.huge_pages import advise_huge_pages, huge_pages_allowed
 
 logger = logging.getLogger("starchat.engine")
 
