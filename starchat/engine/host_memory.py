@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from starchat.model.huge_pages import advise_huge_pages, huge_pages_allowed
+from starchat.model.huge_pages import advise_huge_pages, huge_pages_allowed, switched_off
 
 logger = logging.getLogger("starchat.engine")
 
@@ -51,10 +51,6 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-b
 TRIM_THRESHOLD = 1 << 30
 
 _applied: bool | None = None
-
-
-def _switched_off(variable: str) -> bool:
-    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -74,7 +70,7 @@ def keep_freed_host_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if _switched_off(DISABLE_VARIABLE):
+    if switched_off(DISABLE_VARIABLE):
         return False
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
         return False  # the user's own malloc settings stand

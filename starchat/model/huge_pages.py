@@ -12,10 +12,15 @@ HUGE_PAGES_VARIABLE = "STARCHAT_HUGE_PAGES"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def switched_off(variable: str) -> bool:
+    """An environment switch set to 0 / false / no / off (unset: on)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def huge_pages_allowed() -> bool:
     """Transparent huge pages exist here (Linux) and are not set to "never" (the administrator's
     choice stands), and STARCHAT_HUGE_PAGES is not 0."""
-    if os.environ.get(HUGE_PAGES_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(HUGE_PAGES_VARIABLE):
         return False
     if not sys.platform.startswith("linux"):
         return False

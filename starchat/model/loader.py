@@ -137,10 +137,14 @@ def find_weight_files(model_dir: Path) -> list[WeightFile]:
     )
 
 
+def model_parameter_name(raw_name: str) -> str:
+    """A checkpoint tensor's name as the model's parameter (some checkpoints drop "transformer.")."""
+    return raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+
+
 def iterate_checkpoint(files: list[WeightFile], mapped: bool = False) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """(name, tensor, file) of every tensor in the files; with `mapped`, safetensors tensors are
     views of the files mapped into memory (see _map_safetensors), not copies."""
-    mapped = mapped and hasattr(mmap, "MAP_PRIVATE")  # POSIX; elsewhere (Windows) read like any folder
     for weight_file in files:
         if weight_file.kind == "safetensors":
             yield from (_map_safetensors if mapped else _iterate_safetensors)(weight_file.path)
@@ -245,9 +249,9 @@ def load_model(
     stored_quantization = checkpoint_quantization(model_dir) if load_format == "auto" else None
     stored_panels = stored_quantization is not None and stored_weight_layout(model_dir) == "panels"
     keep_panels = stored_panels and device.type == "cpu" and native.available()
+    mapped = keep_panels and hasattr(mmap, "MAP_PRIVATE")  # POSIX; elsewhere (Windows) read like any folder
     if load_format == "auto":
-        files = find_weight_files(model_dir)
-        tensors = iterate_checkpoint(files, mapped=keep_panels)
+        tensors = iterate_checkpoint(find_weight_files(model_dir), mapped=mapped)
     else:  # benchmarks of a shape: no weight files needed, drawn on the target device
         tensors = ((name, tensor, model_dir / "config.json") for name, tensor in random_state_dict(config, dtype, device=device))
     if quantize is not None and quantize not in QUANTIZATION_METHODS:
@@ -271,7 +275,7 @@ def load_model(
 
     bar = _progress_bar(sum(1 for _ in expected), f"loading {model_dir.name}", progress)
     for raw_name, tensor, source in tensors:
-        name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+        name = model_parameter_name(raw_name)
         if name.endswith(IGNORED_SUFFIXES) or name in tied_names:
             continue
         if stored_quantization and name.endswith(SCALE_SUFFIX):
@@ -328,7 +332,7 @@ def load_model(
         parent_name, _, child = module_name.rpartition(".")
         stored = model.get_submodule(module_name)
         layer = PackedLinear(panels, stored.out_features, stored.bias, stored.scales)
-        layer.mapped_from_file = hasattr(mmap, "MAP_PRIVATE")  # _map_safetensors (or a .bin's torch.load mapping)
+        layer.mapped_from_file = mapped  # _map_safetensors (or a .bin's torch.load mapping)
         setattr(model.get_submodule(parent_name), child, layer)
     if device.type == "cpu":
         prepare_cpu_linears(model)

@@ -93,7 +93,8 @@ def _quantized_tensors(source_dir: Path, config: ModelConfig, layout: str, progr
     """(name, tensor) of the quantized checkpoint, streamed from the source's weight files."""
     from tqdm.auto import tqdm
 
-    from starchat.model.loader import IGNORED_SUFFIXES, find_weight_files, fused_qkv_layout, iterate_checkpoint
+    from starchat.model.loader import (IGNORED_SUFFIXES, find_weight_files, fused_qkv_layout, iterate_checkpoint,
+                                       model_parameter_name)
     from starchat.model.native import pack_weight
 
     def quantized(tensor: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +104,7 @@ def _quantized_tensors(source_dir: Path, config: ModelConfig, layout: str, progr
     embedding = None
     with tqdm(desc=f"quantizing {source_dir.name}", unit="tensor", disable=not progress, leave=False) as bar:
         for raw_name, tensor, source in iterate_checkpoint(find_weight_files(source_dir)):
-            name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+            name = model_parameter_name(raw_name)
             if name.endswith(IGNORED_SUFFIXES):
                 continue  # older checkpoints' causal-mask buffers: not weights, the loader skips them too
             if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -135,12 +136,12 @@ def _panels_from_rows(source_dir: Path, config: ModelConfig, progress: bool):
     c_attn's weight, scales and bias in the loaded order (nothing is quantized again)."""
     from tqdm.auto import tqdm
 
-    from starchat.model.loader import find_weight_files, fused_qkv_layout, iterate_checkpoint
+    from starchat.model.loader import find_weight_files, fused_qkv_layout, iterate_checkpoint, model_parameter_name
     from starchat.model.native import pack_weight
 
     with tqdm(desc=f"repacking {source_dir.name}", unit="tensor", disable=not progress, leave=False) as bar:
         for raw_name, tensor, _ in iterate_checkpoint(find_weight_files(source_dir)):
-            name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+            name = model_parameter_name(raw_name)
             if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_attn" + SCALE_SUFFIX)):
                 tensor = fused_qkv_layout(tensor, config)
             yield name, pack_weight(tensor) if is_quantized_weight(name) else tensor
