@@ -5,22 +5,19 @@ the bf16 product it replaces, on a shape's real layer sizes, with a sweep of the
     TRITON_INTERPRET=1 python bench/gpu_int8.py --device cpu --quick      # pipeline check, no GPU
 
 For each weight shape (N, K) of one block plus the lm_head, and each row count: microseconds per
-product (median of --repeats CUDA-event-timed calls, after a warm-up), and the weight bandwidth
+product (replayed in a CUDA graph, as decode steps run them: tuned_linear.per_call_us), and the weight bandwidth
 it achieves (weight bytes / time): int8 kernel (1 byte per weight), dequantize + cuBLAS (what
 CUDA int8 ran before), bf16 cuBLAS (2 bytes per weight). The device-to-device copy bandwidth of
-the same run gives the floor. With --sweep, every (BLOCK_N, BLOCK_K, num_warps) in a small grid
-is timed per shape at 1 row, and the best is printed beside the built-in choice
-(triton_linear._blocks), so a GPU session can set it from one run.
+the same run gives the floor. With --sweep, every block choice that tuning tries for int8 at 1 row
+(the tiled kernel's tuned_linear.INT8_CANDIDATES, the row kernel's ROW_CANDIDATES) is timed per
+shape, and the best of each kernel is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,27 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from starchat.bench.machine import describe_machine, measure_read_bandwidth, synchronize  # noqa: E402
 from starchat.config import NAMED_SHAPES, linear_weight_shapes  # noqa: E402
-from starchat.model import triton_linear  # noqa: E402
+from starchat.model import triton_linear, tuned_linear  # noqa: E402
+from starchat.model.tuned_linear import per_call_us  # noqa: E402
 from starchat.model.quant import quantize_per_channel  # noqa: E402
-
-
-def time_us(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e6)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -57,9 +36,8 @@ def main() -> None:
     parser.add_argument("--shape", default="starchat-beta", choices=sorted(NAMED_SHAPES))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="small layers, few repeats: checks the pipeline")
+    parser.add_argument("--quick", action="store_true", help="small layers, few block choices: checks the pipeline")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -71,7 +49,7 @@ def main() -> None:
     shapes = linear_weight_shapes(NAMED_SHAPES[args.shape])
     if args.quick:
         shapes = {name: (max(16, n // 64), max(16, k // 64)) for name, (n, k) in list(shapes.items())[:2]}
-        args.rows, args.repeats = [1, 8], 2
+        args.rows = [1, 8]
     bandwidth = measure_read_bandwidth(device, size_mib=1024 if device.type == "cuda" else 64)
     results = {"machine": describe_machine(device), "shape": args.shape, "dtype": str(dtype),
                "copy_bandwidth_gb_per_s": bandwidth / 1e9, "products": [], "sweep": []}
@@ -84,10 +62,10 @@ def main() -> None:
         for rows in args.rows:
             x = torch.randn(rows, in_features, device=device, generator=generator).to(dtype)
             figures = {"layer": name, "n": out_features, "k": in_features, "rows": rows,
-                       "int8_triton_us": time_us(lambda: triton_linear.linear(x, weight, scales), device, args.repeats),
-                       "int8_dequantize_us": time_us(lambda: torch.nn.functional.linear(
-                           x, weight.to(dtype) * scales[:, None]), device, args.repeats),
-                       "bf16_cublas_us": time_us(lambda: torch.nn.functional.linear(x, dense), device, args.repeats)}
+                       "int8_triton_us": per_call_us(lambda: triton_linear.linear(x, weight, scales), device),
+                       "int8_dequantize_us": per_call_us(lambda: torch.nn.functional.linear(
+                           x, weight.to(dtype) * scales[:, None]), device),
+                       "bf16_cublas_us": per_call_us(lambda: torch.nn.functional.linear(x, dense), device)}
             figures["int8_triton_gb_per_s"] = weight.numel() / figures["int8_triton_us"] / 1e3
             figures["bf16_cublas_gb_per_s"] = 2 * weight.numel() / figures["bf16_cublas_us"] / 1e3
             results["products"].append(figures)
@@ -96,25 +74,26 @@ def main() -> None:
                   f"bf16 cuBLAS {figures['bf16_cublas_us']:8.1f} us ({figures['bf16_cublas_gb_per_s']:6.0f} GB/s)", flush=True)
         if args.sweep:
             x = torch.randn(1, in_features, device=device, generator=generator).to(dtype)
-            grid = list(itertools.product((16, 32, 64), (128, 256), (4, 8)))
+            grid = [(16, *blocks) for blocks in tuned_linear.INT8_CANDIDATES]
+            grid += [(1, *blocks) for blocks in tuned_linear.ROW_CANDIDATES]
             if args.quick:
-                grid = grid[:2]
+                grid = grid[:2] + grid[-2:]
             timings = {}
-            for block_n, block_k, warps in grid:
+            for blocks in grid:
                 try:
-                    timings[(block_n, block_k, warps)] = time_us(lambda: triton_linear.linear(
-                        x, weight, scales, blocks=(16, block_n, block_k, warps)), device, args.repeats)
+                    timings[blocks] = per_call_us(lambda: triton_linear.linear(x, weight, scales, blocks=blocks), device)
                 except Exception as error:  # a configuration the compiler rejects (shared memory): skip it
-                    print(f"  blocks {block_n}/{block_k}/{warps}: {type(error).__name__}", flush=True)
+                    print(f"  blocks {blocks}: {type(error).__name__}", flush=True)
             best = min(timings, key=timings.get)
-            built_in = triton_linear._blocks(1, out_features, in_features)
-            entry = {"layer": name, "best": list(best), "best_us": timings[best], "built_in": list(built_in[1:]),
-                     "built_in_us": timings.get(tuple(built_in[1:])),
+            tiled = min((blocks for blocks in timings if blocks[0] != 1), key=timings.get, default=None)
+            row = min((blocks for blocks in timings if blocks[0] == 1), key=timings.get, default=None)
+            entry = {"layer": name, "best": list(best), "best_us": timings[best],
+                     "best_tiled": tiled and list(tiled), "best_row_kernel": row and list(row),
                      "all": {"/".join(map(str, key)): value for key, value in timings.items()}}
             results["sweep"].append(entry)
-            print(f"  sweep {name}: best BLOCK_N/BLOCK_K/warps {best} {timings[best]:.1f} us "
-                  f"({weight.numel() / timings[best] / 1e3:.0f} GB/s); built-in {built_in[1:]} "
-                  f"{entry['built_in_us'] if entry['built_in_us'] is not None else float('nan'):.1f} us", flush=True)
+            described = "  ".join(f"{label} {blocks} {timings[blocks]:.1f} us ({weight.numel() / timings[blocks] / 1e3:.0f} GB/s)"
+                                  for label, blocks in (("tiled", tiled), ("row kernel", row)) if blocks is not None)
+            print(f"  sweep {name}, 1 row: {described}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -15,7 +15,10 @@ Figures, each for HF (`generate`, SDPA, greedy) and ours, in this order so both 
 - prefill of one 2,048-token prompt: tokens/s (ours = time to first token);
 - a speculative decode's verify step (1 sequence, k drafts as k + 1 rows in CUDA graphs) against
   a plain decode step, ms and ratio (`verify_steps`);
-- int8 weights (ours): batch-1 decode (`int8_kernel` says which product ran: Triton or dequantize).
+- where a decode step's GPU time goes, at 1 and at N sequences (`decode_profile`: kernels by kind
+  and the top kernels, from PyTorch's profiler);
+- int8 weights (ours): batch-1 decode (`int8_kernel` says which product ran: Triton or dequantize;
+  `decode_products` which kernel each layer shape got) and its profile.
 Every figure is printed as measured and written to --json with the machine's description.
 """
 
@@ -112,6 +115,56 @@ def ours_figures(llm: LLM, device: torch.device, args) -> dict:
     llm.generate([long_prompt], one)
     seconds = min(timed(lambda: llm.generate([long_prompt], one), device) for _ in range(3))
     figures["prefill_tokens_per_s"] = args.prefill_len / seconds
+    return figures
+
+
+KERNEL_KINDS = (("products (starchat Triton)", ("_weight_product", "_row_product")),
+                ("products (cuBLAS)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas")),
+                ("attention", ("_decode_split", "_merge_splits", "flash", "attention", "fmha", "sdpa")),
+                ("layer norm", ("layer_norm", "_add_layer_norm", "layernorm")),
+                ("sampling", ("softmax", "argmax", "topk", "sort", "multinomial", "exponential", "max")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key.lower() in lowered for key in keys)), "other")
+
+
+def decode_kernel_profile(llm: LLM, count: int, prompt_len: int, new_tokens: int = 33) -> dict:
+    """GPU time per decode step at `count` sequences by kernel kind and the top kernels, from
+    PyTorch's profiler (CUPTI records the kernels that CUDA graphs replay): one run with a single
+    new token (the prefill alone) subtracted from one with `new_tokens`, over new_tokens - 1 steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = random_prompts(count, prompt_len, seed=2)
+
+    def kernel_times(tokens: int) -> dict[str, tuple[float, int]]:
+        params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+        llm.generate(prompts, params)  # graphs of these batch sizes captured before profiling
+        # CPU runs (the pipeline check) profile the host's operators instead
+        activity = ProfilerActivity.CUDA if llm.engine.device.type == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[activity]) as profiler:
+            llm.generate(prompts, params)
+        times = {}
+        for event in profiler.key_averages():
+            microseconds = (event.self_cpu_time_total if activity == ProfilerActivity.CPU
+                            else getattr(event, "self_device_time_total", None) or event.self_cuda_time_total)
+            if microseconds > 0:
+                times[event.key] = (microseconds, event.count)
+        return times
+
+    prefill, whole = kernel_times(1), kernel_times(new_tokens)
+    steps = new_tokens - 1
+    per_step = {name: ((us - prefill.get(name, (0.0, 0))[0]) / steps, (calls - prefill.get(name, (0.0, 0))[1]) / steps)
+                for name, (us, calls) in whole.items()}
+    kinds: dict[str, float] = {}
+    for name, (us, _) in per_step.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+    top = sorted(per_step.items(), key=lambda item: -item[1][0])[:25]
+    figures = {"sequences": count, "decode_steps": steps, "gpu_ms_per_step": sum(kinds.values()) / 1e3,
+               "ms_per_step_by_kind": {kind: us / 1e3 for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])},
+               "top_kernels": [{"name": name[:160], "us_per_step": us, "calls_per_step": calls} for name, (us, calls) in top]}
+    print(f"decode step at {count} sequences: {figures['gpu_ms_per_step']:.2f} ms of GPU kernels", flush=True)
     return figures
 
 
@@ -217,10 +270,9 @@ def main() -> None:
         # The same-run baseline of starchat's Triton decode-attention and add+LayerNorm kernels:
         # the same CUDA-graph steps through PyTorch's kernels (STARCHAT_TRITON_KERNELS=0).
         stages += [("ours_cuda_graphs", ours),
-                   ("verify_steps", lambda: verify_step_costs(state["llm"], device)),
-                   ("ours_graphs_pytorch_kernels", lambda: ours(triton_kernels=False))]
-        if args.eager:
-            stages.append(("ours_eager", lambda: ours(graphs=False)))
+                   ("decode_profile", lambda: {count: decode_kernel_profile(state["llm"], count, args.prompt_len)
+                                               for count in (1, max(args.concurrent))}),
+                   ("verify_steps", lambda: verify_step_costs(state["llm"], device))]
         if not args.skip_int8:
             def int8():
                 triton_support.ENABLED = True
@@ -229,8 +281,15 @@ def main() -> None:
                 llm = state["llm"]
                 if device.type == "cuda":
                     llm.engine.runner.enable_static_decode(max(args.concurrent), llm.engine.max_model_len)
-                return {"latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict()}
+                return {"decode_products": [{**row, "shape": list(row["shape"]), "blocks": list(row["blocks"])}
+                                            for row in llm.engine.runner.decode_products],
+                        "latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(),
+                        "decode_profile_batch_1": decode_kernel_profile(llm, 1, args.prompt_len)}
             stages.append(("ours_int8", int8))
+        # last: the same-run baseline of the Triton kernels (a time limit cuts it first)
+        stages.append(("ours_graphs_pytorch_kernels", lambda: ours(triton_kernels=False)))
+        if args.eager:
+            stages.append(("ours_eager", lambda: ours(graphs=False)))
         for name, stage in stages:
             print(f"--- {name}", flush=True)
             try:

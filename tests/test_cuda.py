@@ -104,13 +104,17 @@ def test_int8_gpu_kernel_equals_dequantized_product():
     weight, scales = quantize_per_channel(torch.randn(6400, 384))
     weight, scales = weight.cuda(), scales.cuda()
     bias = torch.randn(6400, device="cuda")
+    from starchat.model.tuned_linear import ROW_CANDIDATES
+
     for dtype in (torch.float32, torch.bfloat16):
         for rows in (1, 8, 33, triton_linear.ROWS_PER_PASS):
             x = torch.randn(rows, 384, device="cuda").to(dtype)
-            out = triton_linear.linear(x, weight, scales.to(dtype), bias.to(dtype))
             expected = x.double() @ (weight.double() * scales.to(dtype).double()[:, None]).T + bias.to(dtype).double()
             tolerance = 1e-4 if dtype == torch.float32 else 1e-2
-            assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+            # the tiled kernel's built-in blocks, and the row kernel's candidates (compiled: words, sign flip)
+            for blocks in [None] + [(1, *choice) for choice in ROW_CANDIDATES] * (rows <= 8):
+                out = triton_linear.linear(x, weight, scales.to(dtype), bias.to(dtype), blocks)
+                assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()), blocks
 
 
 def test_int8_greedy_tokens_equal_cpu_int8(checkpoint):

@@ -27,20 +27,44 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
 TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-def compile_kernel(kernel, types: dict[str, str], constexprs: dict, capability: int, num_warps: int):
+def compile_kernel(kernel, types: dict[str, str], constexprs: dict, capability: int, num_warps: int,
+                   aligned: tuple[str, ...] = ()):
+    """`aligned`: arguments known to be multiples of 16 (pointers: 16-byte aligned), as Triton
+    specializes them when launched with such values; vector loads depend on it."""
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps})
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
 
 
-def spilled_bytes(compiled) -> int:
-    """Per-thread stack (register spills) of the compiled kernel, from cuobjdump."""
+def _cuobjdump(compiled, flag: str) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        report = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"STACK:(\d+)", report).group(1))
+        return subprocess.run([tool, flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_instructions(compiled) -> list[str]:
+    """The machine instructions (opcodes) of the kernel's innermost loop: from a backward branch's
+    target to the branch."""
+    code = []
+    for line in _cuobjdump(compiled, "--dump-sass").splitlines():
+        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if match:
+            code.append((int(match.group(1), 16), match.group(2), match.group(3)))
+    loops = []
+    for address, opcode, operands in code:
+        target = re.match(r"\s*(?:`\()?(?:\.L_x_\d+\)?|0x([0-9a-f]+))", operands)
+        if opcode.startswith("BRA") and target and target.group(1) and int(target.group(1), 16) < address:
+            loops.append([op for at, op, _ in code if int(target.group(1), 16) <= at <= address])
+    assert loops, "no loop found in the kernel's machine code"
+    return min(loops, key=len)
+
+
+def spilled_bytes(compiled) -> int:
+    """Per-thread stack (register spills) of the compiled kernel, from cuobjdump."""
+    return int(re.search(r"STACK:(\d+)", _cuobjdump(compiled, "--dump-resource-usage")).group(1))
 
 
 @pytest.mark.parametrize("capability", [80, 86, 90])
@@ -112,8 +136,49 @@ def test_tuning_candidates_compile_without_spills(weight_type):
 
     types = {"x_ptr": "*bf16", "w_ptr": f"*{weight_type}", "scales_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     types |= {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
-    for (block_n, block_k, warps), gelu in itertools.product(tuned_linear.CANDIDATES, (False, True)):
+    candidates = tuned_linear.INT8_CANDIDATES if weight_type == "i8" else tuned_linear.CANDIDATES
+    for (block_n, block_k, warps), gelu in itertools.product(candidates, (False, True)):
         constexprs = dict(HAS_SCALES=weight_type == "i8", HAS_BIAS=True, PRECISION="tf32", BLOCK_M=16, BLOCK_N=block_n,
                           BLOCK_K=block_k, GELU_TANH=gelu)
         compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps)
         assert spilled_bytes(compiled) == 0, (block_n, block_k, warps, gelu)
+
+
+ROW_TYPES = {"x_ptr": "*bf16", "scales_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"} | {
+    name: "i32" for name in ("N", "K", "stride_x", "stride_w", "stride_out")}
+# what a StarChat-beta layer passes: 16-byte aligned tensors, widths and strides multiples of 16
+ROW_ALIGNED = ("x_ptr", "w_ptr", "scales_ptr", "bias_ptr", "out_ptr", "N", "K", "stride_x", "stride_w", "stride_out")
+
+
+@pytest.mark.parametrize("weight_type", ["bf16", "i8"])
+def test_row_kernel_candidates_compile_without_spills(weight_type):
+    from starchat.model import triton_linear, tuned_linear
+
+    for (block_n, block_k, warps, stages), gelu in itertools.product(tuned_linear.ROW_CANDIDATES, (False, True)):
+        constexprs = dict(HAS_SCALES=weight_type == "i8", HAS_BIAS=True, GELU_TANH=gelu, BLOCK_N=block_n, BLOCK_K=block_k,
+                          EVEN_N=True, EVEN_K=True, STAGES=stages)
+        compiled = compile_kernel(triton_linear._row_product, ROW_TYPES | {"w_ptr": f"*{weight_type}"}, constexprs, 90,
+                                  warps, aligned=ROW_ALIGNED)
+        assert compiled.metadata.shared <= SHARED_LIMIT[90]
+        assert spilled_bytes(compiled) == 0, (block_n, block_k, warps, stages, gelu)
+
+
+def test_row_kernel_spends_few_instructions_per_int8_weight():
+    """The row kernel's instruction budget: at 1 byte per weight, an H200's 4.2 TB/s bring each
+    of its 132 SMs (1.98 GHz) 16 weights per clock, while an SM issues 128 thread instructions
+    per clock: 8 instructions per weight at most, everything included, or the kernel cannot keep
+    up with memory. Its int8 loop must stay well under that (wide words, sign flip and exponent
+    trick instead of conversion instructions, which run at 16 per SM and clock; no masks on even
+    shapes): below 5.5 without pipeline stages, below 6.5 with them (their shared-memory round
+    trip)."""
+    from starchat.model import triton_linear, tuned_linear
+
+    types = ROW_TYPES | {"w_ptr": "*i8"}
+    for block_n, block_k, warps, stages in tuned_linear.ROW_CANDIDATES:
+        constexprs = dict(HAS_SCALES=True, HAS_BIAS=True, GELU_TANH=False, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=True,
+                          EVEN_K=True, STAGES=stages)
+        compiled = compile_kernel(triton_linear._row_product, types, constexprs, 90, warps, aligned=ROW_ALIGNED)
+        loop = loop_instructions(compiled)
+        weights_per_thread = block_n * block_k / (32 * warps)
+        assert len(loop) / weights_per_thread < (5.5 if stages == 1 else 6.5), (block_n, block_k, warps, stages, len(loop))
+        assert not any(op.startswith(("I2F", "F2F")) for op in loop)

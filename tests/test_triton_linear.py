@@ -91,6 +91,119 @@ def test_16_bit_weight_product_equals_reference(kernels, dtype, rows):
         kernels.linear(x, weight.to(torch.bfloat16 if dtype == torch.float16 else torch.float16))
 
 
+ROW_BLOCKS = [(1, 16, 64, 4, 1), (1, 32, 128, 4, 3), (1, 16, 256, 8)]  # the last without a stage count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("quantized", [True, False])
+@pytest.mark.parametrize("out_features,in_features", [(80, 200), (64, 256), (49, 1028)])
+def test_row_kernel_equals_reference(kernels, dtype, quantized, out_features, in_features):
+    """The one-row kernel (blocks with BLOCK_M = 1), int8 weights widened from 32-bit words and
+    16-bit ones, on even and ragged shapes (masked column and depth edges), for several rows (each
+    its own program), with and without bias and GELU. int8 weights span -127..127 (every byte value
+    the sign flip has to get right, negative ones included)."""
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight, scales = quantize_per_channel(weight) if quantized else (weight.to(dtype), None)
+    if quantized:
+        assert weight.min() == -127 and weight.max() == 127
+        scales = scales.to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype)
+    x = torch.randn(3, in_features, generator=generator).to(dtype)
+    product = x.double() @ (weight.double() * (scales.double()[:, None] if quantized else 1)).T
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    for blocks in ROW_BLOCKS:
+        for with_bias, gelu in ((None, False), (bias, False), (bias, True)):
+            expected = product + (with_bias.double() if with_bias is not None else 0)
+            expected = gelu_tanh_reference(expected) if gelu else expected
+            out = kernels.linear(x, weight, scales, with_bias, blocks, gelu_tanh=gelu)
+            assert out.dtype == dtype and out.shape == (3, out_features)
+            assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()), blocks
+
+
+def test_row_kernel_needs_int8_rows_of_whole_words(kernels, monkeypatch):
+    """int8 weights whose rows are not a multiple of 4 bytes cannot be read as words: the row
+    blocks then run the tiled kernel, with the same result, and tuning does not try them."""
+    from torch import nn
+
+    from starchat.model import tuned_linear
+    from starchat.model.quant import Int8Linear
+
+    weight, scales = quantize_per_channel(torch.randn(40, 82))
+    assert not kernels.row_kernel_fits(weight) and kernels.row_kernel_fits(weight.float())
+    assert kernels.row_kernel_fits(quantize_per_channel(torch.randn(40, 84))[0])
+    x = torch.randn(1, 82)
+    expected = reference(x, weight, scales, None)
+    assert torch.allclose(kernels.linear(x, weight, scales, None, (1, 16, 64, 4)).double(), expected, rtol=1e-4, atol=1e-3)
+    model = nn.Sequential(Int8Linear.from_float(torch.randn(40, 82), None, torch.float32))
+    tried = []
+    real_linear = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *args, **kwargs: tried.append(args[4]) or real_linear(*args, **kwargs))
+    monkeypatch.setattr(tuned_linear, "per_call_us", lambda fn, device: fn() is None or 1.0)
+    tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),), row_candidates=((16, 64, 4, 1),))
+    assert tried and all(blocks[0] != 1 for blocks in tried)
+
+
+def test_tuning_takes_the_row_kernel_where_it_is_fastest(kernels, monkeypatch):
+    from torch import nn
+
+    from starchat.model import tuned_linear
+    from starchat.model.quant import Int8Linear
+
+    model = nn.Sequential(nn.Linear(64, 80), Int8Linear.from_float(torch.randn(48, 80), torch.randn(48), torch.float32))
+    current = {}
+    real_linear = kernels.linear
+
+    def recording_linear(x, weight, scales=None, bias=None, blocks=None, gelu_tanh=False):
+        current["blocks"] = blocks
+        return real_linear(x, weight, scales, bias, blocks, gelu_tanh=gelu_tanh)
+
+    def fake_timing(fn, device):  # the row kernel with 2 stages is fastest; cuBLAS slowest
+        current["blocks"] = None
+        fn()
+        blocks = current["blocks"]
+        return 100.0 if blocks is None else 10.0 if blocks == (1, 16, 64, 4, 2) else 50.0
+
+    monkeypatch.setattr(kernels, "linear", recording_linear)
+    monkeypatch.setattr(tuned_linear, "per_call_us", fake_timing)
+    report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),),
+                                              row_candidates=((16, 64, 4, 1), (16, 64, 4, 2)))
+    monkeypatch.setattr(kernels, "linear", real_linear)
+    assert model[0].tuned == model[1].tuned == {1: (1, 16, 64, 4, 2), 16: (16, 32, 128, 4)}
+    assert [row["blocks"] for row in report if row["rows"] == 1] == [(1, 16, 64, 4, 2)] * 2
+    for module in model:
+        x = torch.randn(1, module.in_features)
+        weight = module.weight.double() * (module.scales.double()[:, None] if hasattr(module, "scales") else 1)
+        expected = x.double() @ weight.T + module.bias.double()
+        assert torch.allclose(module(x).double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_tuning_drops_a_candidate_that_computes_a_wrong_product(kernels, monkeypatch, caplog):
+    """A kernel configuration that a GPU's compiler gets wrong must never be chosen, however fast."""
+    from torch import nn
+
+    from starchat.model import tuned_linear
+
+    model = nn.Sequential(nn.Linear(64, 80))
+    real_linear = kernels.linear
+    broken = (1, 16, 64, 4, 1)
+
+    def linear(x, weight, scales=None, bias=None, blocks=None, gelu_tanh=False):
+        out = real_linear(x, weight, scales, bias, blocks, gelu_tanh=gelu_tanh)
+        return out * 1.1 if blocks == broken else out
+
+    def fake_timing(fn, device):  # the broken configuration would be by far the fastest
+        return 1.0 if fn is not None and getattr(fn, "args", (None,) * 5)[4] == broken else 50.0
+
+    monkeypatch.setattr(kernels, "linear", linear)
+    monkeypatch.setattr(tuned_linear, "per_call_us", fake_timing)
+    with caplog.at_level("WARNING", logger="starchat.model"):
+        report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),),
+                                                   row_candidates=((16, 64, 4, 1), (16, 64, 4, 2)))
+    assert "wrong product" in caplog.text and str(broken) in caplog.text
+    assert model[0].tuned[1] != broken and all(row["blocks"] != broken for row in report)
+
+
 def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
     from torch import nn
 
@@ -199,11 +312,11 @@ def test_tuning_times_the_gelu_layers_with_their_gelu(kernels, monkeypatch):
     real_linear = kernels.linear
     monkeypatch.setattr(tuned_linear, "per_call_us", fake_timing)
     monkeypatch.setattr(kernels, "linear", lambda *args, **kwargs: seen.append(kwargs.get("gelu_tanh")) or real_linear(*args, **kwargs))
-    report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),))
+    report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),), row_candidates=())
     # c_fc with its GELU and the plain Linear of the same shape are timed apart (c_proj: no GELU)
     up = [(row["gelu_epilogue"], row["rows"]) for row in report if row["shape"] == (96, 64)]
     assert sorted(up) == [(False, 1), (False, 16), (True, 1), (True, 16)]
-    assert sorted(seen) == [False] * 4 + [True] * 2
+    assert sorted(seen) == [False] * 8 + [True] * 4  # each candidate checked once, then timed
     # per layer shape and row bucket: the kernel and cuBLAS; both with the GELU for c_fc
     assert sorted(timed) == [False] * 8 + [True] * 4
     monkeypatch.setattr(kernels, "linear", real_linear)

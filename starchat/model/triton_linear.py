@@ -60,18 +60,90 @@ if triton is not None:
                         mask=column_ok[None, :] & k_ok[:, None], other=0)
             # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N) summed in float32
             accumulator += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+        accumulator = _epilogue(accumulator, columns[None, :], column_ok[None, :], scales_ptr, bias_ptr,
+                                HAS_SCALES, HAS_BIAS, GELU_TANH)
+        tl.store(out_ptr + rows[:, None] * stride_out + columns[None, :], accumulator.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & column_ok[None, :])
+
+    @triton.jit
+    def _epilogue(accumulator, columns, column_ok, scales_ptr, bias_ptr,
+                  HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr):
+        """Per output column: the int8 scale, the bias, then the tanh GELU, on the float32 sums."""
         if HAS_SCALES:
-            accumulator *= tl.load(scales_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+            accumulator *= tl.load(scales_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            accumulator += tl.load(bias_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)[None, :]
+            accumulator += tl.load(bias_ptr + columns, mask=column_ok, other=0.0).to(tl.float32)
         if GELU_TANH:
             # gelu(a) = a/2 (1 + tanh(u)) = a / (1 + exp(-2u)), u = sqrt(2/pi) (a + 0.044715 a^3).
             # The exponent is capped so that it stays finite (where the cap acts, a / (1 + e^80) and
             # the exact value are both below 1e-30). This form keeps few values live beside the tile.
             u = accumulator * (0.7978845608028654 + 0.035677408136300125 * accumulator * accumulator)
             accumulator = accumulator / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
-        tl.store(out_ptr + rows[:, None] * stride_out + columns[None, :], accumulator.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & column_ok[None, :])
+        return accumulator
+
+    @triton.jit
+    def _row_product(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, N, K, stride_x, stride_w, stride_out,
+                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                     STAGES: tl.constexpr = 1):
+        """One activation row (program_id(1)) times BLOCK_N output columns, on the CUDA cores.
+
+        A batch-1 decode step multiplies one row, and tl.dot's tiles need 16: the tiled kernel
+        stages a padded 16-row activation tile and the weight tile through shared memory for the
+        tensor cores. Here every thread multiplies its own slice of the (BLOCK_N, BLOCK_K) weight
+        tile, held in registers, with the row into float32 partial sums, reduced across K once at
+        the end. Which kernel is faster for a layer is measured when a model loads (tuned_linear).
+        The budget it must keep: at 1 byte per int8 weight an H200's 4.2 TB/s bring each SM 16
+        weights per clock, and an SM issues 128 thread instructions per clock, so 8 instructions
+        per weight at most; this loop takes about 4.6 on sm_90 (tests/test_triton_compile.py).
+
+        int8 weights are read as 32-bit words (4 weights each) and widened without conversion
+        instructions: flipping each byte's sign bit gives w + 128 in 0..255, which OR-ed into the
+        mantissa of 2^23 makes the float 2^23 + 128 + w; subtracting 2^23 + 128 (exact) leaves w.
+        STAGES > 1 lets Triton's pipeliner copy the next int8 tiles into shared memory while this one
+        is multiplied: more bytes in flight per program for layers with few programs."""
+        columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        x_row = x_ptr + tl.program_id(1).to(tl.int64) * stride_x
+        column_ok = columns < N
+        # int64 offsets: a vocabulary-sized weight can pass 2^31 elements
+        column_offsets = columns.to(tl.int64)[:, None] * stride_w
+        if HAS_SCALES:
+            WORDS: tl.constexpr = BLOCK_K // 4
+            words = tl.arange(0, WORDS)
+            w_words = w_ptr.to(tl.pointer_type(tl.int32)) + column_offsets // 4
+            accumulator = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+                word_index = k0 // 4 + words
+                if EVEN_N and EVEN_K:
+                    packed = tl.load(w_words + word_index[None, :])
+                else:
+                    packed = tl.load(w_words + word_index[None, :], mask=column_ok[:, None] & (word_index < K // 4)[None, :],
+                                     other=0)
+                packed = packed ^ -2139062144  # 0x80808080: every byte becomes w + 128
+                for byte in tl.static_range(4):
+                    if EVEN_K:
+                        x = tl.load(x_row + k0 + 4 * words + byte).to(tl.float32)
+                    else:
+                        x = tl.load(x_row + k0 + 4 * words + byte, mask=word_index < K // 4, other=0.0).to(tl.float32)
+                    widened = (((packed >> (8 * byte)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                    accumulator += widened * x[None, :]
+        else:
+            depth = tl.arange(0, BLOCK_K)
+            accumulator = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_N and EVEN_K:
+                    w = tl.load(w_ptr + column_offsets + (k0 + depth)[None, :])
+                    x = tl.load(x_row + k0 + depth)
+                else:
+                    k_ok = (k0 + depth) < K
+                    w = tl.load(w_ptr + column_offsets + (k0 + depth)[None, :], mask=column_ok[:, None] & k_ok[None, :],
+                                other=0.0)
+                    x = tl.load(x_row + k0 + depth, mask=k_ok, other=0.0)
+                accumulator += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        sums = _epilogue(tl.sum(accumulator, axis=1), columns, column_ok, scales_ptr, bias_ptr,
+                         HAS_SCALES, HAS_BIAS, GELU_TANH)
+        tl.store(out_ptr + tl.program_id(1).to(tl.int64) * stride_out + columns, sums.to(out_ptr.dtype.element_ty),
+                 mask=column_ok)
 
 
 def _blocks(rows: int, out_features: int, in_features: int,
@@ -94,6 +166,12 @@ def _blocks(rows: int, out_features: int, in_features: int,
     return block_m, block_n, block_k, warps
 
 
+def row_kernel_fits(weight: torch.Tensor) -> bool:
+    """Whether `_row_product` can read `weight` (contiguous): int8 weights as 32-bit words need
+    rows of a multiple of 4 bytes at an aligned address."""
+    return weight.dtype != torch.int8 or (weight.shape[1] % 4 == 0 and weight.data_ptr() % 4 == 0)
+
+
 def block_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(rows))
 
@@ -103,7 +181,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     """x (..., K) @ (weight (N, K) [* scales (N,)[:, None]]).T + bias, in x's dtype, then the
     tanh-approximated GELU if `gelu_tanh` (applied to the float32 sums, before rounding). `weight`
     is int8 with `scales`, or of x's dtype without. Requires `supports(x)`. `blocks` (BLOCK_M,
-    BLOCK_N, BLOCK_K, num_warps) overrides the built-in choice (tuning and the benchmarks)."""
+    BLOCK_N, BLOCK_K, num_warps) overrides the built-in choice (tuning and the benchmarks);
+    BLOCK_M = 1 picks the row kernel (`_row_product`: each row on its own, on the CUDA cores),
+    which suits a single row; its blocks may add a fifth number, the int8 loop's pipeline stages."""
     in_features = x.shape[-1]
     out_features = weight.shape[0]
     quantized = weight.dtype == torch.int8
@@ -115,8 +195,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     rows = x.reshape(-1, in_features).contiguous()
     weight = weight.contiguous()
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
+    if blocks is not None and blocks[0] == 1 and row_kernel_fits(weight):
+        if rows.shape[0]:
+            _, block_n, block_k, warps, *stages = blocks
+            grid = (triton.cdiv(out_features, block_n), rows.shape[0])
+            unused = out
+            _row_product[grid](rows, weight, scales if quantized else unused, bias if bias is not None else unused, out,
+                               out_features, in_features, rows.stride(0), weight.stride(0), out.stride(0),
+                               HAS_SCALES=quantized, HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh,
+                               BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=out_features % block_n == 0,
+                               EVEN_K=in_features % block_k == 0, STAGES=stages[0] if stages else 1, num_warps=warps)
+        return out.reshape(*x.shape[:-1], out_features)
     if rows.shape[0]:
-        block_m, block_n, block_k, warps = blocks or _blocks(rows.shape[0], out_features, in_features, x.dtype)
+        block_m, block_n, block_k, warps = (blocks if blocks is not None and blocks[0] != 1
+                                            else _blocks(rows.shape[0], out_features, in_features, x.dtype))
         grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows.shape[0], block_m))
         unused = out  # pointer arguments the constexpr flags switch off
         _weight_product[grid](rows, weight, scales if quantized else unused, bias if bias is not None else unused, out,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,12 @@ logger = logging.getLogger("starchat.model")
 DECODE_ROW_BUCKETS = (1, 16)  # a product of r rows uses the choice made for the first bucket >= r
 # (BLOCK_N, BLOCK_K, num_warps) tried; six keep the first load's compiles to ~20 s
 CANDIDATES = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8))
+# int8 tiles hold half the bytes of 16-bit ones: deeper tiles keep as many bytes in flight
+INT8_CANDIDATES = CANDIDATES + ((16, 512, 8), (32, 512, 8), (32, 1024, 8))
+# The row kernel's (BLOCK_N, BLOCK_K, num_warps, stages), also tried for one row: no spills and no
+# barrier in the loop without stages (sm_90 machine code, tests/test_triton_compile.py); the
+# pipelined ones keep more tiles in flight.
+ROW_CANDIDATES = ((16, 256, 4, 1), (32, 256, 4, 1), (32, 512, 8, 1), (16, 256, 4, 3), (32, 256, 4, 3), (32, 512, 8, 2))
 WIN_MARGIN = 0.97  # the kernel must take at most 97% of cuBLAS's time to replace it
 
 
@@ -148,11 +155,30 @@ def per_call_us(fn, device: torch.device, calls: int = 10, replays: int = 3) -> 
     return 1e3 * start.elapsed_time(end) / (replays * calls)
 
 
+def reference_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+                      gelu: bool) -> torch.Tensor:
+    """The product a kernel candidate must give, by PyTorch (int8 weights dequantized in x's
+    dtype: a copy of one layer at most, the lm_head stays 16-bit)."""
+    dense = weight.to(x.dtype) * scales.to(x.dtype)[:, None] if scales is not None else weight
+    out = F.linear(x, dense, bias).float()
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
+def close_to(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to the rounding of a 16-bit output and of a different summation order."""
+    scale = expected.abs().max().item() or 1.0
+    return bool(torch.isfinite(out).all()) and (out.float() - expected).abs().max().item() <= 2e-2 * scale
+
+
 @torch.inference_mode()
-def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=CANDIDATES) -> list[dict]:
+def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=None,
+                         row_candidates=ROW_CANDIDATES) -> list[dict]:
     """Time and choose, for every Linear shape of `model` (16-bit nn.Linear or Int8Linear) on its
-    device; 16-bit layers where the kernel wins become TunedLinear. Returns one report row per
-    (shape, row bucket)."""
+    device; 16-bit layers where the kernel wins become TunedLinear. `candidates`: the tiled
+    kernel's blocks (default CANDIDATES, INT8_CANDIDATES for int8 weights). One row also tries the row
+    kernel (`row_candidates`). A candidate whose result differs from the PyTorch product by more
+    than rounding is dropped (logged), so a kernel this GPU's compiler gets wrong never runs.
+    Returns one report row per (shape, row bucket)."""
     groups: dict[tuple, list[nn.Module]] = defaultdict(list)
     for module in model.modules():
         if type(module) in (nn.Linear, TunedLinear, Int8Linear):
@@ -169,12 +195,20 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=CANDID
             x = torch.randn(rows, in_features, device=device).to(dtype)
             if not triton_linear.supports(x):
                 continue
+            tiled = candidates or (INT8_CANDIDATES if scales is not None else CANDIDATES)
+            tried = [(triton_linear.block_rows(rows), *choice) for choice in tiled]
+            if rows == 1 and triton_linear.row_kernel_fits(first.weight):
+                tried += [(1, *choice) for choice in row_candidates]
+            expected = reference_product(x, first.weight, scales, first.bias, gelu)
             timings = {}
-            for block_n, block_k, warps in candidates:
-                blocks = (triton_linear.block_rows(rows), block_n, block_k, warps)
+            for blocks in tried:
+                run = partial(triton_linear.linear, x, first.weight, scales, first.bias, blocks, gelu_tanh=gelu)
                 try:
-                    timings[blocks] = per_call_us(
-                        lambda: triton_linear.linear(x, first.weight, scales, first.bias, blocks, gelu_tanh=gelu), device)
+                    if not close_to(run(), expected):
+                        logger.warning("tuning %s: blocks %s give a wrong product on %s; not used",
+                                       tuple(first.weight.shape), blocks, device)
+                        continue
+                    timings[blocks] = per_call_us(run, device)
                 except Exception as error:  # a configuration this GPU or Triton rejects: not a candidate
                     logger.debug("tuning %s: blocks %s failed (%s)", tuple(first.weight.shape), blocks, error)
             if not timings:
