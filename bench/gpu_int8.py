@@ -16,6 +16,7 @@ shape, and the best of each kernel is printed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from starchat.bench.machine import describe_machine, measure_read_bandwidth, synchronize  # noqa: E402
+from starchat.bench.machine import describe_machine, measure_read_bandwidth  # noqa: E402
 from starchat.config import NAMED_SHAPES, linear_weight_shapes  # noqa: E402
 from starchat.model import triton_linear, tuned_linear  # noqa: E402
 from starchat.model.tuned_linear import per_call_us  # noqa: E402
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--explore", action="store_true",
+                        help="with --sweep: also 24 row-kernel blocks beyond the tuner's (about 2 minutes more on a GPU)")
     parser.add_argument("--quick", action="store_true", help="small layers, few block choices: checks the pipeline")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -76,6 +79,9 @@ def main() -> None:
             x = torch.randn(1, in_features, device=device, generator=generator).to(dtype)
             grid = [(16, *blocks) for blocks in tuned_linear.INT8_CANDIDATES]
             grid += [(1, *blocks) for blocks in tuned_linear.ROW_CANDIDATES]
+            if args.explore:  # beyond the tuner's choices, to pick its next candidates from
+                grid += [(1, *blocks) for blocks in itertools.product((16, 32), (256, 512, 1024), (4, 8), (1, 3))
+                         if (1, *blocks) not in grid]
             if args.quick:
                 grid = grid[:2] + grid[-2:]
             timings = {}

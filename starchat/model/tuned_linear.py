@@ -32,7 +32,7 @@ from starchat.model.quant import Int8Linear
 logger = logging.getLogger("starchat.model")
 
 DECODE_ROW_BUCKETS = (1, 16)  # a product of r rows uses the choice made for the first bucket >= r
-# (BLOCK_N, BLOCK_K, num_warps) tried; six keep the first load's compiles to ~20 s
+# (BLOCK_N, BLOCK_K, num_warps) tried; few, since the first load compiles every one (cached on disk after)
 CANDIDATES = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8))
 # int8 tiles hold half the bytes of 16-bit ones: deeper tiles keep as many bytes in flight
 INT8_CANDIDATES = CANDIDATES + ((16, 512, 8), (32, 512, 8), (32, 1024, 8))
