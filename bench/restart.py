@@ -1,5 +1,6 @@
-"""Engine start-up from `starchat quantize` folders: the int8 weights in panels (used where they
-lie, a large model mapped from its files) against rows (read and packed at every start).
+"""Engine start-up from folders in the CPU kernels' panels (`starchat quantize`'s int8 or `starchat
+pack`'s 16-bit weights: used where they lie, a large model mapped from its files) against folders
+read and packed at every start (an int8 rows folder, a float checkpoint).
 
     python bench/restart.py --model-dirs PANELS_FOLDER ROWS_FOLDER [--rounds 2] [--drop-caches] [--json FILE]
 

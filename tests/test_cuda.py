@@ -139,6 +139,22 @@ def test_stored_int8_checkpoint_on_gpu_equals_quantizing_while_loading(checkpoin
     assert greedy(loaded, PROMPTS) == built_tokens
 
 
+def test_packed_float_checkpoint_on_gpu_equals_its_source(checkpoint, tmp_path):
+    """A `starchat pack` folder is unpacked on a GPU: the parameters and greedy tokens of the source."""
+    from starchat.model.packed_checkpoint import write_packed_checkpoint
+
+    packed = write_packed_checkpoint(checkpoint, tmp_path / "packed", torch.bfloat16, progress=False)
+    source = LLM(str(checkpoint), dtype="bfloat16", device="cuda", progress=False)
+    source_parameters = {name: p.cpu() for name, p in source.engine.runner.model.named_parameters()}
+    source_tokens = greedy(source, PROMPTS)
+    del source
+    loaded = LLM(str(packed), dtype="bfloat16", device="cuda", progress=False)
+    loaded_parameters = dict(loaded.engine.runner.model.named_parameters())
+    assert source_parameters.keys() == loaded_parameters.keys()
+    assert all(torch.equal(source_parameters[name], p.cpu()) for name, p in loaded_parameters.items())
+    assert greedy(loaded, PROMPTS) == source_tokens
+
+
 def test_triton_decode_attention_and_norm_on_gpu():
     """The kernels compiled (tests/test_triton_kernels.py runs them interpreted, without bfloat16)."""
     import math

@@ -292,8 +292,9 @@ def test_slow_int8_loads_say_how_to_start_faster(tiny_model_dir, tmp_path, monke
         assert "read and packed (int8 in rows)" in caplog.text
         caplog.clear()
         load_model(panels, torch.bfloat16, torch.device("cpu"), progress=False)
+        assert "starchat" not in caplog.text
         load_model(tiny_model_dir, torch.bfloat16, torch.device("cpu"), progress=False)  # no int8 asked for
-    assert "starchat quantize" not in caplog.text
+    assert "starchat quantize" not in caplog.text and "read and packed in" in caplog.text and "`starchat pack`" in caplog.text
 
 
 def _vm_flags_of(folder) -> list[set[str]]:

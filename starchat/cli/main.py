@@ -8,7 +8,7 @@ from starchat.cli import batch, generate
 from starchat.cli import train
 from starchat.cli import serve
 from starchat.cli import bench
-from starchat.cli import quantize
+from starchat.cli import pack, quantize
 
 app = typer.Typer(
     name="starchat",
@@ -23,6 +23,7 @@ app.command("chat")(generate.chat_command)
 app.command("serve")(serve.serve_command)
 app.command("batch")(batch.batch_command)
 app.command("quantize")(quantize.quantize_command)
+app.command("pack")(pack.pack_command)
 app.add_typer(train.train_app, name="train")
 app.add_typer(bench.bench_app, name="bench")
 

@@ -27,7 +27,9 @@ from starchat.model.cpu_decode import attach_fused_decode
 from starchat.model.huge_pages import advise_huge_pages
 from starchat.model import native
 from starchat.model.attention import PromptAttention
-from starchat.model.cpu_linear import PackedLinear, compute_in_float32, native_amx_tiles, prepare_cpu_linears, unpack_weight
+from starchat.model.cpu_linear import (PackedEmbedding, PackedLinear, compute_in_float32, native_amx_tiles, prepare_cpu_linears,
+                                      unpack_weight)
+from starchat.model.packed_checkpoint import checkpoint_packing, is_packed_weight
 from starchat.model.quant import QUANTIZATION_METHODS, Int8Linear, prepare_int8
 from starchat.model.quantized_checkpoint import (SCALE_SUFFIX, checkpoint_quantization, is_quantized_weight,
                                                  stored_weight_layout)
@@ -245,10 +247,14 @@ def load_model(
     if load_format not in ("auto", "random"):
         raise ValueError(f"load_format: {load_format!r} is not supported; use auto or random")
     # A folder written by `starchat quantize` holds int8 weights and their scales (the lm_head too),
-    # in panels (kept as stored on a CPU with the native kernels) or in rows.
+    # in panels (kept as stored on a CPU with the native kernels) or in rows; one written by
+    # `starchat pack` holds float weights in panels, a tied embedding only as the packed lm_head.
     stored_quantization = checkpoint_quantization(model_dir) if load_format == "auto" else None
-    stored_panels = stored_quantization is not None and stored_weight_layout(model_dir) == "panels"
-    keep_panels = stored_panels and device.type == "cpu" and native.available()
+    stored_packing = checkpoint_packing(model_dir) if load_format == "auto" else None  # its dtype
+    stored_panels = stored_packing is not None or (stored_quantization is not None and stored_weight_layout(model_dir) == "panels")
+    # float panels are used as stored only in their own dtype, and not when int8 is asked for
+    keep_panels = (stored_panels and device.type == "cpu" and native.available()
+                   and (stored_packing is None or (stored_packing == dtype and quantize is None)))
     mapped = keep_panels and hasattr(mmap, "MAP_PRIVATE")  # POSIX; elsewhere (Windows) read like any folder
     if load_format == "auto":
         tensors = iterate_checkpoint(find_weight_files(model_dir), mapped=mapped)
@@ -269,7 +275,7 @@ def load_model(
     quantized_while_loading = quantize is not None and not stored_quantization
     head_name = "transformer.wte.weight" if config.tie_word_embeddings else "lm_head.weight"
     head_source = None  # quantized_while_loading: the lm_head's stored values
-    tied_names = {"lm_head.weight"} if config.tie_word_embeddings and not stored_quantization else set()
+    tied_names = {"lm_head.weight"} if config.tie_word_embeddings and not stored_quantization and not stored_packing else set()
     loaded: set[str] = set()
     kept_panels: dict[str, torch.Tensor] = {}  # keep_panels: Linear name -> its stored panels
 
@@ -278,13 +284,17 @@ def load_model(
         name = model_parameter_name(raw_name)
         if name.endswith(IGNORED_SUFFIXES) or name in tied_names:
             continue
+        # a packed folder's tied embedding is its lm_head's panels: the model's wte (tied) parameter
+        packed_tied_head = stored_packing is not None and config.tie_word_embeddings and name == "lm_head.weight"
+        if packed_tied_head:
+            name = "transformer.wte.weight"
         if stored_quantization and name.endswith(SCALE_SUFFIX):
             name = name.removesuffix(SCALE_SUFFIX) + ".scales"  # Int8Linear's parameter
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {raw_name}; is this a GPTBigCode checkpoint matching its config.json?")
         target = expected[name]
         stored_int8 = stored_quantization is not None and is_quantized_weight(name)
-        in_panels = stored_int8 and stored_panels
+        in_panels = (stored_int8 and stored_panels) or (stored_packing is not None and (packed_tied_head or is_packed_weight(name)))
         expected_shape = native.packed_shape(*target.shape) if in_panels else tuple(target.shape)
         if tuple(tensor.shape) != expected_shape:
             raise CheckpointError(
@@ -295,12 +305,12 @@ def load_model(
             wanted = "int8 (a quantized checkpoint's Linear weight)" if stored_int8 else "floating point weights"
             raise CheckpointError(f"{source}: tensor {raw_name} has dtype {tensor.dtype}, expected {wanted}")
         if in_panels and keep_panels:  # the PackedLinear is built once its bias and scales are in
-            kept_panels[name.removesuffix(".weight")] = tensor
+            kept_panels["lm_head" if packed_tied_head else name.removesuffix(".weight")] = tensor
             loaded.add(name)
             bar.update(1)
             continue
-        if in_panels:  # a GPU or no native kernels: the (N, K) weight
-            tensor = unpack_weight(tensor, target.shape[0], torch.int8)
+        if in_panels:  # a GPU, no native kernels or another dtype: the (N, K) weight
+            tensor = unpack_weight(tensor, target.shape[0], tensor.dtype)
         if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_attn.scales")) and not stored_panels:
             tensor = fused_qkv_layout(tensor, config)  # a panels folder stores c_attn in the loaded order
         tensor = tensor.to(device=device)
@@ -319,7 +329,7 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{model_dir}: checkpoint lacks {shown}; the weight files are incomplete: re-download them")
-    if config.tie_word_embeddings and not stored_quantization:
+    if config.tie_word_embeddings and not stored_quantization and "lm_head" not in kept_panels:
         model.lm_head.weight = model.transformer.wte.weight
     if quantized_while_loading:
         # The embedding table stays in float for lookups; the lm_head product reads an int8 copy.
@@ -331,9 +341,11 @@ def load_model(
     for module_name, panels in kept_panels.items():
         parent_name, _, child = module_name.rpartition(".")
         stored = model.get_submodule(module_name)
-        layer = PackedLinear(panels, stored.out_features, stored.bias, stored.scales)
+        layer = PackedLinear(panels, stored.out_features, stored.bias, getattr(stored, "scales", None))
         layer.mapped_from_file = mapped  # _map_safetensors (or a .bin's torch.load mapping)
         setattr(model.get_submodule(parent_name), child, layer)
+        if module_name == "lm_head" and stored_packing is not None and config.tie_word_embeddings:
+            model.transformer.wte = PackedEmbedding(layer)  # tokens looked up in the lm_head's panels
     if device.type == "cpu":
         prepare_cpu_linears(model)
         if native.available():
@@ -345,10 +357,16 @@ def load_model(
         attach_fused_decode(model)
     model.eval()
     seconds = time.perf_counter() - started
-    if seconds > SLOW_LOAD_SECONDS and device.type == "cpu" and (quantized_while_loading or (stored_quantization and not stored_panels)):
+    slow = seconds > SLOW_LOAD_SECONDS and device.type == "cpu" and load_format == "auto" and not keep_panels
+    command = None
+    if slow and (quantized_while_loading or stored_quantization):
         done = "quantized while loading" if quantized_while_loading else "read and packed (int8 in rows)"
-        logger.info("%s: %s in %.0f s; `starchat quantize` writes the int8 model once in the CPU kernels' panels, "
-                    "which load mapped in seconds once the files are in the page cache", model_dir, done, seconds)
+        command = "`starchat quantize` writes the int8 model"
+    elif slow and stored_packing is None and native.available():  # a float checkpoint the kernels packed
+        done, command = "read and packed", "`starchat pack` writes the model"
+    if command:
+        logger.info("%s: %s in %.0f s; %s once in the CPU kernels' panels, which load mapped in seconds once the "
+                    "files are in the page cache", model_dir, done, seconds, command)
     return model
 
 

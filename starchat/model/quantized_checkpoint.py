@@ -42,7 +42,7 @@ SCALE_SUFFIX = ".weight_scale"
 # Linear weights by name suffix (HF GPTBigCode names); these are stored as int8.
 QUANTIZED_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "lm_head.weight")
 # Files of a source folder that are weights (rewritten), not copied to the quantized folder.
-_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 class QuantizedCheckpointError(ValueError):
@@ -165,6 +165,11 @@ def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_byt
     if relayout and (stored_weight_layout(source_dir) != "rows" or layout != "panels"):
         raise QuantizedCheckpointError(f"{source_dir}: is already quantized ({QUANT_METHOD}, {stored_weight_layout(source_dir)}); "
                                        "only a folder in rows can be rewritten, in panels; quantize the float checkpoint otherwise")
+    from starchat.model.packed_checkpoint import checkpoint_packing
+
+    if checkpoint_packing(source_dir) is not None:
+        raise QuantizedCheckpointError(f"{source_dir}: holds packed float weights (written by `starchat pack`); quantize "
+                                       "the float checkpoint it came from")
     config = ModelConfig.from_file(source_dir / "config.json")
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -180,7 +185,7 @@ def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_byt
                                             "weight_layout": layout}
         (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for item in source_dir.iterdir():  # tokenizer, chat template, generation config, model card ...
-            if item.is_file() and item.name != "config.json" and not item.name.endswith(_WEIGHT_FILE_SUFFIXES):
+            if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_FILE_SUFFIXES):
                 shutil.copyfile(item, partial / item.name)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

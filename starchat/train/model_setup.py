@@ -15,6 +15,7 @@ import torch
 
 from starchat.config import ModelConfig
 from starchat.model.loader import resolve_model_dir
+from starchat.model.packed_checkpoint import checkpoint_packing
 from starchat.model.quantized_checkpoint import checkpoint_quantization
 from starchat.tokenizer import Tokenizer
 from starchat.train import lora
@@ -62,6 +63,9 @@ def prepare_model(base: str, *, add_chat_tokens: bool, lora_settings: lora.LoraS
     if checkpoint_quantization(base_dir):
         raise ValueError(f"{base_dir}: holds int8 weights (written by `starchat quantize`), which cannot be fine-tuned; "
                          "train from the float checkpoint it was quantized from")
+    if checkpoint_packing(base_dir) is not None:
+        raise ValueError(f"{base_dir}: holds weights packed for starchat's CPU kernels (written by `starchat pack`), "
+                         "which training cannot read; train from the float checkpoint it was packed from")
     backend = load_tokenizer_backend(base_dir)
     added = add_starchat_tokens(backend) if add_chat_tokens else []
     new_token_ids = [backend.token_to_id(token) for token in added]
