@@ -160,6 +160,14 @@ def test_bad_inputs_get_one_clear_error(tiny_model_dir, tmp_path):
     assert done.returncode == 1 and "already exists" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_bench_refuses_an_hf_baseline_it_cannot_load(tiny_model_dir, tmp_path):
+    packed = write_packed_checkpoint(tiny_model_dir, tmp_path / "packed", progress=False)
+    done = subprocess.run([sys.executable, "-m", "starchat.cli.main", "bench", "latency", "--model", str(packed), "--hf",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "HF transformers cannot read; measure the HF baseline on the float checkpoint" in done.stderr
+
+
 def test_training_refuses_a_packed_checkpoint(tiny_model_dir, tmp_path):
     from starchat.train.model_setup import prepare_model
 

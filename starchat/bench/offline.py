@@ -12,6 +12,7 @@ import contextlib
 import random
 import statistics
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterator, TypeVar
 
@@ -239,6 +240,17 @@ def ours_throughput(llm: LLM, num_prompts: int, prompt_len: int, new_tokens: int
     return ThroughputResult(num_prompts, sum(counts) / seconds, seconds)
 
 
+def check_hf_readable(model_dir) -> None:
+    """Raise for a folder HF transformers cannot load as a GPTBigCode checkpoint: one written by
+    `starchat quantize` or `starchat pack`."""
+    from starchat.model.packed_checkpoint import checkpoint_packing
+    from starchat.model.quantized_checkpoint import checkpoint_quantization
+
+    if checkpoint_quantization(Path(model_dir)) or checkpoint_packing(Path(model_dir)) is not None:
+        raise ValueError(f"{model_dir}: written by `starchat quantize` or `starchat pack`, which HF transformers cannot "
+                         "read; measure the HF baseline on the float checkpoint it came from")
+
+
 class HFBaseline:
     """HF transformers' GPTBigCodeForCausalLM.generate on the same checkpoint (greedy, fixed length)."""
 
@@ -248,6 +260,7 @@ class HFBaseline:
 
         self.device = torch.device(device)
         if model is None:
+            check_hf_readable(model_dir)
             model = GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
         self.model = model.eval().to(self.device)
 

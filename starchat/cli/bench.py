@@ -13,13 +13,19 @@ bench_app = typer.Typer(help="Benchmarks: ours against HF transformers, measured
 SHAPE_HELP = "Random-weight model of a named shape: starchat-beta, starcoder, tiny_starcoder (ignored with --model)."
 
 
-def _setup(model: Optional[str], shape: str, dtype: str, device: str, quantize: Optional[str], max_num_seqs: int):
+def _setup(model: Optional[str], shape: str, dtype: str, device: str, quantize: Optional[str], max_num_seqs: int,
+           hf: bool = False):
     from starchat.bench.checkpoints import random_checkpoint
     from starchat.bench.machine import describe_machine
+    from starchat.bench.offline import check_hf_readable
+    from starchat.cli.common import one_line_errors
     from starchat.engine.devices import resolve_device
     from starchat.llm import LLM
 
     model_dir = Path(model) if model else random_checkpoint(shape)
+    if hf:
+        with one_line_errors():  # before loading ours: a baseline that cannot run is known at once
+            check_hf_readable(model_dir)
     # Prefix caching off: the figures are those of computing every token (the latency figures
     # repeat one prompt, which would otherwise be found cached), as the HF baseline does.
     llm = LLM(str(model_dir), dtype=dtype, device=device, quantize=quantize, progress=False, max_num_seqs=max_num_seqs,
@@ -59,7 +65,7 @@ def latency_command(
     from starchat.bench.machine import measure_read_bandwidth
     from starchat.bench.offline import HFBaseline, interleave, median_latency, ours_latency, round_ratios
 
-    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, 8)
+    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, 8, hf=hf)
     sides = {"ours": lambda: ours_latency(llm, new_tokens, prompt_len)}
     if hf:
         baseline = HFBaseline(model_dir, str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.device))
@@ -100,7 +106,7 @@ def throughput_command(
     """N requests end to end (all at once, or --max-concurrent at a time): output tokens/s."""
     from starchat.bench.offline import HFBaseline, ours_throughput
 
-    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, max_concurrent or max(64, num_prompts))
+    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, max_concurrent or max(64, num_prompts), hf=hf)
     rows = {"ours": {**ours_throughput(llm, num_prompts, prompt_len, new_tokens).as_dict(),
                      "max_concurrent": llm.engine.config.max_num_seqs}}
     if hf:
