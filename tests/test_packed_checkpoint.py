@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from process_memory import mappings_of
 from reference_checkpoints import write_hf_checkpoint
 from starchat import LLM, SamplingParams
 from starchat.model import native
@@ -76,24 +77,13 @@ def test_pack_command_writes_panels_that_load_as_the_source_model(tiny_model_dir
         assert packed_llm.generate(prompt, params)[0].token_ids == source_llm.generate(prompt, params)[0].token_ids
 
 
-def _mappings_of(folder) -> list[tuple[int, int]]:
-    spans = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and fields[5].startswith(str(folder)):
-                begin, end = (int(value, 16) for value in fields[0].split("-"))
-                spans.append((begin, end))
-    return spans
-
-
 @pytest.mark.skipif(not native.available() or not Path("/proc/self/maps").is_file(),
                     reason="panels are kept as stored only with the native kernels; mappings read from Linux's /proc")
 def test_packed_weights_are_used_where_they_lie(tiny_model_dir, tmp_path):
     output = write_packed_checkpoint(tiny_model_dir, tmp_path / "packed", torch.float16, progress=False)
     digest = hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()
     model = load_model(output, torch.float16, CPU, progress=False)
-    spans = _mappings_of(output)
+    spans = mappings_of(output)
     packed = [module for module in model.modules() if isinstance(module, PackedLinear)]
     assert spans and len(packed) == 4 * model.config.n_layer + 1
     for module in packed:

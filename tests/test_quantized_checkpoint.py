@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from process_memory import mappings_of
 from reference_checkpoints import write_hf_checkpoint
 from starchat import LLM, SamplingParams
 from starchat.model import native
@@ -104,17 +105,6 @@ def test_multi_head_untied_checkpoint_in_shards(tmp_path, layout):
             write_quantized_checkpoint(output, tmp_path / "rows-again", progress=False, layout="rows")
 
 
-def _mappings_of(folder) -> list[tuple[int, int]]:
-    spans = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and fields[5].startswith(str(folder)):
-                begin, end = (int(value, 16) for value in fields[0].split("-"))
-                spans.append((begin, end))
-    return spans
-
-
 @pytest.mark.skipif(not native.available() or not Path("/proc/self/maps").is_file(),
                     reason="the panels are kept as stored only with the native kernels; mappings read from Linux's /proc")
 def test_a_panels_folder_is_used_where_it_lies(tiny_model_dir, tmp_path):
@@ -125,7 +115,7 @@ def test_a_panels_folder_is_used_where_it_lies(tiny_model_dir, tmp_path):
     output = write_quantized_checkpoint(tiny_model_dir, tmp_path / "int8", progress=False)
     digest = hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()
     model = load_model(output, torch.bfloat16, torch.device("cpu"), progress=False)
-    spans = _mappings_of(output)
+    spans = mappings_of(output)
     packed = [module for module in model.modules() if isinstance(module, PackedLinear)]
     assert spans and len(packed) == 4 * model.config.n_layer + 1
     for module in packed:
@@ -143,7 +133,7 @@ def test_a_panels_folder_is_used_where_it_lies(tiny_model_dir, tmp_path):
     # a rows folder is read and packed in the process's own memory
     rows = write_quantized_checkpoint(tiny_model_dir, tmp_path / "rows", progress=False, layout="rows")
     model = load_model(rows, torch.bfloat16, torch.device("cpu"), progress=False)
-    spans = _mappings_of(rows)
+    spans = mappings_of(rows)
     assert not any(begin <= module.packed_weight.data_ptr() < end for module in model.modules()
                    if isinstance(module, PackedLinear) for begin, end in spans)
 

@@ -20,14 +20,12 @@ Other tools (HF transformers) cannot read the packed tensors: keep the source fo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from starchat.config import ModelConfig
-from starchat.model.quantized_checkpoint import (PANELS_ALIGNMENT, QUANTIZED_WEIGHTS, WEIGHT_FILE_SUFFIXES,
-                                                 checkpoint_quantization)
+from starchat.model.quantized_checkpoint import PANELS_ALIGNMENT, QUANTIZED_WEIGHTS, checkpoint_quantization
 
 PACKING_KEY = "starchat_packing"
 PACKED_WEIGHTS = QUANTIZED_WEIGHTS  # the Linear weights by name suffix: c_attn, both c_proj, c_fc, lm_head
@@ -100,7 +98,7 @@ def write_packed_checkpoint(source_dir: Path, output_dir: Path, dtype: torch.dty
     (module docstring), in `dtype` (default: the source's torch_dtype, else float32). Written into
     `<output_dir>.partial` first and renamed when whole. Memory: one source tensor, the shard being
     filled and, for a tied lm_head, the embedding table."""
-    from starchat.model.shard_writer import write_shards
+    from starchat.model.shard_writer import write_derived_checkpoint
 
     source_dir, output_dir = Path(source_dir), Path(output_dir)
     if output_dir.exists():
@@ -109,24 +107,10 @@ def write_packed_checkpoint(source_dir: Path, output_dir: Path, dtype: torch.dty
         raise PackedCheckpointError(f"{source_dir}: was written by starchat (quantized or packed); pack the float "
                                     "checkpoint it came from")
     config = ModelConfig.from_file(source_dir / "config.json")
-    hf_config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
-    dtype = dtype or _DTYPES.get(hf_config.get("torch_dtype"), torch.float32)
+    dtype = dtype or _DTYPES.get(config.torch_dtype, torch.float32)
     dtype_name = next(name for name, value in _DTYPES.items() if value == dtype)
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        write_shards(partial, _packed_tensors(source_dir, config, dtype, progress), max_shard_bytes, align=PANELS_ALIGNMENT)
-        hf_config["torch_dtype"] = dtype_name
-        hf_config[PACKING_KEY] = {"weight_layout": "panels", "dtype": dtype_name, "weights": list(PACKED_WEIGHTS),
-                                  "tied_embedding": "stored once, as the packed lm_head" if config.tie_word_embeddings else None}
-        (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        for item in source_dir.iterdir():  # tokenizer, chat template, generation config, model card ...
-            if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_FILE_SUFFIXES):
-                shutil.copyfile(item, partial / item.name)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    partial.rename(output_dir)
-    return output_dir
+    packing = {"weight_layout": "panels", "dtype": dtype_name, "weights": list(PACKED_WEIGHTS),
+               "tied_embedding": "stored once, as the packed lm_head" if config.tie_word_embeddings else None}
+    return write_derived_checkpoint(source_dir, output_dir, _packed_tensors(source_dir, config, dtype, progress),
+                                    {"torch_dtype": dtype_name, PACKING_KEY: packing}, max_shard_bytes, align=PANELS_ALIGNMENT)
 

@@ -27,7 +27,6 @@ Two layouts of the int8 weights (`quantization_config.weight_layout`):
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -41,8 +40,6 @@ PANELS_ALIGNMENT = 4096  # bytes: each tensor of a panels folder starts on a pag
 SCALE_SUFFIX = ".weight_scale"
 # Linear weights by name suffix (HF GPTBigCode names); these are stored as int8.
 QUANTIZED_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "lm_head.weight")
-# Files of a source folder that are weights (rewritten), not copied to the quantized folder.
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 class QuantizedCheckpointError(ValueError):
@@ -153,8 +150,7 @@ def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_byt
     """Quantize the float checkpoint in source_dir into output_dir (which must not exist yet), its
     int8 weights in `layout` (see the module docstring); a source written in rows by `starchat
     quantize` is rewritten in panels as it is (the upgrade of folders from before the panels).
-    Written into `<output_dir>.partial` first and renamed when whole, so a stopped run leaves no
-    folder that looks complete. Memory: one source tensor, the shard being filled and, for a
+    Written into `<output_dir>.partial` first and renamed when whole. Memory: one source tensor, the shard being filled and, for a
     tied lm_head, the embedding table."""
     source_dir, output_dir = Path(source_dir), Path(output_dir)
     if layout not in WEIGHT_LAYOUTS:
@@ -170,25 +166,11 @@ def write_quantized_checkpoint(source_dir: Path, output_dir: Path, max_shard_byt
     if checkpoint_packing(source_dir) is not None:
         raise QuantizedCheckpointError(f"{source_dir}: holds packed float weights (written by `starchat pack`); quantize "
                                        "the float checkpoint it came from")
-    config = ModelConfig.from_file(source_dir / "config.json")
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        from starchat.model.shard_writer import write_shards
+    from starchat.model.shard_writer import write_derived_checkpoint
 
-        tensors = _panels_from_rows(source_dir, config, progress) if relayout else _quantized_tensors(source_dir, config, layout, progress)
-        write_shards(partial, tensors, max_shard_bytes, align=PANELS_ALIGNMENT if layout == "panels" else None)
-        hf_config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
-        hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True,
-                                            "scales": "per output channel, float32", "weights": list(QUANTIZED_WEIGHTS),
-                                            "weight_layout": layout}
-        (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        for item in source_dir.iterdir():  # tokenizer, chat template, generation config, model card ...
-            if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_FILE_SUFFIXES):
-                shutil.copyfile(item, partial / item.name)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    partial.rename(output_dir)
-    return output_dir
+    config = ModelConfig.from_file(source_dir / "config.json")
+    tensors = _panels_from_rows(source_dir, config, progress) if relayout else _quantized_tensors(source_dir, config, layout, progress)
+    quantization = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True, "scales": "per output channel, float32",
+                    "weights": list(QUANTIZED_WEIGHTS), "weight_layout": layout}
+    return write_derived_checkpoint(source_dir, output_dir, tensors, {"quantization_config": quantization}, max_shard_bytes,
+                                    align=PANELS_ALIGNMENT if layout == "panels" else None)

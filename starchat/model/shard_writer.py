@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 PADDING_PREFIX = "__padding__."
+# Files of a source folder that are weights (rewritten), not copied into a derived checkpoint.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 SAFETENSORS_DTYPE_NAMES = {  # the format's dtype names (the loader reads them back)
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -96,3 +99,27 @@ def write_shards(output_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], 
         (output_dir / temporary).rename(output_dir / name)
     index = {"metadata": {}, "weight_map": {name: final[i] for name, i in weight_map.items()}}
     (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_derived_checkpoint(source_dir: Path, output_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                             config_changes: dict, max_shard_bytes: int, align: int | None = None) -> Path:
+    """A checkpoint folder made from source_dir's (`starchat quantize`, `starchat pack`): `tensors`
+    in shards, source_dir's config.json updated with `config_changes`, and every other file of
+    source_dir that is not a weight file (tokenizer, chat template, generation config, model card)
+    copied. Written into `<output_dir>.partial` first and renamed when whole, so a stopped run
+    leaves no folder that looks complete."""
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        write_shards(partial, tensors, max_shard_bytes, align=align)
+        hf_config = json.loads((source_dir / "config.json").read_text(encoding="utf-8")) | config_changes
+        (partial / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for item in source_dir.iterdir():
+            if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_FILE_SUFFIXES):
+                shutil.copyfile(item, partial / item.name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(output_dir)
+    return output_dir
