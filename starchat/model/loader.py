@@ -359,7 +359,7 @@ def load_model(
     seconds = time.perf_counter() - started
     slow = seconds > SLOW_LOAD_SECONDS and device.type == "cpu" and load_format == "auto" and not keep_panels
     command = None
-    if slow and (quantized_while_loading or stored_quantization):
+    if slow and (quantized_while_loading or (stored_quantization and not stored_panels)):
         done = "quantized while loading" if quantized_while_loading else "read and packed (int8 in rows)"
         command = "`starchat quantize` writes the int8 model"
     elif slow and stored_packing is None and native.available():  # a float checkpoint the kernels packed
