@@ -55,8 +55,8 @@ def loop_instructions(compiled) -> list[str]:
             code.append((int(match.group(1), 16), match.group(2), match.group(3)))
     loops = []
     for address, opcode, operands in code:
-        target = re.match(r"\s*(?:`\()?(?:\.L_x_\d+\)?|0x([0-9a-f]+))", operands)
-        if opcode.startswith("BRA") and target and target.group(1) and int(target.group(1), 16) < address:
+        target = re.match(r"\s*0x([0-9a-f]+)", operands)  # cuobjdump prints branch targets as addresses
+        if opcode.startswith("BRA") and target and int(target.group(1), 16) < address:
             loops.append([op for at, op, _ in code if int(target.group(1), 16) <= at <= address])
     assert loops, "no loop found in the kernel's machine code"
     return min(loops, key=len)
