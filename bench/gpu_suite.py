@@ -101,21 +101,26 @@ def ours_figures(llm: LLM, device: torch.device, args) -> dict:
                                    for row in llm.engine.runner.decode_products],
                "latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(), "concurrent": {}}
     for count in args.concurrent:
-        prompts = random_prompts(count, args.prompt_len, seed=2)
-        params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-        llm.generate(prompts, params)  # warm-up: CUDA graphs of every batch size this run meets get captured
-        with host_step_timers(llm.engine) as host:
-            seconds = timed(lambda: llm.generate(prompts, params), device)
-        figures["concurrent"][count] = {"output_tokens_per_s": count * args.new_tokens / seconds, "seconds": seconds,
-                                        "host_ms_per_step": host}
-        print(f"ours {count} sequences: {count * args.new_tokens / seconds:.0f} output tokens/s end to end, "
-              f"{host['decode_tokens_per_s']:.0f} in the decode-only steps", flush=True)
+        figures["concurrent"][count] = concurrent_figures(llm, device, count, args)
     long_prompt = random_prompts(1, args.prefill_len, seed=3)[0]
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
     llm.generate([long_prompt], one)
     seconds = min(timed(lambda: llm.generate([long_prompt], one), device) for _ in range(3))
     figures["prefill_tokens_per_s"] = args.prefill_len / seconds
     return figures
+
+
+def concurrent_figures(llm: LLM, device: torch.device, count: int, args) -> dict:
+    """`count` prompts of args.prompt_len tokens, args.new_tokens new each, through the scheduler:
+    output tokens/s end to end and over the decode-only steps."""
+    prompts = random_prompts(count, args.prompt_len, seed=2)
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    llm.generate(prompts, params)  # warm-up: CUDA graphs of every batch size this run meets get captured
+    with host_step_timers(llm.engine) as host:
+        seconds = timed(lambda: llm.generate(prompts, params), device)
+    print(f"ours {count} sequences: {count * args.new_tokens / seconds:.0f} output tokens/s end to end, "
+          f"{host['decode_tokens_per_s']:.0f} in the decode-only steps", flush=True)
+    return {"output_tokens_per_s": count * args.new_tokens / seconds, "seconds": seconds, "host_ms_per_step": host}
 
 
 KERNEL_KINDS = (("products (starchat Triton)", ("_weight_product", "_row_product")),
@@ -284,7 +289,9 @@ def main() -> None:
                 return {"decode_products": [{**row, "shape": list(row["shape"]), "blocks": list(row["blocks"])}
                                             for row in llm.engine.runner.decode_products],
                         "latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(),
-                        "decode_profile_batch_1": decode_kernel_profile(llm, 1, args.prompt_len)}
+                        "decode_profile_batch_1": decode_kernel_profile(llm, 1, args.prompt_len),
+                        # int8 products of up to 128 rows read int8 (before session 23: dequantized past 64)
+                        "concurrent": {max(args.concurrent): concurrent_figures(llm, device, max(args.concurrent), args)}}
             stages.append(("ours_int8", int8))
         # last: the same-run baseline of the Triton kernels (a time limit cuts it first)
         stages.append(("ours_graphs_pytorch_kernels", lambda: ours(triton_kernels=False)))

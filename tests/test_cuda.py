@@ -107,7 +107,7 @@ def test_int8_gpu_kernel_equals_dequantized_product():
     from starchat.model.tuned_linear import ROW_CANDIDATES
 
     for dtype in (torch.float32, torch.bfloat16):
-        for rows in (1, 8, 33, triton_linear.ROWS_PER_PASS):
+        for rows in (1, 8, 33, triton_linear.ROWS_PER_PASS, triton_linear.MAX_ROWS - 1):
             x = torch.randn(rows, 384, device="cuda").to(dtype)
             expected = x.double() @ (weight.double() * scales.to(dtype).double()[:, None]).T + bias.to(dtype).double()
             tolerance = 1e-4 if dtype == torch.float32 else 1e-2

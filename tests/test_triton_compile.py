@@ -110,7 +110,7 @@ def test_add_layer_norm_compiles_without_spills(dtype, width):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("rows", [1, 16, 17, 33, 64])
+@pytest.mark.parametrize("rows", [1, 16, 17, 33, 64, 128])
 def test_weight_product_compiles_within_limits(dtype, rows):
     import torch
 
@@ -124,7 +124,7 @@ def test_weight_product_compiles_within_limits(dtype, rows):
         gelu = out_features == 24576  # the up projection applies the GELU
         block_m, block_n, block_k, warps = triton_linear._blocks(rows, out_features, in_features, getattr(torch, dtype))
         constexprs = dict(HAS_SCALES=True, HAS_BIAS=True, PRECISION="ieee" if dtype == "float32" else "tf32", BLOCK_M=block_m,
-                          BLOCK_N=block_n, BLOCK_K=block_k, GELU_TANH=gelu)
+                          BLOCK_N=block_n, BLOCK_K=block_k, GELU_TANH=gelu, ROW_BLOCKS_FIRST=rows > block_m)
         compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps)
         assert compiled.metadata.shared <= SHARED_LIMIT[90]
         assert spilled_bytes(compiled) == 0, (out_features, in_features)
@@ -136,12 +136,17 @@ def test_tuning_candidates_compile_without_spills(weight_type):
 
     types = {"x_ptr": "*bf16", "w_ptr": f"*{weight_type}", "scales_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     types |= {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
-    candidates = tuned_linear.INT8_CANDIDATES if weight_type == "i8" else tuned_linear.CANDIDATES
-    for (block_n, block_k, warps), gelu in itertools.product(candidates, (False, True)):
-        constexprs = dict(HAS_SCALES=weight_type == "i8", HAS_BIAS=True, PRECISION="tf32", BLOCK_M=16, BLOCK_N=block_n,
-                          BLOCK_K=block_k, GELU_TANH=gelu)
+    narrow = tuned_linear.INT8_CANDIDATES if weight_type == "i8" else tuned_linear.CANDIDATES
+    # (blocks, row blocks first): up to 16 rows one row block; 64 rows one, 128 rows two
+    tried = [((16, *blocks), False) for blocks in narrow]
+    tried += [((triton_linear.ROWS_PER_PASS, *blocks), first) for blocks in tuned_linear.WIDE_CANDIDATES
+              for first in (False, True)]
+    for ((block_m, block_n, block_k, warps), first), gelu in itertools.product(tried, (False, True)):
+        constexprs = dict(HAS_SCALES=weight_type == "i8", HAS_BIAS=True, PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+                          BLOCK_K=block_k, GELU_TANH=gelu, ROW_BLOCKS_FIRST=first)
         compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps)
-        assert spilled_bytes(compiled) == 0, (block_n, block_k, warps, gelu)
+        assert compiled.metadata.shared <= SHARED_LIMIT[90]
+        assert spilled_bytes(compiled) == 0, (block_m, block_n, block_k, warps, first, gelu)
 
 
 ROW_TYPES = {"x_ptr": "*bf16", "scales_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"} | {

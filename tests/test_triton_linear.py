@@ -39,7 +39,7 @@ def reference(x, weight, scales, bias):
 # dot products in numpy, which has no bfloat16 (it returns garbage, checked by hand); the kernel's
 # code is the same for every 16-bit type.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows,in_features", [(1, 200), (5, 200), (17, 200), (64, 200), (3, 2100)])
+@pytest.mark.parametrize("rows,in_features", [(1, 200), (5, 200), (17, 200), (64, 200), (100, 200), (3, 2100)])
 def test_int8_product_equals_dequantized_reference(kernels, dtype, rows, in_features):
     generator = torch.Generator().manual_seed(rows)
     # 80 outputs, 200 or 2,100 inputs: not a multiple of the column or depth blocks (masked edges);
@@ -62,8 +62,13 @@ def test_batched_shapes_and_rows_beyond_one_pass(kernels):
     out = kernels.linear(x, weight, scales, None)
     assert out.shape == (2, 3, 48)
     assert torch.allclose(out.double(), reference(x.reshape(6, 64), weight, scales, None).reshape(2, 3, 48), rtol=1e-4, atol=1e-3)
-    assert kernels.supports(torch.randn(kernels.ROWS_PER_PASS, 64))
-    assert not kernels.supports(torch.randn(kernels.ROWS_PER_PASS + 1, 64))  # prefill chunks: cuBLAS
+    assert kernels.supports(torch.randn(kernels.MAX_ROWS, 64))
+    assert not kernels.supports(torch.randn(kernels.MAX_ROWS + 1, 64))  # prefill chunks: cuBLAS
+    # rows beyond one pass: row blocks of ROWS_PER_PASS, a ragged last one, with tuned blocks too
+    x = torch.randn(kernels.MAX_ROWS - 3, 64)
+    for blocks in (None, (kernels.ROWS_PER_PASS, 32, 64, 4), (16, 16, 32, 4)):
+        out = kernels.linear(x, weight, scales, None, blocks)
+        assert torch.allclose(out.double(), reference(x, weight, scales, None), rtol=1e-4, atol=1e-3), blocks
     assert not kernels.supports(torch.zeros(4, 64, dtype=torch.int32))
     with pytest.raises(ValueError, match="do not fit"):
         kernels.linear(torch.randn(2, 63), weight, scales, None)
@@ -75,7 +80,7 @@ def test_without_the_interpreter_only_gpus_qualify(kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", [1, 16, 33])
+@pytest.mark.parametrize("rows", [1, 16, 33, 128])
 def test_16_bit_weight_product_equals_reference(kernels, dtype, rows):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(80, 200, generator=generator).to(dtype)
@@ -169,13 +174,40 @@ def test_tuning_takes_the_row_kernel_where_it_is_fastest(kernels, monkeypatch):
     report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),),
                                               row_candidates=((16, 64, 4, 1), (16, 64, 4, 2)))
     monkeypatch.setattr(kernels, "linear", real_linear)
-    assert model[0].tuned == model[1].tuned == {1: (1, 16, 64, 4, 2), 16: (16, 32, 128, 4)}
+    assert model[0].tuned == model[1].tuned == {1: (1, 16, 64, 4, 2), 16: (16, 32, 128, 4), 64: (64, 32, 128, 4),
+                                                128: (64, 32, 128, 4)}
     assert [row["blocks"] for row in report if row["rows"] == 1] == [(1, 16, 64, 4, 2)] * 2
     for module in model:
         x = torch.randn(1, module.in_features)
         weight = module.weight.double() * (module.scales.double()[:, None] if hasattr(module, "scales") else 1)
         expected = x.double() @ weight.T + module.bias.double()
         assert torch.allclose(module(x).double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_tuning_tries_each_row_bucket_with_its_own_tiles(kernels, monkeypatch):
+    """Up to 16 rows: 16-row tiles of CANDIDATES (INT8_CANDIDATES for int8 weights), and the row
+    kernel at one row; 64 and 128 rows: 64-row tiles of WIDE_CANDIDATES."""
+    from torch import nn
+
+    from starchat.model import tuned_linear
+    from starchat.model.quant import Int8Linear
+
+    model = nn.Sequential(nn.Linear(64, 80), Int8Linear.from_float(torch.randn(48, 80), torch.randn(48), torch.float32))
+    tried = []
+
+    def exact_product(x, weight, scales=None, bias=None, blocks=None, gelu_tanh=False):  # no kernel run: only the choices
+        tried.append((weight.dtype, x.shape[0], blocks))
+        return tuned_linear.reference_product(x, weight, scales, bias, gelu_tanh).to(x.dtype)
+
+    monkeypatch.setattr(kernels, "linear", exact_product)
+    monkeypatch.setattr(tuned_linear, "per_call_us", lambda fn, device: 1.0)
+    tuned_linear.tune_decode_products(model, torch.float32, row_candidates=((16, 64, 4, 1),))
+    for weight_dtype, narrow in ((torch.float32, tuned_linear.CANDIDATES), (torch.int8, tuned_linear.INT8_CANDIDATES)):
+        by_rows = {rows: [blocks for dtype, at, blocks in tried if dtype == weight_dtype and at == rows]
+                   for rows in tuned_linear.DECODE_ROW_BUCKETS}
+        assert by_rows[1] == [(16, *blocks) for blocks in narrow] + [(1, 16, 64, 4, 1)]
+        assert by_rows[16] == [(16, *blocks) for blocks in narrow]
+        assert by_rows[64] == by_rows[128] == [(kernels.ROWS_PER_PASS, *blocks) for blocks in tuned_linear.WIDE_CANDIDATES]
 
 
 def test_tuning_drops_a_candidate_that_computes_a_wrong_product(kernels, monkeypatch, caplog):
@@ -231,10 +263,11 @@ def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "linear", recording_linear)
     report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((16, 128, 4), (32, 128, 4)))
     monkeypatch.setattr(kernels, "linear", real_linear)
-    assert len(report) == 6  # (64->80 with bias, 80->48 without, int8 80->48) x (1, 16 rows)
+    assert len(report) == 12  # (64->80 with bias, 80->48 without, int8 80->48) x (1, 16, 64, 128 rows)
     assert all(type(module) is tuned_linear.TunedLinear for module in model[:3])  # same parameters, new forward
-    assert model[0].tuned == model[1].tuned == {1: (16, 32, 128, 4), 16: None}
-    assert model[3].tuned == {1: (16, 32, 128, 4), 16: (16, 32, 128, 4)}  # int8: no cuBLAS product to lose to
+    assert model[0].tuned == model[1].tuned == {1: (16, 32, 128, 4), 16: None, 64: None, 128: None}
+    # int8: no cuBLAS product to lose to
+    assert model[3].tuned == {1: (16, 32, 128, 4), 16: (16, 32, 128, 4), 64: (64, 32, 128, 4), 128: (64, 32, 128, 4)}
 
     calls = []
     monkeypatch.setattr(kernels, "linear", lambda *args, **kwargs: calls.append(args[-1]) or real_linear(*args, **kwargs))
@@ -255,7 +288,7 @@ def test_tuning_with_real_timings_gives_right_products(kernels):
 
     model = nn.Sequential(nn.Linear(96, 40))
     report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),))
-    assert {row["rows"] for row in report} == {1, 16} and all(row["kernel_us"] > 0 for row in report)
+    assert {row["rows"] for row in report} == {1, 16, 64, 128} and all(row["kernel_us"] > 0 for row in report)
     x = torch.randn(1, 96)
     torch.testing.assert_close(model(x), x @ model[0].weight.T + model[0].bias, rtol=1e-5, atol=1e-5)
 
@@ -315,10 +348,12 @@ def test_tuning_times_the_gelu_layers_with_their_gelu(kernels, monkeypatch):
     report = tuned_linear.tune_decode_products(model, torch.float32, candidates=((32, 128, 4),), row_candidates=())
     # c_fc with its GELU and the plain Linear of the same shape are timed apart (c_proj: no GELU)
     up = [(row["gelu_epilogue"], row["rows"]) for row in report if row["shape"] == (96, 64)]
-    assert sorted(up) == [(False, 1), (False, 16), (True, 1), (True, 16)]
-    assert sorted(seen) == [False] * 8 + [True] * 4  # each candidate checked once, then timed
+    buckets = tuned_linear.DECODE_ROW_BUCKETS
+    assert sorted(up) == sorted((gelu, rows) for gelu in (False, True) for rows in buckets)
+    # each candidate checked once, then timed, per row bucket; of three layers, c_fc with its GELU
+    assert sorted(seen) == [False] * 4 * len(buckets) + [True] * 2 * len(buckets)
     # per layer shape and row bucket: the kernel and cuBLAS; both with the GELU for c_fc
-    assert sorted(timed) == [False] * 8 + [True] * 4
+    assert sorted(timed) == [False] * 4 * len(buckets) + [True] * 2 * len(buckets)
     monkeypatch.setattr(kernels, "linear", real_linear)
     torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)  # the fused MLP computes the same
 

@@ -19,7 +19,7 @@ if [ "${KERNELS_TIMEOUT:-60}" != 0 ]; then
 fi
 # the int8 sweep also fills Triton's cache with the suite's int8 tuning candidates
 # (INT8_EXPLORE=1 also times 24 more row-kernel blocks: give it INT8_TIMEOUT=220 and a shorter suite)
-timeout "${INT8_TIMEOUT:-100}" python3 bench/gpu_int8.py --sweep ${INT8_EXPLORE:+--explore} --rows 1 16 --json "$OUT/gpu_int8.json" > "$OUT/gpu_int8.txt" 2>&1
+timeout "${INT8_TIMEOUT:-100}" python3 bench/gpu_int8.py --sweep ${INT8_EXPLORE:+--explore} --rows 1 16 128 --json "$OUT/gpu_int8.json" > "$OUT/gpu_int8.txt" 2>&1
 echo "gpu_int8 exit $?" >> "$OUT/gpu_int8.txt"
 timeout "${SUITE_TIMEOUT:-250}" python3 bench/gpu_suite.py --latency-tokens 64 --json "$OUT/gpu_suite.json" > "$OUT/gpu_suite.txt" 2>&1
 echo "gpu_suite exit $?" >> "$OUT/gpu_suite.txt"

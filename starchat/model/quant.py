@@ -4,7 +4,7 @@ Each Linear's weight becomes int8 with one float scale per output channel (symme
 scale = max|w_row| / 127); activations stay in the model dtype. On CPU with starchat's native
 kernels the loader then packs each int8 weight (cpu_linear.PackedLinear) and every product reads
 it directly: a quarter of float32's bytes per decoded token, widened to float32 per panel in cache
-for many rows. On an Ampere or newer GPU with Triton, products of up to triton_linear.ROWS_PER_PASS
+for many rows. On an Ampere or newer GPU with Triton, products of up to triton_linear.MAX_ROWS
 rows (decode steps) run triton_linear's kernel, which reads the int8 weight itself. Elsewhere (more
 rows, older GPUs, CPUs without the native kernels) the weight is dequantized per call: correct,
 and for prefill chunks cheap beside the product. Weights are quantized one tensor at a time while

@@ -13,8 +13,11 @@ Decoding is bound by the bytes of weights read per token.
   tuned_linear.py times both on the GPU at load and keeps this kernel only where it is faster.
 
 A program computes BLOCK_M rows x BLOCK_N output columns, so the weight is read once per block of
-up to ROWS_PER_PASS rows. Decode batches take that path; larger row counts (prefill chunks) are
-compute-bound and go to cuBLAS. `TRITON_INTERPRET=1` runs the kernel on the CPU (the tests do).
+up to ROWS_PER_PASS rows. Up to MAX_ROWS rows (decode batches of up to 128 sequences) take the
+kernel: the programs of one column block and its row blocks are launched side by side, so a
+weight tile comes from memory once and from the L2 cache after (an int8 weight dequantized for
+cuBLAS instead costs 5 bytes of traffic per weight and call). Larger row counts (prefill chunks)
+are compute-bound and go to cuBLAS. `TRITON_INTERPRET=1` runs the kernel on the CPU (the tests do).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from starchat.model.triton_support import runs_on, triton
 if triton is not None:
     import triton.language as tl
 
-ROWS_PER_PASS = 64  # up to this many activation rows read the weight once; more go to cuBLAS
+ROWS_PER_PASS = 64  # up to this many activation rows read the weight once (one row block)
+MAX_ROWS = 128  # up to this many rows take the kernel; more (prefill chunks) go to cuBLAS
 _DOT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (BLOCK_N, BLOCK_K, num_warps) that tuning tries for 16-bit activations (bench/gpu_int8.py sweeps the same grid)
 CANDIDATE_BLOCKS = list(itertools.product((16, 32, 64), (128, 256), (4, 8)))
@@ -37,17 +41,25 @@ CANDIDATE_BLOCKS = list(itertools.product((16, 32, 64), (128, 256), (4, 8)))
 def supports(x: torch.Tensor) -> bool:
     """Whether `linear` runs for activations x: a CUDA tensor of a float type on an Ampere or
     newer GPU with Triton installed (or any device under TRITON_INTERPRET=1), at most
-    ROWS_PER_PASS rows."""
-    return x.dtype in _DOT_TYPES and x.numel() // x.shape[-1] <= ROWS_PER_PASS and runs_on(x.device)
+    MAX_ROWS rows."""
+    return x.dtype in _DOT_TYPES and x.numel() // x.shape[-1] <= MAX_ROWS and runs_on(x.device)
 
 
 if triton is not None:
     @triton.jit
     def _weight_product(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
                         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        ROW_BLOCKS_FIRST: tl.constexpr = False):
+        if ROW_BLOCKS_FIRST:
+            # program_id(0), which varies fastest in launch order, is the row block: the row blocks
+            # of one column block run side by side and share its weight tiles through the L2 cache
+            # (not the default: with one row block, the other order leaves the compiler more registers)
+            columns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        else:
+            columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         depth = tl.arange(0, BLOCK_K)
         row_ok, column_ok = rows < M, columns < N
         accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -173,7 +185,8 @@ def row_kernel_fits(weight: torch.Tensor) -> bool:
 
 
 def block_rows(rows: int) -> int:
-    return max(16, triton.next_power_of_2(rows))
+    """BLOCK_M for `rows` rows: tl.dot's 16 at least, ROWS_PER_PASS at most (more rows: row blocks)."""
+    return min(ROWS_PER_PASS, max(16, triton.next_power_of_2(rows)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -209,12 +222,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
     if rows.shape[0]:
         block_m, block_n, block_k, warps = (blocks if blocks is not None and blocks[0] != 1
                                             else _blocks(rows.shape[0], out_features, in_features, x.dtype))
-        grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows.shape[0], block_m))
+        row_blocks, column_blocks = triton.cdiv(rows.shape[0], block_m), triton.cdiv(out_features, block_n)
+        grid = (row_blocks, column_blocks) if row_blocks > 1 else (column_blocks, row_blocks)
         unused = out  # pointer arguments the constexpr flags switch off
         _weight_product[grid](rows, weight, scales if quantized else unused, bias if bias is not None else unused, out,
                               rows.shape[0], out_features, in_features, rows.stride(0), weight.stride(0), out.stride(0),
                               HAS_SCALES=quantized, HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh,
                               # float32 activations stay float32 (a TF32 product would round them to 10 bits)
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ROW_BLOCKS_FIRST=row_blocks > 1,
+                              num_warps=warps)
     return out.reshape(*x.shape[:-1], out_features)

@@ -2,12 +2,12 @@
 timed on the GPU itself when a model loads.
 
 Block sizes that suit one GPU do not suit every other, and a built-in guess can lose to cuBLAS.
-So for each distinct Linear shape of the model, at 1 row (batch-1 decode) and at 16 rows (one
-BLOCK_M pass, up to 16 sequences), `tune_decode_products` times cuBLAS and a few block sizes of
-triton_linear's kernel, each replayed in a CUDA graph as decode steps run them, and keeps the
-kernel only where it wins by more than the noise. int8 weights have no cuBLAS product (the
-fallback dequantizes per call), so they only get their best block sizes. Everything else
-(more rows, prefill) stays on cuBLAS.
+So for each distinct Linear shape of the model, at 1 row (batch-1 decode), 16 rows (one 16-row
+BLOCK_M pass, up to 16 sequences), 64 and 128 rows (decode batches of up to 64 and 128 sequences),
+`tune_decode_products` times cuBLAS and a few block sizes of triton_linear's kernel, each
+replayed in a CUDA graph as decode steps run them, and keeps the kernel only where it wins by
+more than the noise. int8 weights have no cuBLAS product (the fallback dequantizes per call), so
+they only get their best block sizes. Everything else (more rows, prefill) stays on cuBLAS.
 
 The MLP's first product can also apply the block's GELU (`fuse_gelu_into_products`): the Triton
 kernel in its epilogue, cuBLAS through cuBLASLt's GELU epilogue (`torch._addmm_activation`),
@@ -31,11 +31,16 @@ from starchat.model.quant import Int8Linear
 
 logger = logging.getLogger("starchat.model")
 
-DECODE_ROW_BUCKETS = (1, 16)  # a product of r rows uses the choice made for the first bucket >= r
-# (BLOCK_N, BLOCK_K, num_warps) tried; few, since the first load compiles every one (cached on disk after)
+DECODE_ROW_BUCKETS = (1, 16, 64, 128)  # a product of r rows uses the choice made for the first bucket >= r
+# (BLOCK_N, BLOCK_K, num_warps) tried with 16-row tiles; few, since the first load compiles every
+# one (cached on disk after)
 CANDIDATES = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8))
 # int8 tiles hold half the bytes of 16-bit ones: deeper tiles keep as many bytes in flight
 INT8_CANDIDATES = CANDIDATES + ((16, 512, 8), (32, 512, 8), (32, 1024, 8))
+# with 64-row tiles (buckets of more than 16 rows, int8 and 16-bit): the activation tile takes the
+# registers that deeper weight tiles took above; these compile without spills for sm_90 with the
+# Triton versions tested (tests/test_triton_compile.py)
+WIDE_CANDIDATES = ((32, 64, 4), (32, 64, 8), (32, 128, 8), (64, 64, 8), (128, 64, 8))
 # The row kernel's (BLOCK_N, BLOCK_K, num_warps, stages), also tried for one row: no spills and no
 # barrier in the loop without stages (sm_90 machine code, tests/test_triton_compile.py); the
 # pipelined ones keep more tiles in flight.
@@ -175,8 +180,8 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=None,
                          row_candidates=ROW_CANDIDATES) -> list[dict]:
     """Time and choose, for every Linear shape of `model` (16-bit nn.Linear or Int8Linear) on its
     device; 16-bit layers where the kernel wins become TunedLinear. `candidates`: the tiled
-    kernel's blocks (default CANDIDATES, INT8_CANDIDATES for int8 weights). One row also tries the row
-    kernel (`row_candidates`). A candidate whose result differs from the PyTorch product by more
+    kernel's blocks (default: CANDIDATES, or INT8_CANDIDATES for int8 weights, up to 16 rows;
+    WIDE_CANDIDATES for more). One row also tries the row kernel (`row_candidates`). A candidate whose result differs from the PyTorch product by more
     than rounding is dropped (logged), so a kernel this GPU's compiler gets wrong never runs.
     Returns one report row per (shape, row bucket)."""
     groups: dict[tuple, list[nn.Module]] = defaultdict(list)
@@ -195,7 +200,8 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=None,
             x = torch.randn(rows, in_features, device=device).to(dtype)
             if not triton_linear.supports(x):
                 continue
-            tiled = candidates or (INT8_CANDIDATES if scales is not None else CANDIDATES)
+            tiled = candidates or (WIDE_CANDIDATES if rows > 16 else INT8_CANDIDATES if scales is not None
+                                   else CANDIDATES)
             tried = [(triton_linear.block_rows(rows), *choice) for choice in tiled]
             if rows == 1 and triton_linear.row_kernel_fits(first.weight):
                 tried += [(1, *choice) for choice in row_candidates]
