@@ -225,7 +225,8 @@ def test_tuning_drops_a_candidate_that_computes_a_wrong_product(kernels, monkeyp
         return out * 1.1 if blocks == broken else out
 
     def fake_timing(fn, device):  # the broken configuration would be by far the fastest
-        return 1.0 if fn is not None and getattr(fn, "args", (None,) * 5)[4] == broken else 50.0
+        args = getattr(fn, "args", ())  # a kernel candidate's: (x, weight, scales, bias, blocks)
+        return 1.0 if len(args) == 5 and args[4] == broken else 50.0
 
     monkeypatch.setattr(kernels, "linear", linear)
     monkeypatch.setattr(tuned_linear, "per_call_us", fake_timing)
@@ -234,6 +235,27 @@ def test_tuning_drops_a_candidate_that_computes_a_wrong_product(kernels, monkeyp
                                                    row_candidates=((16, 64, 4, 1), (16, 64, 4, 2)))
     assert "wrong product" in caplog.text and str(broken) in caplog.text
     assert model[0].tuned[1] != broken and all(row["blocks"] != broken for row in report)
+
+
+def test_int8_layers_dequantize_where_no_candidate_runs(kernels, monkeypatch):
+    """A GPU on which every kernel candidate fails (compiler, resources) keeps int8 layers on the
+    dequantizing product at every row count, instead of the kernel's untried built-in blocks."""
+    from starchat.model import tuned_linear
+    from starchat.model.quant import Int8Linear
+
+    layer = Int8Linear.from_float(torch.randn(48, 80), torch.randn(48), torch.float32)
+    x = torch.randn(3, 80)
+    expected = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).T + layer.bias.double()
+    untuned = layer(x)  # the kernel's built-in blocks before tuning
+    assert torch.allclose(untuned.double(), expected, rtol=1e-4, atol=1e-3)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(kernels, "linear", failing)
+    assert tuned_linear.tune_decode_products(layer, torch.float32) == []
+    assert layer.tuned == {rows: None for rows in tuned_linear.DECODE_ROW_BUCKETS}
+    assert torch.allclose(layer(x).double(), expected, rtol=1e-4, atol=1e-3)  # the kernel was not called
 
 
 def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
@@ -248,7 +270,7 @@ def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
     def fake_timing(fn, device):  # the kernel wins at one row, loses at 16; block (32, 128, 4) is the fastest
         fake_timing.current = None
         fn()
-        if fake_timing.current is None:  # cuBLAS ran
+        if fake_timing.current is None:  # cuBLAS ran (for int8 weights after dequantizing them)
             return 100.0
         rows, blocks = fake_timing.current
         return (50.0 if rows == 1 else 150.0) - (10.0 if blocks[1:] == (32, 128, 4) else 0.0)
@@ -265,9 +287,8 @@ def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "linear", real_linear)
     assert len(report) == 12  # (64->80 with bias, 80->48 without, int8 80->48) x (1, 16, 64, 128 rows)
     assert all(type(module) is tuned_linear.TunedLinear for module in model[:3])  # same parameters, new forward
-    assert model[0].tuned == model[1].tuned == {1: (16, 32, 128, 4), 16: None, 64: None, 128: None}
-    # int8: no cuBLAS product to lose to
-    assert model[3].tuned == {1: (16, 32, 128, 4), 16: (16, 32, 128, 4), 64: (64, 32, 128, 4), 128: (64, 32, 128, 4)}
+    assert model[0].tuned == model[1].tuned == model[3].tuned == {1: (16, 32, 128, 4), 16: None, 64: None, 128: None}
+    assert {row["chosen"] for row in report if row["rows"] > 1} == {"cublas"}
 
     calls = []
     monkeypatch.setattr(kernels, "linear", lambda *args, **kwargs: calls.append(args[-1]) or real_linear(*args, **kwargs))
@@ -275,10 +296,12 @@ def test_tuning_keeps_the_kernel_only_where_it_wins(kernels, monkeypatch):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(model[0](x), x @ model[0].weight.T + model[0].bias, rtol=1e-5, atol=1e-5)
     assert calls == [(16, 32, 128, 4)]  # one row: the kernel; 16 and 40 rows: cuBLAS
-    x = torch.randn(5, 80)
-    expected = x.double() @ (model[3].weight.double() * model[3].scales.double()[:, None]).T + model[3].bias.double()
-    assert torch.allclose(model[3](x).double(), expected, rtol=1e-4, atol=1e-3)
-    assert calls[-1] == (16, 32, 128, 4)  # int8 at 5 rows: the 16-row bucket's tuned blocks
+    for rows, kernel in ((1, True), (5, False)):  # int8: the kernel at one row, the dequantizing product at 5
+        calls.clear()
+        x = torch.randn(rows, 80)
+        expected = x.double() @ (model[3].weight.double() * model[3].scales.double()[:, None]).T + model[3].bias.double()
+        assert torch.allclose(model[3](x).double(), expected, rtol=1e-4, atol=1e-3)
+        assert calls == ([(16, 32, 128, 4)] if kernel else [])
 
 
 def test_tuning_with_real_timings_gives_right_products(kernels):

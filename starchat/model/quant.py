@@ -69,13 +69,16 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.tuned: dict = {}  # row bucket -> GPU kernel blocks, set by tuned_linear at load
 
-    def decode_blocks(self, x: torch.Tensor) -> tuple | None:
-        """The tuned GPU kernel blocks for x's row count; None: the kernel's built-in choice."""
+    def kernel_choice(self, x: torch.Tensor) -> tuple[bool, tuple | None]:
+        """(whether the GPU kernel computes x's product, its blocks). Untuned (tuned_linear never
+        ran: the kernel's built-in blocks); tuned: the blocks chosen for x's row bucket, or the
+        dequantizing product where that was faster or no candidate ran."""
         if not self.tuned:
-            return None
+            return True, None
         from starchat.model.tuned_linear import row_bucket
 
-        return self.tuned.get(row_bucket(x))
+        blocks = self.tuned.get(row_bucket(x))
+        return blocks is not None, blocks
 
     def load_float_weight(self, weight: torch.Tensor) -> None:
         quantized, scales = quantize_per_channel(weight)
@@ -98,7 +101,13 @@ class Int8Linear(nn.Module):
         on_gpu_path = x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
         kernels = _gpu_kernels() if on_gpu_path else None
         if kernels is not None and kernels.supports(x):
-            return kernels.linear(x, self.weight, self.scales, self.bias, self.decode_blocks(x), gelu_tanh=gelu_tanh)
+            use_kernel, blocks = self.kernel_choice(x)
+            if use_kernel:
+                return kernels.linear(x, self.weight, self.scales, self.bias, blocks, gelu_tanh=gelu_tanh)
+        return self.dequantized_product(x, gelu_tanh)
+
+    def dequantized_product(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+        """The portable product: the weight dequantized for this call, then PyTorch's product."""
         if x.device.type == "cpu":  # PyTorch's CPU products are fastest in float32 (no native kernels here)
             weight = self.weight.float() * self.scales.float()[:, None]
             bias = None if self.bias is None else self.bias.float()

@@ -6,8 +6,8 @@ So for each distinct Linear shape of the model, at 1 row (batch-1 decode), 16 ro
 BLOCK_M pass, up to 16 sequences), 64 and 128 rows (decode batches of up to 64 and 128 sequences),
 `tune_decode_products` times cuBLAS and a few block sizes of triton_linear's kernel, each
 replayed in a CUDA graph as decode steps run them, and keeps the kernel only where it wins by
-more than the noise. int8 weights have no cuBLAS product (the fallback dequantizes per call), so
-they only get their best block sizes. Everything else (more rows, prefill) stays on cuBLAS.
+more than the noise. For int8 weights the product to beat is the portable one (the weight
+dequantized per call, then cuBLAS). Everything else (more rows, prefill) stays on cuBLAS.
 
 The MLP's first product can also apply the block's GELU (`fuse_gelu_into_products`): the Triton
 kernel in its epilogue, cuBLAS through cuBLASLt's GELU epilogue (`torch._addmm_activation`),
@@ -220,21 +220,26 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=None,
             if not timings:
                 continue
             best = min(timings, key=timings.get)
-            cublas = (lambda: cublas_linear_gelu(x, first.weight, first.bias)) if gelu else (
-                lambda: F.linear(x, first.weight, first.bias))
-            cublas_us = None if scales is not None else per_call_us(cublas, device)
-            wins = cublas_us is None or timings[best] < WIN_MARGIN * cublas_us
+            if scales is not None:  # int8: dequantize + cuBLAS
+                cublas = partial(first.dequantized_product, x, gelu)
+            elif gelu:
+                cublas = partial(cublas_linear_gelu, x, first.weight, first.bias)
+            else:
+                cublas = partial(F.linear, x, first.weight, first.bias)
+            cublas_us = per_call_us(cublas, device)
+            wins = timings[best] < WIN_MARGIN * cublas_us
             choices[rows] = best if wins else None
             report.append({"shape": (out_features, in_features), "weight_dtype": str(weight_dtype), "rows": rows,
                            "gelu_epilogue": gelu,
                            "kernel_us": timings[best], "blocks": best, "cublas_us": cublas_us,
                            "chosen": "triton" if wins else "cublas"})
         for module in modules:
-            module.tuned = dict(choices)
+            # every bucket named: None (PyTorch's product) also where no candidate ran on this GPU
+            module.tuned = {rows: choices.get(rows) for rows in DECODE_ROW_BUCKETS}
             if type(module) is nn.Linear and any(choices.values()):
                 module.__class__ = TunedLinear
     for row in report:
-        cublas_us = "-" if row["cublas_us"] is None else f"{row['cublas_us']:.1f}"
-        logger.info("decode product %s%s x %d rows: %s (kernel %.1f us, cuBLAS %s us)", row["shape"],
-                    " + GELU" if row["gelu_epilogue"] else "", row["rows"], row["chosen"], row["kernel_us"], cublas_us)
+        logger.info("decode product %s %s%s x %d rows: %s (kernel %.1f us, %scuBLAS %.1f us)", row["shape"],
+                    row["weight_dtype"], " + GELU" if row["gelu_epilogue"] else "", row["rows"], row["chosen"],
+                    row["kernel_us"], "dequantize + " if row["weight_dtype"] == str(torch.int8) else "", row["cublas_us"])
     return report
