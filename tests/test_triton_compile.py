@@ -192,3 +192,20 @@ def test_row_kernel_spends_few_instructions_per_int8_weight():
         weights_per_thread = block_n * block_k / (32 * warps)
         assert len(loop) / weights_per_thread < (5.5 if stages == 1 else 6.5), (block_n, block_k, warps, stages, len(loop))
         assert not any(op.startswith(("I2F", "F2F")) for op in loop)
+
+
+@pytest.mark.parametrize("weight_type", ["bf16", "i8"])
+def test_wide_tiles_use_hoppers_warpgroup_products(weight_type):
+    """The 64-row tiles of 64- and 128-row decode batches, where products turn compute-heavy, must
+    compile on sm_90 to wgmma (HGMMA in the machine code) fed by asynchronous copies (LDGSTS), not
+    to the older per-warp mma.sync (HMMA) that 16-row tiles use."""
+    from starchat.model import triton_linear, tuned_linear
+
+    types = {"x_ptr": "*bf16", "w_ptr": f"*{weight_type}", "scales_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+    types |= {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
+    for block_n, block_k, warps in tuned_linear.WIDE_CANDIDATES:
+        constexprs = dict(HAS_SCALES=weight_type == "i8", HAS_BIAS=True, PRECISION="tf32", BLOCK_M=triton_linear.ROWS_PER_PASS,
+                          BLOCK_N=block_n, BLOCK_K=block_k, GELU_TANH=False, ROW_BLOCKS_FIRST=True)
+        compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps, aligned=ROW_ALIGNED)
+        opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", _cuobjdump(compiled, "--dump-sass"))
+        assert "HGMMA" in opcodes and "HMMA" not in opcodes and "LDGSTS" in opcodes, (block_n, block_k, warps)
