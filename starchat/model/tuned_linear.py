@@ -181,9 +181,11 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=None,
     """Time and choose, for every Linear shape of `model` (16-bit nn.Linear or Int8Linear) on its
     device; 16-bit layers where the kernel wins become TunedLinear. `candidates`: the tiled
     kernel's blocks (default: CANDIDATES, or INT8_CANDIDATES for int8 weights, up to 16 rows;
-    WIDE_CANDIDATES for more). One row also tries the row kernel (`row_candidates`). A candidate whose result differs from the PyTorch product by more
-    than rounding is dropped (logged), so a kernel this GPU's compiler gets wrong never runs.
-    Returns one report row per (shape, row bucket)."""
+    WIDE_CANDIDATES for more). One row also tries the row kernel (`row_candidates`). A candidate
+    whose result differs from the PyTorch product by more than rounding is dropped (logged), so a
+    kernel this GPU's compiler gets wrong never runs. Returns one report row per (shape, row
+    bucket); its "cublas_us" is the product the kernel must beat (for int8 weights: dequantize +
+    cuBLAS)."""
     groups: dict[tuple, list[nn.Module]] = defaultdict(list)
     for module in model.modules():
         if type(module) in (nn.Linear, TunedLinear, Int8Linear):
