@@ -117,6 +117,51 @@ def test_int8_gpu_kernel_equals_dequantized_product():
                 assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()), blocks
 
 
+def test_wide_tiles_and_tuned_layers_compute_the_product_on_gpu():
+    """The 64-row tiles that tuning tries for 17-128 rows (two row blocks launched side by side
+    past 64 rows, compiled to wgmma on Hopper), over int8 and bf16 weights; then tuned layers at
+    every row count up to the kernel's limit, whichever product each bucket chose."""
+    from torch import nn
+
+    from starchat.model import triton_linear, tuned_linear
+    from starchat.model.quant import Int8Linear, quantize_per_channel
+
+    x = torch.randn(1, 384, dtype=torch.bfloat16, device="cuda")
+    if triton_linear.triton is None or not triton_linear.supports(x):
+        pytest.skip("no Triton, or a GPU older than Ampere")
+    float_weight = torch.randn(6400, 384, device="cuda") / 20
+    weight, scales = quantize_per_channel(float_weight.cpu())
+    weight, scales, bias = weight.cuda(), scales.cuda().bfloat16(), torch.randn(6400, device="cuda").bfloat16()
+    dense = float_weight.bfloat16()
+    for rows in (33, 64, 100, 128):
+        x = torch.randn(rows, 384, device="cuda").bfloat16()
+        for w, s in ((weight, scales), (dense, None)):
+            expected = x.double() @ (w.double() * (s.double()[:, None] if s is not None else 1)).T + bias.double()
+            for choice in tuned_linear.WIDE_CANDIDATES:
+                blocks = (triton_linear.ROWS_PER_PASS, *choice)
+                try:
+                    out = triton_linear.linear(x, w, s, bias, blocks)
+                except Exception as error:  # shared memory past a smaller GPU's limit: tuning skips it too
+                    assert "resource" in str(error).lower() or "shared" in str(error).lower(), error
+                    continue
+                assert torch.allclose(out.double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item()), (
+                    rows, w.dtype, blocks)
+
+    model = nn.Sequential(nn.Linear(384, 640).cuda().bfloat16(),
+                          Int8Linear.from_float(torch.randn(640, 384, device="cuda") / 20, torch.randn(640, device="cuda"),
+                                                torch.bfloat16))
+    report = tuned_linear.tune_decode_products(model, torch.bfloat16)
+    assert {row["rows"] for row in report} == set(tuned_linear.DECODE_ROW_BUCKETS)
+    for rows in (1, 5, 16, 40, 64, 100, triton_linear.MAX_ROWS, triton_linear.MAX_ROWS + 30):
+        for module in model:
+            x = torch.randn(rows, 384, device="cuda").bfloat16()
+            weight = module.weight.double() * (module.scales.double()[:, None] if hasattr(module, "scales") else 1)
+            expected = x.double() @ weight.T + module.bias.double()
+            out = module(x)
+            assert torch.allclose(out.double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item()), (
+                rows, type(module).__name__)
+
+
 def test_int8_greedy_tokens_equal_cpu_int8(checkpoint):
     cpu = greedy(LLM(str(checkpoint), dtype="float32", device="cpu", quantize="int8", progress=False), PROMPTS)
     gpu = greedy(LLM(str(checkpoint), dtype="float32", device="cuda", quantize="int8", progress=False), PROMPTS)
