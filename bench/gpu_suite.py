@@ -123,6 +123,32 @@ def concurrent_figures(llm: LLM, device: torch.device, count: int, args) -> dict
     return {"output_tokens_per_s": count * args.new_tokens / seconds, "seconds": seconds, "host_ms_per_step": host}
 
 
+def with_dependent_launch(llm: LLM, device: torch.device, args, measure) -> dict:
+    """measure() with every starchat kernel launched as a programmatic dependent (STARCHAT_PDL=1:
+    Hopper and newer), the CUDA graphs captured again with those launches; also whether greedy
+    tokens stay those of the plain launches. Restores the plain launches and graphs after."""
+    prompts = random_prompts(4, args.prompt_len, seed=4)
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    before = [completion.token_ids for completion in llm.generate(prompts, params)]
+    runner = llm.engine.runner
+
+    def capture_graphs():
+        if runner.decode_graphs is not None:
+            runner.decode_graphs = None
+            runner.enable_static_decode(max(args.concurrent), llm.engine.max_model_len)
+
+    triton_support.PDL_ENABLED = True
+    try:
+        if not triton_support.dependent_launch(device):
+            return {"skipped": "needs a GPU of compute capability 9.0 or newer and a Triton with grid dependency control"}
+        capture_graphs()
+        after = [completion.token_ids for completion in llm.generate(prompts, params)]
+        return {"tokens_equal_plain_launches": after == before, **measure()}
+    finally:
+        triton_support.PDL_ENABLED = False
+        capture_graphs()
+
+
 KERNEL_KINDS = (("products (starchat Triton)", ("_weight_product", "_row_product")),
                 ("products (cuBLAS)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas")),
                 ("attention", ("_decode_split", "_merge_splits", "flash", "attention", "fmha", "sdpa")),
@@ -277,7 +303,12 @@ def main() -> None:
         stages += [("ours_cuda_graphs", ours),
                    ("decode_profile", lambda: {count: decode_kernel_profile(state["llm"], count, args.prompt_len)
                                                for count in (1, max(args.concurrent))}),
-                   ("verify_steps", lambda: verify_step_costs(state["llm"], device))]
+                   ("verify_steps", lambda: verify_step_costs(state["llm"], device)),
+                   # STARCHAT_PDL=1 against the plain launches above (batch 1 and the largest batch)
+                   ("ours_dependent_launch", lambda: with_dependent_launch(state["llm"], device, args, lambda: {
+                       "latency": ours_latency(state["llm"], args.latency_tokens, args.prompt_len).as_dict(),
+                       "concurrent": {max(args.concurrent): concurrent_figures(state["llm"], device, max(args.concurrent),
+                                                                               args)}}))]
         if not args.skip_int8:
             def int8():
                 triton_support.ENABLED = True
@@ -291,7 +322,9 @@ def main() -> None:
                         "latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict(),
                         "decode_profile_batch_1": decode_kernel_profile(llm, 1, args.prompt_len),
                         # int8 products of up to 128 rows read int8 (before session 23: dequantized past 64)
-                        "concurrent": {max(args.concurrent): concurrent_figures(llm, device, max(args.concurrent), args)}}
+                        "concurrent": {max(args.concurrent): concurrent_figures(llm, device, max(args.concurrent), args)},
+                        "dependent_launch": with_dependent_launch(llm, device, args, lambda: {
+                            "latency": ours_latency(llm, args.latency_tokens, args.prompt_len).as_dict()})}
             stages.append(("ours_int8", int8))
         # last: the same-run baseline of the Triton kernels (a time limit cuts it first)
         stages.append(("ours_graphs_pytorch_kernels", lambda: ours(triton_kernels=False)))

@@ -162,6 +162,27 @@ def test_wide_tiles_and_tuned_layers_compute_the_product_on_gpu():
                 rows, type(module).__name__)
 
 
+def test_dependent_launch_gives_the_same_tokens(checkpoint, monkeypatch):
+    """STARCHAT_PDL=1 (programmatic dependent launch of every starchat kernel) changes when kernels
+    start, never what they compute: the same greedy tokens, bf16 and int8, CUDA graphs and eager."""
+    from starchat.model import triton_support
+
+    if triton_support.gdc_wait is None or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or newer and a Triton with grid dependency control")
+    for quantize in (None, "int8"):
+        llm = LLM(str(checkpoint), dtype="bfloat16", device="cuda", quantize=quantize, progress=False)
+        plain = greedy(llm, PROMPTS)
+        runner = llm.engine.runner
+        monkeypatch.setattr(triton_support, "PDL_ENABLED", True)
+        assert triton_support.dependent_launch(torch.device("cuda")) == {"USE_PDL": True, "launch_pdl": True}
+        runner.decode_graphs = None
+        runner.enable_static_decode(len(PROMPTS), llm.engine.max_model_len)  # captured with the dependent launches
+        assert greedy(llm, PROMPTS) == plain, quantize
+        runner.decode_graphs = None
+        assert greedy(llm, PROMPTS) == plain, quantize  # eager
+        monkeypatch.setattr(triton_support, "PDL_ENABLED", False)
+
+
 def test_int8_greedy_tokens_equal_cpu_int8(checkpoint):
     cpu = greedy(LLM(str(checkpoint), dtype="float32", device="cpu", quantize="int8", progress=False), PROMPTS)
     gpu = greedy(LLM(str(checkpoint), dtype="float32", device="cuda", quantize="int8", progress=False), PROMPTS)

@@ -30,7 +30,8 @@ def test_gpu_suite_runs_every_stage(tmp_path):
     # without the interpreter: the CPU's own kernels (the interpreter would take minutes at this shape)
     figures = run_bench(["bench/gpu_suite.py", "--device", "cpu", "--quick", "--skip-hf", "--shape", "tiny_starcoder"],
                         tmp_path, TRITON_INTERPRET="0")
-    stages = ("ours_cuda_graphs", "decode_profile", "verify_steps", "ours_int8", "ours_graphs_pytorch_kernels")
+    stages = ("ours_cuda_graphs", "decode_profile", "verify_steps", "ours_dependent_launch", "ours_int8",
+              "ours_graphs_pytorch_kernels")
     for stage in stages:
         assert stage in figures and "error" not in figures[stage], (stage, figures.get(stage))
     for stage in ("ours_cuda_graphs", "ours_graphs_pytorch_kernels"):
@@ -41,6 +42,7 @@ def test_gpu_suite_runs_every_stage(tmp_path):
         assert figures[stage]["prefill_tokens_per_s"] > 0 and figures[stage]["latency"]
     int8 = figures["ours_int8"]
     assert int8["latency"] and int8["concurrent"]["4"]["output_tokens_per_s"] > 0
+    assert "skipped" in figures["ours_dependent_launch"] and "skipped" in int8["dependent_launch"]  # sm_90+ only
     assert set(figures["decode_profile"]) == {"1", "4"}
     assert figures["weight_bytes_per_token"]["int8"] < figures["weight_bytes_per_token"]["bf16"]
 

@@ -8,6 +8,7 @@ figures are checked here, for each dtype at StarChat-beta's shapes and at small 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import re
@@ -28,13 +29,18 @@ TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def compile_kernel(kernel, types: dict[str, str], constexprs: dict, capability: int, num_warps: int,
-                   aligned: tuple[str, ...] = ()):
+                   aligned: tuple[str, ...] = (), launch_pdl: bool = False):
     """`aligned`: arguments known to be multiples of 16 (pointers: 16-byte aligned), as Triton
-    specializes them when launched with such values; vector loads depend on it."""
+    specializes them when launched with such values; vector loads depend on it. Constexpr
+    arguments left out take the kernel's defaults."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(kernel.fn).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    constexprs = {name: value for name, value in defaults.items() if name not in types} | constexprs
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    options = {"num_warps": num_warps} | ({"launch_pdl": True} if launch_pdl else {})
     return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+                          target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def _cuobjdump(compiled, flag: str) -> str:
@@ -209,3 +215,57 @@ def test_wide_tiles_use_hoppers_warpgroup_products(weight_type):
         compiled = compile_kernel(triton_linear._weight_product, types, constexprs, 90, warps, aligned=ROW_ALIGNED)
         opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", _cuobjdump(compiled, "--dump-sass"))
         assert "HGMMA" in opcodes and "HMMA" not in opcodes and "LDGSTS" in opcodes, (block_n, block_k, warps)
+
+
+MEMORY_OPCODES = ("LDG", "LDGSTS", "STG", "ATOMG", "RED", "LD", "ST", "UBLKCP", "UTMALDG")
+
+
+def test_dependent_launch_waits_before_any_memory_access():
+    """With USE_PDL (STARCHAT_PDL=1 on Hopper) every kernel of a decode step may start before the
+    kernel it follows has finished; each must wait (griddepcontrol.wait: ACQBULK in sm_90 machine
+    code) before its first global load or store, and then let the next kernel launch (PREEXIT)."""
+    import torch
+
+    from starchat.model import triton_attention, triton_layer_norm, triton_linear
+
+    bf16 = {name: "*bf16" for name in ("x_ptr", "w_ptr", "scales_ptr", "bias_ptr", "out_ptr")}
+    product_types = bf16 | {name: "i32" for name in ("M", "N", "K", "stride_x", "stride_w", "stride_out")}
+    launch = triton_attention.launch_settings(torch.bfloat16, 48, 128)
+    attention_types = {name: "*bf16" for name in ("query_ptr", "key_ptr", "value_ptr", "cache_ptr", "out_ptr")}
+    attention_types |= {"tables_ptr": "*i64", "lengths_ptr": "*i64", "scale": "fp32"}
+    attention_types |= {name: "*fp32" for name in ("part_acc_ptr", "part_max_ptr", "part_sum_ptr")}
+    attention_types |= {name: "i32" for name in ("stride_query", "stride_new", "stride_cache_kv", "stride_slot",
+                                                 "stride_table", "stride_out", "tokens_per_split", "num_splits")}
+    norm_types = {name: "*bf16" for name in ("hidden_ptr", "delta_ptr", "weight_ptr", "bias_ptr", "sum_ptr", "out_ptr")}
+    norm_types |= {"width": "i32", "eps": "fp32"} | {name: "i32" for name in ("stride_hidden", "stride_delta",
+                                                                              "stride_sum", "stride_out")}
+    product = dict(HAS_SCALES=False, HAS_BIAS=True, PRECISION="tf32", GELU_TANH=True)
+    kernels = [
+        (triton_linear._weight_product, product_types, product | dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256), 4),
+        (triton_linear._weight_product, product_types | {"w_ptr": "*i8"},
+         product | dict(HAS_SCALES=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, ROW_BLOCKS_FIRST=True), 8),
+        (triton_linear._row_product, ROW_TYPES | {"w_ptr": "*i8"},
+         dict(HAS_SCALES=True, HAS_BIAS=True, GELU_TANH=False, BLOCK_N=32, BLOCK_K=256, EVEN_N=True, EVEN_K=True,
+              STAGES=3), 4),
+        (triton_layer_norm._add_layer_norm, norm_types, dict(HAS_DELTA=True, BLOCK=8192), 16),
+        (triton_attention._decode_split, attention_types,
+         dict(NUM_KV_HEADS=1, GROUP=48, HEAD_DIM=128, CACHE_BLOCK=16, SINGLE_SPLIT=False, **launch.constexprs),
+         launch.num_warps),
+        (triton_attention._merge_splits, {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+                                          "out_ptr": "*bf16", "stride_out": "i32", "num_splits": "i32"},
+         dict(NUM_KV_HEADS=1, GROUP=48, HEAD_DIM=128, BLOCK_S=16, BLOCK_D=128), 1),
+    ]
+    for kernel, types, constexprs, warps in kernels:
+        plain = compile_kernel(kernel, types, constexprs, 90, warps)
+        dependent = compile_kernel(kernel, types, constexprs | {"USE_PDL": True}, 90, warps, launch_pdl=True)
+        assert dependent.metadata.launch_pdl and not plain.metadata.launch_pdl
+        opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)",
+                             _cuobjdump(dependent, "--dump-sass"))
+        bases = [opcode.split(".")[0] for opcode in opcodes]
+        assert "ACQBULK" in bases and "PREEXIT" in bases, kernel.fn.__name__
+        first_access = min(i for i, base in enumerate(bases) if base in MEMORY_OPCODES)
+        assert bases.index("ACQBULK") < first_access, (kernel.fn.__name__, opcodes[:first_access + 1])
+        assert bases.index("ACQBULK") < bases.index("PREEXIT")
+        plain_opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)",
+                                   _cuobjdump(plain, "--dump-sass"))
+        assert "ACQBULK" not in plain_opcodes and spilled_bytes(dependent) == spilled_bytes(plain) == 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from starchat.model.triton_support import runs_on, triton
+from starchat.model.triton_support import dependent_launch, runs_on, triton, wait_for_previous_kernel
 
 if triton is not None:
     import triton.language as tl
@@ -50,7 +50,9 @@ if triton is not None:
                       tokens_per_split, num_splits, scale,
                       NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                       CACHE_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SINGLE_SPLIT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
+        wait_for_previous_kernel(USE_PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -111,7 +113,8 @@ if triton is not None:
     @triton.jit
     def _merge_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, stride_out, num_splits,
                       NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False):
+        wait_for_previous_kernel(USE_PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         kv_head = head // GROUP
@@ -190,10 +193,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         query.stride(0), key.stride(0), layer_cache.stride(0), layer_cache.stride(1), block_tables.stride(0), out.stride(0),
         tokens_per_split, splits, scale,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, CACHE_BLOCK=block_size, SINGLE_SPLIT=splits == 1,
-        num_warps=launch.num_warps, **launch.constexprs)
+        num_warps=launch.num_warps, **launch.constexprs, **dependent_launch(query.device))
     if splits > 1:
         _merge_splits[(num_seqs, num_heads)](part_acc, part_max, part_sum, out, out.stride(0), splits,
                                              NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
                                              BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=launch.constexprs["BLOCK_D"],
-                                             num_warps=1)
+                                             num_warps=1, **dependent_launch(query.device))
     return out

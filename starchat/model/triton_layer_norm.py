@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from starchat.model.triton_support import runs_on, triton
+from starchat.model.triton_support import dependent_launch, runs_on, triton, wait_for_previous_kernel
 
 if triton is not None:
     import triton.language as tl
@@ -30,7 +30,8 @@ if triton is not None:
     @triton.jit
     def _add_layer_norm(hidden_ptr, delta_ptr, weight_ptr, bias_ptr, sum_ptr, out_ptr, width, eps,
                         stride_hidden, stride_delta, stride_sum, stride_out,
-                        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+        wait_for_previous_kernel(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < width
@@ -68,5 +69,6 @@ def add_layer_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: tor
         block, warps = launch_settings(width)
         _add_layer_norm[(rows,)](hidden, delta if delta is not None else hidden, weight, bias, summed, out, width, eps,
                                  hidden.stride(0), (delta if delta is not None else hidden).stride(0), summed.stride(0),
-                                 out.stride(0), HAS_DELTA=delta is not None, BLOCK=block, num_warps=warps)
+                                 out.stride(0), HAS_DELTA=delta is not None, BLOCK=block, num_warps=warps,
+                                 **dependent_launch(hidden.device))
     return summed, out

@@ -26,7 +26,7 @@ import itertools
 
 import torch
 
-from starchat.model.triton_support import runs_on, triton
+from starchat.model.triton_support import dependent_launch, runs_on, triton, wait_for_previous_kernel
 
 if triton is not None:
     import triton.language as tl
@@ -50,7 +50,8 @@ if triton is not None:
     def _weight_product(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
                         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        ROW_BLOCKS_FIRST: tl.constexpr = False):
+                        ROW_BLOCKS_FIRST: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+        wait_for_previous_kernel(USE_PDL)
         if ROW_BLOCKS_FIRST:
             # program_id(0), which varies fastest in launch order, is the row block: the row blocks
             # of one column block run side by side and share its weight tiles through the L2 cache
@@ -97,7 +98,7 @@ if triton is not None:
     def _row_product(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, N, K, stride_x, stride_w, stride_out,
                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     STAGES: tl.constexpr = 1):
+                     STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
         """One activation row (program_id(1)) times BLOCK_N output columns, on the CUDA cores.
 
         A batch-1 decode step multiplies one row, and tl.dot's tiles need 16: the tiled kernel
@@ -114,6 +115,7 @@ if triton is not None:
         mantissa of 2^23 makes the float 2^23 + 128 + w; subtracting 2^23 + 128 (exact) leaves w.
         STAGES > 1 lets Triton's pipeliner copy the next int8 tiles into shared memory while this one
         is multiplied: more bytes in flight per program for layers with few programs."""
+        wait_for_previous_kernel(USE_PDL)
         columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         x_row = x_ptr + tl.program_id(1).to(tl.int64) * stride_x
         column_ok = columns < N
@@ -217,7 +219,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
                                out_features, in_features, rows.stride(0), weight.stride(0), out.stride(0),
                                HAS_SCALES=quantized, HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh,
                                BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=out_features % block_n == 0,
-                               EVEN_K=in_features % block_k == 0, STAGES=stages[0] if stages else 1, num_warps=warps)
+                               EVEN_K=in_features % block_k == 0, STAGES=stages[0] if stages else 1, num_warps=warps,
+                               **dependent_launch(x.device))
         return out.reshape(*x.shape[:-1], out_features)
     if rows.shape[0]:
         block_m, block_n, block_k, warps = (blocks if blocks is not None and blocks[0] != 1
@@ -231,5 +234,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
                               # float32 activations stay float32 (a TF32 product would round them to 10 bits)
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ROW_BLOCKS_FIRST=row_blocks > 1,
-                              num_warps=warps)
+                              num_warps=warps, **dependent_launch(x.device))
     return out.reshape(*x.shape[:-1], out_features)

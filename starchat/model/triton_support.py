@@ -2,7 +2,13 @@
 or newer (bfloat16 tensor-core dot products), or `TRITON_INTERPRET=1` on any device (the tests run
 the kernels that way on the CPU). Everywhere else the PyTorch path of the same step runs; setting
 `STARCHAT_TRITON_KERNELS=0` picks it on a GPU too (to rule the kernels out when debugging, and for
-the benchmarks' same-run baseline)."""
+the benchmarks' same-run baseline).
+
+`STARCHAT_PDL=1` (Hopper and newer; off by default until measured on a GPU) launches the kernels as
+programmatic dependents: each may be launched, and its programs placed on the SMs, while the
+kernel before it is still running; a program waits for that kernel to finish (and its writes to
+be visible) before it reads or writes anything, then lets the next kernel launch. A decode step
+of StarChat-beta is some 300 short kernels in a row, and this hides the gap between them."""
 
 from __future__ import annotations
 
@@ -15,10 +21,16 @@ try:
     import triton
 except ImportError:  # PyTorch's CPU builds come without Triton
     triton = None
+try:  # grid dependency control (Triton 3.3 and newer)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 
 # Read when a model is loaded (the runner decides then which decode addressing to build).
 ENABLED = os.environ.get("STARCHAT_TRITON_KERNELS", "1") != "0"
+# Read at every launch (CUDA graphs keep what their capture launched).
+PDL_ENABLED = os.environ.get("STARCHAT_PDL", "0") == "1"
 
 
 def interpreting() -> bool:
@@ -26,9 +38,36 @@ def interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _device_supported(index: int) -> bool:
-    major, _ = torch.cuda.get_device_capability(index)
-    return major >= 8
+    return _capability(index)[0] >= 8
+
+
+def dependent_launch(device: torch.device) -> dict:
+    """Launch arguments for a starchat kernel on `device`: {"USE_PDL": True, "launch_pdl": True}
+    where kernels launch as programmatic dependents (PDL_ENABLED, sm_90 or newer, Triton with grid
+    dependency control), else none (the kernels' USE_PDL=False)."""
+    if not PDL_ENABLED or gdc_wait is None or interpreting() or device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"USE_PDL": True, "launch_pdl": True} if _capability(index)[0] >= 9 else {}
+
+
+wait_for_previous_kernel = None  # a Triton function where Triton is installed
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def wait_for_previous_kernel(USE_PDL: tl.constexpr):
+        """Called first by every starchat kernel: with USE_PDL, wait until the kernel before has
+        finished and its writes are visible, then let the next kernel launch (its programs will wait
+        here in turn). Nothing before this call may read or write memory."""
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
 
 def runs_on(device: torch.device) -> bool:
