@@ -223,7 +223,9 @@ MEMORY_OPCODES = ("LDG", "LDGSTS", "STG", "ATOMG", "RED", "LD", "ST", "UBLKCP", 
 def test_dependent_launch_waits_before_any_memory_access():
     """With USE_PDL (STARCHAT_PDL=1 on Hopper) every kernel of a decode step may start before the
     kernel it follows has finished; each must wait (griddepcontrol.wait: ACQBULK in sm_90 machine
-    code) before its first global load or store, and then let the next kernel launch (PREEXIT)."""
+    code) before its first global load or store, and then let the next kernel launch (PREEXIT). The
+    products prefetch their first weight tile into L2 before waiting (CCTL: weights do not depend on
+    the kernel before)."""
     import torch
 
     from starchat.model import triton_attention, triton_layer_norm, triton_linear
@@ -241,12 +243,16 @@ def test_dependent_launch_waits_before_any_memory_access():
                                                                               "stride_sum", "stride_out")}
     product = dict(HAS_SCALES=False, HAS_BIAS=True, PRECISION="tf32", GELU_TANH=True)
     kernels = [
-        (triton_linear._weight_product, product_types, product | dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256), 4),
+        (triton_linear._weight_product, product_types,
+         product | dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PREFETCH_LINES=4), 4),
         (triton_linear._weight_product, product_types | {"w_ptr": "*i8"},
          product | dict(HAS_SCALES=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, ROW_BLOCKS_FIRST=True), 8),
         (triton_linear._row_product, ROW_TYPES | {"w_ptr": "*i8"},
          dict(HAS_SCALES=True, HAS_BIAS=True, GELU_TANH=False, BLOCK_N=32, BLOCK_K=256, EVEN_N=True, EVEN_K=True,
-              STAGES=3), 4),
+              STAGES=3, PREFETCH_LINES=2), 4),
+        (triton_linear._row_product, ROW_TYPES | {"w_ptr": "*bf16"},
+         dict(HAS_SCALES=False, HAS_BIAS=True, GELU_TANH=True, BLOCK_N=16, BLOCK_K=256, EVEN_N=False, EVEN_K=True,
+              PREFETCH_LINES=4), 4),
         (triton_layer_norm._add_layer_norm, norm_types, dict(HAS_DELTA=True, BLOCK=8192), 16),
         (triton_attention._decode_split, attention_types,
          dict(NUM_KV_HEADS=1, GROUP=48, HEAD_DIM=128, CACHE_BLOCK=16, SINGLE_SPLIT=False, **launch.constexprs),
@@ -266,6 +272,8 @@ def test_dependent_launch_waits_before_any_memory_access():
         first_access = min(i for i, base in enumerate(bases) if base in MEMORY_OPCODES)
         assert bases.index("ACQBULK") < first_access, (kernel.fn.__name__, opcodes[:first_access + 1])
         assert bases.index("ACQBULK") < bases.index("PREEXIT")
+        if "product" in kernel.fn.__name__:  # the first weight tile prefetched into L2 before waiting
+            assert "CCTL" in bases[:bases.index("ACQBULK")], kernel.fn.__name__
         plain_opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)",
                                    _cuobjdump(plain, "--dump-sass"))
         assert "ACQBULK" not in plain_opcodes and spilled_bytes(dependent) == spilled_bytes(plain) == 0

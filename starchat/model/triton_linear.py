@@ -26,7 +26,8 @@ import itertools
 
 import torch
 
-from starchat.model.triton_support import dependent_launch, runs_on, triton, wait_for_previous_kernel
+from starchat.model.triton_support import (dependent_launch, prefetch_into_l2, runs_on, triton,
+                                           wait_for_previous_kernel)
 
 if triton is not None:
     import triton.language as tl
@@ -50,8 +51,8 @@ if triton is not None:
     def _weight_product(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
                         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        ROW_BLOCKS_FIRST: tl.constexpr = False, USE_PDL: tl.constexpr = False):
-        wait_for_previous_kernel(USE_PDL)
+                        ROW_BLOCKS_FIRST: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+                        PREFETCH_LINES: tl.constexpr = 1):
         if ROW_BLOCKS_FIRST:
             # program_id(0), which varies fastest in launch order, is the row block: the row blocks
             # of one column block run side by side and share its weight tiles through the L2 cache
@@ -61,6 +62,9 @@ if triton is not None:
         else:
             columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if USE_PDL:
+            _prefetch_first_weight_tile(w_ptr, columns, N, K, stride_w, BLOCK_K, PREFETCH_LINES)
+        wait_for_previous_kernel(USE_PDL)
         depth = tl.arange(0, BLOCK_K)
         row_ok, column_ok = rows < M, columns < N
         accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -77,6 +81,15 @@ if triton is not None:
                                 HAS_SCALES, HAS_BIAS, GELU_TANH)
         tl.store(out_ptr + rows[:, None] * stride_out + columns[None, :], accumulator.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & column_ok[None, :])
+
+    @triton.jit
+    def _prefetch_first_weight_tile(w_ptr, columns, N, K, stride_w, BLOCK_K: tl.constexpr, LINES: tl.constexpr):
+        """With dependent launch, while the kernel before still runs: the program's first
+        (BLOCK_N, BLOCK_K) weight tile into L2, LINES 128-byte lines per weight row (weights do not
+        depend on the previous kernel; addresses clamped into the weight)."""
+        depth = tl.minimum(tl.arange(0, LINES) * (BLOCK_K // LINES), K - 1)
+        weight_rows = tl.minimum(columns, N - 1).to(tl.int64)
+        prefetch_into_l2(w_ptr + weight_rows[:, None] * stride_w + depth[None, :])
 
     @triton.jit
     def _epilogue(accumulator, columns, column_ok, scales_ptr, bias_ptr,
@@ -98,7 +111,7 @@ if triton is not None:
     def _row_product(x_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, N, K, stride_x, stride_w, stride_out,
                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+                     STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 1):
         """One activation row (program_id(1)) times BLOCK_N output columns, on the CUDA cores.
 
         A batch-1 decode step multiplies one row, and tl.dot's tiles need 16: the tiled kernel
@@ -115,8 +128,10 @@ if triton is not None:
         mantissa of 2^23 makes the float 2^23 + 128 + w; subtracting 2^23 + 128 (exact) leaves w.
         STAGES > 1 lets Triton's pipeliner copy the next int8 tiles into shared memory while this one
         is multiplied: more bytes in flight per program for layers with few programs."""
-        wait_for_previous_kernel(USE_PDL)
         columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if USE_PDL:
+            _prefetch_first_weight_tile(w_ptr, columns, N, K, stride_w, BLOCK_K, PREFETCH_LINES)
+        wait_for_previous_kernel(USE_PDL)
         x_row = x_ptr + tl.program_id(1).to(tl.int64) * stride_x
         column_ok = columns < N
         # int64 offsets: a vocabulary-sized weight can pass 2^31 elements
@@ -191,6 +206,15 @@ def block_rows(rows: int) -> int:
     return min(ROWS_PER_PASS, max(16, triton.next_power_of_2(rows)))
 
 
+def _launch_options(device: torch.device, weight: torch.Tensor, block_k: int) -> dict:
+    """Dependent launch where it is on (triton_support.dependent_launch), with the number of
+    128-byte lines of a BLOCK_K-deep weight row to prefetch before waiting."""
+    options = dependent_launch(device)
+    if options:
+        options["PREFETCH_LINES"] = max(1, block_k * weight.element_size() // 128)
+    return options
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None, bias: torch.Tensor | None = None,
            blocks: tuple[int, int, int, int] | None = None, gelu_tanh: bool = False) -> torch.Tensor:
     """x (..., K) @ (weight (N, K) [* scales (N,)[:, None]]).T + bias, in x's dtype, then the
@@ -220,7 +244,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
                                HAS_SCALES=quantized, HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh,
                                BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=out_features % block_n == 0,
                                EVEN_K=in_features % block_k == 0, STAGES=stages[0] if stages else 1, num_warps=warps,
-                               **dependent_launch(x.device))
+                               **_launch_options(x.device, weight, block_k))
         return out.reshape(*x.shape[:-1], out_features)
     if rows.shape[0]:
         block_m, block_n, block_k, warps = (blocks if blocks is not None and blocks[0] != 1
@@ -234,5 +258,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = 
                               # float32 activations stay float32 (a TF32 product would round them to 10 bits)
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ROW_BLOCKS_FIRST=row_blocks > 1,
-                              num_warps=warps, **dependent_launch(x.device))
+                              num_warps=warps, **_launch_options(x.device, weight, block_k))
     return out.reshape(*x.shape[:-1], out_features)

@@ -56,7 +56,6 @@ def dependent_launch(device: torch.device) -> dict:
     return {"USE_PDL": True, "launch_pdl": True} if _capability(index)[0] >= 9 else {}
 
 
-wait_for_previous_kernel = None  # a Triton function where Triton is installed
 if triton is not None:
     import triton.language as tl
 
@@ -64,10 +63,20 @@ if triton is not None:
     def wait_for_previous_kernel(USE_PDL: tl.constexpr):
         """Called first by every starchat kernel: with USE_PDL, wait until the kernel before has
         finished and its writes are visible, then let the next kernel launch (its programs will wait
-        here in turn). Nothing before this call may read or write memory."""
+        here in turn). Nothing before this call may read or write memory (the product kernels only
+        prefetch their first weight tile into L2 before it)."""
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_into_l2(pointers):
+        """Ask for the memory line at each of `pointers` to be brought into the L2 cache: no load
+        into registers, nothing waits for it (so it may come before wait_for_previous_kernel)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [pointers], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+else:
+    wait_for_previous_kernel = prefetch_into_l2 = None
 
 
 def runs_on(device: torch.device) -> bool:
