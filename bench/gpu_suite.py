@@ -124,12 +124,16 @@ def concurrent_figures(llm: LLM, device: torch.device, count: int, args) -> dict
 
 
 def with_dependent_launch(llm: LLM, device: torch.device, args, measure) -> dict:
-    """measure() with every starchat kernel launched as a programmatic dependent (STARCHAT_PDL=1:
-    Hopper and newer), the CUDA graphs captured again with those launches; also whether greedy
-    tokens stay those of the plain launches. Restores the plain launches and graphs after."""
+    """measure() with the plain launches, then with every starchat kernel launched as a
+    programmatic dependent (STARCHAT_PDL=1: Hopper and newer; the CUDA graphs captured again with
+    those launches), one right after the other; also whether greedy tokens stay those of the plain
+    launches. Restores the plain launches and graphs after."""
+    if not triton_support.dependent_launch(device, requested=True):
+        return {"skipped": "needs a GPU of compute capability 9.0 or newer and a Triton with grid dependency control"}
     prompts = random_prompts(4, args.prompt_len, seed=4)
     params = SamplingParams(max_new_tokens=32, ignore_eos=True)
     before = [completion.token_ids for completion in llm.generate(prompts, params)]
+    plain = measure()
     runner = llm.engine.runner
 
     def capture_graphs():
@@ -139,11 +143,9 @@ def with_dependent_launch(llm: LLM, device: torch.device, args, measure) -> dict
 
     triton_support.PDL_ENABLED = True
     try:
-        if not triton_support.dependent_launch(device):
-            return {"skipped": "needs a GPU of compute capability 9.0 or newer and a Triton with grid dependency control"}
         capture_graphs()
         after = [completion.token_ids for completion in llm.generate(prompts, params)]
-        return {"tokens_equal_plain_launches": after == before, **measure()}
+        return {"tokens_equal_plain_launches": after == before, "plain": plain, "dependent_launch": measure()}
     finally:
         triton_support.PDL_ENABLED = False
         capture_graphs()

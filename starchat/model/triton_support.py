@@ -46,11 +46,12 @@ def _device_supported(index: int) -> bool:
     return _capability(index)[0] >= 8
 
 
-def dependent_launch(device: torch.device) -> dict:
+def dependent_launch(device: torch.device, requested: bool | None = None) -> dict:
     """Launch arguments for a starchat kernel on `device`: {"USE_PDL": True, "launch_pdl": True}
-    where kernels launch as programmatic dependents (PDL_ENABLED, sm_90 or newer, Triton with grid
-    dependency control), else none (the kernels' USE_PDL=False)."""
-    if not PDL_ENABLED or gdc_wait is None or interpreting() or device.type != "cuda":
+    where kernels launch as programmatic dependents (PDL_ENABLED, or `requested`; sm_90 or newer,
+    Triton with grid dependency control), else none (the kernels' USE_PDL=False)."""
+    wanted = PDL_ENABLED if requested is None else requested
+    if not wanted or gdc_wait is None or interpreting() or device.type != "cuda":
         return {}
     index = device.index if device.index is not None else torch.cuda.current_device()
     return {"USE_PDL": True, "launch_pdl": True} if _capability(index)[0] >= 9 else {}
