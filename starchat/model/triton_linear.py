@@ -22,8 +22,6 @@ are compute-bound and go to cuBLAS. `TRITON_INTERPRET=1` runs the kernel on the 
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from starchat.model.triton_support import (dependent_launch, prefetch_into_l2, runs_on, triton,
@@ -35,8 +33,6 @@ if triton is not None:
 ROWS_PER_PASS = 64  # up to this many activation rows read the weight once (one row block)
 MAX_ROWS = 128  # up to this many rows take the kernel; more (prefill chunks) go to cuBLAS
 _DOT_TYPES = (torch.float16, torch.bfloat16, torch.float32)
-# (BLOCK_N, BLOCK_K, num_warps) that tuning tries for 16-bit activations (bench/gpu_int8.py sweeps the same grid)
-CANDIDATE_BLOCKS = list(itertools.product((16, 32, 64), (128, 256), (4, 8)))
 
 
 def supports(x: torch.Tensor) -> bool:
