@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ SHARED = REPO.parent / "shared"
 EMBEDDED_MODEL_DIR = REPO / "starchat" / "models" / "starchat-nano"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests never read or write the user's tuning cache (model/tuning_cache.py); its own tests turn it
+# on in a temporary folder. Child processes (interpreter runs, benchmarks) inherit this.
+os.environ.setdefault("STARCHAT_TUNING_CACHE", "0")
 
 
 @pytest.fixture(scope="session")

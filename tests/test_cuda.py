@@ -162,6 +162,31 @@ def test_wide_tiles_and_tuned_layers_compute_the_product_on_gpu():
                 rows, type(module).__name__)
 
 
+def test_a_second_load_takes_the_tuned_choices_from_the_cache(checkpoint, monkeypatch, tmp_path):
+    """With the tuning cache on, the second load of a model times no product: every choice comes
+    from the first load's file (checked against PyTorch's product) and the tokens are the same."""
+    from starchat.model import triton_attention, tuned_linear
+
+    if not triton_attention.supports(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("no Triton, or a GPU older than Ampere: nothing is tuned")
+    monkeypatch.setenv("STARCHAT_TUNING_CACHE", "1")
+    monkeypatch.setenv("STARCHAT_CACHE_DIR", str(tmp_path))
+    first = LLM(str(checkpoint), dtype="bfloat16", device="cuda", progress=False)
+    tokens = greedy(first, PROMPTS)
+    report = first.engine.runner.decode_products
+    assert report and not any(row.get("cached") for row in report)
+    del first
+
+    def must_not_time(fn, device):
+        raise AssertionError("timed again although the choices were stored")
+
+    monkeypatch.setattr(tuned_linear, "per_call_us", must_not_time)
+    second = LLM(str(checkpoint), dtype="bfloat16", device="cuda", progress=False)
+    cached = second.engine.runner.decode_products
+    assert all(row.pop("cached") for row in cached) and cached == report
+    assert greedy(second, PROMPTS) == tokens
+
+
 def test_dependent_launch_gives_the_same_tokens(checkpoint, monkeypatch):
     """STARCHAT_PDL=1 (programmatic dependent launch of every starchat kernel) changes when kernels
     start, never what they compute: the same greedy tokens, bf16 and int8, CUDA graphs and eager."""

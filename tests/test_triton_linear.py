@@ -408,3 +408,119 @@ def test_gelu_epilogue_is_used_only_where_it_gives_the_tanh_gelu(monkeypatch):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     monkeypatch.delattr(torch, "_addmm_activation")  # a PyTorch without the private op
     assert tuned_linear.check_gelu_epilogue(cpu, torch.float32) is False
+
+
+def _cache_on(monkeypatch, folder):
+    monkeypatch.setenv("STARCHAT_TUNING_CACHE", "1")
+    monkeypatch.setenv("STARCHAT_CACHE_DIR", str(folder))
+
+
+def _first_tuning(kernels, tuned_linear, model, monkeypatch, products=None):
+    """Tune `model` with the default candidates and fake timings: the row kernel's first candidate
+    wins at one row, the 16-row tile (32, 128, 4) at 16 rows, cuBLAS at 64 and 128. The products
+    are PyTorch's (no kernel runs) unless `products` is given. Returns the report and how many
+    candidates were timed."""
+    timed = []
+
+    def exact_product(x, weight, scales=None, bias=None, blocks=None, gelu_tanh=False):
+        return tuned_linear.reference_product(x, weight, scales, bias, gelu_tanh).to(x.dtype)
+
+    def fake_timing(fn, device):
+        args = getattr(fn, "args", ())
+        if len(args) != 5:  # cuBLAS
+            return 100.0
+        timed.append(args[4])
+        return {(1, *tuned_linear.ROW_CANDIDATES[0]): 10.0, (16, 32, 128, 4): 20.0}.get(args[4], 200.0)
+
+    monkeypatch.setattr(kernels, "linear", products or exact_product)
+    monkeypatch.setattr(tuned_linear, "per_call_us", fake_timing)
+    report = tuned_linear.tune_decode_products(model, torch.float32)
+    return report, len(timed)
+
+
+def test_tuning_choices_are_kept_and_checked_on_the_next_start(kernels, monkeypatch, tmp_path):
+    """The second load of a model in the same environment times nothing: it runs each stored
+    choice once against PyTorch's product (the real kernel here) and uses it."""
+    from torch import nn
+
+    from starchat.model import tuned_linear
+
+    _cache_on(monkeypatch, tmp_path)
+    real_linear = kernels.linear
+    first = nn.Sequential(nn.Linear(64, 80), nn.Linear(80, 48))
+    report, timed = _first_tuning(kernels, tuned_linear, first, monkeypatch)
+    row_choice = (1, *tuned_linear.ROW_CANDIDATES[0])
+    assert timed > 2 and not any(row.get("cached") for row in report)
+    assert first[0].tuned == first[1].tuned == {1: row_choice, 16: (16, 32, 128, 4), 64: None, 128: None}
+    files = list((tmp_path / "tuning").glob("*.json"))
+    assert len(files) == 1
+
+    calls = []
+
+    def must_not_time(fn, device):
+        raise AssertionError("timed again although the choices were stored")
+
+    monkeypatch.setattr(tuned_linear, "per_call_us", must_not_time)
+    monkeypatch.setattr(kernels, "linear", lambda *args, **kwargs: calls.append(args[4]) or real_linear(*args, **kwargs))
+    second = nn.Sequential(nn.Linear(64, 80), nn.Linear(80, 48))  # other weights, same shapes
+    cached_report = tuned_linear.tune_decode_products(second, torch.float32)
+    assert all(row.pop("cached") for row in cached_report) and cached_report == report
+    assert second[0].tuned == second[1].tuned == first[0].tuned
+    assert sorted(calls) == sorted([row_choice, (16, 32, 128, 4)] * 2)  # each choice checked once per shape
+    monkeypatch.setattr(kernels, "linear", real_linear)
+    for rows in (1, 16):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(second[0](x), x @ second[0].weight.T + second[0].bias, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stored_choice_that_fails_its_check_is_timed_again(kernels, monkeypatch, tmp_path, caplog):
+    import json
+
+    from torch import nn
+
+    from starchat.model import tuned_linear
+
+    _cache_on(monkeypatch, tmp_path)
+    real_linear = kernels.linear
+    _first_tuning(kernels, tuned_linear, nn.Sequential(nn.Linear(64, 80)), monkeypatch)
+    [path] = (tmp_path / "tuning").glob("*.json")
+    stored = json.loads(path.read_text())
+    [(key, entry)] = stored["layers"].items()
+    tuned_at_one_row = entry["choices"]["1"]
+    entry["choices"]["1"] = [16, 48, 128, 4]  # a block shape the kernel cannot take (not a power of 2)
+    path.write_text(json.dumps(stored))
+
+    model = nn.Sequential(nn.Linear(64, 80))
+    with caplog.at_level("WARNING", logger="starchat.model"):
+        _, timed = _first_tuning(kernels, tuned_linear, model, monkeypatch, products=real_linear)
+    assert "no longer computes the product" in caplog.text and timed > 0
+    assert list(model[0].tuned[1]) == tuned_at_one_row
+    assert json.loads(path.read_text())["layers"][key]["choices"]["1"] == tuned_at_one_row  # stored anew
+
+
+def test_the_tuning_cache_follows_its_environment_and_switches(kernels, monkeypatch, tmp_path, caplog):
+    """Another kernel source (or GPU, versions, launch mode) makes another file; an unreadable file
+    is timed over; explicit candidates and STARCHAT_TUNING_CACHE=0 leave the cache alone."""
+    from torch import nn
+
+    from starchat.model import tuned_linear, tuning_cache
+
+    _cache_on(monkeypatch, tmp_path)
+    folder = tmp_path / "tuning"
+    _first_tuning(kernels, tuned_linear, nn.Sequential(nn.Linear(64, 80)), monkeypatch)
+    monkeypatch.setattr(tuning_cache, "_sources_hash", lambda: "edited kernels")
+    _, timed = _first_tuning(kernels, tuned_linear, nn.Sequential(nn.Linear(64, 80)), monkeypatch)
+    assert timed > 0 and len(list(folder.glob("*.json"))) == 2
+
+    tuning_cache.TuningCache(torch.device("cpu"), torch.float32).path.write_text("{not json")  # this environment's
+    with caplog.at_level("WARNING", logger="starchat.model"):
+        _, timed = _first_tuning(kernels, tuned_linear, nn.Sequential(nn.Linear(64, 80)), monkeypatch)
+    assert "unreadable" in caplog.text and timed > 0
+    assert tuning_cache.TuningCache(torch.device("cpu"), torch.float32).get(
+        tuning_cache.layer_key(torch.float32, 80, 64, True, False)) is not None  # written anew
+
+    monkeypatch.setattr(tuning_cache, "_sources_hash", lambda: "other kernels still")
+    tuned_linear.tune_decode_products(nn.Sequential(nn.Linear(64, 80)), torch.float32, candidates=((32, 128, 4),))
+    monkeypatch.setenv("STARCHAT_TUNING_CACHE", "0")
+    _first_tuning(kernels, tuned_linear, nn.Sequential(nn.Linear(64, 80)), monkeypatch)
+    assert len(list(folder.glob("*.json"))) == 2

@@ -105,7 +105,8 @@ class LLMEngine:
                            capacity_tokens, self.max_model_len)
             self.max_model_len = capacity_tokens
         self.kv_cache_memory_bytes = num_blocks * config.kv_block_size * per_token
-        self.runner = ModelRunner(model, num_blocks, config.kv_block_size, self.dtype, self.device, self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(model, num_blocks, config.kv_block_size, self.dtype, self.device, self.tokenizer.eos_token_id,
+                                  progress=progress)
         if self.device.type == "cuda" and config.cuda_graphs:
             # A speculative step has a row per verified position of each request.
             verify_rows = config.speculative_max_running * (1 + config.num_speculative_tokens) if config.num_speculative_tokens else 0

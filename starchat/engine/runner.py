@@ -34,7 +34,7 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: GPTBigCodeForCausalLM, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, eos_token_id: int):
+                 dtype: torch.dtype, device: torch.device, eos_token_id: int, progress: bool = True):
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -51,7 +51,7 @@ class ModelRunner:
         # kernel is timed here for decode steps.
         fast_gpu = device.type == "cuda" and dtype != torch.float32
         self.fused_gelus = fuse_gelu_into_products(model, dtype) if fast_gpu else 0
-        self.decode_products = tune_decode_products(model, dtype) if fast_gpu and triton_support.runs_on(device) else []
+        self.decode_products = tune_decode_products(model, dtype, progress=progress) if fast_gpu and triton_support.runs_on(device) else []
         self.decode_graphs: DecodeGraphs | None = None
         if device.type == "cpu":
             keep_freed_host_memory()  # steps reuse their activations' pages (host_memory.py)

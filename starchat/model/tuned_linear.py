@@ -7,7 +7,9 @@ BLOCK_M pass, up to 16 sequences), 64 and 128 rows (decode batches of up to 64 a
 `tune_decode_products` times cuBLAS and a few block sizes of triton_linear's kernel, each
 replayed in a CUDA graph as decode steps run them, and keeps the kernel only where it wins by
 more than the noise. For int8 weights the product to beat is the portable one (the weight
-dequantized per call, then cuBLAS). Everything else (more rows, prefill) stays on cuBLAS.
+dequantized per call, then cuBLAS). Everything else (more rows, prefill) stays on cuBLAS. The
+choices are stored per GPU and software environment (tuning_cache.py), so later starts only check
+them.
 
 The MLP's first product can also apply the block's GELU (`fuse_gelu_into_products`): the Triton
 kernel in its epilogue, cuBLAS through cuBLASLt's GELU epilogue (`torch._addmm_activation`),
@@ -25,8 +27,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from starchat.model import triton_linear
+from starchat.model import triton_linear, tuning_cache
 from starchat.model.quant import Int8Linear
 
 logger = logging.getLogger("starchat.model")
@@ -177,7 +180,7 @@ def close_to(out: torch.Tensor, expected: torch.Tensor) -> bool:
 
 @torch.inference_mode()
 def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=None,
-                         row_candidates=ROW_CANDIDATES) -> list[dict]:
+                         row_candidates=ROW_CANDIDATES, progress: bool = True) -> list[dict]:
     """Time and choose, for every Linear shape of `model` (16-bit nn.Linear or Int8Linear) on its
     device; 16-bit layers where the kernel wins become TunedLinear. `candidates`: the tiled
     kernel's blocks (default: CANDIDATES, or INT8_CANDIDATES for int8 weights, up to 16 rows;
@@ -185,63 +188,128 @@ def tune_decode_products(model: nn.Module, dtype: torch.dtype, candidates=None,
     whose result differs from the PyTorch product by more than rounding is dropped (logged), so a
     kernel this GPU's compiler gets wrong never runs. Returns one report row per (shape, row
     bucket); its "cublas_us" is the product the kernel must beat (for int8 weights: dequantize +
-    cuBLAS)."""
+    cuBLAS).
+
+    With the default candidates, the choices are kept in the tuning cache (tuning_cache.py) and
+    read back on later starts in the same environment, each chosen kernel checked once against
+    PyTorch's product (report rows then have "cached": True); a layer whose stored choice fails
+    that check is timed again."""
     groups: dict[tuple, list[nn.Module]] = defaultdict(list)
     for module in model.modules():
         if type(module) in (nn.Linear, TunedLinear, Int8Linear):
             weight = module.weight
             gelu = getattr(module, "gelu_epilogue", False)
             groups[(weight.dtype, *weight.shape, module.bias is not None, gelu)].append(module)
+    if not groups:
+        return []
+    device = next(iter(groups.values()))[0].weight.device
+    default_candidates = candidates is None and row_candidates is ROW_CANDIDATES
+    cache = tuning_cache.TuningCache(device, dtype) if default_candidates and tuning_cache.enabled() else None
     report = []
-    for (weight_dtype, out_features, in_features, _, gelu), modules in groups.items():
-        first = modules[0]
-        scales = first.scales if isinstance(first, Int8Linear) else None
-        device = first.weight.device
-        choices = {}
-        for rows in DECODE_ROW_BUCKETS:
-            x = torch.randn(rows, in_features, device=device).to(dtype)
-            if not triton_linear.supports(x):
-                continue
-            tiled = candidates or (WIDE_CANDIDATES if rows > 16 else INT8_CANDIDATES if scales is not None
-                                   else CANDIDATES)
-            tried = [(triton_linear.block_rows(rows), *choice) for choice in tiled]
-            if rows == 1 and triton_linear.row_kernel_fits(first.weight):
-                tried += [(1, *choice) for choice in row_candidates]
-            expected = reference_product(x, first.weight, scales, first.bias, gelu)
-            timings = {}
-            for blocks in tried:
-                run = partial(triton_linear.linear, x, first.weight, scales, first.bias, blocks, gelu_tanh=gelu)
-                try:
-                    if not close_to(run(), expected):
-                        logger.warning("tuning %s: blocks %s give a wrong product on %s; not used",
-                                       tuple(first.weight.shape), blocks, device)
-                        continue
-                    timings[blocks] = per_call_us(run, device)
-                except Exception as error:  # a configuration this GPU or Triton rejects: not a candidate
-                    logger.debug("tuning %s: blocks %s failed (%s)", tuple(first.weight.shape), blocks, error)
-            if not timings:
-                continue
-            best = min(timings, key=timings.get)
-            if scales is not None:  # int8: dequantize + cuBLAS
-                cublas = partial(first.dequantized_product, x, gelu)
-            elif gelu:
-                cublas = partial(cublas_linear_gelu, x, first.weight, first.bias)
-            else:
-                cublas = partial(F.linear, x, first.weight, first.bias)
-            cublas_us = per_call_us(cublas, device)
-            wins = timings[best] < WIN_MARGIN * cublas_us
-            choices[rows] = best if wins else None
-            report.append({"shape": (out_features, in_features), "weight_dtype": str(weight_dtype), "rows": rows,
-                           "gelu_epilogue": gelu,
-                           "kernel_us": timings[best], "blocks": best, "cublas_us": cublas_us,
-                           "chosen": "triton" if wins else "cublas"})
-        for module in modules:
-            # every bucket named: None (PyTorch's product) also where no candidate ran on this GPU
-            module.tuned = {rows: choices.get(rows) for rows in DECODE_ROW_BUCKETS}
-            if type(module) is nn.Linear and any(choices.values()):
-                module.__class__ = TunedLinear
+    to_time = []
+    for group_key, modules in groups.items():
+        entry = cache.get(tuning_cache.layer_key(*group_key)) if cache is not None else None
+        if entry is not None and _choices_hold(modules[0], dtype, entry["choices"]):
+            _apply(modules, entry["choices"])
+            report += [{**row, "cached": True} for row in entry["report"]]
+        else:
+            if entry is not None:
+                logger.warning("tuning cache: the stored choice for %s no longer computes the product on %s; "
+                               "timing it again", tuning_cache.layer_key(*group_key), device)
+            to_time.append((group_key, modules))
+    if to_time:
+        logger.info("timing decode products of %d layer shape(s) on %s against cuBLAS (%s)", len(to_time), device,
+                    f"choices kept in {cache.path}" if cache is not None else "not cached")
+    bar = tqdm(total=len(to_time) * len(DECODE_ROW_BUCKETS), desc="tuning decode products", unit="product",
+               disable=not progress or not to_time, leave=False)
+    with bar:
+        for group_key, modules in to_time:
+            choices, rows_report = _time_layer(modules[0], dtype, group_key[-1], candidates, row_candidates, bar)
+            _apply(modules, choices)
+            report += rows_report
+            if cache is not None:
+                cache.put(tuning_cache.layer_key(*group_key), choices, rows_report)
+    if cache is not None:
+        cache.save()
     for row in report:
-        logger.info("decode product %s %s%s x %d rows: %s (kernel %.1f us, %scuBLAS %.1f us)", row["shape"],
+        logger.info("decode product %s %s%s x %d rows: %s (kernel %.1f us, %scuBLAS %.1f us%s)", tuple(row["shape"]),
                     row["weight_dtype"], " + GELU" if row["gelu_epilogue"] else "", row["rows"], row["chosen"],
-                    row["kernel_us"], "dequantize + " if row["weight_dtype"] == str(torch.int8) else "", row["cublas_us"])
+                    row["kernel_us"], "dequantize + " if row["weight_dtype"] == str(torch.int8) else "", row["cublas_us"],
+                    "; tuned on an earlier start" if row.get("cached") else "")
     return report
+
+
+def _apply(modules: list[nn.Module], choices: dict[int, tuple | None]) -> None:
+    for module in modules:
+        # every bucket named: None (PyTorch's product) also where no candidate ran on this GPU
+        module.tuned = {rows: choices.get(rows) for rows in DECODE_ROW_BUCKETS}
+        if type(module) is nn.Linear and any(module.tuned.values()):
+            module.__class__ = TunedLinear
+
+
+def _choices_hold(layer: nn.Module, dtype: torch.dtype, choices: dict[int, tuple | None]) -> bool:
+    """Whether every kernel choice (read from the cache) runs and gives PyTorch's product at its
+    row bucket; this compiles them too."""
+    scales = layer.scales if isinstance(layer, Int8Linear) else None
+    gelu = getattr(layer, "gelu_epilogue", False)
+    for rows, blocks in choices.items():
+        if blocks is None:
+            continue
+        x = torch.randn(rows, layer.weight.shape[1], device=layer.weight.device).to(dtype)
+        try:
+            if not (triton_linear.supports(x) and close_to(
+                    triton_linear.linear(x, layer.weight, scales, layer.bias, blocks, gelu_tanh=gelu),
+                    reference_product(x, layer.weight, scales, layer.bias, gelu))):
+                return False
+        except Exception as error:  # a configuration this GPU or Triton now rejects
+            logger.debug("tuning cache: blocks %s failed (%s)", blocks, error)
+            return False
+    return True
+
+
+def _time_layer(first: nn.Module, dtype: torch.dtype, gelu: bool, candidates, row_candidates,
+                bar) -> tuple[dict[int, tuple | None], list[dict]]:
+    """The choice per row bucket for one layer shape (None: PyTorch's product), and its report rows."""
+    scales = first.scales if isinstance(first, Int8Linear) else None
+    device = first.weight.device
+    out_features, in_features = first.weight.shape
+    choices: dict[int, tuple | None] = {}
+    report = []
+    for rows in DECODE_ROW_BUCKETS:
+        bar.update(1)
+        x = torch.randn(rows, in_features, device=device).to(dtype)
+        if not triton_linear.supports(x):
+            continue
+        tiled = candidates or (WIDE_CANDIDATES if rows > 16 else INT8_CANDIDATES if scales is not None
+                               else CANDIDATES)
+        tried = [(triton_linear.block_rows(rows), *choice) for choice in tiled]
+        if rows == 1 and triton_linear.row_kernel_fits(first.weight):
+            tried += [(1, *choice) for choice in row_candidates]
+        expected = reference_product(x, first.weight, scales, first.bias, gelu)
+        timings = {}
+        for blocks in tried:
+            run = partial(triton_linear.linear, x, first.weight, scales, first.bias, blocks, gelu_tanh=gelu)
+            try:
+                if not close_to(run(), expected):
+                    logger.warning("tuning %s: blocks %s give a wrong product on %s; not used",
+                                   tuple(first.weight.shape), blocks, device)
+                    continue
+                timings[blocks] = per_call_us(run, device)
+            except Exception as error:  # a configuration this GPU or Triton rejects: not a candidate
+                logger.debug("tuning %s: blocks %s failed (%s)", tuple(first.weight.shape), blocks, error)
+        if not timings:
+            continue
+        best = min(timings, key=timings.get)
+        if scales is not None:  # int8: dequantize + cuBLAS
+            cublas = partial(first.dequantized_product, x, gelu)
+        elif gelu:
+            cublas = partial(cublas_linear_gelu, x, first.weight, first.bias)
+        else:
+            cublas = partial(F.linear, x, first.weight, first.bias)
+        cublas_us = per_call_us(cublas, device)
+        wins = timings[best] < WIN_MARGIN * cublas_us
+        choices[rows] = best if wins else None
+        report.append({"shape": (out_features, in_features), "weight_dtype": str(first.weight.dtype), "rows": rows,
+                       "gelu_epilogue": gelu, "kernel_us": timings[best], "blocks": best, "cublas_us": cublas_us,
+                       "chosen": "triton" if wins else "cublas"})
+    return choices, report
