@@ -258,3 +258,16 @@ def test_restart_bench_starts_each_folder_twice_per_round_in_fresh_processes(tin
         weights_gib = sum(f.stat().st_size for f in panels.glob("*.safetensors")) / 2**30
         file_backed = {name: figures["medians"][name]["rss_file_gib"] for name in figures["medians"]}
         assert file_backed["panels (panels), cold"] > file_backed["rows (rows), cold"] + 0.5 * weights_gib
+
+
+def test_sampler_bench_times_both_sides_for_every_parameter_set(tmp_path):
+    output = tmp_path / "sampler.json"
+    result = subprocess.run([sys.executable, "bench/sampler.py", "--rows", "1", "3", "--repeats", "1", "--json", str(output)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())
+    assert figures["machine"]["cpu_count"] >= 1
+    rows = figures["figures"]
+    assert len(rows) == 2 * 3 and {row["rows"] for row in rows} == {1, 3}
+    assert all(row["starchat_ms"] > 0 and row["hf_over_starchat"] == pytest.approx(row["hf_ms"] / row["starchat_ms"])
+               for row in rows)

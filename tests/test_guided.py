@@ -58,9 +58,12 @@ def test_each_kind_of_constraint_holds(llm, options):
             assert completion.finish_reason == "stop", (params.guided.kind, completion.text)
             check(completion.text)
     # Any JSON object: nothing bounds its strings, and this small model can loop inside one until
-    # the budget ends; the objects it closes must parse.
+    # the budget ends (sampled, about 60% of these do); the objects it closes must parse.
     json_prompts = PROMPTS + ['{"id": 1, "ok": true}\n', 'config = {"name": "app", "debug": true}\nsettings = ']
-    completions = llm.generate(json_prompts, guided("json_object", **options).copy(max_new_tokens=200))
+    json_params = guided("json_object", **options).copy(max_new_tokens=200)
+    completions = llm.generate(json_prompts, json_params)
+    if options:  # three seeds: some object closes but in about 1 run of 2,000
+        completions += [completion for seed in (12, 13) for completion in llm.generate(json_prompts, json_params.copy(seed=seed))]
     closed = [c.text for c in completions if c.finish_reason == "stop"]
     assert closed and all(isinstance(json.loads(text), dict) for text in closed)
     assert all(c.text.startswith("{") for c in completions)
