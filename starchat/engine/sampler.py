@@ -213,17 +213,19 @@ class Sampler:
         rows = [i for i, r in enumerate(requests) if r.params.presence_penalty or r.params.frequency_penalty]
         if not rows:
             return logits
-        device, vocab = logits.device, logits.shape[-1]
-        outputs = [requests[i].output_token_ids for i in rows]
-        width = max(1, max(len(o) for o in outputs))
-        padded = torch.tensor([o + [vocab] * (width - len(o)) for o in outputs], device=device)  # pad: an extra column
-        counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-        counts = counts[:, :vocab]  # (R, V) occurrences of each token in the output so far
-        frequency = torch.tensor([requests[i].params.frequency_penalty for i in rows], device=device)[:, None]
-        presence = torch.tensor([requests[i].params.presence_penalty for i in rows], device=device)[:, None]
-        row_index = torch.tensor(rows, device=device)
+        # Only the tokens an output holds change: per row its distinct tokens and their counts
+        # (a pass over the whole vocabulary per row cost 0.2 ms a row on a CPU).
+        row_index, token_index, amounts = [], [], []
+        for i in rows:
+            params = requests[i].params
+            tokens, counts = np.unique(np.asarray(requests[i].output_token_ids, dtype=np.int64), return_counts=True)
+            row_index.append(np.full(len(tokens), i, dtype=np.int64))
+            token_index.append(tokens)
+            amounts.append(params.frequency_penalty * counts + params.presence_penalty)
+        amount = torch.from_numpy(np.concatenate(amounts).astype(np.float32)).to(logits.device)
         logits = logits.clone()
-        logits[row_index] -= frequency * counts + presence * (counts > 0)
+        logits.index_put_((torch.from_numpy(np.concatenate(row_index)).to(logits.device),
+                           torch.from_numpy(np.concatenate(token_index)).to(logits.device)), -amount, accumulate=True)
         return logits
 
     def _apply_logit_bias(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
