@@ -115,10 +115,6 @@ class TuningCache:
                             "report": report}
         self._changed = True
 
-    def discard(self, key: str) -> None:
-        if self.layers.pop(key, None) is not None:
-            self._changed = True
-
     def save(self) -> None:
         """Write the file if anything changed, merged with what another process stored meanwhile
         (this process's entries win); a cache that cannot be written is logged and skipped."""
