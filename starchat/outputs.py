@@ -46,7 +46,8 @@ class StreamDelta:
 
     `text` is the new, safe-to-show text (never a partial UTF-8 character, never a piece of a
     stop string); `token_ids` the new token ids. The last delta has `finished=True` and a
-    `finish_reason`; its text may be empty.
+    `finish_reason`; its text may be empty, and ends with U+FFFD for the missing bytes of a
+    character that the generation's end cut (as a whole decode of the tokens shows it).
     """
 
     request_id: str

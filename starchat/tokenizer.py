@@ -171,6 +171,18 @@ class IncrementalDetokenizer:
         """All generated text emitted so far (held-back bytes of an incomplete character excluded)."""
         return self._text
 
+    def flush(self) -> str:
+        """At the end of generation: the text of tokens still held back as an incomplete
+        character, each missing byte shown as U+FFFD (as a whole decode shows them), so that all
+        the text emitted equals the decode of all the tokens."""
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._token_ids[self._prefix_offset : self._read_offset], self._skip_special_tokens)
+        window_text = decode(self._token_ids[self._prefix_offset :], self._skip_special_tokens)
+        tail = window_text[len(prefix_text) :] if len(window_text) > len(prefix_text) else ""
+        self._prefix_offset = self._read_offset = len(self._token_ids)
+        self._text += tail
+        return tail
+
     def add(self, token_ids: Sequence[int]) -> str:
         """Take newly generated tokens; return the new text that can be shown now."""
         new_text = "".join([self._add_one(token_id) for token_id in token_ids])

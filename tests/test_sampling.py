@@ -98,6 +98,21 @@ def test_stop_string_across_token_boundaries_is_cut_and_not_included(llm):
     assert stop not in stopped.text
 
 
+def test_a_character_cut_by_the_end_of_generation_ends_the_text_as_a_whole_decode_does(llm):
+    # "😀" is two tokens, the first holding only the character's first bytes: end right after it.
+    first_bytes = llm.tokenizer.encode("😀")[0]
+    assert llm.tokenizer.token_text(first_bytes) == "\ufffd"
+    params = SamplingParams(max_new_tokens=3, logit_bias={first_bytes: 100.0})
+    cut = llm.generate(["def f():"], params)[0]
+    assert cut.token_ids == [first_bytes] * 3 and cut.finish_reason == "length"
+    assert cut.text == llm.tokenizer.decode(cut.token_ids) == "\ufffd" * 3  # not dropped
+    assert "".join(delta.text for delta in llm.stream("def f():", params)) == cut.text
+    # Text held back with the incomplete character still meets the stop strings: ' ' + a first byte.
+    spaced = next(i for i in range(llm.tokenizer.vocab_size) if llm.tokenizer.token_text(i) == " \ufffd")
+    stopped = llm.generate(["def f():"], SamplingParams(max_new_tokens=2, logit_bias={spaced: 100.0}, stop=["\ufffd \ufffd"]))[0]
+    assert (stopped.text, stopped.finish_reason, stopped.stop_reason) == (" ", "stop", "\ufffd \ufffd")
+
+
 def test_stop_token_ids_and_min_new_tokens(llm):
     full = llm.generate(["def f():"], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
     stop_id = full.token_ids[3]

@@ -192,6 +192,17 @@ def test_incremental_detokenizer_holds_partial_characters(tokenizer: Tokenizer):
         assert detokenizer.text == MULTILINGUAL_TEXT
 
 
+def test_incremental_detokenizer_flush_gives_the_held_back_bytes_as_a_whole_decode_does(tokenizer: Tokenizer):
+    ids = tokenizer.encode("ok 😀 中文")
+    for end in range(1, len(ids) + 1):
+        detokenizer = IncrementalDetokenizer(tokenizer, [49154])
+        pieces = _stream(detokenizer, ids[:end])
+        tail = detokenizer.flush()
+        assert "".join(pieces) + tail == tokenizer.decode(ids[:end]) == detokenizer.text
+        assert tail == "" or tail.endswith("\ufffd")  # only an incomplete character is held back
+        assert detokenizer.flush() == ""
+
+
 def test_incremental_detokenizer_special_tokens(tokenizer: Tokenizer):
     ids = tokenizer.encode("\nDone.<|end|>")
     detokenizer = IncrementalDetokenizer(tokenizer, [49154])

@@ -345,7 +345,7 @@ class LLMEngine:
             if text is None:
                 text = tracked.detokenizer.add([token_id])
             if last and not isinstance(request.stop_reason, str):
-                text += tracked.stop_matcher.flush()  # text held back as a possible stop-string start
+                text += self._held_back_text(tracked)
             delta = self._delta(request, text, [token_id], token_logprobs, last)
             if request.params.prompt_logprobs is not None and not tracked.prompt_logprobs_sent:
                 delta.prompt_logprobs = self._prompt_logprobs(request, tracked.prompt_logprobs)
@@ -354,6 +354,18 @@ class LLMEngine:
             if last:
                 del self._tracked[request.request_id]
         return deltas
+
+    @staticmethod
+    def _held_back_text(tracked: _Tracked) -> str:
+        """At the end of a request not cut by a stop string: the text still held back, first as an
+        incomplete character (U+FFFD for its missing bytes, as a whole decode shows it: a length
+        limit can fall inside a character), then as a possible start of a stop string. Should
+        that text complete a stop string after all, the request ends there, by that string."""
+        text, matched = tracked.stop_matcher.feed(tracked.detokenizer.flush())
+        if matched is not None:
+            tracked.request.finish_reason, tracked.request.stop_reason = FinishReason.STOP.value, matched
+            return text
+        return text + tracked.stop_matcher.flush()
 
     def _finish(self, request: Request, reason: FinishReason, stop_reason) -> None:
         request.status = RequestStatus.FINISHED
