@@ -43,9 +43,12 @@ def best_of_order(candidates: list[list[TokenLogprob]]) -> list[int]:
 
 
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
-    """OpenAI's chat logprobs: each token with its bytes and its top alternatives."""
-    def entry(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    """OpenAI's chat logprobs: each token with its bytes and its top alternatives. The bytes are the
+    token's own: a token holding part of a UTF-8 character shows U+FFFD as its text, and its bytes
+    joined with its neighbours' give the character."""
+    def entry(token: TokenLogprob, token_id: int, text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(token.token_bytes(token_id, text))}
 
-    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
+    return {"content": [{**entry(t, t.token_id, t.token, t.logprob),
+                         "top_logprobs": [entry(t, token_id, text, lp) for token_id, text, lp in t.top]}
                         for t in tokens]}

@@ -20,6 +20,13 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, token text, logprob)
+    # The bytes of those tokens here (this one and the alternatives) whose text does not show them:
+    # pieces of a UTF-8 character, whose text is U+FFFD. Any other token's bytes are its text's.
+    partial_bytes: dict[int, bytes] = field(default_factory=dict)
+
+    def token_bytes(self, token_id: int, text: str) -> bytes:
+        """The bytes of this token or of one of its alternatives (`text`: that token's text)."""
+        return self.partial_bytes.get(token_id) or text.encode("utf-8")
 
 
 @dataclass

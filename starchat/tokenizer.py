@@ -147,6 +147,15 @@ class Tokenizer:
         """Text of one token, special tokens included, for logprob listings (may hold U+FFFD)."""
         return self.decode([token_id], skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token (special tokens included): a token that holds part of a UTF-8
+        character has bytes its text (U+FFFD) does not show, and the bytes of consecutive tokens
+        join into the text's bytes (OpenAI's logprobs `bytes`)."""
+        self._check_ids([token_id])
+        if self._token_bytes is None:
+            return self.token_text(token_id).encode("utf-8")
+        return self._token_bytes[token_id]
+
 
 class IncrementalDetokenizer:
     """Turns a stream of generated token ids into text that is safe to show as it arrives.

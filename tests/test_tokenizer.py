@@ -203,6 +203,17 @@ def test_incremental_detokenizer_flush_gives_the_held_back_bytes_as_a_whole_deco
         assert detokenizer.flush() == ""
 
 
+def test_token_bytes_join_into_the_texts_bytes(tokenizer: Tokenizer):
+    for text in (MULTILINGUAL_TEXT, "<|user|>\nok 😀<|end|>", "def f():\n\treturn 'é'"):
+        ids = tokenizer.encode(text)
+        assert b"".join(tokenizer.token_bytes(token_id) for token_id in ids) == text.encode("utf-8")
+    pieces = tokenizer.encode("😀")
+    assert [tokenizer.token_text(piece) for piece in pieces] == ["\ufffd", "\ufffd"]
+    assert b"".join(tokenizer.token_bytes(piece) for piece in pieces) == "😀".encode("utf-8")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenizer.token_bytes(tokenizer.vocab_size)
+
+
 def test_incremental_detokenizer_special_tokens(tokenizer: Tokenizer):
     ids = tokenizer.encode("\nDone.<|end|>")
     detokenizer = IncrementalDetokenizer(tokenizer, [49154])

@@ -265,12 +265,17 @@ def _choice(prepared: PreparedRequest, sample: Sample) -> dict:
 
 
 def _journaled(token: TokenLogprob) -> list:
-    return [token.token_id, token.token, token.logprob, [list(alt) for alt in token.top]]
+    entry = [token.token_id, token.token, token.logprob, [list(alt) for alt in token.top]]
+    if token.partial_bytes:  # [[id, [bytes]], ...]: only pieces of characters (older journals: none)
+        entry.append([[token_id, list(raw)] for token_id, raw in token.partial_bytes.items()])
+    return entry
 
 
 def _restored(entry: list) -> TokenLogprob:
-    token_id, text, logprob, top = entry
-    return TokenLogprob(token_id, text, logprob, [tuple(alt) for alt in top])
+    token_id, text, logprob, top, *partial = entry
+    restored = TokenLogprob(token_id, text, logprob, [tuple(alt) for alt in top])
+    restored.partial_bytes = {shown_id: bytes(raw) for shown_id, raw in (partial[0] if partial else [])}
+    return restored
 
 
 def record_choices(record: dict) -> list[dict]:

@@ -31,7 +31,7 @@ from starchat.model.loader import load_model, resolve_model_dir
 from starchat.model.quantized_checkpoint import checkpoint_quantization
 from starchat.outputs import FinishReason, StreamDelta, TokenLogprob
 from starchat.sampling_params import SamplingParams, SamplingParamsError
-from starchat.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from starchat.tokenizer import REPLACEMENT_CHARACTER, IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger("starchat.engine")
 
@@ -379,7 +379,11 @@ class LLMEngine:
 
     def _token_logprob(self, token_id: int, logprob: float, alternatives: list[tuple[int, float]]) -> TokenLogprob:
         text = self.tokenizer.token_text
-        return TokenLogprob(token_id, text(token_id), logprob, [(t, text(t), lp) for t, lp in alternatives])
+        entry = TokenLogprob(token_id, text(token_id), logprob, [(t, text(t), lp) for t, lp in alternatives])
+        for shown_id, shown in [(token_id, entry.token), *[(t, shown) for t, shown, _ in entry.top]]:
+            if REPLACEMENT_CHARACTER in shown:
+                entry.partial_bytes[shown_id] = self.tokenizer.token_bytes(shown_id)
+        return entry
 
     def _delta(self, request: Request, text: str, token_ids: list[int], logprobs, last: bool = True) -> StreamDelta:
         """`last`: the request's final delta (its finish reason goes with it)."""

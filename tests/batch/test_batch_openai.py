@@ -16,6 +16,7 @@ from starchat.batch import run_batch
 from starchat.chat_template import fim_prompt
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about tests."}]
+EMOJI_PIECES = (36628, 227)  # "😀" in the StarCoder vocabulary (checked in the test)
 HAIKU_SCHEMA = {"type": "object", "required": ["lines"], "additionalProperties": False,
                 "properties": {"lines": {"type": "array", "minItems": 3, "maxItems": 3,
                                          "items": {"type": "string", "maxLength": 8}}}}
@@ -58,6 +59,10 @@ def openai_lines() -> list[dict]:
         line("chat-logprobs", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 6, "temperature": 0,
                                                        "logprobs": True, "top_logprobs": 1}),
         line("bad-top", "/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}),
+        # both tokens of "😀" favoured: pieces of a character, whose bytes their text (U+FFFD) does not show
+        line("chat-bytes", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 3, "temperature": 0,
+                                                    "logprobs": True, "top_logprobs": 1,
+                                                    "logit_bias": {str(piece): 100 for piece in EMOJI_PIECES}}),
         line("tool-named", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 60, "temperature": 0,
                                                     "tools": [HAIKU_TOOL, LENGTH_TOOL],
                                                     "tool_choice": {"type": "function",
@@ -85,11 +90,11 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
 
     summary = run_batch(tmp_path / "in", tmp_path / "out", engine=engine, progress="none")  # format: openai, detected
 
-    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 18, 7)
+    assert (summary.output_format, summary.rows_ok, summary.rows_failed) == ("openai", 19, 7)
     output = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert [line["custom_id"] for line in output] == [line["custom_id"] for line in openai_lines()]
     by_id = {line["custom_id"]: line for line in output}
-    assert len({line["id"] for line in output}) == 25
+    assert len({line["id"] for line in output}) == 26
 
     completion = Completion.model_validate(by_id["cmpl-1"]["response"]["body"])
     assert by_id["cmpl-1"]["response"]["status_code"] == 200 and by_id["cmpl-1"]["error"] is None
@@ -160,6 +165,13 @@ def test_openai_batch_round_trip(tmp_path, engine, reference):
         [t.logprob for t in expected.logprobs], abs=1e-4)
     assert all(len(entry.top_logprobs) == 1 for entry in chat_scored.logprobs.content)
     assert "body.top_logprobs" in by_id["bad-top"]["response"]["body"]["error"]["message"]
+    assert engine.tokenizer.encode("😀") == list(EMOJI_PIECES)
+    pieces = ChatCompletion.model_validate(by_id["chat-bytes"]["response"]["body"]).choices[0]
+    assert [entry.token for entry in pieces.logprobs.content] == ["\ufffd"] * 3  # journaled, then written
+    assert [bytes(entry.bytes) for entry in pieces.logprobs.content] == [
+        engine.tokenizer.token_bytes(entry.token_id) for entry in reference.chat(MESSAGES, _forced(3)).logprobs]
+    joined = b"".join(bytes(entry.bytes) for entry in pieces.logprobs.content)
+    assert joined.decode("utf-8", errors="replace") == pieces.message.content
     assert by_id["cmpl-1"]["response"]["body"]["choices"][0]["logprobs"] is None  # not asked for
 
     bad = by_id["bad-n"]
@@ -280,3 +292,9 @@ def test_best_of_keeps_the_candidates_with_the_highest_logprob_per_token():
     record = success_record(task, prepared, candidates, attempts=1)
     assert [choice["prediction"] for choice in record["choices"]] == ["b", "d", "e", "c"]
 
+
+def _forced(max_new_tokens: int):
+    """Greedy with logprobs and both pieces of "😀" favoured, as the chat-bytes line asks."""
+    params = greedy(max_new_tokens)
+    params.logprobs, params.logit_bias = 1, {piece: 100.0 for piece in EMOJI_PIECES}
+    return params

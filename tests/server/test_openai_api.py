@@ -99,6 +99,25 @@ def test_chat_streamed_equals_whole_and_logprobs(client):
     assert len(content) == 3 and all(len(entry.top_logprobs) == 2 for entry in content)
 
 
+def test_chat_logprobs_bytes_are_each_tokens_own_and_join_into_the_text(client, tiny_model_dir):
+    """OpenAI's `bytes`: a token holding part of a character shows U+FFFD as its text, but its
+    bytes are its own, and the bytes of all tokens join into the reply's bytes."""
+    tokenizer = Tokenizer.from_dir(tiny_model_dir)
+    pieces = tokenizer.encode("😀")  # two tokens, each part of the character
+    assert len(pieces) == 2 and all(tokenizer.token_text(piece) == "\ufffd" for piece in pieces)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "An emoji?"}],
+                                           max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                           logit_bias={str(piece): 100 for piece in pieces})
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 4
+    assert all(entry.token == "\ufffd" and bytes(entry.bytes) != "\ufffd".encode() for entry in content)
+    assert all(bytes(entry.bytes) in {tokenizer.token_bytes(piece) for piece in pieces} for entry in content)
+    assert all(bytes(top.bytes) == top.token.encode() or top.token == "\ufffd" for entry in content
+               for top in entry.top_logprobs)
+    joined = b"".join(bytes(entry.bytes) for entry in content)
+    assert joined.decode("utf-8", errors="replace") == reply.choices[0].message.content
+
+
 def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, server):
     """OpenAI's usage.prompt_tokens_details.cached_tokens: a system prompt sent again is reused in
     whole cache blocks, and /metrics counts the tokens looked up and found."""
