@@ -23,6 +23,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reaso
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from starchat.model.triton_support import FUSED_MULTIPLY_ADD  # noqa: E402
+
 # Shared memory one program may use: sm_86/sm_89 99 KB, sm_80 163 KB, sm_90 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
 TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -38,7 +40,7 @@ def compile_kernel(kernel, types: dict[str, str], constexprs: dict, capability: 
     constexprs = {name: value for name, value in defaults.items() if name not in types} | constexprs
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in kernel.arg_names}
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    options = {"num_warps": num_warps} | ({"launch_pdl": True} if launch_pdl else {})
+    options = {"num_warps": num_warps} | FUSED_MULTIPLY_ADD | ({"launch_pdl": True} if launch_pdl else {})
     return triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", capability, 32), options=options)
 

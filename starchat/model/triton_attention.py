@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from starchat.model.triton_support import dependent_launch, runs_on, triton, wait_for_previous_kernel
+from starchat.model.triton_support import launch_options, runs_on, triton, wait_for_previous_kernel
 
 if triton is not None:
     import triton.language as tl
@@ -193,10 +193,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         query.stride(0), key.stride(0), layer_cache.stride(0), layer_cache.stride(1), block_tables.stride(0), out.stride(0),
         tokens_per_split, splits, scale,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, CACHE_BLOCK=block_size, SINGLE_SPLIT=splits == 1,
-        num_warps=launch.num_warps, **launch.constexprs, **dependent_launch(query.device))
+        num_warps=launch.num_warps, **launch.constexprs, **launch_options(query.device))
     if splits > 1:
         _merge_splits[(num_seqs, num_heads)](part_acc, part_max, part_sum, out, out.stride(0), splits,
                                              NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
                                              BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=launch.constexprs["BLOCK_D"],
-                                             num_warps=1, **dependent_launch(query.device))
+                                             num_warps=1, **launch_options(query.device))
     return out

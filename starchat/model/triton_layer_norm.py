@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from starchat.model.triton_support import dependent_launch, runs_on, triton, wait_for_previous_kernel
+from starchat.model.triton_support import launch_options, runs_on, triton, wait_for_previous_kernel
 
 if triton is not None:
     import triton.language as tl
@@ -70,5 +70,5 @@ def add_layer_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: tor
         _add_layer_norm[(rows,)](hidden, delta if delta is not None else hidden, weight, bias, summed, out, width, eps,
                                  hidden.stride(0), (delta if delta is not None else hidden).stride(0), summed.stride(0),
                                  out.stride(0), HAS_DELTA=delta is not None, BLOCK=block, num_warps=warps,
-                                 **dependent_launch(hidden.device))
+                                 **launch_options(hidden.device))
     return summed, out

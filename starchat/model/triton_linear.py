@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from starchat.model.triton_support import (dependent_launch, prefetch_into_l2, runs_on, triton,
+from starchat.model.triton_support import (launch_options, prefetch_into_l2, runs_on, triton,
                                            wait_for_previous_kernel)
 
 if triton is not None:
@@ -203,10 +203,10 @@ def block_rows(rows: int) -> int:
 
 
 def _launch_options(device: torch.device, weight: torch.Tensor, block_k: int) -> dict:
-    """Dependent launch where it is on (triton_support.dependent_launch), with the number of
-    128-byte lines of a BLOCK_K-deep weight row to prefetch before waiting."""
-    options = dependent_launch(device)
-    if options:
+    """triton_support.launch_options, with, where dependent launch is on, the number of 128-byte
+    lines of a BLOCK_K-deep weight row to prefetch before waiting."""
+    options = launch_options(device)
+    if options.get("USE_PDL"):
         options["PREFETCH_LINES"] = max(1, block_k * weight.element_size() // 128)
     return options
 

@@ -46,6 +46,18 @@ def _device_supported(index: int) -> bool:
     return _capability(index)[0] >= 8
 
 
+# Multiplies and adds fused into FMAs, as Triton has compiled them by default so far (Triton 3.9
+# warns that 3.10 will not unless asked): the kernels' instruction budgets and their tested
+# numerics assume them, so every launch asks.
+FUSED_MULTIPLY_ADD = {"enable_fp_fusion": True}
+
+
+def launch_options(device: torch.device) -> dict:
+    """Launch arguments of every starchat kernel on `device`: fused multiply-adds, and dependent
+    launch where it is on."""
+    return FUSED_MULTIPLY_ADD | dependent_launch(device)
+
+
 def dependent_launch(device: torch.device, requested: bool | None = None) -> dict:
     """Launch arguments for a starchat kernel on `device`: {"USE_PDL": True, "launch_pdl": True}
     where kernels launch as programmatic dependents (PDL_ENABLED, or `requested`; sm_90 or newer,
