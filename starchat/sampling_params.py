@@ -14,6 +14,7 @@ class SamplingParamsError(FieldError):
 
 
 GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class GuidedDecoding:
 class SamplingParams:
     """How to generate one completion.
 
-    Greedy decoding is used when `do_sample` is False or `temperature` is 0.
+    Greedy decoding is used when `do_sample` is False or `temperature` is 0 (below 1e-5).
     `top_k=0`, `top_p=1.0`, `min_p=0` and `typical_p=1.0` switch those filters off. `logprobs=None` returns no
     log-probabilities; `logprobs=n` returns the chosen token's plus the top-n alternatives.
     """
@@ -88,7 +89,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0.0
+        # Temperatures this close to 0 are its limit, greedy decoding: dividing logits by them
+        # would leave only infinities (as vLLM, which takes the same bound).
+        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def copy(self, **changes) -> "SamplingParams":
         """A copy with `changes` applied; list fields are copied, never shared."""

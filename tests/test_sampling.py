@@ -312,6 +312,49 @@ def test_inverse_cdf_draws_each_column_with_its_probability_and_never_a_zero_one
     assert inverse_cdf(probs, torch.zeros(2, 1)).squeeze(1).tolist() == [1, 2]
 
 
+def test_extreme_parameters_sample_their_limit_and_never_fail(llm):
+    """A repetition penalty near 0 divides a seen token's positive logit into +inf; a temperature
+    near 0 would divide every logit into an infinity. Both used to make NaN probabilities and a
+    draw past the vocabulary (a 500 on the server): now +inf logits share the draw, and such
+    temperatures decode greedily, as their limit does."""
+    prompt = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
+    seen = set(llm.tokenizer.encode(prompt))
+    for seed in range(3):
+        penalised = llm.generate([prompt], SamplingParams(do_sample=True, repetition_penalty=1e-30, max_new_tokens=6,
+                                                          seed=seed, ignore_eos=True))[0]
+        assert len(penalised.token_ids) == 6
+        for token in penalised.token_ids:  # each a token seen before (the ones whose logits went to +inf)
+            assert token in seen
+            seen.add(token)
+        seen = set(llm.tokenizer.encode(prompt))
+    greedy = llm.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+    for temperature in (1e-300, 1e-6):
+        cold = llm.generate([prompt], SamplingParams(do_sample=True, temperature=temperature, max_new_tokens=8,
+                                                     ignore_eos=True, seed=1))[0]
+        assert cold.token_ids == greedy
+
+
+def test_infinite_and_nan_logits_draw_among_the_infinite_ones_and_never_nan():
+    from starchat.engine.request import Request
+    from starchat.engine.sampler import Sampler, inverse_cdf
+
+    logits = torch.randn(3, 50)
+    logits[0, [7, 31]] = float("inf")
+    logits[1, 5] = float("nan")
+    logits[2, :] = float("nan")  # nothing to draw from: still a token of the vocabulary
+    drawn = {0: set(), 1: set(), 2: set()}
+    for seed in range(40):
+        requests = [Request(str(i), [1], SamplingParams(do_sample=True, top_p=[1.0, 0.9, 1.0][i], top_k=[0, 0, 5][i]),
+                            frozenset(), 16, generator=torch.Generator().manual_seed(seed)) for i in range(3)]
+        for row, token in enumerate(Sampler(eos_token_id=0)(logits, requests).token_ids):
+            drawn[row].add(token)
+    assert drawn[0] == {7, 31}
+    assert 5 not in drawn[1] and len(drawn[1]) > 1
+    assert all(0 <= token < 50 for token in drawn[2])
+    assert inverse_cdf(torch.full((2, 4), float("nan")), torch.full((2, 1), 0.5)).squeeze(1).tolist() == [3, 3]
+    assert 0 <= inverse_cdf(torch.zeros(1, 4), torch.full((1, 1), 0.9)).item() < 4
+
+
 def test_a_seeded_draw_does_not_depend_on_how_equal_probabilities_happen_to_sort():
     """Rounding that differs between batch shapes reorders equal and near-equal logits; the draw
     follows each token's probability in token-id order, so such a reordering almost never changes

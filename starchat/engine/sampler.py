@@ -261,8 +261,16 @@ class Sampler:
         whole vocabulary (ids 0..V-1) if some row has none."""
         device = logits.device
         vocab = logits.shape[-1]
-        temperature = torch.tensor([r.params.temperature for r in requests], device=device)[:, None]
-        logits = logits / temperature
+        # Infinite or NaN logits (a repetition penalty near 0 divides a logit into +inf; a 16-bit
+        # model can overflow) would make NaN probabilities: +inf becomes the largest finite value,
+        # so such tokens share the draw (the limit of large logits), and NaN is never drawn.
+        # (The logits are this function's own from here on.)
+        finite = dict(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+        if any(r.params.temperature != 1.0 for r in requests):
+            logits = (logits / torch.tensor([r.params.temperature for r in requests], device=device)[:, None])
+            logits.nan_to_num_(**finite)
+        else:  # temperature 1 (the OpenAI API's default): no division
+            logits = torch.nan_to_num(logits, **finite)
         per_row_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in requests]
         top_p = torch.tensor([r.params.top_p for r in requests], device=device)[:, None]
         if max(per_row_k) < vocab:
@@ -284,7 +292,6 @@ class Sampler:
                 within_k = torch.arange(largest.shape[1], device=device)[None, :] < torch.tensor(
                     [per_row_k[i] for i in limited], device=device)[:, None]
                 keep = torch.zeros(len(limited), vocab, dtype=torch.bool, device=device).scatter_(1, largest, within_k)
-                logits = logits.clone()
                 logits[rows] = logits[rows].masked_fill(~keep, float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             nucleus = [i for i, r in enumerate(requests) if r.params.top_p < 1.0]
@@ -313,7 +320,8 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     chosen = torch.searchsorted(cdf, uniform * total, right=True)  # cdf[j - 1] <= target < cdf[j]: probs[j] > 0
     # where the cumulative sum first reaches the total, its last step was up: a positive column
     last_positive = torch.searchsorted(cdf, total)
-    return torch.minimum(chosen, last_positive)
+    # (a row with no positive probability, NaN or all zero, still gets a column of the row)
+    return torch.minimum(chosen, last_positive).clamp_(max=probs.shape[1] - 1)
 
 
 NUCLEUS_PREFIX = 256  # on a CPU, top-p's nucleus is looked for among this many largest probabilities first
