@@ -332,6 +332,11 @@ def test_extreme_parameters_sample_their_limit_and_never_fail(llm):
         cold = llm.generate([prompt], SamplingParams(do_sample=True, temperature=temperature, max_new_tokens=8,
                                                      ignore_eos=True, seed=1))[0]
         assert cold.token_ids == greedy
+    # A top_p below float32's range is 0 there: the most likely token still stays (it failed an index).
+    for top_p, top_k in ((5e-324, 0), (1e-50, 0), (5e-324, 40)):
+        narrow = llm.generate([prompt], SamplingParams(do_sample=True, top_p=top_p, top_k=top_k, max_new_tokens=8,
+                                                       ignore_eos=True, seed=2))[0]
+        assert narrow.token_ids == greedy
 
 
 def test_infinite_and_nan_logits_draw_among_the_infinite_ones_and_never_nan():

@@ -281,7 +281,7 @@ class Sampler:
             probs = torch.softmax(candidates, dim=-1)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             mass_before = probs.cumsum(dim=-1) - probs
-            probs = probs.masked_fill(mass_before >= top_p, 0.0)
+            probs = probs.masked_fill((mass_before >= top_p) & (rank > 0), 0.0)  # (a top_p below float32's range is 0)
             candidate_ids, order = candidate_ids.sort(dim=-1)
             probs = probs.gather(1, order)
         else:
@@ -340,7 +340,8 @@ def _nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         if prefix == vocab or bool((mass[:, -1:] >= top_p).all()):
             break
         prefix = min(vocab, prefix * 8)
-    kept = ((mass - largest) < top_p).sum(dim=-1, keepdim=True)  # >= 1: the first token's mass before is 0
+    # >= 1: the first token's mass before is 0 (unless top_p is 0 in float32: below its range)
+    kept = ((mass - largest) < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
     return largest.gather(1, kept - 1)
 
 
