@@ -27,6 +27,7 @@ from starchat.server.auth import ApiKeyMiddleware
 from starchat.server.errors import ApiError, install_error_handlers
 from starchat.server.metrics import ServerMetrics
 from starchat.server.middleware import BodyMiddleware, RequestContextMiddleware
+from starchat.server.openapi import describe_responses
 from starchat.server.protocol_azureml import AzureMLScoreRequest
 from starchat.server.protocol_openai import ChatCompletionRequest, CompletionRequest
 from starchat.server.protocol_tgi import CompatGenerateRequest, GenerateRequest
@@ -109,6 +110,14 @@ def create_app(settings: ServerSettings | None = None, *, engine=None,
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     _add_routes(app, ctx)
+    generated_openapi = app.openapi
+
+    def openapi() -> dict:  # FastAPI's description, rewritten once to the answers the routes give
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_responses(generated_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
     playground_mounted = False
     if mount_playground is not None:
         mount_playground(app, settings)

@@ -152,9 +152,19 @@ def install_error_handlers(app: FastAPI) -> None:
             api_error = ApiError(404, f"{request.method} {request.url.path}: no such route; see /swagger.json",
                                  kind="not_found")
         elif error.status_code == 405:
+            # Allow: the methods of every route at this path (Starlette names only the first route's:
+            # "/" is a GET route and a POST route)
+            allowed = sorted({method for route in request.app.routes if getattr(route, "methods", None)
+                              and route.path_regex.match(request.url.path) for method in route.methods})
+            headers = {name: value for name, value in (error.headers or {}).items() if name.lower() != "allow"}
+            headers["allow"] = ", ".join(allowed)
             api_error = ApiError(405, f"{request.method} is not allowed on {request.url.path}", kind="method",
-                                 headers=dict(error.headers or {}))
+                                 headers=headers)
+        elif error.status_code == 400 and error.detail == "There was an error parsing the body":  # FastAPI's words
+            api_error = bad_request("body", "is not valid JSON (or not UTF-8 text)")
         else:
             kind = "validation" if error.status_code < 500 else "internal"
             api_error = ApiError(error.status_code, str(error.detail), kind=kind, headers=dict(error.headers or {}))
+        if api_error.status == 400 and api_style(request.url.path, request.method) == "tgi":
+            api_error.status = 422  # TGI answers bad input with 422
         return error_response_for(request, api_error)

@@ -40,7 +40,8 @@ class AzureMLInputData(BaseModel):
 
     input_string: list[Any] = Field(
         ..., description="Prompts (strings), or one conversation as a list of {role, content} messages.",
-        json_schema_extra={"examples": [["the meaning of life is"], [{"role": "user", "content": "Write a haiku"}]]},
+        json_schema_extra={"examples": [["the meaning of life is"], [{"role": "user", "content": "Write a haiku"}]],
+                           "minItems": 1},
     )
     parameters: AzureMLParameters = Field(default_factory=AzureMLParameters)
 

@@ -57,13 +57,15 @@ class _SamplingFields(BaseModel):
                                                    "following a JSON schema.")
     guided_json: dict[str, Any] | str | None = Field(None, description="Extension (vLLM's): a JSON schema the output follows.")
     guided_regex: str | None = Field(None, description="Extension: a regular expression the whole output matches.")
-    guided_choice: list[str] | None = Field(None, description="Extension: the output is one of these strings.")
+    guided_choice: list[str] | None = Field(None, description="Extension: the output is one of these strings.",
+                                            json_schema_extra={"minItems": 1})
     guided_grammar: str | None = Field(None, description="Extension: a Lark grammar (llguidance's dialect) of the output.")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="Text, texts, token ids, or lists of token ids.")
+        ..., description="Text, texts, token ids, or lists of token ids.",
+        json_schema_extra={"minLength": 1, "minItems": 1})  # (each applies to its own kind of value)
     suffix: str | None = Field(None, description="Text after the completion: fill-in-the-middle.")
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (default 16).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of the top-n tokens.")

@@ -48,7 +48,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
         {"inputs": "def fibonacci(n):", "parameters": {"max_new_tokens": 32, "details": True}}]})
 
-    inputs: str
+    inputs: str = Field(json_schema_extra={"minLength": 1})  # (the engine says why an empty one fails)
     parameters: TGIParameters = Field(default_factory=TGIParameters)
 
 

@@ -30,7 +30,8 @@ class TGITokenizeRequest(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = _STRICT
+    model_config = ConfigDict(strict=True, extra="forbid",
+                              json_schema_extra={"anyOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     model: str | None = None
     prompt: str | None = None
