@@ -114,7 +114,7 @@ def create_app(settings: ServerSettings | None = None, *, engine=None,
 
     def openapi() -> dict:  # FastAPI's description, rewritten once to the answers the routes give
         if app.openapi_schema is None:
-            app.openapi_schema = describe_responses(generated_openapi())
+            app.openapi_schema = describe_responses(generated_openapi(), requires_key=bool(settings.api_keys()))
         return app.openapi_schema
 
     app.openapi = openapi

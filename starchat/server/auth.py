@@ -15,6 +15,14 @@ OPEN_PATHS = frozenset({"/", "/health", "/metrics"})
 OPEN_PREFIXES = ("/playground",)
 
 
+def is_open(path: str, method: str) -> bool:
+    """Whether `method path` is served without a key."""
+    if path in OPEN_PATHS:
+        # `POST /` is TGI's generation route, not the liveness probe: it needs the key.
+        return not (path == "/" and method.upper() == "POST")
+    return path.startswith(OPEN_PREFIXES) or method.upper() == "OPTIONS"  # CORS preflight
+
+
 def _headers(scope) -> dict[bytes, bytes]:
     return {key.lower(): value for key, value in scope.get("headers", ())}
 
@@ -44,15 +52,8 @@ class ApiKeyMiddleware:
         self.app = app
         self.keys = [key.encode("utf-8") for key in api_keys]
 
-    def _is_open(self, scope) -> bool:
-        path = scope.get("path", "")
-        if path in OPEN_PATHS:
-            # `POST /` is TGI's generation route, not the liveness probe: it needs the key.
-            return not (path == "/" and scope.get("method") == "POST")
-        return path.startswith(OPEN_PREFIXES) or scope.get("method") == "OPTIONS"  # CORS preflight
-
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.keys or self._is_open(scope):
+        if scope["type"] != "http" or not self.keys or is_open(scope.get("path", ""), scope.get("method", "GET")):
             return await self.app(scope, receive, send)
         presented = presented_key(scope)
         if presented is not None and key_matches(presented, self.keys):

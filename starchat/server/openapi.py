@@ -15,6 +15,7 @@ import json
 
 from pydantic.json_schema import models_json_schema
 
+from starchat.server.auth import is_open
 from starchat.server.errors import api_style
 
 _ANY_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
@@ -34,7 +35,7 @@ _BODY_OF_STYLE = {"azureml": "AzureMLError", "openai": "OpenAIError", "tgi": "TG
 
 WHY = {
     400: "Bad input: the message names the field.",
-    401: "No valid API key (a server started with --api-key or --api-key-file).",
+    401: "No valid API key (this server was started with --api-key or --api-key-file).",
     404: "The model named is not the one served.",
     408: "The request's time limit (--request-timeout) passed.",
     413: "The body is larger than --max-body-bytes.",
@@ -44,7 +45,7 @@ WHY = {
     500: "The engine failed while generating.",
     503: "The model is still loading, or failed to load (/health says which).",
 }
-_GENERATION = (400, 401, 408, 413, 415, 429, 500, 503)
+_GENERATION = (400, 408, 413, 415, 429, 500, 503)
 # (method, path) -> the error statuses the route answers with
 ROUTE_ERRORS = {
     ("post", "/score"): _GENERATION,
@@ -53,13 +54,13 @@ ROUTE_ERRORS = {
     ("post", "/generate"): _GENERATION,
     ("post", "/generate_stream"): _GENERATION,
     ("post", "/"): _GENERATION,
-    ("post", "/tokenize"): (400, 401, 404, 413, 415, 422, 503),
-    ("post", "/detokenize"): (400, 401, 404, 413, 415, 503),
-    ("get", "/v1/models"): (401,),
-    ("get", "/v1/models/{model_id}"): (401, 404),
-    ("get", "/info"): (401,),
-    ("get", "/swagger.json"): (401,),
+    ("post", "/tokenize"): (400, 404, 413, 415, 422, 503),
+    ("post", "/detokenize"): (400, 404, 413, 415, 503),
+    ("get", "/v1/models/{model_id}"): (404,),
 }
+# With API keys, every route but the open ones (auth.is_open) also answers 401.
+SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+                    "apiKey": {"type": "apiKey", "in": "header", "name": "api-key", "description": "api-key: <key>"}}
 # Routes whose 200 may be a stream (with "stream": true), and the one that always is.
 MAY_STREAM = {("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("post", "/")}
 ALWAYS_STREAMS = {("post", "/generate_stream")}
@@ -76,16 +77,23 @@ def _error_body(method: str, path: str, status: int) -> dict:
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
-def describe_responses(schema: dict) -> dict:
-    """Rewrite FastAPI's generated `schema` in place to the answers the routes give; returns it."""
+def describe_responses(schema: dict, requires_key: bool = False) -> dict:
+    """Rewrite FastAPI's generated `schema` in place to the answers the routes give (`requires_key`:
+    the server was started with API keys); returns it."""
     schema.setdefault("components", {}).setdefault("schemas", {}).update(ERROR_SCHEMAS)
+    if requires_key:
+        schema["components"]["securitySchemes"] = SECURITY_SCHEMES
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             style = api_style(path, method)
             if style != "tgi" and (method, path) != ("post", "/tokenize"):
                 responses.pop("422", None)  # FastAPI's validation error: bad input is a 400 here
-            for status in ROUTE_ERRORS.get((method, path), ()):
+            statuses = ROUTE_ERRORS.get((method, path), ())
+            if requires_key and not is_open(path, method):
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+                statuses = (401, *statuses)
+            for status in statuses:
                 if status == 400 and style == "tgi":
                     status = 422
                 responses[str(status)] = {"description": WHY[status],
