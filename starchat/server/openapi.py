@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 
 from starchat.server.auth import is_open
 from starchat.server.errors import api_style
+from starchat.server.serving_tokenize import DetokenizeRequest, TGITokenizeRequest, TokenizeRequest
 
 _ANY_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
 ERROR_SCHEMAS = {
@@ -113,8 +114,6 @@ def describe_responses(schema: dict, requires_key: bool = False) -> dict:
 
 def _describe_token_bodies(schema: dict) -> None:
     """/tokenize and /detokenize read their bodies themselves (two dialects): name their models."""
-    from starchat.server.serving_tokenize import DetokenizeRequest, TGITokenizeRequest, TokenizeRequest
-
     models = (TGITokenizeRequest, TokenizeRequest, DetokenizeRequest)
     _, definitions = models_json_schema([(model, "validation") for model in models],
                                         ref_template="#/components/schemas/{model}")
