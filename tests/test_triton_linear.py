@@ -74,6 +74,35 @@ def test_batched_shapes_and_rows_beyond_one_pass(kernels):
         kernels.linear(torch.randn(2, 63), weight, scales, None)
 
 
+def test_every_tuning_candidate_is_right_at_every_row_count_its_bucket_serves(kernels):
+    """Tuning checks a candidate at its bucket's row count (1, 16, 64, 128); the choice then serves
+    every row count up to that bucket (17..64 rows take the 64 bucket's tiles). Random shapes, not
+    multiples of the tiles, each candidate of each bucket's pool at a random row count it serves."""
+    import random
+
+    from starchat.model.tuned_linear import CANDIDATES, INT8_CANDIDATES, ROW_CANDIDATES, WIDE_CANDIDATES
+
+    rng = random.Random(7)
+    served = {1: (1, 1), 16: (2, 16), 64: (17, 64), 128: (65, 128)}
+    for bucket, (fewest, most) in served.items():
+        for quantized in (False, True):
+            pool = [(kernels.block_rows(bucket), *choice) for choice in
+                    (WIDE_CANDIDATES if bucket > 16 else INT8_CANDIDATES if quantized else CANDIDATES)]
+            if bucket == 1:
+                pool += [(1, *choice) for choice in ROW_CANDIDATES]
+            for blocks in pool:
+                rows, out_features = rng.randint(fewest, most), rng.randint(1, 150)
+                in_features = 4 * rng.randint(1, 150) if blocks[0] == 1 else rng.randint(1, 600)
+                dense = torch.randn(out_features, in_features) * 0.05
+                weight, scales = quantize_per_channel(dense) if quantized else (dense.half(), None)
+                bias = torch.randn(out_features).half() if rng.random() < 0.5 else None
+                x = torch.randn(rows, in_features).half()
+                out = kernels.linear(x, weight, scales, bias, blocks)
+                expected = reference(x, weight, scales if quantized else torch.ones(out_features), bias)
+                torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2,
+                                           msg=lambda m: f"{blocks} at {rows} x {in_features} -> {out_features}: {m}")
+
+
 def test_without_the_interpreter_only_gpus_qualify(kernels, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not kernels.supports(torch.randn(2, 64))  # a CPU tensor
