@@ -67,6 +67,8 @@ def test_embedded_model_says_what_it_is_first():
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "2"], "top_p"),
     (["--max-new-tokens", "100000"], "max_new_tokens"),
+    (["--device", "tpu"], "device: 'tpu' is not supported"),
+    (["--dtype", "float8"], "dtype"),
 ])
 def test_bad_parameters_exit_non_zero_with_one_line(tiny_model_dir, args, message):
     result = starchat("generate", "--model", str(tiny_model_dir), *args, "x")
@@ -80,3 +82,16 @@ def test_chat_streams_replies_and_handles_commands(tiny_model_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(">>> ") >= 3
     assert "(conversation cleared)" in result.stderr and "system prompt: Be terse." in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["latency", "--shape", "nope"], "shape: 'nope' is not one of"),
+    (["latency", "--prompt-len", "100000", "--new-tokens", "2"], "--prompt-len 100000 + --new-tokens 2 exceed"),
+    (["throughput", "--device", "tpu"], "device: 'tpu'"),
+])
+def test_bench_refuses_bad_options_with_one_line(tiny_model_dir, args, message):
+    model = [] if "--shape" in args else ["--model", str(tiny_model_dir)]
+    result = starchat("bench", *args, *model)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")

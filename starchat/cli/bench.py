@@ -14,7 +14,7 @@ SHAPE_HELP = "Random-weight model of a named shape: starchat-beta, starcoder, ti
 
 
 def _setup(model: Optional[str], shape: str, dtype: str, device: str, quantize: Optional[str], max_num_seqs: int,
-           hf: bool = False):
+           prompt_len: int, new_tokens: int, hf: bool = False):
     from starchat.bench.checkpoints import random_checkpoint
     from starchat.bench.machine import describe_machine
     from starchat.bench.offline import check_hf_readable
@@ -22,14 +22,17 @@ def _setup(model: Optional[str], shape: str, dtype: str, device: str, quantize: 
     from starchat.engine.devices import resolve_device
     from starchat.llm import LLM
 
-    model_dir = Path(model) if model else random_checkpoint(shape)
-    if hf:
-        with one_line_errors():  # before loading ours: a baseline that cannot run is known at once
+    with one_line_errors():
+        model_dir = Path(model) if model else random_checkpoint(shape)
+        if hf:  # before loading ours: a baseline that cannot run is known at once
             check_hf_readable(model_dir)
-    # Prefix caching off: the figures are those of computing every token (the latency figures
-    # repeat one prompt, which would otherwise be found cached), as the HF baseline does.
-    llm = LLM(str(model_dir), dtype=dtype, device=device, quantize=quantize, progress=False, max_num_seqs=max_num_seqs,
-              enable_prefix_caching=False)
+        # Prefix caching off: the figures are those of computing every token (the latency figures
+        # repeat one prompt, which would otherwise be found cached), as the HF baseline does.
+        llm = LLM(str(model_dir), dtype=dtype, device=device, quantize=quantize, progress=False,
+                  max_num_seqs=max_num_seqs, enable_prefix_caching=False)
+        if prompt_len + new_tokens > llm.engine.max_model_len:  # known before any side is measured
+            raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the model's context of "
+                             f"{llm.engine.max_model_len} tokens; ask for fewer")
     machine = describe_machine(resolve_device(device))
     typer.echo(f"machine: {machine}")
     typer.echo(f"model: {model_dir} dtype {llm.engine.dtype} device {llm.engine.device} quantize {llm.engine.quantize}")
@@ -55,8 +58,8 @@ def latency_command(
     dtype: str = typer.Option("auto"),
     device: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None),
-    new_tokens: int = typer.Option(128),
-    prompt_len: int = typer.Option(128, help="Prompt length for the time-to-first-token figure."),
+    new_tokens: int = typer.Option(128, min=1),
+    prompt_len: int = typer.Option(128, min=1, help="Prompt length for the time-to-first-token figure."),
     hf: bool = typer.Option(False, "--hf", help="Also run HF transformers generate as the baseline."),
     rounds: int = typer.Option(3, min=1, help="With --hf: rounds of both sides in turn (medians; the host drifts)."),
     output: Optional[str] = typer.Option(None, "--json", help="Write the figures as JSON here."),
@@ -65,7 +68,7 @@ def latency_command(
     from starchat.bench.machine import measure_read_bandwidth
     from starchat.bench.offline import HFBaseline, interleave, median_latency, ours_latency, round_ratios
 
-    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, 8, hf=hf)
+    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, 8, prompt_len, new_tokens, hf=hf)
     sides = {"ours": lambda: ours_latency(llm, new_tokens, prompt_len)}
     if hf:
         baseline = HFBaseline(model_dir, str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.device))
@@ -93,9 +96,9 @@ def throughput_command(
     dtype: str = typer.Option("auto"),
     device: str = typer.Option("auto"),
     quantize: Optional[str] = typer.Option(None),
-    num_prompts: int = typer.Option(32),
-    prompt_len: int = typer.Option(128),
-    new_tokens: int = typer.Option(128),
+    num_prompts: int = typer.Option(32, min=1),
+    prompt_len: int = typer.Option(128, min=1),
+    new_tokens: int = typer.Option(128, min=1),
     max_concurrent: Optional[int] = typer.Option(
         None, min=1, help="Requests running at once (the engine's batch; the rest wait): the offline side of a "
                           "`starchat serve --max-concurrent-requests N` + `starchat bench serve --concurrency N` "
@@ -106,7 +109,8 @@ def throughput_command(
     """N requests end to end (all at once, or --max-concurrent at a time): output tokens/s."""
     from starchat.bench.offline import HFBaseline, ours_throughput
 
-    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, max_concurrent or max(64, num_prompts), hf=hf)
+    model_dir, llm, machine = _setup(model, shape, dtype, device, quantize, max_concurrent or max(64, num_prompts),
+                                     prompt_len, new_tokens, hf=hf)
     rows = {"ours": {**ours_throughput(llm, num_prompts, prompt_len, new_tokens).as_dict(),
                      "max_concurrent": llm.engine.config.max_num_seqs}}
     if hf:

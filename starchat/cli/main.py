@@ -22,8 +22,10 @@ app.command("generate")(generate.generate_command)
 app.command("chat")(generate.chat_command)
 app.command("serve")(serve.serve_command)
 app.command("batch")(batch.batch_command)
-app.command("quantize")(quantize.quantize_command)
-app.command("pack")(pack.pack_command)
+app.command("quantize", short_help="Write MODEL with int8 weights into OUTPUT, to load in half the bytes "
+            "without quantizing at every start.")(quantize.quantize_command)
+app.command("pack", short_help="Write MODEL into OUTPUT with its weights in the CPU kernels' panels, "
+            "mapped at load instead of repacked.")(pack.pack_command)
 app.add_typer(train.train_app, name="train")
 app.add_typer(bench.bench_app, name="bench")
 

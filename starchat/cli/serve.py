@@ -62,7 +62,7 @@ def serve_command(
         None, "--prefix-caching/--no-prefix-caching",
         help="Reuse the KV cache of prompts' already-computed prefixes (a shared system prompt, a chat's earlier "
              "turns); default on." + _env("prefix_caching")),
-    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error; default AZUREML_LOG_LEVEL or "
+    log_level: Optional[str] = typer.Option(None, help="trace, debug, info, warning, error or critical; default AZUREML_LOG_LEVEL or "
                                                        "info." + _env("log_level")),
     log_format: Optional[str] = typer.Option(None, help="auto (text on a terminal, else JSON lines), text or json."
                                                         + _env("log_format")),
@@ -107,6 +107,8 @@ def serve_command(
     previous = {sig: signal.signal(sig, _after_graceful_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
+    except SystemExit:  # uvicorn exits this way when it cannot bind (it has logged the system's reason)
+        pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -114,7 +116,9 @@ def serve_command(
         typer.echo(f"error: the model failed to load: {failures[0]}", err=True)
         raise typer.Exit(1)
     if not server.started:
-        raise typer.Exit(1)  # could not bind (uvicorn said why)
+        typer.echo(f"error: cannot listen on {settings.host}:{settings.port} (the reason is logged above); "
+                   "pass another --host or --port", err=True)
+        raise typer.Exit(1)
 
 
 def _after_graceful_shutdown(signum, frame) -> None:

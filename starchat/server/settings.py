@@ -15,6 +15,7 @@ from typing import Mapping
 from starchat.config import EngineConfig
 
 DEFAULT_SCORING_TIMEOUT_MS = 3_600_000  # azureml-inference-server-http's default
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical")  # uvicorn's names
 
 
 class SettingsError(ValueError):
@@ -97,10 +98,15 @@ class ServerSettings:
         positive("max_queue", self.max_queue, allow_zero=True)
         positive("num_speculative_tokens", self.num_speculative_tokens, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise SettingsError(f"--max-total-tokens: must be >= 2 (one prompt token and one new token), "
+                                f"got {self.max_total_tokens}")
         if self.max_input_tokens and self.max_total_tokens and self.max_input_tokens >= self.max_total_tokens:
             raise SettingsError("--max-input-tokens: must be below --max-total-tokens (leave room for one new token)")
         if self.quantize not in (None, "int8"):
             raise SettingsError(f"--quantize: only int8 is supported, got {self.quantize!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(f"--log-level: one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.log_format not in ("auto", "text", "json"):
             raise SettingsError(f"--log-format: auto, text or json, got {self.log_format!r}")
         if self.api_key is not None and not self.api_key.strip():

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from starchat.engine.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -34,7 +36,7 @@ class DistributedContext:
 def resolve_training_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    resolved = torch.device(device)
+    resolved = resolve_device(device)  # refuses what is neither cpu nor a visible GPU, saying what to pass
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device(f"cuda:{local_rank}")
     return resolved

@@ -193,9 +193,13 @@ def test_settings_precedence_and_validation(tmp_path):
     key_file = tmp_path / "keys"
     key_file.write_text("# rotated keys\nkey-one\nkey-two\n")
     assert ServerSettings(api_key_file=str(key_file)).api_keys() == ["key-one", "key-two"]
-    for bad in ({"port": 0}, {"max_queue": -1}, {"request_timeout": 0}, {"max_num_batched_tokens": 0}):
+    for bad in ({"port": 0}, {"max_queue": -1}, {"request_timeout": 0}, {"max_num_batched_tokens": 0},
+                {"log_level": "loud"}, {"max_total_tokens": 1}):
         with pytest.raises(SettingsError, match=next(iter(bad)).replace("_", "-")):
             ServerSettings.from_sources(bad, {})
+    assert ServerSettings.from_sources({}, {"AZUREML_LOG_LEVEL": "WARNING"}).log_level == "warning"
+    with pytest.raises(SettingsError, match="--log-level: one of .* got 'verbose'"):
+        ServerSettings.from_sources({}, {"AZUREML_LOG_LEVEL": "verbose"})
     with pytest.raises(SettingsError, match="STARCHAT_PORT"):
         ServerSettings.from_sources({}, {"STARCHAT_PORT": "eighty"})
 

@@ -88,3 +88,19 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(serve_process):
     logs = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
     assert any(entry.get("request_id") == "sigterm-test" and entry.get("status") == 200 for entry in logs)
     assert any("Shutting down" in entry["message"] for entry in logs)
+
+
+def test_a_port_in_use_exits_1_saying_what_to_change(tiny_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "starchat.cli.serve", "--model", str(tiny_model_dir),
+                                 "--port", str(port), "--device", "cpu", "--log-format", "json"],
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: cannot listen on 127.0.0.1:{port} (the reason is logged above); pass another --host or --port"
+    assert any("address already in use" in json.loads(line)["message"].lower()
+               for line in result.stderr.splitlines() if line.startswith("{"))

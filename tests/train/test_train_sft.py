@@ -241,3 +241,17 @@ def test_pretrain_on_code_files(workspace, tmp_path):
     from transformers import GPTBigCodeForCausalLM as HFModel
 
     HFModel.from_pretrained(output)  # a complete HF checkpoint
+
+
+def test_cli_refuses_a_device_it_cannot_train_on(workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    from starchat.cli.train import train_app
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    outcome = CliRunner().invoke(train_app, ["sft", "--base", str(workspace / "base"), "--data", str(data),
+                                             "--output", str(tmp_path / "out"), "--no-progress", "--device", "tpu"])
+    assert outcome.exit_code == 2, outcome.output
+    assert "device: 'tpu' is not supported" in outcome.output
+    assert isinstance(outcome.exception, SystemExit)  # an exit with the message, not a traceback
