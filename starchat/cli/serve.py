@@ -86,8 +86,9 @@ def serve_command(
     configure_logging(settings.log_level, settings.log_format)
     logger = logging.getLogger("starchat.server")
     print_notice(settings.model)
-    if int(os.environ.get("WORKER_COUNT", "1") or 1) > 1:
-        logger.warning("WORKER_COUNT > 1 is ignored: one process serves all requests through one engine")
+    if os.environ.get("WORKER_COUNT", "1").strip() not in ("", "1"):
+        logger.warning("WORKER_COUNT=%s is ignored: one process serves all requests through one engine",
+                       os.environ["WORKER_COUNT"])
 
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None

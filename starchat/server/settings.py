@@ -123,24 +123,37 @@ class ServerSettings:
         environ = os.environ if environ is None else environ
         flags = flags or {}
         values: dict[str, object] = {}
+        variables: dict[str, str] = {}  # setting -> the environment variable it came from
         timeout_ms = environ.get("SCORING_TIMEOUT_MS")
         if timeout_ms:
             values["request_timeout"] = _parse("SCORING_TIMEOUT_MS", timeout_ms, float) / 1000
+            variables["request_timeout"] = "SCORING_TIMEOUT_MS"
         if environ.get("AZUREML_LOG_LEVEL"):
             values["log_level"] = environ["AZUREML_LOG_LEVEL"]
+            variables["log_level"] = "AZUREML_LOG_LEVEL"
         for spec in fields(cls):
             variable = env_var(spec.name)
             if environ.get(variable, "") != "":
                 values[spec.name] = _parse(variable, environ[variable], _field_type(spec.name))
+                variables[spec.name] = variable
         for name, value in flags.items():
             if name not in _FIELD_NAMES:
                 raise SettingsError(f"unknown setting {name!r}")
             if value is not None and not (isinstance(value, (list, tuple)) and not value):
                 values[name] = tuple(value) if isinstance(value, list) else value
+                variables.pop(name, None)
         if "cors_origins" in values and isinstance(values["cors_origins"], str):
             values["cors_origins"] = _split_origins(values["cors_origins"])
         values["log_level"] = str(values.get("log_level", "info")).lower()
-        return replace(cls(), **values).validate()
+        try:
+            return replace(cls(), **values).validate()
+        except SettingsError as error:
+            # "--max-queue: ..." about a value from STARCHAT_MAX_QUEUE names the variable the user set.
+            flag, _, rest = str(error).partition(":")
+            name = flag.removeprefix("--").replace("-", "_")
+            if name in variables and rest:
+                raise SettingsError(f"{variables[name]} ({flag}):{rest}") from None
+            raise
 
 
 _FIELD_NAMES = {spec.name for spec in fields(ServerSettings)}

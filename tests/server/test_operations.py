@@ -198,8 +198,13 @@ def test_settings_precedence_and_validation(tmp_path):
         with pytest.raises(SettingsError, match=next(iter(bad)).replace("_", "-")):
             ServerSettings.from_sources(bad, {})
     assert ServerSettings.from_sources({}, {"AZUREML_LOG_LEVEL": "WARNING"}).log_level == "warning"
-    with pytest.raises(SettingsError, match="--log-level: one of .* got 'verbose'"):
+    # A bad value from the environment names the variable the user set.
+    with pytest.raises(SettingsError, match=r"AZUREML_LOG_LEVEL \(--log-level\): one of .* got 'verbose'"):
         ServerSettings.from_sources({}, {"AZUREML_LOG_LEVEL": "verbose"})
+    with pytest.raises(SettingsError, match=r"^STARCHAT_MAX_QUEUE \(--max-queue\): must be >= 0, got -1$"):
+        ServerSettings.from_sources({}, {"STARCHAT_MAX_QUEUE": "-1"})
+    with pytest.raises(SettingsError, match=r"^--max-queue: must be >= 0, got -2$"):  # the flag wins over the variable
+        ServerSettings.from_sources({"max_queue": -2}, {"STARCHAT_MAX_QUEUE": "-1"})
     with pytest.raises(SettingsError, match="STARCHAT_PORT"):
         ServerSettings.from_sources({}, {"STARCHAT_PORT": "eighty"})
 
