@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import queue
+import signal
+import socket
 import threading
 from typing import Iterator
 
@@ -117,7 +119,7 @@ def ray_records(tasks: Iterator[dict], *, address: str | None, model: str | None
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+        _join_cluster(address)
     try:
         items = [{"task": json.dumps(task, ensure_ascii=False)} for task in tasks]
         if not items:
@@ -141,6 +143,39 @@ def ray_records(tasks: Iterator[dict], *, address: str | None, model: str | None
     finally:
         if started_here:
             ray.shutdown()
+
+
+class RayClusterError(ValueError):
+    """No Ray cluster answers at the address given (the message says what to do)."""
+
+
+def _join_cluster(address: str | None) -> None:
+    """`ray.init`, failing within seconds, and saying what to do, when no cluster answers.
+
+    Ray itself retries an address where nothing listens for minutes, and installs a SIGTERM
+    handler that exits the process; the caller's handler is put back so that a scheduler's stop
+    still ends the job as an interruption (journal consistent, summary written).
+    """
+    import ray
+
+    if address not in (None, "local", "auto"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+            raise RayClusterError(f"--ray {address}: no Ray cluster answers there ({reason}); start its head with "
+                                  "`ray start --head` and pass the address it prints") from None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    try:
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    except ConnectionError as error:
+        raise RayClusterError(f"--ray {address}: {error} (start a cluster with `ray start --head`, or pass --ray "
+                              "alone to start one for this job)") from None
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _actor_pool(size: int, calls_per_actor: int):

@@ -134,7 +134,7 @@ def run_batch(inputs: list[str | Path] | str | Path, output_dir: str | Path, *, 
                 if error_threshold >= 0 and failed > error_threshold:
                     status, message = "stopped", _threshold_message(failed, error_threshold)
                     break
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: a library's signal handler (Ray's SIGTERM) ending the process
         status, message = "interrupted", "interrupted; run the same command again to resume"
         raise
     except Exception as error:
