@@ -84,6 +84,43 @@ def test_chat_streams_replies_and_handles_commands(tiny_model_dir):
     assert "(conversation cleared)" in result.stderr and "system prompt: Be terse." in result.stderr
 
 
+def test_chat_goes_on_past_the_context_and_after_a_message_too_long(tiny_model_dir):
+    turns = [f"question {i}: " + "explain this code " * 20 for i in range(8)]
+    stdin = "\n".join(turns[:6] + ["/nonsense", "x = 1 " * 400, "a short question"] + turns[6:]) + "\n"
+    result = starchat("chat", "--model", str(tiny_model_dir), "--max-new-tokens", "40", "--temperature", "0",
+                      stdin=stdin, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "left the conversation to fit the model's context of 512 tokens" in result.stderr
+    assert "(unknown command /nonsense)" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "do not fit the context of 512 tokens" in errors[0], result.stderr
+    assert result.stdout.count(">>> ") == 12  # 11 lines, each answered by a new prompt, and the one EOF ends
+
+
+def test_fit_context_keeps_the_newest_exchanges_that_leave_room_for_a_reply(tiny_model_dir):
+    from starchat.cli.generate import _fit_context
+
+    engine = LLM(str(tiny_model_dir), dtype="float32", progress=False).engine
+    params = SamplingParams(max_new_tokens=64)
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"question {i} " + "why " * 15},
+                    {"role": "assistant", "content": f"answer {i} " + "because " * 15}]
+    history.append({"role": "user", "content": "last question"})
+    original = list(history)
+    prompt, _, dropped = _fit_context(engine, history, params, None)
+    assert dropped > 0 and history == original[2 * dropped:]
+    assert prompt == engine.chat_prompt(history)
+    assert len(engine.tokenize_prompt(prompt)) + 64 <= engine.max_model_len
+    one_more = engine.chat_prompt(original[2 * dropped - 2:])  # keeping one more exchange would not fit
+    assert len(engine.tokenize_prompt(one_more)) + 64 > engine.max_model_len
+
+    too_long = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "x = 1 " * 400}]
+    _, _, dropped = _fit_context(engine, too_long, params, None)
+    assert dropped == 0 and len(too_long) == 3  # nothing is given up for a message that cannot be answered
+
+
 @pytest.mark.parametrize("args, message", [
     (["latency", "--shape", "nope"], "shape: 'nope' is not one of"),
     (["latency", "--prompt-len", "100000", "--new-tokens", "2"], "--prompt-len 100000 + --new-tokens 2 exceed"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import List, Optional
 
 import typer
@@ -94,7 +95,8 @@ def _one_stream_dtype(dtype: str, device: str, model_dir, quantize: Optional[str
 
     stored = ModelConfig.from_file(model_dir / "config.json").torch_dtype
     return single_stream_dtype(dtype, device, stored)
-CHAT_HELP = "Commands: /reset clears the conversation, /system TEXT sets the system prompt, /exit quits. Ctrl-C stops a reply."
+CHAT_HELP = ("Commands: /reset clears the conversation, /system TEXT sets the system prompt, /help shows this, /exit "
+             "quits. Ctrl-C stops a reply.")
 
 
 def chat_command(
@@ -142,18 +144,50 @@ def chat_command(
             history.clear()
             typer.echo("(conversation cleared)", err=True)
             continue
-        if text.startswith("/system"):
+        if text == "/help":
+            typer.echo(CHAT_HELP, err=True)
+            continue
+        if text == "/system" or text.startswith("/system "):
             system = text[len("/system"):].strip() or None
             typer.echo(f"(system prompt: {system or 'none'})", err=True)
             continue
+        if re.fullmatch(r"/\w+", text.split(maxsplit=1)[0]):  # "/help", "/nonsense"; a path like /usr/x goes through
+            typer.echo(f"(unknown command {text.split()[0]}) {CHAT_HELP}", err=True)
+            continue
         history.append({"role": "user", "content": line})
-        with one_line_errors():
-            prompt, chat_params = llm.engine.chat_request(history, params, system)
+        prompt, chat_params, dropped = _fit_context(llm.engine, history, params, system)
+        if dropped:
+            typer.echo(f"(the oldest {dropped} exchange{'s' * (dropped > 1)} left the conversation to fit the "
+                       f"model's context of {llm.engine.max_model_len} tokens)", err=True)
         reply = _stream_reply(llm, prompt, chat_params)
+        if reply is None:
+            history.pop()  # a message the model could not take stays out of the conversation
+            continue
         history.append({"role": "assistant", "content": reply})
 
 
-def _stream_reply(llm, prompt: str, params: SamplingParams) -> str:
+def _fit_context(engine, history: list[dict], params: SamplingParams, system: str | None) -> tuple[str, SamplingParams, int]:
+    """The chat prompt of `history` after dropping its oldest exchanges until the prompt leaves
+    room for a reply (all of `max_new_tokens`, or half the context if that is less), so that a
+    long chat goes on instead of failing at every turn. The newest message always stays."""
+    needed = min(params.max_new_tokens, engine.max_model_len // 2)
+    dropped = 0  # exchanges: a user message and its reply
+    while True:
+        prompt, chat_params = engine.chat_request(history[2 * dropped:], params, system)
+        room = engine.max_model_len - len(engine.tokenize_prompt(prompt))
+        if room >= needed:
+            break
+        if 2 * dropped + 1 >= len(history):  # the newest message alone
+            if room < 1:  # it cannot be answered at all: the request is refused, the chat stays as it was
+                return prompt, chat_params, 0
+            break
+        dropped += 1
+    del history[:2 * dropped]
+    return prompt, chat_params, dropped
+
+
+def _stream_reply(llm, prompt: str, params: SamplingParams) -> str | None:
+    """The reply as streamed to the terminal; None when the request was refused (said why)."""
     parts: list[str] = []
     stream = llm.stream(prompt, params)
     try:
@@ -167,5 +201,6 @@ def _stream_reply(llm, prompt: str, params: SamplingParams) -> str:
         typer.echo(" [stopped]", nl=False)
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
+        return None
     typer.echo()
     return "".join(parts)
