@@ -56,6 +56,7 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer):
         self._backend = backend
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._id_limit = self._vocab_size  # ids decodable: raised to the model's by cover_model_vocabulary
         eos_token_id = backend.token_to_id(EOS_TOKEN)
         if eos_token_id is None:
             raise ValueError(f"the tokenizer has no {EOS_TOKEN} token: not a StarCoder-family vocabulary")
@@ -104,6 +105,18 @@ class Tokenizer:
                 table.append(token.encode("utf-8"))
         return table
 
+    def cover_model_vocabulary(self, model_vocab_size: int) -> None:
+        """Accept the ids a model has beyond this tokenizer's (vocabularies padded to a multiple of
+        64 or 128 are common): they have no text, and decode to nothing, as in HF's `decode`, so that
+        a model that generates one (or a prompt given as ids that holds one) is not an error."""
+        if model_vocab_size <= self._id_limit:
+            return
+        extra = model_vocab_size - self._id_limit
+        self._id_limit = model_vocab_size
+        if self._token_bytes is not None:
+            self._token_bytes = self._token_bytes + [b""] * extra
+            self._token_bytes_no_special = self._token_bytes_no_special + [b""] * extra
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (49156 for StarChat)."""
@@ -131,9 +144,9 @@ class Tokenizer:
 
     def _check_ids(self, token_ids: Sequence[int]) -> None:
         # A negative id would silently index the table from the end; say what is wrong instead.
-        if token_ids and (min(token_ids) < 0 or max(token_ids) >= self._vocab_size):
-            bad = next(token_id for token_id in token_ids if not 0 <= token_id < self._vocab_size)
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})")
+        if token_ids and (min(token_ids) < 0 or max(token_ids) >= self._id_limit):
+            bad = next(token_id for token_id in token_ids if not 0 <= token_id < self._id_limit)
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self._id_limit - 1})")
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`; an incomplete UTF-8 character comes out as U+FFFD."""

@@ -140,3 +140,26 @@ def test_bfloat16_stays_close_to_float32(tiny_model_dir):
     first = SamplingParams(max_new_tokens=4, ignore_eos=True)
     agree = sum(x.token_ids[0] == y.token_ids[0] for x, y in zip(fp32.generate(PROMPTS, first), bf16.generate(PROMPTS, first)))
     assert agree >= len(PROMPTS) - 1
+
+
+def test_ids_of_a_padded_vocabulary_beyond_the_tokenizer_decode_to_no_text(tmp_path):
+    """A model whose vocabulary is padded past the tokenizer's (here 50,000 rows against 49,156
+    tokens) may generate, or be prompted with, an id that has no text: generation goes on, and
+    the text is HF's decode of the ids (which gives such ids no text)."""
+    from transformers import AutoTokenizer
+
+    path = write_hf_checkpoint(tmp_path / "padded", seed=8, vocab_size=50_000)
+    reference = HFModel.from_pretrained(path, dtype=torch.float32).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(path)
+    ours = LLM(str(path), dtype="float32", device="cpu", progress=False)
+    prompt = ours.tokenizer.encode("def add(a, b):") + [49_935]
+    forced = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=1,
+                            logit_bias={49_990: 100.0})
+    plain = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=1)
+    forced_out, plain_out = ours.generate([prompt], forced)[0], ours.generate([prompt], plain)[0]
+    assert forced_out.token_ids == [49_990] * 6
+    assert forced_out.text == hf_tokenizer.decode(forced_out.token_ids) == ""
+    assert [lp.token_id for lp in forced_out.logprobs] == [49_990] * 6
+    assert forced_out.prompt_logprobs[-1].token_id == 49_935
+    assert plain_out.token_ids == hf_greedy(reference, prompt, 12)
+    assert plain_out.text == hf_tokenizer.decode(plain_out.token_ids)

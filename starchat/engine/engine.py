@@ -82,6 +82,7 @@ class LLMEngine:
         self.quantize = config.quantize or checkpoint_quantization(self.model_dir)
         self.dtype = resolve_dtype(config.dtype, self.device, self.quantize, self.model_config.torch_dtype)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.tokenizer.cover_model_vocabulary(self.model_config.vocab_size)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.chat_template = ChatTemplate.from_model_dir(self.model_dir)
         self.end_token_id = self.tokenizer.token_id(END_TOKEN)
