@@ -192,6 +192,13 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class PredictedOutput(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["content"]
+    content: str | list[TextContentPart]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default: what the context leaves).")
@@ -212,6 +219,11 @@ class ChatCompletionRequest(_SamplingFields):
     service_tier: str | None = Field(None, description="Accepted; one tier serves every request.")
     prompt_cache_key: str | None = Field(None, description="Accepted; prefix caching is automatic.")
     safety_identifier: str | None = Field(None, description="Accepted, like user; not used.")
+    # Output-shape fields a client may send with their text-only values.
+    modalities: list[Literal["text"]] | None = Field(None, description="Only ['text']: the model writes text.")
+    audio: None = Field(None, description="Only null: no audio output.")
+    prediction: PredictedOutput | None = Field(
+        None, description="Accepted; not used (a prediction only speeds a reply up: the reply is the same).")
 
     model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
         {"model": "starchat-nano", "messages": [{"role": "user", "content": "Write a Python hello world"}],

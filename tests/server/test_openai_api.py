@@ -242,8 +242,14 @@ def test_chat_bookkeeping_fields_are_accepted_and_change_nothing(client):
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
     tagged = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, store=False,
                                             metadata={"team": "docs"}, service_tier="auto", user="u-1",
-                                            prompt_cache_key="k", safety_identifier="s-1")
+                                            prompt_cache_key="k", safety_identifier="s-1", modalities=["text"],
+                                            audio=None, prediction={"type": "content", "content": "int main"})
     assert tagged.choices[0].message.content == plain.choices[0].message.content
+    for field, value in (("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
+                         ("prediction", {"type": "image", "content": "x"})):
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, **{field: value})
+        assert raised.value.body["param"].startswith(field), raised.value.body
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
                                        metadata={f"k{i}": "v" for i in range(17)})
