@@ -61,6 +61,7 @@ def _run(function, options) -> None:
     from starchat.config import ModelConfigError
     from starchat.model.loader import CheckpointError
     from starchat.train.data import DataFormatError
+    from starchat.train.stopping import TrainingInterrupted
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
@@ -69,6 +70,15 @@ def _run(function, options) -> None:
     except (DataFormatError, CheckpointError, ModelConfigError, ValueError, FileNotFoundError, ImportError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    except TrainingInterrupted as stopped:
+        if rank == 0:
+            typer.echo(str(stopped), err=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        if rank == 0:
+            typer.echo("interrupted: the work since the last checkpoint is lost; --resume continues from that "
+                       "checkpoint, if any", err=True)
+        raise typer.Exit(130) from None
     if rank == 0:
         eval_text = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
         train_text = f", last train loss {result.train_loss:.4f}" if result.train_loss is not None else ""

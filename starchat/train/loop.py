@@ -32,6 +32,7 @@ from starchat.train.metrics import TrainingLogger
 from starchat.train.model_setup import PreparedModel, export_state_dict
 from starchat.train.objective import LossModel
 from starchat.train.plan import GlobalBatchSampler, TrainingArguments, cosine_with_warmup, rows_fingerprint, set_seed
+from starchat.train.stopping import StopSignals, TrainingInterrupted
 
 __all__ = ["Trainer", "TrainingArguments", "TrainResult", "StepCallback", "begin_run"]
 
@@ -130,6 +131,8 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Run to the last step; a stop signal ends the run after a whole step, saved
+        (TrainingInterrupted)."""
         args, context = self.args, self.context
         self._build()
         start_step = self._restore() if self.resume_dir is not None else 0
@@ -138,6 +141,12 @@ class Trainer:
         if context.is_main:
             self._write_run_info()
         result = TrainResult(steps=start_step, train_loss=None, eval_loss=None, output_dir=self.output_dir)
+        with StopSignals() as stop:
+            self._run_steps(start_step, result, logger, stop)
+        return result
+
+    def _run_steps(self, start_step: int, result: TrainResult, logger: TrainingLogger, stop: StopSignals) -> None:
+        args = self.args
         try:
             for step in range(start_step, self.total_steps):
                 metrics = self._train_step(step)
@@ -153,15 +162,19 @@ class Trainer:
                         result.eval_loss = eval_loss
                         result.eval_losses.append((done, eval_loss))
                         logger.log_eval(done, eval_loss)
-                if self.save_steps and done % self.save_steps == 0 and done < self.total_steps:
+                saved = self.save_steps and done % self.save_steps == 0 and done < self.total_steps
+                if saved:
                     self.save_checkpoint(done)
                 result.steps = done
                 for callback in self.callbacks:
                     callback(done, metrics)
+                # Every rank stops after the same step (torchrun signals each, not at one moment).
+                if done < self.total_steps and dist_utils.all_reduce_sum([float(stop.requested)], self.context)[0]:
+                    checkpoint = ckpt.step_dir(self.output_dir, done) if saved else self.save_checkpoint(done)
+                    raise TrainingInterrupted(done, self.total_steps, checkpoint)
             self.save_final()
         finally:
             logger.close()
-        return result
 
     def _train_step(self, step: int) -> dict:
         args, context = self.args, self.context

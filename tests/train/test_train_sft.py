@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,53 @@ run_sft(options)
     steps = [json.loads(line)["step"] for line in (output / "train_log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, STEPS + 1))  # the killed run's steps 9-13 were dropped from the log
+
+
+def test_sigterm_ends_the_run_after_a_whole_step_saved_and_resume_matches_an_uninterrupted_run(
+        workspace, uninterrupted):
+    """A scheduler's SIGTERM at step 13 (checkpoints every 8): the run stops after step 13 with a
+    checkpoint of it, so nothing is lost; --resume starts at 13 and ends on the same weights."""
+    from starchat.train.stopping import TrainingInterrupted
+
+    _, reference_output = uninterrupted
+    output = workspace / "stopped"
+    options = sft_options(workspace / "base", workspace / "dialogues.jsonl", output)
+    options.callbacks.append(lambda step, metrics: step == 13 and os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run_sft(options)
+    assert (stopped.value.step, stopped.value.total_steps) == (13, STEPS)
+    assert stopped.value.checkpoint == output / "checkpoints" / "step-0000013" and stopped.value.checkpoint.is_dir()
+    assert not (output / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone with it
+
+    result = run_sft(sft_options(workspace / "base", workspace / "dialogues.jsonl", output,
+                                 training={"resume": True}))
+    assert result.steps == STEPS and len(result.losses) == STEPS - 13
+    resumed, reference = load_file(str(output / "model.safetensors")), load_file(str(reference_output / "model.safetensors"))
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_cli_ctrl_c_exits_130_naming_the_checkpoint_to_resume_from(workspace, tmp_path):
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "starchat.cli.main", "train", "sft", "--base", str(workspace / "base"),
+               "--data", str(workspace / "dialogues.jsonl"), "--output", str(output), "--max-steps", "500",
+               "--global-batch-size", "2", "--micro-batch-size", "2", "--max-seq-len", "64", "--save-steps", "0",
+               "--no-progress", "--device", "cpu"]
+    job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    log = output / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while job.poll() is None and time.monotonic() < deadline and (not log.exists() or log.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    assert job.poll() is None, job.communicate()[1][-3000:]
+    job.send_signal(signal.SIGINT)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"interrupted after step (\d+) of 500: checkpoint saved in {re.escape(str(output))}/checkpoints/"
+                        r"step-0*\1; run the same command with --resume to continue from it", last), last
+    assert len(list((output / "checkpoints").glob("step-*"))) == 1
 
 
 def test_resume_refuses_a_changed_run(workspace, uninterrupted, tmp_path):
