@@ -173,7 +173,7 @@ def test_speed_benchmarks_compute_every_prompt_token(tiny_model_dir):
     from starchat.cli.bench import _setup
     from starchat.sampling_params import SamplingParams
 
-    _, llm, _ = _setup(str(tiny_model_dir), "tiny_starcoder", "float32", "cpu", None, 4)
+    _, llm, _ = _setup(str(tiny_model_dir), "tiny_starcoder", "float32", "cpu", None, 4, prompt_len=100, new_tokens=1)
     prompt = list(range(1000, 1100))
     first, second = (llm.generate([prompt], SamplingParams(max_new_tokens=1))[0] for _ in range(2))
     assert first.num_cached_tokens == second.num_cached_tokens == 0

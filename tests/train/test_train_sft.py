@@ -142,12 +142,13 @@ def test_sigterm_ends_the_run_after_a_whole_step_saved_and_resume_matches_an_uni
     output = workspace / "stopped"
     options = sft_options(workspace / "base", workspace / "dialogues.jsonl", output)
     options.callbacks.append(lambda step, metrics: step == 13 and os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or a handler an earlier test's library left
     with pytest.raises(TrainingInterrupted) as stopped:
         run_sft(options)
     assert (stopped.value.step, stopped.value.total_steps) == (13, STEPS)
     assert stopped.value.checkpoint == output / "checkpoints" / "step-0000013" and stopped.value.checkpoint.is_dir()
     assert not (output / "model.safetensors").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone with it
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone with it
 
     result = run_sft(sft_options(workspace / "base", workspace / "dialogues.jsonl", output,
                                  training={"resume": True}))
