@@ -166,7 +166,8 @@ def chat_command(
         history.append({"role": "assistant", "content": reply})
 
 
-def _fit_context(engine, history: list[dict], params: SamplingParams, system: str | None) -> tuple[str, SamplingParams, int]:
+def _fit_context(engine, history: list[dict], params: SamplingParams,
+                 system: str | None) -> tuple[str, SamplingParams, int]:
     """The chat prompt of `history` after dropping its oldest exchanges until the prompt leaves
     room for a reply (all of `max_new_tokens`, or half the context if that is less), so that a
     long chat goes on instead of failing at every turn. The newest message always stays."""

@@ -62,8 +62,8 @@ def serve_command(
         None, "--prefix-caching/--no-prefix-caching",
         help="Reuse the KV cache of prompts' already-computed prefixes (a shared system prompt, a chat's earlier "
              "turns); default on." + _env("prefix_caching")),
-    log_level: Optional[str] = typer.Option(None, help="trace, debug, info, warning, error or critical; default AZUREML_LOG_LEVEL or "
-                                                       "info." + _env("log_level")),
+    log_level: Optional[str] = typer.Option(None, help="trace, debug, info, warning, error or critical; default "
+                                                       "AZUREML_LOG_LEVEL or info." + _env("log_level")),
     log_format: Optional[str] = typer.Option(None, help="auto (text on a terminal, else JSON lines), text or json."
                                                         + _env("log_format")),
 ):
